@@ -1,0 +1,52 @@
+import pytest
+import torch
+
+from videodit.patchify import Packed, check_patchable, pack, patchify, unpack, unpatchify
+
+
+@pytest.mark.parametrize("shape, patch", [
+    ((4, 1, 6, 8), (1, 2, 2)),  # an image, even sizes
+    ((3, 5, 7, 9), (1, 1, 1)),  # odd sizes
+    ((2, 6, 10, 14), (2, 2, 2)),
+    ((5, 3, 9, 15), (3, 3, 5)),  # odd patch sizes
+])
+def test_unpatchify_inverts_patchify(shape, patch):
+    x = torch.randn(shape)
+    tokens, coords = patchify(x, patch)
+    grid = check_patchable(shape, patch)
+    assert tokens.shape == (grid[0] * grid[1] * grid[2], shape[0] * patch[0] * patch[1] * patch[2])
+    assert coords.dtype == torch.long and coords.shape == (tokens.shape[0], 3)
+    assert torch.equal(unpatchify(tokens, grid, patch), x)
+
+
+def test_token_carries_its_patch_at_its_coords():
+    x = torch.randn(3, 4, 6, 8)
+    pt, ph, pw = 2, 2, 2
+    tokens, coords = patchify(x, (pt, ph, pw))
+    for i in [0, 5, len(tokens) - 1]:
+        t, h, w = coords[i].tolist()
+        patch = x[:, t * pt:(t + 1) * pt, h * ph:(h + 1) * ph, w * pw:(w + 1) * pw]
+        assert torch.equal(tokens[i], patch.reshape(-1))
+
+
+def test_pack_unpack_round_trip_mixed_shapes():
+    latents = [torch.randn(4, 1, 8, 8), torch.randn(4, 3, 4, 12), torch.randn(4, 9, 12, 4)]  # image, wide, long tall
+    packed = pack(latents)
+    assert isinstance(packed, Packed)
+    n = [1 * 4 * 4, 3 * 2 * 6, 9 * 6 * 2]
+    assert packed.tokens.shape == (sum(n), 16)  # no padding
+    assert packed.cu_seqlens.dtype == torch.int32 and packed.cu_seqlens.tolist() == [0, n[0], n[0] + n[1], sum(n)]
+    assert packed.sample_idx.tolist() == [0] * n[0] + [1] * n[1] + [2] * n[2]
+    assert packed.grids == [(1, 4, 4), (3, 2, 6), (9, 6, 2)]
+    assert packed.coords[n[0]].tolist() == [0, 0, 0]  # coordinates restart in each sample
+    for a, b in zip(unpack(packed.tokens, packed), latents):
+        assert torch.equal(a, b)
+
+
+def test_not_divisible_names_nearest_valid():
+    with pytest.raises(ValueError, match=r"H=7 is not divisible by patch size 2.*nearest valid H: 6 or 8"):
+        patchify(torch.randn(4, 3, 7, 8))
+    with pytest.raises(ValueError, match=r"latent 1: .*W=5"):
+        pack([torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 5)])
+    with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
+        patchify(torch.randn(4, 8, 8))
