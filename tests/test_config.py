@@ -1,0 +1,86 @@
+import pytest
+
+from videodit.config import Config, ConfigError, load_config, save_config
+
+
+def write(tmp_path, name, text):
+    p = tmp_path / name
+    p.write_text(text)
+    return str(p)
+
+
+def test_defaults_and_shipped_configs_load():
+    assert isinstance(load_config(), Config)
+    cfg = load_config("configs/shapes/tiny.yaml")
+    assert cfg.model.preset == "tiny" and cfg.train.task == "dit"
+
+
+def test_base_inheritance_and_overrides(tmp_path):
+    base = write(tmp_path, "base.yaml", "train:\n  lr: 0.001\n  max_steps: 50\ndata:\n  max_tokens: 1000\n")
+    (tmp_path / "stage").mkdir()
+    child = write(tmp_path, "stage/child.yaml", "base: ../base.yaml\ntrain:\n  max_steps: 80\n")
+    cfg = load_config(child)
+    assert cfg.train.lr == 0.001  # inherited
+    assert cfg.train.max_steps == 80  # overridden by the child
+    assert cfg.data.max_tokens == 1000
+    cfg = load_config(child, ["train.max_steps=5", "model.patch_size=[1, 1, 1]", "sample.negative_prompt=blurry"])
+    assert cfg.train.max_steps == 5 and cfg.model.patch_size == [1, 1, 1] and cfg.sample.negative_prompt == "blurry"
+    assert cfg.train.lr == 0.001
+
+
+def test_ints_are_accepted_as_floats(tmp_path):
+    cfg = load_config(write(tmp_path, "c.yaml", "train:\n  lr: 1\n"))
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config("configs/shapes/tiny.yaml", ["train.max_steps=3"])
+    again = load_config(save_config(cfg, str(tmp_path / "resolved.yaml")))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("text,words", [
+    ("train:\n  max_stepz: 3\n", ["c.yaml", "train.max_stepz", "max_steps"]),
+    ("trainer:\n  max_steps: 3\n", ["c.yaml", "trainer", "train"]),
+    ("train:\n  max_steps: many\n", ["c.yaml", "train.max_steps", "an integer"]),
+    ("train:\n  max_steps: 2.5\n", ["c.yaml", "train.max_steps", "an integer"]),
+    ("train:\n  gradient_checkpointing: 1\n", ["c.yaml", "gradient_checkpointing", "true or false"]),
+    ("train:\n  max_steps: 0\n", ["c.yaml", "train.max_steps", "positive"]),
+    ("vae:\n  kind: sd\n", ["c.yaml", "vae.kind", "'causal'"]),
+    ("vae:\n  fs: 6\n", ["c.yaml", "vae.fs", "power of two"]),
+    ("data:\n  source: manifest\n", ["c.yaml", "data.manifest"]),
+    ("data:\n  sizes: [[17, 64]]\n", ["c.yaml", "data.sizes", "[T, H, W]"]),
+    ("flow:\n  text_dropout: 1.5\n", ["c.yaml", "flow.text_dropout", "[0, 1]"]),
+    ("model:\n  hidden_size: 100\n  num_heads: 3\n", ["c.yaml", "model.num_heads", "divisor"]),
+    ("base: missing.yaml\n", ["missing.yaml", "not found", "c.yaml"]),
+    ("train: 3\n", ["c.yaml", "section 'train' must be a mapping"]),
+    ("- a\n- b\n", ["c.yaml", "mapping"]),
+    ("train: [unclosed\n", ["c.yaml", "YAML"]),
+])
+def test_errors_name_file_key_and_allowed(tmp_path, text, words):
+    path = write(tmp_path, "c.yaml", text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_circular_base(tmp_path):
+    write(tmp_path, "a.yaml", "base: b.yaml\n")
+    write(tmp_path, "b.yaml", "base: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.max_steps", ["section.key=value"]),
+    ("maxsteps=3", ["section.key=value"]),
+    ("nope.key=1", ["unknown section 'nope'"]),
+    ("train.nope=1", ["--set train.nope=1", "unknown key train.nope"]),
+    ("train.lr=fast", ["--set train.lr=fast", "is not a number"]),
+])
+def test_override_errors(override, words):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/shapes/tiny.yaml", [override])
+    for w in words:
+        assert w in str(e.value)

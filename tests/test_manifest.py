@@ -1,0 +1,65 @@
+import json
+
+import pytest
+
+from videodit.data.manifest import ManifestError, read_manifest, write_manifest
+
+
+def test_jsonl_and_csv_rows(tmp_path):
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"path": "a.mp4", "caption": "a red circle", "num_frames": 17, "fps": 8, "tag": "x"}) + "\n\n"
+        + json.dumps({"path": "/abs/b.png", "caption": "x", "detailed_caption": "long"}) + "\n")
+    rows = read_manifest(str(tmp_path / "m.jsonl"))
+    assert rows[0].path == str(tmp_path / "a.mp4") and rows[0].num_frames == 17 and rows[0].fps == 8.0
+    assert rows[0].extra == {"tag": "x"} and rows[1].path == "/abs/b.png" and rows[1].detailed_caption == "long"
+    (tmp_path / "m.csv").write_text("path,caption,height,width\nc.mp4,\"a, b\",64,128\nd.mp4,y,,\n")
+    rows = read_manifest(str(tmp_path / "m.csv"))
+    assert (rows[0].caption, rows[0].height, rows[0].width) == ("a, b", 64, 128) and rows[1].height is None
+
+
+def test_write_read_round_trip(tmp_path):
+    for name in ("out.jsonl", "out.csv"):
+        rows = [dict(path=str(tmp_path / "a.mp4"), caption="one", num_frames=9)]
+        back = read_manifest(write_manifest(str(tmp_path / name), rows))
+        assert back[0].to_dict() == rows[0]
+
+
+@pytest.mark.parametrize("lines,where,words", [
+    (['{"path": "a.mp4", "caption": "ok"}', '{"path": "b.mp4"}'], 2, ["caption"]),
+    (['{"path": "a.mp4", "caption": "ok"}', '{"caption": "x"}'], 2, ["path"]),
+    (['{"path": "a.mp4", "caption": "ok", "num_frames": "many"}'], 1, ["num_frames", "integer"]),
+    (['{"path": "a.mp4", "caption": "ok", "num_frames": 4.5}'], 1, ["num_frames", "integer"]),
+    (['{"path": "a.mp4", "caption": "ok", "fps": -3}'], 1, ["fps", "positive"]),
+    (['{"path": "a.mp4", "caption": "ok"}', '', '{"path": "a.mp4", "caption": 5}'], 3, ["caption", "string"]),
+    (['{"path": "a.mp4", "caption": "ok"}', '{not json'], 2, ["JSON"]),
+    (['["a.mp4", "x"]'], 1, ["object"]),
+])
+def test_jsonl_errors_name_line_and_field(tmp_path, lines, where, words):
+    p = tmp_path / "m.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError) as e:
+        read_manifest(str(p))
+    assert f"m.jsonl:{where}:" in str(e.value)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_csv_errors_name_line_and_field(tmp_path):
+    p = tmp_path / "m.csv"
+    p.write_text("path,caption,width\na.mp4,x,64\nb.mp4,y,wide\n")
+    with pytest.raises(ManifestError, match=r"m\.csv:3: field 'width'"):
+        read_manifest(str(p))
+    p.write_text("file,text\na.mp4,x\n")
+    with pytest.raises(ManifestError, match=r"m\.csv:1: .*'path' and 'caption'"):
+        read_manifest(str(p))
+
+
+def test_missing_empty_and_unknown_manifests(tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        read_manifest(str(tmp_path / "none.jsonl"))
+    (tmp_path / "e.jsonl").write_text("\n")
+    with pytest.raises(ManifestError, match="no rows"):
+        read_manifest(str(tmp_path / "e.jsonl"))
+    (tmp_path / "m.txt").write_text("x")
+    with pytest.raises(ManifestError, match=".jsonl or .csv"):
+        read_manifest(str(tmp_path / "m.txt"))

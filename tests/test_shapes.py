@@ -1,0 +1,81 @@
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from videodit.data.manifest import read_manifest
+from videodit.data.shapes import (COLORS, SIZES, ShapesDataset, displacement, make_clip, read_back, read_frame,
+                                  short_caption)
+from videodit.data.video import read_video, to_uint8
+
+FRAMES = [(17, 64, 64), (9, 64, 128), (17, 128, 64), (1, 64, 64), (5, 48, 80)]
+
+
+def test_one_seed_gives_one_clip():
+    a, b, c = make_clip(7, 64, 96, 9), make_clip(7, 64, 96, 9), make_clip(8, 64, 96, 9)
+    assert np.array_equal(a["frames"], b["frames"]) and a["caption"] == b["caption"]
+    assert a["detailed_caption"] == b["detailed_caption"]
+    assert not np.array_equal(a["frames"], c["frames"])
+    ds = ShapesDataset(sizes=[(9, 64, 64), (1, 64, 128)], length=10, seed=3)
+    assert ds[4]["video"].equal(ds[4]["video"]) and ds[1]["video"].shape == (3, 1, 64, 128)
+
+
+@pytest.mark.parametrize("t,h,w", FRAMES)
+def test_pixels_match_attributes(t, h, w):
+    """Read the rendered pixels back independently of the generator's bookkeeping."""
+    for seed in range(12):
+        clip = make_clip(seed, h, w, t)
+        a, frames = clip["attributes"], clip["frames"]
+        got = read_back(frames)
+        assert got["count"] == a.count and got["color"] == a.color and got["shape"] == a.shape
+        assert got["size"] == a.size and got["background"] == a.background
+        objs = read_frame(frames[0])["objects"]
+        assert len(objs) == a.count
+        side = SIZES[a.size] * min(h, w)
+        for o in objs:  # the object's extent is the contract's size, and its colour is the palette colour
+            assert abs(o["side"] - side) <= 2.0
+            assert np.abs(o["mean_rgb"] - COLORS[a.color]).max() < 4
+        # each object in the first frame sits where the attributes say
+        got_c = sorted(tuple(o["centre"]) for o in objs)
+        want_c = sorted(tuple(s) for s in a.starts)
+        if a.shape != "triangle":  # a triangle's centroid is not its box centre
+            assert np.abs(np.array(got_c) - np.array(want_c)).max() < 1.0
+        if t > 1:
+            dx, dy = displacement(a.motion, h, w)
+            assert got["motion"] == a.motion
+            assert abs(got["displacement"][0] - dx / w) < 0.03 and abs(got["displacement"][1] - dy / h) < 0.03
+            for fr in frames:  # objects never merge, and never leave the frame (a clipped one would shrink)
+                objs = read_frame(fr)["objects"]
+                assert len(objs) == a.count and all(abs(o["side"] - side) <= 2.0 for o in objs)
+
+
+def test_captions_follow_the_grammar():
+    for seed in range(40):
+        clip = make_clip(seed, 64, 64, 9)
+        a, cap, det = clip["attributes"], clip["caption"], clip["detailed_caption"]
+        assert cap.startswith("a " if a.count == 1 else "two ")
+        assert f"{a.color} {a.shape}" in cap and short_caption(a.count, a.color, a.shape, a.motion) in (
+            cap.replace(f" {a.size}", "").split(" on a ")[0])
+        assert a.color in det and a.shape in det and a.background in det and "start" in det
+
+
+def test_white_is_never_drawn_on_white():
+    for seed in range(300):
+        a = make_clip(seed, 32, 32, 1)["attributes"]
+        assert not (a.color == "white" and a.background == "white")
+
+
+def test_command_writes_clips_and_manifest(tmp_path):
+    out = tmp_path / "shapes"
+    subprocess.run([sys.executable, "-m", "videodit.data.shapes", "--out", str(out), "--num", "3", "--height", "64",
+                    "--width", "96", "--num-frames", "9", "--seed", "2"], check=True, capture_output=True)
+    rows = read_manifest(str(out / "manifest.jsonl"))
+    assert len(rows) == 3 and all(r.path.endswith(".mp4") for r in rows)
+    for r in rows:
+        v = read_video(r.path)
+        assert v.shape == (3, 9, 64, 96)
+        got = read_back(to_uint8(v))
+        assert got["color"] == r.extra["attributes"]["color"] and got["count"] == r.extra["attributes"]["count"]
+    assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["caption"] == rows[0].caption

@@ -1,0 +1,73 @@
+import numpy as np
+import pytest
+import torch
+
+from videodit.data.shapes import make_clip, to_tensor
+from videodit.data.video import VideoReadError, probe, read_image, read_video, resize_crop, to_uint8, write_video
+
+
+def moving_clip(t=17, h=64, w=96):
+    for seed in range(100):
+        clip = make_clip(seed, h, w, t)
+        if clip["attributes"].motion != "still":
+            return clip["frames"]
+
+
+def test_mp4_round_trip_through_decord(tmp_path):
+    frames = moving_clip()
+    path = write_video(str(tmp_path / "a.mp4"), to_tensor(frames), fps=8)
+    info = probe(path)
+    assert (info["num_frames"], info["height"], info["width"], info["fps"]) == (17, 64, 96, 8.0)
+    back = read_video(path)
+    assert back.shape == (3, 17, 64, 96) and back.min() >= -1 and back.max() <= 1
+    err = np.abs(to_uint8(back).astype(int) - frames.astype(int))
+    assert err.mean() < 2.0 and np.percentile(err, 95) < 8  # h264 (4:2:0 chroma) on flat colours
+
+
+def test_frame_rate_and_start_select_frames(tmp_path):
+    frames = np.zeros((16, 32, 32, 3), np.uint8)
+    frames[:, :, :, 0] = (np.arange(16) * 16)[:, None, None]  # red channel encodes the frame index
+    path = write_video(str(tmp_path / "ramp.mp4"), frames, fps=8)
+    clip = read_video(path, num_frames=4, fps=4, start=0.5)  # frames 4, 6, 8, 10
+    red = to_uint8(clip)[:, 16, 16, 0].astype(int)
+    assert np.all(np.abs(red - np.array([4, 6, 8, 10]) * 16) <= 6), red
+    with pytest.raises(VideoReadError, match="has 16 frames"):
+        read_video(path, num_frames=12, fps=4)
+
+
+def test_gif_and_png(tmp_path):
+    frames = moving_clip(9, 32, 48)
+    assert read_video(write_video(str(tmp_path / "a.gif"), frames), height=32, width=48).shape == (3, 9, 32, 48)
+    png = write_video(str(tmp_path / "a.png"), frames[:1])
+    assert np.array_equal(to_uint8(read_image(png)), frames[:1])  # png is lossless
+    with pytest.raises(ValueError, match="one frame"):
+        write_video(str(tmp_path / "b.png"), frames)
+    with pytest.raises(ValueError, match=".mp4, .gif"):
+        write_video(str(tmp_path / "b.avi2"), frames)
+
+
+def test_resize_and_crop_keep_aspect():
+    # a centred disc in a wide frame stays round when resized to a square, a tall or a wide target
+    h, w = 60, 120
+    ys, xs = np.mgrid[0:h, 0:w] + 0.5
+    disc = (((xs - w / 2) ** 2 + (ys - h / 2) ** 2) < 10 ** 2).astype(np.uint8) * 255
+    frames = torch.from_numpy(np.repeat(disc[None, :, :, None], 3, axis=3))
+    for th, tw in [(32, 32), (64, 32), (30, 90)]:
+        out = resize_crop(frames, th, tw)
+        assert out.shape == (3, 1, th, tw)
+        m = out[0, 0] > 0
+        ys_, xs_ = torch.nonzero(m, as_tuple=True)
+        height, width = ys_.max() - ys_.min() + 1, xs_.max() - xs_.min() + 1
+        assert abs(int(height) - int(width)) <= 1, (th, tw, height, width)
+        assert abs(float(ys_.float().mean()) + 0.5 - th / 2) < 1 and abs(float(xs_.float().mean()) + 0.5 - tw / 2) < 1
+
+
+def test_bad_files_raise_one_error_type_naming_the_file(tmp_path):
+    (tmp_path / "corrupt.mp4").write_bytes(b"\x00not a video" * 50)
+    (tmp_path / "corrupt.png").write_bytes(b"\x89PNG broken")
+    for name in ["missing.mp4", "corrupt.mp4", "corrupt.png", "missing.jpg"]:
+        with pytest.raises(VideoReadError) as e:
+            read_video(str(tmp_path / name))
+        assert name in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(VideoReadError, match="corrupt.mp4"):
+        probe(str(tmp_path / "corrupt.mp4"))

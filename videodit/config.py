@@ -1,0 +1,386 @@
+"""Typed configs: dataclasses loaded from YAML, with `base:` inheritance and `--set section.key=value` overrides.
+
+    cfg = load_config("configs/shapes/tiny.yaml", ["train.max_steps=100", "model.preset=S"])
+
+A config file is a mapping of sections (model, vae, text, data, flow, train, sample, parallel) to keys. It may name
+`base: other.yaml` (relative to its own folder); its sections are merged key by key over the base's. Unknown keys,
+wrong types and impossible values fail at load time with a `ConfigError` that names the file, the key and what is
+allowed.
+"""
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The sections
+
+
+@dataclass
+class ModelConfig:
+    """The denoiser: a preset from videodit.dit.PRESETS, with optional overrides of its arguments."""
+    preset: str = "tiny"
+    depth: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    patch_size: list[int] | None = None
+    rope_base_grid: list[int] | None = None  # (t, h, w) latent patch grid the positions are scaled against
+
+    def check(self, bad):
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            bad("patch_size", "three positive integers (pt, ph, pw)")
+        if self.rope_base_grid is not None and (len(self.rope_base_grid) != 3 or min(self.rope_base_grid) < 1):
+            bad("rope_base_grid", "three positive integers (t, h, w)")
+        for k in ("depth", "hidden_size", "num_heads"):
+            if getattr(self, k) is not None and getattr(self, k) < 1:
+                bad(k, "a positive integer")
+        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
+            bad("num_heads", f"a divisor of hidden_size ({self.hidden_size})")
+
+
+@dataclass
+class VAEConfig:
+    """The video VAE: ours ('causal'), or a pretrained diffusers VAE; `path` loads weights from a folder or hub id."""
+    kind: Literal["causal", "wan", "cogvideox", "hunyuan"] = "causal"
+    path: str | None = None
+    ft: int = 4                    # temporal compression
+    fs: int = 8                    # spatial compression
+    latent_channels: int = 16
+    base_channels: int = 64
+    channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
+    num_res_blocks: int = 2
+    mid_attention: bool = True
+    # training objective
+    kl_weight: float = 1e-6
+    perceptual_weight: float = 0.1
+    foreground_weight: float = 0.0   # extra L1 weight on pixels far from the frame's border colour
+    gan_weight: float = 0.0          # 0 turns the 3D PatchGAN off
+    gan_start: int = 2000            # step at which the discriminator starts
+
+    def check(self, bad):
+        for k in ("ft", "fs", "latent_channels", "base_channels", "num_res_blocks"):
+            if getattr(self, k) < 1:
+                bad(k, "a positive integer")
+        if self.fs & (self.fs - 1) or self.ft & (self.ft - 1):
+            bad("fs" if self.fs & (self.fs - 1) else "ft", "a power of two (1, 2, 4, 8, ...)")
+        for k in ("kl_weight", "perceptual_weight", "foreground_weight", "gan_weight"):
+            if getattr(self, k) < 0:
+                bad(k, "a number >= 0")
+
+
+@dataclass
+class TextConfig:
+    """The text encoder: 'minilm' (offline default, shipped by a PyPI package), or a transformers model by path/id."""
+    encoder: Literal["minilm", "t5", "umt5", "clip"] = "minilm"
+    path: str | None = None
+    max_length: int = 64
+    detailed_caption_prob: float = 0.5  # training: use the detailed caption with this probability
+
+    def check(self, bad):
+        if self.max_length < 1:
+            bad("max_length", "a positive integer")
+        if not 0 <= self.detailed_caption_prob <= 1:
+            bad("detailed_caption_prob", "a probability in [0, 1]")
+
+
+@dataclass
+class DataConfig:
+    """Where clips come from and how they are shaped and batched."""
+    source: Literal["shapes", "manifest", "cache"] = "shapes"
+    manifest: str | None = None
+    cache_dir: str | None = None
+    sizes: list[list[int]] = field(default_factory=lambda: [[17, 64, 64]])  # (T, H, W) for the shapes world
+    target_area: int = 64 * 64       # manifests: clips are resized to about this many pixels, native aspect
+    num_frames: list[int] = field(default_factory=lambda: [17])  # frame counts 1 + ft*k to draw from
+    fps: float = 8.0
+    image_ratio: float = 0.2         # share of samples that are single frames
+    max_tokens: int = 4096           # token budget of one packed batch
+    num_workers: int = 2
+    seed: int = 0
+
+    def check(self, bad):
+        if self.source == "manifest" and not self.manifest:
+            bad("manifest", "a path to a .jsonl or .csv manifest when source is 'manifest'")
+        if self.source == "cache" and not self.cache_dir:
+            bad("cache_dir", "a folder of cached latents when source is 'cache'")
+        if not self.sizes or any(len(s) != 3 or min(s) < 1 for s in self.sizes):
+            bad("sizes", "a list of [T, H, W] triples of positive integers")
+        if not 0 <= self.image_ratio <= 1:
+            bad("image_ratio", "a fraction in [0, 1]")
+        for k in ("max_tokens", "target_area", "fps"):
+            if getattr(self, k) <= 0:
+                bad(k, "a positive number")
+        if self.num_workers < 0:
+            bad("num_workers", "an integer >= 0")
+        if not self.num_frames or min(self.num_frames) < 1:
+            bad("num_frames", "a list of positive frame counts")
+
+
+@dataclass
+class FlowConfig:
+    """Rectified flow training: timestep sampling, guidance dropout, frame conditioning."""
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float | None = None       # None: resolution-dependent shift (SD3); a number fixes it
+    base_tokens: int = 256           # token count at which the resolution-dependent shift is 1
+    text_dropout: float = 0.1
+    cond_prob: float = 0.3           # share of samples trained with clean conditioning frames
+
+    def check(self, bad):
+        if self.logit_std <= 0:
+            bad("logit_std", "a positive number")
+        if self.shift is not None and self.shift <= 0:
+            bad("shift", "a positive number or null")
+        for k in ("text_dropout", "cond_prob"):
+            if not 0 <= getattr(self, k) <= 1:
+                bad(k, "a probability in [0, 1]")
+
+
+@dataclass
+class TrainConfig:
+    task: Literal["dit", "vae"] = "dit"
+    output_dir: str = "runs/default"
+    max_steps: int = 1000
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "constant"] = "cosine"
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float = 0.999
+    seed: int = 0
+    log_every: int = 10
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    sample_every: int = 0            # 0: never sample during training
+    sample_prompts: list[str] = field(default_factory=list)
+    gradient_checkpointing: bool = False
+    compile: bool = False
+    vae: str | None = None           # dit task: folder of a trained VAE
+    init_from: str | None = None     # start from these weights (a pipeline or model folder)
+    lora_rank: int = 0               # > 0: train LoRA adapters only
+
+    def check(self, bad):
+        for k in ("max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, k) < 1:
+                bad(k, "a positive integer")
+        if self.lr <= 0:
+            bad("lr", "a positive number")
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "a number in [0, 1)")
+        if self.warmup_steps < 0 or self.sample_every < 0 or self.lora_rank < 0:
+            bad("warmup_steps" if self.warmup_steps < 0 else "sample_every" if self.sample_every < 0 else "lora_rank",
+                "an integer >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            bad("betas", "two numbers in [0, 1)")
+        if self.grad_clip < 0:
+            bad("grad_clip", "a number >= 0 (0 turns clipping off)")
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 30
+    guidance: float = 5.0
+    sampler: Literal["euler", "flow_euler", "unipc"] = "euler"
+    shift: float | None = None       # None: the same resolution-dependent shift as training
+    fps: float = 8.0
+    negative_prompt: str = ""
+    seed: int = 0
+
+    def check(self, bad):
+        if self.steps < 1:
+            bad("steps", "a positive integer")
+        if self.guidance < 0:
+            bad("guidance", "a number >= 0 (1 turns guidance off)")
+        if self.fps <= 0:
+            bad("fps", "a positive number")
+
+
+@dataclass
+class ParallelConfig:
+    sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence
+
+    def check(self, bad):
+        if self.sequence_parallel < 1:
+            bad("sequence_parallel", "a positive integer")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    flow: FlowConfig = field(default_factory=FlowConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def _describe(tp) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin in (typing.Union, types.UnionType):
+        parts = [_describe(a) for a in args if a is not type(None)]
+        return " or ".join(parts) + (" or null" if type(None) in args else "")
+    if origin is list:
+        return f"a list of {_describe(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+
+
+def _convert(value, tp):
+    """value as type tp, or raise TypeError."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        return [_convert(v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise TypeError
+
+
+def _read_yaml(path: str, chain=()) -> tuple[dict, dict]:
+    """The merged sections of a file and its bases, and where each key was set: {"sec.key": file}."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}" + (f" (named as base by {chain[-1]})" if chain else ""))
+    if path in chain:
+        raise ConfigError(f"{path}: circular 'base:' chain: {' -> '.join(chain + (path,))}")
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(raw).__name__}")
+    merged, origin = {}, {}
+    base = raw.pop("base", None)
+    if base is not None:
+        if not isinstance(base, str):
+            raise ConfigError(f"{path}: 'base' must be a path to another config, got {base!r}")
+        merged, origin = _read_yaml(os.path.join(os.path.dirname(path), base), chain + (path,))
+    for section, values in raw.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{path}: unknown section {section!r}; allowed: base, {', '.join(SECTIONS)}")
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping of keys, got {values!r}")
+        for key, value in values.items():
+            merged.setdefault(section, {})[key] = value
+            origin[f"{section}.{key}"] = path
+    return merged, origin
+
+
+def parse_override(text: str) -> tuple[str, str, object]:
+    """'section.key=value' -> (section, key, YAML-parsed value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"--set {text!r}: expected section.key=value, for example train.max_steps=100")
+    name, value = text.split("=", 1)
+    section, key = name.strip().split(".", 1)
+    try:
+        return section, key, yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        return section, key, value
+
+
+def build(sections: dict, origin: dict | None = None) -> Config:
+    """A validated Config from a dict of sections; `origin` names where each key came from, for errors."""
+    origin = origin or {}
+    parts = {}
+    for name, cls in SECTIONS.items():
+        values = dict(sections.get(name) or {})
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        kwargs = {}
+        for key, value in values.items():
+            where = origin.get(f"{name}.{key}", "<config>")
+            if key not in fields:
+                raise ConfigError(f"{where}: unknown key {name}.{key}; allowed keys in {name}: {', '.join(fields)}")
+            try:
+                kwargs[key] = _convert(value, hints[key])
+            except TypeError:
+                raise ConfigError(f"{where}: {name}.{key} = {value!r} is not {_describe(hints[key])}") from None
+        obj = cls(**kwargs)
+
+        def bad(key, allowed, _name=name, _obj=obj):
+            where = origin.get(f"{_name}.{key}") or next(
+                (v for k, v in origin.items() if k.startswith(_name + ".")), "<defaults>")
+            raise ConfigError(f"{where}: {_name}.{key} = {getattr(_obj, key)!r} is impossible; expected {allowed}")
+
+        obj.check(bad)
+        parts[name] = obj
+    return Config(**parts)
+
+
+def load_config(path: str | None = None, overrides=()) -> Config:
+    """Load a YAML config (None: the defaults), then apply `section.key=value` overrides."""
+    sections, origin = _read_yaml(path) if path else ({}, {})
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in SECTIONS:
+            raise ConfigError(f"--set {text!r}: unknown section {section!r}; allowed: {', '.join(SECTIONS)}")
+        sections.setdefault(section, {})[key] = value
+        origin[f"{section}.{key}"] = f"--set {text}"
+    return build(sections, origin)
+
+
+def save_config(cfg: Config, path: str) -> str:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+    return path

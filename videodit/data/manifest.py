@@ -1,0 +1,117 @@
+"""Manifests: the list of clips a data set holds, as JSONL or CSV.
+
+Each row has `path` (relative to the manifest's folder, or absolute) and `caption`; optionally `detailed_caption`
+(written by a re-captioner) and metadata `num_frames`, `fps`, `height`, `width`. Other fields (for example the
+shapes world's `attributes`) are kept as they are. Validation errors name the file, the line and the field.
+"""
+
+import csv
+import json
+import os
+from dataclasses import dataclass, field
+
+REQUIRED = {"path": str, "caption": str}
+OPTIONAL = {"detailed_caption": str, "num_frames": int, "fps": float, "height": int, "width": int}
+
+
+class ManifestError(ValueError):
+    pass
+
+
+@dataclass
+class Row:
+    path: str
+    caption: str
+    detailed_caption: str | None = None
+    num_frames: int | None = None
+    fps: float | None = None
+    height: int | None = None
+    width: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in (*REQUIRED, *OPTIONAL) if getattr(self, k) is not None}
+        return {**d, **self.extra}
+
+
+def _coerce(value, kind, where: str, key: str):
+    if kind is str:
+        if not isinstance(value, str) or (key in REQUIRED and not value.strip()):
+            raise ManifestError(f"{where}: field {key!r} must be a non-empty string, got {value!r}")
+        return value
+    try:  # CSV gives strings; JSON gives numbers
+        if isinstance(value, bool):
+            raise ValueError
+        out = kind(value)
+        if kind is int and float(value) != out:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ManifestError(f"{where}: field {key!r} must be {'an integer' if kind is int else 'a number'}, "
+                            f"got {value!r}") from None
+    if out <= 0:
+        raise ManifestError(f"{where}: field {key!r} must be positive, got {value!r}")
+    return out
+
+
+def parse_row(raw: dict, where: str, root: str) -> Row:
+    if not isinstance(raw, dict):
+        raise ManifestError(f"{where}: a row must be an object with 'path' and 'caption', got {type(raw).__name__}")
+    for key in REQUIRED:
+        if key not in raw or raw[key] in (None, ""):
+            raise ManifestError(f"{where}: missing required field {key!r} (rows need 'path' and 'caption')")
+    values, extra = {}, {}
+    for key, value in raw.items():
+        kind = REQUIRED.get(key) or OPTIONAL.get(key)
+        if kind is None:
+            extra[key] = value
+        elif value not in (None, ""):  # an empty optional CSV cell means absent
+            values[key] = _coerce(value, kind, where, key)
+    path = values["path"]
+    values["path"] = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+    return Row(**values, extra=extra)
+
+
+def read_manifest(path: str) -> list[Row]:
+    """Rows of a .jsonl or .csv manifest, with paths resolved against the manifest's folder."""
+    if not os.path.isfile(path):
+        raise ManifestError(f"{path}: manifest not found")
+    root = os.path.dirname(os.path.abspath(path))
+    ext = os.path.splitext(path)[1].lower()
+    rows = []
+    with open(path, newline="", encoding="utf-8") as f:
+        if ext == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    raw = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                rows.append(parse_row(raw, f"{path}:{n}", root))
+        elif ext == ".csv":
+            reader = csv.DictReader(f)
+            if not reader.fieldnames or not set(REQUIRED) <= set(reader.fieldnames):
+                raise ManifestError(f"{path}:1: the CSV header must name 'path' and 'caption', got {reader.fieldnames}")
+            for n, raw in enumerate(reader, 2):
+                rows.append(parse_row(raw, f"{path}:{n}", root))
+        else:
+            raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
+    if not rows:
+        raise ManifestError(f"{path}: the manifest has no rows")
+    return rows
+
+
+def write_manifest(path: str, rows) -> str:
+    """Write rows (Row or dict) as .jsonl or .csv, atomically."""
+    dicts = [r.to_dict() if isinstance(r, Row) else dict(r) for r in rows]
+    tmp = path + ".tmp"
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        if path.endswith(".csv"):
+            keys = list(dict.fromkeys(k for d in dicts for k in d))
+            w = csv.DictWriter(f, fieldnames=keys)
+            w.writeheader()
+            w.writerows(dicts)
+        else:
+            f.writelines(json.dumps(d) + "\n" for d in dicts)
+    os.replace(tmp, path)
+    return path

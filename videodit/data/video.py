@@ -1,0 +1,161 @@
+"""Video and image I/O at the library's edge.
+
+Inside the library a clip is a float tensor (3, T, H, W) in [-1, 1] (batched: (B, 3, T, H, W)); an image is a clip
+with T = 1. Reading uses decord for videos and PIL for images; writing makes mp4 (h264), gif, or png (one frame).
+Every failure to read a file raises `VideoReadError`, which names the file, so a data pipeline can catch one type.
+"""
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageSequence
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
+
+
+class VideoReadError(Exception):
+    """A missing, unreadable, corrupt or too-short video or image file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = path, reason
+
+
+def is_image(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTS
+
+
+def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Resize uint8/float (T, H0, W0, 3) frames to cover (height, width) keeping the aspect, then centre-crop.
+
+    Returns float (3, T, height, width) in [-1, 1]."""
+    x = frames.permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
+    h0, w0 = x.shape[-2:]
+    scale = max(height / h0, width / w0)
+    h1, w1 = max(height, round(h0 * scale)), max(width, round(w0 * scale))
+    if (h1, w1) != (h0, w0):
+        x = F.interpolate(x, size=(h1, w1), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (h1 - height) // 2, (w1 - width) // 2
+    x = x[:, :, top:top + height, left:left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+
+
+def _short(e: Exception) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
+
+
+class _Reader:
+    """Random access to the frames of a video (decord) or a gif (PIL): len, fps, size, get(indices)."""
+
+    def __init__(self, path: str):
+        if os.path.splitext(path)[1].lower() == ".gif":
+            with Image.open(path) as im:  # gif writers merge repeated frames into longer ones: expand them
+                frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125) for f in ImageSequence.Iterator(im)]
+            base = min(d for _, d in frames)
+            self.fps = 1000.0 / base
+            self._frames = np.stack([f for f, d in frames for _ in range(max(1, round(d / base)))])
+            self.n, (self.height, self.width) = len(self._frames), self._frames.shape[1:3]
+        else:
+            import decord
+
+            self._vr = decord.VideoReader(path, num_threads=1)
+            self.n, self.fps = len(self._vr), float(self._vr.get_avg_fps()) or 1.0
+            self.height, self.width = self._vr[0].shape[:2]
+
+    def get(self, idx: list) -> np.ndarray:
+        return self._frames[idx] if hasattr(self, "_frames") else self._vr.get_batch(idx).asnumpy()
+
+
+def _open(path: str) -> _Reader:
+    if not os.path.isfile(path):
+        raise VideoReadError(path, "no such file")
+    try:
+        return _Reader(path)
+    except Exception as e:  # decord and PIL raise many types for one problem: an unreadable file
+        raise VideoReadError(path, f"cannot be opened as a video ({_short(e)})") from e
+
+
+def probe(path: str) -> dict:
+    """Frame count, frame rate and size of a video or image, without decoding every frame."""
+    if is_image(path):
+        return dict(num_frames=1, fps=0.0, **dict(zip(("height", "width"), read_image(path).shape[-2:])))
+    r = _open(path)
+    return dict(num_frames=r.n, fps=r.fps, height=r.height, width=r.width)
+
+
+def read_image(path: str, height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """An image as a one-frame clip (3, 1, H, W) in [-1, 1]."""
+    if not os.path.isfile(path):
+        raise VideoReadError(path, "no such file")
+    try:
+        with Image.open(path) as im:
+            arr = np.array(im.convert("RGB"))
+    except Exception as e:
+        raise VideoReadError(path, f"cannot be read as an image ({_short(e)})") from e
+    return resize_crop(torch.from_numpy(arr)[None], height or arr.shape[0], width or arr.shape[1])
+
+
+def read_video(path: str, num_frames: int | None = None, fps: float | None = None, start: float = 0.0,
+               height: int | None = None, width: int | None = None) -> torch.Tensor:
+    """`num_frames` frames (all when None) at `fps` (None: the source rate) from `start` seconds, resized to cover
+    (height, width) keeping the aspect ratio and centre-cropped. Returns (3, T, H, W) in [-1, 1].
+
+    Images are read as one-frame clips."""
+    if is_image(path):
+        return read_image(path, height, width)
+    r = _open(path)
+    step = r.fps / fps if fps else 1.0
+    first = start * r.fps
+    if num_frames is None:
+        num_frames = int((r.n - first - 1) / step) + 1
+    idx = [int(round(first + i * step)) for i in range(max(num_frames, 1))]
+    if num_frames < 1 or idx[0] < 0 or idx[-1] >= r.n:
+        raise VideoReadError(path, f"has {r.n} frames at {r.fps:g} fps; {num_frames} frames at {fps or r.fps:g} "
+                                   f"fps from {start:g} s need {idx[-1] + 1}")
+    try:
+        frames = torch.from_numpy(r.get(idx))  # (T, H, W, 3) uint8
+    except Exception as e:
+        raise VideoReadError(path, f"cannot be decoded ({_short(e)})") from e
+    return resize_crop(frames, height or r.height, width or r.width)
+
+
+def to_uint8(video) -> np.ndarray:
+    """(3, T, H, W) float in [-1, 1] tensor, or (T, H, W, 3) uint8 array, to (T, H, W, 3) uint8."""
+    if isinstance(video, np.ndarray) and video.dtype == np.uint8:
+        return video
+    v = torch.as_tensor(video).detach().float().cpu()
+    if v.ndim != 4 or v.shape[0] != 3:
+        raise ValueError(f"expected a clip (3, T, H, W) in [-1, 1] or uint8 frames (T, H, W, 3), got {tuple(v.shape)}")
+    return ((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()
+
+
+def write_video(path: str, video, fps: float = 8) -> str:
+    """Write a clip as .mp4 (h264), .gif, or .png (one frame only). Returns the path."""
+    frames = to_uint8(video)
+    ext = os.path.splitext(path)[1].lower()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if ext == ".png":
+        if len(frames) != 1:
+            raise ValueError(f"{path}: a .png holds one frame, got {len(frames)}; write .mp4 or .gif for a video")
+        Image.fromarray(frames[0]).save(path)
+    elif ext == ".gif":
+        ims = [Image.fromarray(f) for f in frames]
+        ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=0)
+    elif ext == ".mp4":
+        import imageio.v2 as imageio
+
+        t, h, w, _ = frames.shape
+        if h % 2 or w % 2:  # h264 in yuv420p needs even sides: repeat the last row / column
+            frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
+        with imageio.get_writer(path, fps=fps, codec="libx264", quality=None, macro_block_size=1,
+                                ffmpeg_params=["-crf", "12", "-preset", "veryfast", "-pix_fmt", "yuv420p"],
+                                ffmpeg_log_level="error") as wr:
+            for f in frames:
+                wr.append_data(f)
+    else:
+        raise ValueError(f"{path}: unknown video extension {ext!r}; use .mp4, .gif, or .png for one frame")
+    return path
