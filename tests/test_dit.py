@@ -1,0 +1,214 @@
+import pytest
+import torch
+
+from videodit.attention import packed_attention
+from videodit.dit import PRESETS, VideoDiT
+from videodit.flops import dit_paper_gmacs, flops_per_step, forward_macs, param_count
+from videodit.patchify import pack
+from videodit.rope import RoPE3D, apply_rope
+
+CFG = dict(in_channels=4, hidden_size=48, depth=2, num_heads=2, text_dim=16, freq_dim=32)
+
+
+def random_model(seed=0, **kw):
+    """A tiny VideoDiT with every parameter random (the fresh model is the identity with zero output)."""
+    torch.manual_seed(seed)
+    model = VideoDiT(**{**CFG, **kw})
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)
+    return model
+
+
+def mixed_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    latents = [torch.randn(4, 1, 6, 6, generator=g),  # an image
+               torch.randn(4, 3, 4, 8, generator=g),  # a short wide clip
+               torch.randn(4, 5, 8, 4, generator=g)]  # a longer tall clip
+    text = torch.randn(3, 5, 16, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    return latents, torch.tensor([0.1, 0.5, 0.9]), text, mask
+
+
+def test_fresh_model_outputs_zeros():
+    model = VideoDiT(**CFG)
+    latents, t, text, mask = mixed_batch()
+    for out, x in zip(model.forward_latents(latents, t, text, mask), latents):
+        assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
+
+
+def test_packed_forward_equals_separate_forwards():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    with torch.no_grad():
+        packed = model.forward_latents(latents, t, text, mask)
+        for i, x in enumerate(latents):
+            alone = model.forward_latents([x], t[i:i + 1], text[i:i + 1], mask[i:i + 1])[0]
+            assert (packed[i] - alone).abs().max() <= 1e-5
+    assert packed[0].abs().mean() > 0.1
+
+
+def test_tuple_input_equals_packed_input():
+    model = random_model(rope_base_grid=(3, 4, 4))
+    latents, t, text, mask = mixed_batch()
+    p = pack(latents)
+    with torch.no_grad():
+        a = model(p, t, text, mask)
+        b = model((p.tokens, p.coords, p.cu_seqlens, p.sample_idx), t, text, mask)
+    assert torch.equal(a, b)
+
+
+def test_text_padding_does_not_change_output():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    garbage = 100 * torch.randn(3, 4, 16)
+    text_pad = torch.cat([text, garbage], dim=1)
+    mask_pad = torch.cat([mask, torch.zeros(3, 4, dtype=torch.bool)], dim=1)
+    with torch.no_grad():
+        a = model(pack(latents), t, text, mask)
+        b = model(pack(latents), t, text_pad, mask_pad)
+    assert (a - b).abs().max() <= 1e-5
+
+
+def test_empty_prompt_is_finite_and_trains():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    mask[1] = False  # the empty prompt
+    out = model(pack(latents), t, text, mask)
+    out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gradient_checkpointing_gives_same_gradients():
+    latents, t, text, mask = mixed_batch()
+    grads = []
+    for ckpt in (False, True):
+        model = random_model()
+        if ckpt:
+            model.enable_gradient_checkpointing()
+            assert model.gradient_checkpointing
+        model(pack(latents), t, text, mask).square().mean().backward()
+        grads.append([p.grad for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_and_per_frame_timesteps():
+    model = random_model()
+    latents, _, text, mask = mixed_batch()
+    p = pack(latents)
+    frame0 = (p.sample_idx == 1) & (p.coords[:, 0] == 0)  # the wide clip's first latent frame
+    per_frame = [torch.full((1,), 0.5), torch.tensor([0.0, 0.5, 0.5]), torch.full((5,), 0.5)]
+    per_token = torch.where(frame0, 0.0, 0.5)
+    with torch.no_grad():
+        cond = model(p, per_frame, text, mask)
+        noisy = model(p, torch.full((3,), 0.5), text, mask)
+        # per frame == its per-token expansion; per sample == scalar
+        torch.testing.assert_close(cond, model(p, per_token, text, mask), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(noisy, model(p, 0.5, text, mask), rtol=1e-5, atol=1e-5)
+    t_values, t_index = model._timestep_rows(per_frame, p)
+    assert torch.equal(t_values[t_index], per_token)  # only frame 0 of sample 1 is clean
+    assert (cond[frame0] - noisy[frame0]).abs().max() > 1e-3  # the clean frame's output changes
+    other = p.sample_idx != 1
+    assert torch.equal(cond[other], noisy[other])  # other samples do not see it
+    with pytest.raises(ValueError, match="per-frame timesteps"):
+        model(p, [torch.zeros(1), torch.zeros(2), torch.zeros(5)], text, mask)
+
+
+def test_rope_is_relative():
+    rope = RoPE3D(head_dim=24)
+    g = torch.Generator().manual_seed(0)
+    coords = torch.randint(0, 20, (50, 3), generator=g)
+    q, k = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g)
+
+    def scores(c):
+        cos, sin = rope(c)
+        return torch.einsum("nhd,mhd->hnm", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+
+    shifted = coords + torch.tensor([7, -3, 11])
+    torch.testing.assert_close(scores(coords), scores(shifted), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(scores(coords), scores(coords * 2), atol=1e-2)
+
+
+def test_rope_base_grid_scales_positions_to_the_training_extent():
+    rope = RoPE3D(head_dim=24, base_grid=(4, 8, 8))
+    coords = torch.tensor([[2, 4, 4], [4, 8, 8]])
+    cos_a, sin_a = rope(coords, torch.tensor([[4, 8, 8]]).expand(2, 3))  # the base grid: unscaled
+    cos_b, sin_b = rope(coords * 2, torch.tensor([[8, 16, 16]]).expand(2, 3))  # twice the grid: halved
+    torch.testing.assert_close(cos_a, cos_b)
+    torch.testing.assert_close(sin_a, sin_b)
+
+
+@pytest.mark.parametrize("cu_k", [None, [0, 3, 3, 10, 11]])  # self-attention; text with an empty segment
+def test_attention_backends_agree(cu_k):
+    g = torch.Generator().manual_seed(0)
+    cu_q = torch.tensor([0, 1, 17, 49, 73], dtype=torch.int32)
+    q = torch.randn(73, 2, 8, generator=g)
+    m = 73 if cu_k is None else cu_k[-1]
+    k, v = torch.randn(m, 2, 8, generator=g), torch.randn(m, 2, 8, generator=g)
+    cu_k = None if cu_k is None else torch.tensor(cu_k, dtype=torch.int32)
+    ref = packed_attention(q, k, v, cu_q, cu_k, backend="loop")
+    torch.testing.assert_close(packed_attention(q, k, v, cu_q, cu_k, backend="mask"), ref)
+    with torch.no_grad():  # flex attention has no CPU backward
+        torch.testing.assert_close(packed_attention(q, k, v, cu_q, cu_k, backend="flex"), ref)
+    assert torch.isfinite(ref).all()
+    if cu_k is not None:
+        assert torch.equal(ref[1:17], torch.zeros(16, 2, 8))  # no keys: attend to nothing
+
+
+def test_model_backends_agree():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    with torch.no_grad():
+        ref = model(pack(latents), t, text, mask)
+        model.attention_backend = "mask"
+        torch.testing.assert_close(model(pack(latents), t, text, mask), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_is_close_to_fp32():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    with torch.no_grad():
+        ref = model(pack(latents), t, text, mask)
+        out = model.to(torch.bfloat16)(pack([x.bfloat16() for x in latents]), t, text.bfloat16(), mask)
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    assert (out.float() - ref).norm() / ref.norm() < 0.05
+
+
+def test_save_and_load(tmp_path):
+    model = random_model(rope_base_grid=(3, 4, 4))
+    model.save_pretrained(tmp_path)
+    loaded = VideoDiT.from_pretrained(tmp_path)
+    latents, t, text, mask = mixed_batch()
+    with torch.no_grad():
+        assert torch.equal(model(pack(latents), t, text, mask), loaded(pack(latents), t, text, mask))
+
+
+def test_bad_shapes_have_clear_errors():
+    model = random_model()
+    latents, t, text, mask = mixed_batch()
+    with pytest.raises(ValueError, match=r"expected text \(B=3, L, 16\)"):
+        model(pack(latents), t, text[:2], mask[:2])
+    with pytest.raises(ValueError, match=r"expected tokens \(N, 16\)"):
+        model(pack([torch.randn(3, 1, 4, 4)]), t[:1], text[:1], mask[:1])
+
+
+@pytest.mark.parametrize("name, depth, width, published", [("XL/2", 28, 1152, 118.6), ("B/2", 12, 768, 23.0),
+                                                           ("S/2", 12, 384, 6.06)])
+def test_flop_counter_matches_dit_paper(name, depth, width, published):
+    assert abs(dit_paper_gmacs(depth, width, patch=2) / published - 1) < 0.01
+
+
+def test_flop_counter_packing_and_step():
+    cfg = PRESETS["tiny"]
+    packed = forward_macs(cfg, [64, 640], [10, 20])
+    assert packed < forward_macs(cfg, [704], 30)  # no attention across samples
+    assert flops_per_step(cfg, [64, 640], [10, 20]) == 6 * packed
+
+
+@pytest.mark.parametrize("name", ["tiny", "S"])
+def test_analytic_params_equal_instantiated(name):
+    model = VideoDiT(**PRESETS[name])
+    assert param_count(PRESETS[name]) == sum(p.numel() for p in model.parameters())
+    assert param_count(model.config) == param_count(PRESETS[name])

@@ -1,0 +1,103 @@
+"""Attention over packed sequences: segment i of the queries attends only to segment i of the keys.
+
+Self-attention passes the same cu_seqlens twice; cross-attention to text passes the text's own cu_seqlens (the text
+packed without its padding), so a text padding mask is honoured exactly. A query segment whose key segment is empty
+(e.g. an all-masked prompt) gets zeros.
+
+Backends, all equal up to float rounding:
+  "loop"  one F.scaled_dot_product_attention per segment, no mask (fastest portable path on CPU, see bench/dit.py)
+  "mask"  one SDPA call with a block-diagonal boolean mask (the reference; memory quadratic in the packed length)
+  "flex"  torch flex_attention with a document-mask BlockMask (wrap in torch.compile to make it fast; GPU)
+  "flash" flash_attn_varlen_func (CUDA, flash-attn installed, fp16/bf16)
+The default picks "flash" where it can run, else "loop".
+"""
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+try:
+    from flash_attn import flash_attn_varlen_func
+except ImportError:
+    flash_attn_varlen_func = None
+
+BACKENDS = ("loop", "mask", "flex", "flash")
+
+
+def default_backend(q: torch.Tensor) -> str:
+    flash_ok = flash_attn_varlen_func is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    return "flash" if flash_ok else "loop"
+
+
+def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | None = None) -> torch.Tensor:
+    """q: (N, heads, head_dim); k, v: (M, heads, head_dim); cu_seqlens_*: (B+1,) int offsets of the segments
+    (may live on the CPU, which spares the "loop" and "mask" backends a device sync). Returns (N, heads, head_dim)."""
+    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"expected q (N, heads, dim) and k, v (M, heads, dim), got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if len(cu_seqlens_q) != len(cu_seqlens_k):
+        raise ValueError(f"{len(cu_seqlens_q) - 1} query segments but {len(cu_seqlens_k) - 1} key segments")
+    backend = backend or default_backend(q)
+    if backend == "loop":
+        return _loop(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
+    if backend == "mask":
+        return _mask(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if backend == "flex":
+        return _flex(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    if backend == "flash":
+        return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k)
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
+    out = []
+    for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
+        if k1 == k0:
+            out.append(q.new_zeros(q1 - q0, *q.shape[1:]))
+            continue
+        qi, ki, vi = (rearrange(x, "n h d -> h n d") for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
+        out.append(rearrange(F.scaled_dot_product_attention(qi, ki, vi), "h n d -> n h d"))
+    return torch.cat(out)
+
+
+def _segment_ids(cu_seqlens, device):
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    return torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu.diff())  # (N,)
+
+
+def _zero_empty(out, cu_q, cu_k):
+    """Zero the rows of query segments whose key segment is empty (no keys: attend to nothing)."""
+    seg_q = _segment_ids(cu_q, out.device)
+    has_keys = cu_k.to(device=out.device).diff() > 0  # (B,)
+    return torch.where(has_keys[seg_q][:, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+
+
+def _mask(q, k, v, cu_q, cu_k):
+    mask = _segment_ids(cu_q, q.device)[:, None] == _segment_ids(cu_k, q.device)[None, :]  # (N, M) block diagonal
+    qh, kh, vh = (rearrange(x, "n h d -> h n d") for x in (q, k, v))
+    out = rearrange(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), "h n d -> n h d")
+    return _zero_empty(out, cu_q, cu_k)
+
+
+def _flex(q, k, v, cu_q, cu_k):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    seg_q, seg_k = _segment_ids(cu_q, q.device), _segment_ids(cu_k, q.device)
+
+    def same_segment(b, h, q_idx, kv_idx):
+        return seg_q[q_idx] == seg_k[kv_idx]
+
+    block_mask = create_block_mask(same_segment, None, None, q.shape[0], k.shape[0], device=q.device)
+    qh, kh, vh = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
+    out = rearrange(flex_attention(qh, kh, vh, block_mask=block_mask), "1 h n d -> n h d")
+    return _zero_empty(out, cu_q, cu_k)
+
+
+def _flash(q, k, v, cu_q, cu_k):
+    if flash_attn_varlen_func is None:
+        raise RuntimeError("attention backend 'flash' needs flash-attn installed (pip install flash-attn)")
+    cu_q, cu_k = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
+    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())
+    out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
+    return _zero_empty(out, cu_q, cu_k)

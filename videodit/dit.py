@@ -1,0 +1,296 @@
+"""VideoDiT: a diffusion transformer over packed spacetime patches, conditioned on text and per-token timesteps.
+
+Block (Wan/PixArt-style modulation: one shared time projection, a learned per-block table added to it):
+    x = x + gate1 * SelfAttn(modulate(LN(x), shift1, scale1))    # QK RMSNorm, 3D RoPE, packed: no cross-sample
+    x = x + CrossAttn(LN_affine(x), text)                         # each token sees its own sample's unpadded text
+    x = x + gate2 * MLP(modulate(LN(x), shift2, scale2))         # GELU-tanh
+The modulation tables, the shared time projection and the output layer start at zero (adaLN-Zero): every block is
+the identity and the fresh model outputs zeros. The residual stream, norms, modulation and RoPE are float32, so the
+model is stable with bf16 weights or autocast; matmuls run in the weights' (or autocast's) dtype.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import nn
+
+from .attention import packed_attention
+from .patchify import Packed, pack, unpack
+from .rope import RoPE3D, apply_rope
+
+PRESETS = {
+    # the CPU demo (shapes world: 64x64, 64x128, 128x64 clips, 8-channel latents, MiniLM text)
+    "tiny": dict(depth=6, hidden_size=192, num_heads=4, in_channels=8, text_dim=384),
+    # DiT paper sizes, video latents (16 channels) and T5 text
+    "S": dict(depth=12, hidden_size=384, num_heads=6, in_channels=16, text_dim=4096),
+    "B": dict(depth=12, hidden_size=768, num_heads=12, in_channels=16, text_dim=4096),
+    "L": dict(depth=24, hidden_size=1024, num_heads=16, in_channels=16, text_dim=4096),
+    "XL": dict(depth=28, hidden_size=1152, num_heads=16, in_channels=16, text_dim=4096),
+    # head dim 128
+    "1B": dict(depth=28, hidden_size=1536, num_heads=12, in_channels=16, text_dim=4096),
+    "3B": dict(depth=36, hidden_size=2304, num_heads=18, in_channels=16, text_dim=4096),
+}
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """t: (R,) in [0, 1] (rectified-flow time), scaled by 1000 -> (R, dim) float32 sinusoids."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class FP32LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32; returns float32."""
+
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim, computed in float32; returns the input dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+
+
+def modulate(x, shift, scale):
+    """x, shift, scale: (N, D) float32."""
+    return x * (1 + scale) + shift
+
+
+class TimestepEmbedder(nn.Module):
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp = nn.Sequential(nn.Linear(freq_dim, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t):
+        """t: (R,) -> (R, D) float32."""
+        emb = timestep_embedding(t, self.freq_dim).to(self.mlp[0].weight.dtype)
+        return self.mlp(emb).float()
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cos, sin, cu_seqlens, backend):
+        """x: (N, D); cos, sin: (N, head_dim/2); cu_seqlens: (B+1,) -> (N, D)."""
+        qkv = self.qkv(x.to(self.qkv.weight.dtype))
+        q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
+        q = apply_rope(self.q_norm(q), cos, sin)
+        k = apply_rope(self.k_norm(k), cos, sin)
+        out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
+        return self.proj(rearrange(out, "n h d -> n (h d)"))
+
+
+class CrossAttention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qk_norm: bool = True, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, context, cu_seqlens, cu_seqlens_text, backend):
+        """x: (N, D) packed video tokens; context: (M, D) packed unpadded text tokens -> (N, D)."""
+        dtype = self.q.weight.dtype
+        q = self.q_norm(rearrange(self.q(x.to(dtype)), "n (h d) -> n h d", h=self.num_heads))
+        k, v = rearrange(self.kv(context.to(dtype)), "m (two h d) -> two m h d", two=2, h=self.num_heads)
+        out = packed_attention(q, self.k_norm(k), v, cu_seqlens, cu_seqlens_text, backend)  # (N, h, d)
+        return self.proj(rearrange(out, "n h d -> n (h d)"))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x.to(self.fc1.weight.dtype)), approximate="tanh"))
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float):
+        super().__init__()
+        self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.attn = SelfAttention(dim, num_heads, qk_norm, eps)
+        self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
+        self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps)
+        self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.modulation = nn.Parameter(torch.zeros(6, dim))  # added to the shared time projection
+
+    def forward(self, x, mod, context, cos, sin, cu_seqlens, cu_seqlens_text, backend=None):
+        """x: (N, D) float32 residual stream; mod: (N, 6, D) float32; context: (M, D) -> (N, D)."""
+        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation.float()).unbind(1)
+        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, cu_seqlens, backend).float()
+        x = x + self.cross_attn(self.norm2(x), context, cu_seqlens, cu_seqlens_text, backend).float()
+        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2)).float()
+        return x
+
+
+class FinalLayer(nn.Module):
+    def __init__(self, dim: int, out_dim: int, eps: float):
+        super().__init__()
+        self.norm = FP32LayerNorm(dim, eps, elementwise_affine=False)
+        self.modulation = nn.Parameter(torch.zeros(2, dim))  # added to the time embedding
+        self.linear = nn.Linear(dim, out_dim)
+
+    def forward(self, x, temb):
+        """x: (N, D); temb: (N, D) float32 -> (N, out_dim)."""
+        shift, scale = (temb[:, None] + self.modulation.float()).unbind(1)
+        return self.linear(modulate(self.norm(x), shift, scale).to(self.linear.weight.dtype))
+
+
+class VideoDiT(ModelMixin, ConfigMixin):
+    """Denoiser over packed spacetime patches; predicts the rectified-flow velocity of each token."""
+
+    _supports_gradient_checkpointing = True
+    _no_split_modules = ["DiTBlock"]
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 16,
+        patch_size: tuple[int, int, int] = (1, 2, 2),
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        text_dim: int = 4096,
+        freq_dim: int = 256,
+        qk_norm: bool = True,
+        rope_theta: float = 10000.0,
+        rope_base_grid: tuple[int, int, int] | None = None,
+        eps: float = 1e-6,
+    ):
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.patch_size = tuple(patch_size)
+        self.token_dim = in_channels * math.prod(self.patch_size)
+        self.attention_backend = None  # None: packed_attention's default ("flash" where it runs, else "loop")
+        self.gradient_checkpointing = False
+
+        self.patch_embed = nn.Linear(self.token_dim, hidden_size)
+        self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
+                                        nn.Linear(hidden_size, hidden_size))
+        self.t_embed = TimestepEmbedder(hidden_size, freq_dim)
+        self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))  # shared by all blocks
+        self.rope = RoPE3D(hidden_size // num_heads, rope_theta, rope_base_grid)
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, eps) for _ in range(depth))
+        self.final = FinalLayer(hidden_size, self.token_dim, eps)
+        self.initialize_weights()
+
+    def initialize_weights(self):
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+        for m in self.t_embed.mlp[0::2]:
+            nn.init.normal_(m.weight, std=0.02)
+        # adaLN-Zero: zero modulation (so zero gates) and a zero output layer
+        for p in (self.time_proj[1].weight, self.time_proj[1].bias, self.final.linear.weight, self.final.linear.bias):
+            nn.init.zeros_(p)
+
+    def _timestep_rows(self, timesteps, packed: Packed):
+        """Timesteps (B,), (N,), a list of per-latent-frame (T_i,) or a (B, T) tensor -> values (R,), index (N,)
+        of each token's row. With pt > 1 a token takes the timestep of the first latent frame it covers."""
+        B, N = len(packed.grids), packed.tokens.shape[0]
+        device = packed.tokens.device
+        if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 2:
+            timesteps = list(timesteps)
+        if isinstance(timesteps, (list, tuple)):
+            pt = self.patch_size[0]
+            frames = [g[0] * pt for g in packed.grids]
+            if len(timesteps) != B or any(t.shape != (f,) for t, f in zip(timesteps, frames)):
+                raise ValueError(f"per-frame timesteps must be {B} tensors of shapes {[(f,) for f in frames]}, "
+                                 f"got {[tuple(t.shape) for t in timesteps]}")
+            offsets = torch.tensor([0] + frames[:-1], device=device).cumsum(0)
+            return torch.cat(list(timesteps)).to(device), offsets[packed.sample_idx] + packed.coords[:, 0] * pt
+        t = torch.as_tensor(timesteps, device=device).float().reshape(-1)
+        if t.numel() == 1:
+            t = t.expand(B)
+        if t.numel() == B:
+            return t, packed.sample_idx
+        if t.numel() == N:
+            return t, torch.arange(N, device=device)
+        raise ValueError(f"timesteps must be a scalar, one per sample ({B}), one per token ({N}) or per latent "
+                         f"frame (a list of (T_i,) tensors), got shape {tuple(t.shape)}")
+
+    def forward(self, packed, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """packed: Packed (or a tuple (tokens, coords, cu_seqlens, sample_idx)) with tokens (N, C*pt*ph*pw);
+        timesteps in [0, 1]: (B,), (N,) or per latent frame; text: (B, L, text_dim) padded; text_mask: (B, L)
+        bool, True for real tokens (None: all real). Returns the velocity tokens (N, C*pt*ph*pw)."""
+        if not isinstance(packed, Packed):
+            packed = packed_from_tuple(*packed)
+        tokens, B = packed.tokens, len(packed.grids)
+        if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
+            raise ValueError(f"expected tokens (N, {self.token_dim}) = (N, in_channels*prod(patch_size)), "
+                             f"got {tuple(tokens.shape)}")
+        if text.ndim != 3 or text.shape[0] != B or text.shape[2] != self.config.text_dim:
+            raise ValueError(f"expected text (B={B}, L, {self.config.text_dim}), got {tuple(text.shape)}")
+        if text_mask is None:
+            text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
+        if text_mask.shape != text.shape[:2]:
+            raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+
+        # segment offsets on the CPU: the "loop" backend reads them without a device sync
+        cu_seqlens = packed.cu_seqlens.cpu()
+        text_mask = text_mask.bool()
+        cu_seqlens_text = F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0)).int()
+        context = self.text_embed(text[text_mask].to(self.dtype))  # (M, D): unpadded text, sample after sample
+
+        t_values, t_index = self._timestep_rows(timesteps, packed)
+        temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
+        mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)[t_index]
+        temb = temb[t_index]  # (N, D)
+
+        grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
+        cos, sin = self.rope(packed.coords, grids)
+
+        x = self.patch_embed(tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
+        for block in self.blocks:
+            args = (x, mod, context, cos, sin, cu_seqlens, cu_seqlens_text, self.attention_backend)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, *args)
+            else:
+                x = block(*args)
+        return self.final(x, temb)
+
+    def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
+        """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""
+        packed = pack(latents, self.patch_size)
+        return unpack(self(packed, timesteps, text, text_mask), packed, self.patch_size)
+
+
+def packed_from_tuple(tokens, coords, cu_seqlens, sample_idx) -> Packed:
+    """A Packed from its tensors; each sample's grid is read off its largest coordinates."""
+    B = len(cu_seqlens) - 1
+    extent = torch.zeros(B, 3, dtype=torch.long, device=coords.device)
+    extent = extent.scatter_reduce(0, sample_idx[:, None].expand(-1, 3), coords.long() + 1, "amax")
+    return Packed(tokens, coords, cu_seqlens, sample_idx, [tuple(g) for g in extent.tolist()])
