@@ -1,0 +1,100 @@
+import random
+
+import pytest
+import torch
+
+from videodit.dit import VideoDiT
+from videodit.flow import (cond_frames, drop_text, flow_loss, random_cond, resolution_shift, sample, sample_t,
+                           schedule, time_shift)
+
+MU, SD = 2.0, 0.5
+
+
+class GaussianVelocity(torch.nn.Module):
+    """The exact rectified-flow velocity when the data is N(MU, SD^2) per element."""
+    patch_size = (1, 1, 1)
+
+    def forward(self, packed, frame_t, text, mask):
+        t, x = frame_t[0][0], packed.tokens
+        x0 = MU + (1 - t) * SD ** 2 / ((1 - t) ** 2 * SD ** 2 + t ** 2) * (x - (1 - t) * MU)  # E[x_0 | x_t]
+        return (x - (1 - t) * x0) / t - x0
+
+
+@pytest.mark.parametrize("sampler,steps,shift", [("euler", 200, 1.0), ("euler", 200, 3.0), ("flow_euler", 200, 3.0),
+                                                 ("unipc", 30, 3.0)])
+def test_sampler_reproduces_a_known_gaussian(sampler, steps, shift):
+    text, mask = torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    out = sample(GaussianVelocity(), [(1, 1, 100, 100)], text, mask, steps=steps, shift=shift, sampler=sampler,
+                 generator=torch.Generator().manual_seed(0), progress=False)[0]
+    assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - SD) / SD < 0.02
+
+
+def test_schedule_and_timesteps():
+    ts = schedule(10, 3.0)
+    assert ts[0] == 1 and ts[-1] == 0 and torch.all(ts[1:] < ts[:-1])
+    assert torch.all(ts[1:-1] > torch.linspace(1, 0, 11)[1:-1])  # shifted towards noise
+    assert resolution_shift(256) == 1.0 and resolution_shift(1024) == 2.0
+    t = sample_t(20000, shift=1.0, generator=torch.Generator().manual_seed(0))
+    assert 0 < t.min() and t.max() < 1 and abs(t.median().item() - 0.5) < 0.02
+    t3 = sample_t(20000, shift=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(t3, time_shift(t, 3.0)) and t3.median() > 0.7
+
+
+def test_conditioning_masks_and_text_dropout():
+    assert cond_frames(5, "first").tolist() == [True, False, False, False, False]
+    assert cond_frames(5, "first_k", 3).tolist() == [True, True, True, False, False]
+    assert cond_frames(5, "last").tolist() == [False, False, False, False, True]
+    assert cond_frames(5, "first_last").tolist() == [True, False, False, False, True]
+    assert not cond_frames(1, "first").any()  # an image has nothing to condition on
+    rng = random.Random(0)
+    masks = [random_cond(5, 0.5, rng) for _ in range(400)]
+    share = sum(bool(m.any()) for m in masks) / 400
+    assert 0.4 < share < 0.6 and all(not m.all() for m in masks)
+    dropped = drop_text(["x"] * 2000, 0.1, random.Random(0))
+    assert 150 < dropped.count("") < 250
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    m = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=8)
+    for p in m.parameters():  # leave the zero init so outputs depend on inputs
+        p.data.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_loss_ignores_clean_frames_and_averages_per_sample():
+    m = tiny_model()
+    x = torch.randn(4, 3, 4, 4)
+    text, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    c = cond_frames(3, "first")
+    g = lambda: torch.Generator().manual_seed(1)  # noqa: E731
+    base = flow_loss(m, [x], text, mask, cond=[c], generator=g())
+    y = torch.randn(4, 3, 4, 4)  # a second sample whose frames are all clean carries no loss
+    all_clean = flow_loss(m, [x, y], torch.cat([text, text]), torch.cat([mask, mask]),
+                          cond=[c, torch.ones(3, dtype=torch.bool)], generator=g())
+    assert torch.isfinite(all_clean) and torch.isclose(all_clean, base)
+
+
+def test_guidance_one_equals_conditional_and_seed_determinism():
+    m = tiny_model()
+    text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    null, null_mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    shapes = [(4, 2, 4, 4), (4, 1, 4, 6)]
+    run = lambda g, n=null: sample(m, shapes, text, mask, n, null_mask, guidance=g, steps=3,  # noqa: E731
+                                   generator=torch.Generator().manual_seed(3), progress=False)
+    a, b, c = run(1.0), run(1.0, None), run(4.0)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.allclose(x, y) for x, y in zip(a, c))
+    assert all(torch.equal(x, y) for x, y in zip(c, run(4.0)))
+
+
+def test_conditioning_frames_are_held():
+    m = tiny_model()
+    text, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    clean = torch.randn(4, 3, 4, 4)
+    c = cond_frames(3, "first_last")
+    for sampler in ("euler", "unipc"):
+        out = sample(m, [(4, 3, 4, 4)], text, mask, steps=4, sampler=sampler, cond_latents=[clean], cond_masks=[c],
+                     progress=False)[0]
+        assert torch.equal(out[:, 0], clean[:, 0]) and torch.equal(out[:, 2], clean[:, 2])
+        assert not torch.allclose(out[:, 1], clean[:, 1])

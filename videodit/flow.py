@@ -1,0 +1,203 @@
+"""Rectified flow: the training objective and the samplers.
+
+    x_t = (1 - t) * x_0 + t * noise,    velocity v = noise - x_0 = dx_t/dt,    t = 1 is pure noise.
+
+Training draws t from a logit-normal, shifted by resolution as in SD3 (`t' = s t / (1 + (s - 1) t)` with
+`s = sqrt(tokens / base_tokens)`): larger samples need more noise to destroy the same structure. Frame conditioning
+trains every conditioning mode into one checkpoint: some samples keep clean latent frames (first, first k, last, or
+first and last) at timestep 0, with no loss on them. Sampling integrates the velocity from t = 1 to t = 0 with Euler
+or a diffusers flow-matching scheduler, with classifier-free guidance, re-imposing clean conditioning frames.
+"""
+
+import math
+import random
+
+import torch
+from tqdm.auto import tqdm
+
+from .patchify import pack, unpack
+
+COND_MODES = ("first", "first_k", "last", "first_last")
+
+
+def time_shift(t: torch.Tensor, shift) -> torch.Tensor:
+    """SD3's shift of t in [0, 1] towards noise; shift may be a tensor broadcasting against t."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
+    """The resolution-dependent shift: 1 at `base_tokens`, growing with the square root of the token count."""
+    return math.sqrt(max(num_tokens, 1) / base_tokens)
+
+
+def sample_t(n: int, mean=0.0, std=1.0, shift=1.0, generator=None, device=None) -> torch.Tensor:
+    """n timesteps from a shifted logit-normal: sigmoid(N(mean, std)), then `time_shift`."""
+    u = torch.randn(n, generator=generator, device=device) * std + mean
+    return time_shift(torch.sigmoid(u), torch.as_tensor(shift, dtype=torch.float32, device=device))
+
+
+def cond_frames(num_frames: int, mode: str | None, k: int = 1) -> torch.Tensor:
+    """A (T,) bool mask of the latent frames held clean in a conditioning mode."""
+    m = torch.zeros(num_frames, dtype=torch.bool)
+    if mode is None or num_frames < 2:  # an image has nothing to condition on
+        return m
+    if mode == "first":
+        m[0] = True
+    elif mode == "first_k":
+        m[:max(1, min(k, num_frames - 1))] = True
+    elif mode == "last":
+        m[-1] = True
+    elif mode == "first_last":
+        m[0] = m[-1] = True
+    else:
+        raise ValueError(f"unknown conditioning mode {mode!r}; expected one of {COND_MODES}")
+    return m
+
+
+def random_cond(num_frames: int, p: float, rng: random.Random) -> torch.Tensor:
+    """With probability p, a random conditioning mode's clean-frame mask; otherwise no clean frames."""
+    if num_frames < 2 or rng.random() >= p:
+        return torch.zeros(num_frames, dtype=torch.bool)
+    mode = rng.choice(COND_MODES)
+    return cond_frames(num_frames, mode, rng.randint(1, max(1, num_frames // 2)))
+
+
+def drop_text(prompts: list[str], p: float, rng: random.Random) -> list[str]:
+    """Replace each prompt by the empty prompt with probability p (classifier-free guidance training)."""
+    return ["" if rng.random() < p else s for s in prompts]
+
+
+def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, mean=0.0, std=1.0,
+              shift: float | None = None, base_tokens: int = 256, generator=None) -> torch.Tensor:
+    """The rectified-flow loss on one packed batch.
+
+    latents: list of clean (C, T_i, H_i, W_i); cond: list of (T_i,) bool masks of clean conditioning frames (no
+    noise, timestep 0, no loss). The squared error is averaged over each sample's noisy tokens, then over samples,
+    so a long clip and an image weigh the same."""
+    device = latents[0].device
+    cond = cond or [torch.zeros(x.shape[1], dtype=torch.bool) for x in latents]
+    packed = pack(latents, model.patch_size)
+    seqlens = packed.seqlens
+    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in seqlens], device=device)
+    t = sample_t(len(latents), mean, std, shifts, generator, device)  # (B,)
+    frame_t = [torch.where(c.to(device), 0.0, t[i]).expand(x.shape[1]) for i, (x, c) in enumerate(zip(latents, cond))]
+    x0 = packed.tokens
+    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    pt = model.patch_size[0]
+    token_t = torch.cat(frame_t)[_frame_index(packed, pt)]  # (N,)
+    xt = (1 - token_t[:, None]) * x0 + token_t[:, None] * noise
+    v = model(packed.with_tokens(xt), frame_t, text, text_mask)
+    err = (v.float() - (noise - x0).float()).pow(2).mean(1)  # (N,)
+    keep = (token_t > 0).float()
+    per_sample = torch.zeros(len(latents), device=device).index_add_(0, packed.sample_idx, err * keep)
+    count = torch.zeros(len(latents), device=device).index_add_(0, packed.sample_idx, keep)
+    valid = count > 0
+    return (per_sample[valid] / count[valid]).mean()
+
+
+def _frame_index(packed, pt: int) -> torch.Tensor:
+    """(N,) index of each token's (first) latent frame in the concatenation of all samples' frames."""
+    frames = torch.tensor([g[0] * pt for g in packed.grids], device=packed.coords.device)
+    offsets = torch.cumsum(frames, 0) - frames
+    return offsets[packed.sample_idx] + packed.coords[:, 0] * pt
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling
+
+
+def schedule(steps: int, shift: float) -> torch.Tensor:
+    """steps + 1 times from 1 to 0, shifted towards noise."""
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1), shift)
+
+
+def make_scheduler(name: str, ts: torch.Tensor):
+    """A diffusers flow-matching scheduler stepping through the times `ts` (1 -> 0), or None for plain Euler."""
+    if name == "euler":
+        return None
+    if name == "flow_euler":
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    elif name == "unipc":
+        from diffusers import UniPCMultistepScheduler
+
+        sch = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                      use_flow_sigmas=True, flow_shift=1.0)
+    else:
+        raise ValueError(f"unknown sampler {name!r}; expected 'euler', 'flow_euler' or 'unipc'")
+    sch.set_timesteps(len(ts) - 1)
+    sch.sigmas = ts.detach().float().cpu()  # our shifted schedule in place of the scheduler's own
+    sch.timesteps = sch.sigmas[:-1] * 1000
+    if name == "unipc":
+        sch.timesteps = sch.timesteps.to(torch.int64)
+    return sch
+
+
+@torch.no_grad()
+def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None, guidance: float = 1.0,
+           steps: int = 30, shift: float | None = None, base_tokens: int = 256, sampler: str = "euler",
+           cond_latents: list | None = None, cond_masks: list | None = None, init_latents: list | None = None,
+           strength: float = 1.0, generator=None, progress: bool = True) -> list:
+    """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch.
+
+    text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
+    cond_latents/cond_masks: per sample, clean latents and a (T,) mask of frames held at them (None: nothing).
+    init_latents/strength: SDEdit, start from these latents noised to t = strength instead of pure noise."""
+    device, dtype = text.device, torch.float32
+    B = len(shapes)
+    noise = [torch.randn(tuple(s), generator=generator, device=device, dtype=dtype) for s in shapes]
+    packed = pack(noise, model.patch_size)
+    pt = model.patch_size[0]
+    fidx = _frame_index(packed, pt)
+    if shift is None:
+        shift = resolution_shift(max(packed.seqlens), base_tokens)
+    ts = schedule(steps, shift).to(device)
+    if init_latents is not None:  # SDEdit: keep the part of the schedule below t = strength
+        start = int(torch.searchsorted(-ts, torch.tensor(-float(strength), device=device)))
+        ts = ts[min(start, steps - 1):]
+        x0 = pack([z.to(device, dtype) for z in init_latents], model.patch_size).tokens
+        x = (1 - ts[0]) * x0 + ts[0] * packed.tokens
+    else:
+        x = packed.tokens
+    # clean conditioning frames: a (T_i,) mask per sample, the clean tokens, and a per-token "is clean" mask
+    masks = [torch.zeros(s[1], dtype=torch.bool, device=device) for s in shapes]
+    x_cond = torch.zeros_like(x)
+    if cond_latents is not None:
+        masks = [m.to(device) if m is not None else z for m, z in zip(cond_masks, masks)]
+        lat = [c.to(device, dtype) if c is not None else torch.zeros(tuple(s), device=device)
+               for c, s in zip(cond_latents, shapes)]
+        x_cond = pack(lat, model.patch_size).tokens
+    clean = torch.cat(masks)[fidx]
+    x = torch.where(clean[:, None], x_cond, x)
+
+    use_cfg = guidance != 1.0 and null_text is not None
+    if use_cfg:  # conditional and unconditional in one packed batch of 2B samples
+        both = pack(noise + noise, model.patch_size)
+        L = max(text.shape[1], null_text.shape[1])
+        txt = torch.cat([_pad_to(text, L), _pad_to(null_text.expand(B, -1, -1), L)])
+        msk = torch.cat([_pad_to(text_mask, L), _pad_to(null_mask.expand(B, -1), L)])
+    sch = make_scheduler(sampler, ts)
+    for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
+        t, t_next = ts[i], ts[i + 1]
+        frame_t = [torch.where(m, 0.0, t) for m in masks]
+        if use_cfg:
+            v = model(both.with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk)
+            v_c, v_u = v.chunk(2)
+            v = v_u + guidance * (v_c - v_u)
+        else:
+            v = model(packed.with_tokens(x), frame_t, text, text_mask)
+        v = v.float()
+        if sch is None:
+            x = x + (t_next - t) * v
+        else:
+            x = sch.step(v, sch.timesteps[i], x, return_dict=False)[0]
+        x = torch.where(clean[:, None], x_cond, x)
+    return unpack(x, packed, model.patch_size)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    pad = length - x.shape[1]
+    if pad == 0:
+        return x
+    return torch.cat([x, x.new_zeros(x.shape[0], pad, *x.shape[2:])], dim=1)
