@@ -1,0 +1,33 @@
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from transformers import BertConfig, BertModel, BertTokenizerFast
+
+from videodit import CausalVideoVAE, VideoDiT, VideoDiTPipeline
+
+WORDS = "a two red green blue yellow purple white circle circles square squares triangle triangles moving left " \
+        "right up down staying still small large on black gray background".split()
+
+
+def tiny_text(tmp_path):
+    """A tiny random BERT and a word-level tokenizer: the same transformers classes as MiniLM, built offline."""
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1,
+                                 num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
+    return model.eval(), tok
+
+
+@pytest.fixture
+def tiny_pipe(tmp_path):
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                         temporal_factor=4, mid_attention=False)
+    dit = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16)
+    for p in dit.parameters():  # a random model, not the zero-initialized one, so outputs depend on inputs
+        p.data.normal_(0, 0.05)
+    text_encoder, tokenizer = tiny_text(tmp_path)
+    return VideoDiTPipeline(vae.eval(), dit.eval(), text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(),
+                            default_steps=3, default_guidance=3.0)

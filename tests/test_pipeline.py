@@ -1,0 +1,158 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from videodit.flow import cond_frames
+from videodit.generate import main
+from videodit.pipeline import VideoDiTPipeline
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_sizes_dtype_and_seed(tiny_pipe):
+    out = tiny_pipe(["a red circle moving left", "two blue squares"], height=[32, 16], width=[48, 40],
+                    num_frames=[9, 1], generator=gen(0), progress=False)
+    assert [f.shape for f in out.frames] == [(9, 32, 48, 3), (1, 16, 40, 3)]
+    assert all(f.dtype == np.uint8 for f in out.frames) and out.sizes == [(9, 32, 48), (1, 16, 40)]
+    again = tiny_pipe(["a red circle moving left", "two blue squares"], height=[32, 16], width=[48, 40],
+                      num_frames=[9, 1], generator=gen(0), progress=False)
+    other = tiny_pipe(["a red circle moving left", "two blue squares"], height=[32, 16], width=[48, 40],
+                      num_frames=[9, 1], generator=gen(1), progress=False)
+    assert all(np.array_equal(a, b) for a, b in zip(out.frames, again.frames))
+    assert not np.array_equal(out.frames[0], other.frames[0])
+    pt = tiny_pipe("a red circle", height=16, width=16, num_frames=5, output_type="pt", progress=False)
+    assert pt.frames[0].shape == (3, 5, 16, 16) and pt.frames[0].dtype == torch.float32
+
+
+def test_invalid_sizes_round_to_valid(tiny_pipe):
+    assert tiny_pipe.valid_size(7, 30, 50) == (9, 32, 48)  # ft = 4, fs * patch = 8
+    assert tiny_pipe.valid_size(1, 3, 3) == (1, 8, 8)
+    out = tiny_pipe("a red circle", height=30, width=50, num_frames=7, progress=False)
+    assert out.frames[0].shape == (9, 32, 48, 3)
+
+
+def test_image_is_the_first_frame(tiny_pipe):
+    image = torch.rand(3, 1, 32, 32) * 2 - 1
+    out = tiny_pipe("a red circle moving right", height=32, width=32, num_frames=9, image=image, output_type="pt",
+                    generator=gen(0), progress=False).frames[0]
+    # the causal VAE decodes frame 0 from latent frame 0 alone: it is the image's own VAE round trip
+    roundtrip = tiny_pipe.decode(tiny_pipe.encode_video(image))
+    assert torch.allclose(out[:, 0], roundtrip[:, 0], atol=1e-5)
+    assert not torch.allclose(out[:, 4], roundtrip[:, 0], atol=1e-2)
+
+
+def test_loop_starts_and_ends_on_one_frame(tiny_pipe, monkeypatch):
+    captured = {}
+    import videodit.pipeline as P
+    real = P.sample
+
+    def spy(*args, **kw):
+        out = real(*args, **kw)
+        captured["cond" if kw.get("cond_latents") is not None else "first_pass"] = (out, kw.get("cond_masks"))
+        return out
+
+    monkeypatch.setattr(P, "sample", spy)
+    video = tiny_pipe("a red circle", height=16, width=16, num_frames=9, loop=True, output_type="pt",
+                      generator=gen(0), progress=False).frames[0]
+    assert video.shape == (3, 9, 16, 16)  # the held closing frames are trimmed: the clip wraps onto frame 0
+    first = tiny_pipe.decode(captured["first_pass"][0][0])  # (3, 1, H, W): the frame the loop starts from
+    (z,), (mask,) = captured["cond"]
+    assert mask.tolist() == cond_frames(z.shape[1], "first_last").tolist()
+    assert torch.allclose(z[:, :1], tiny_pipe.encode_video(first), atol=1e-5)
+    assert torch.allclose(z[:, -1], tiny_pipe.held_latent(first[:, 0]), atol=1e-5)  # it ends where it started
+
+
+def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
+    clip = torch.rand(3, 9, 16, 16) * 2 - 1
+    run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=9, output_type="pt",  # noqa: E731
+                                 progress=False, **kw).frames[0]
+    assert run(video=clip, extend="forward").shape[1] == 4  # 9 frames: 5 of context, 4 new
+    assert run(video=clip, extend="backward").shape[1] == 9
+    assert run(connect=(clip, clip)).shape[1] == 8
+    edited = run(video=clip, strength=0.5)
+    assert edited.shape == clip.shape
+    with pytest.raises(ValueError, match="one conditioning mode"):
+        run(loop=True, image=clip[:, :1])
+
+
+def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
+    a = tiny_pipe("a red circle", negative_prompt="blue", guidance_scale=1.0, height=16, width=16, num_frames=5,
+                  generator=gen(0), progress=False).frames[0]
+    b = tiny_pipe("a red circle", negative_prompt="green", guidance_scale=1.0, height=16, width=16, num_frames=5,
+                  generator=gen(0), progress=False).frames[0]
+    c = tiny_pipe("a red circle", negative_prompt="green", guidance_scale=4.0, height=16, width=16, num_frames=5,
+                  generator=gen(0), progress=False).frames[0]
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_save_load_gives_identical_samples(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    loaded = VideoDiTPipeline.from_pretrained(tmp_path / "pipe")
+    assert loaded.config.default_steps == 3
+    kw = dict(height=16, width=24, num_frames=5, generator=None, progress=False)
+    a = tiny_pipe("two green triangles moving up", **{**kw, "generator": gen(4)}).frames[0]
+    b = loaded("two green triangles moving up", **{**kw, "generator": gen(4)}).frames[0]
+    assert np.array_equal(a, b)
+
+
+@pytest.fixture
+def saved(tiny_pipe, tmp_path):
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    return str(tmp_path / "pipe")
+
+
+def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
+    (tmp_path / "prompts.txt").write_text("a red circle\n\ntwo blue squares moving up\n")
+    main(["--prompt-file", str(tmp_path / "prompts.txt"), "--checkpoint", saved, "--output-dir",
+          str(tmp_path / "out"), "--height", "16", "--width", "24", "--num-frames", "5", "--seed", "3"])
+    rows = [json.loads(x) for x in (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == ["000.mp4", "001.mp4"] and rows[1]["prompt"] == "two blue squares moving up"
+    assert rows[0]["seed"] == 3 and rows[0]["steps"] == 3 and (rows[0]["height"], rows[0]["width"]) == (16, 24)
+    assert (tmp_path / "out" / "001.mp4").stat().st_size > 0
+    main(["--prompt", "a red circle", "--checkpoint", saved, "--num-frames", "1", "--output",
+          str(tmp_path / "img.png"), "--height", "16", "--width", "16"])
+    assert (tmp_path / "img.png").exists()
+    main(["--prompt", "a red circle", "--checkpoint", saved, "--num-frames", "6", "--output",
+          str(tmp_path / "r.mp4"), "--height", "15", "--width", "16"])
+    assert "using 5x16x16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,words", [
+    ([], ["no prompt"]),
+    (["--prompt", "a", "--checkpoint", "/nonexistent"], ["/nonexistent", "model_index.json"]),
+    (["--prompt", "a", "--image", "/no/such.png"], ["--image /no/such.png", "no such file"]),
+    (["--prompt", "a", "--video", "{bad}", "--extend", "forward"], ["--video", "bad.mp4", "cannot be opened"]),
+    (["--prompt", "a", "--video", "{bad}"], ["--extend", "--strength"]),
+    (["--prompt", "a", "--loop", "--image", "{bad}"], ["one conditioning mode"]),
+    (["--prompt", "a", "--prompt", "b", "--output", "x.mp4"], ["--output-dir"]),
+    (["--prompt", "a", "--output", "x.avi"], [".mp4, .gif, or .png"]),
+    (["--prompt", "a", "--output", "x.png"], ["--num-frames 1"]),
+    (["--prompt", "a", "--strength", "1.5", "--video", "{bad}"], ["(0, 1]"]),
+    (["--prompt", "a", "--prompt-file", "/no/prompts.txt"], ["/no/prompts.txt"]),
+])
+def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words):
+    bad = tmp_path / "bad.mp4"
+    bad.write_bytes(b"not a video" * 20)
+    args = [x.replace("{bad}", str(bad)) for x in args]
+    if "--checkpoint" not in args:
+        args += ["--checkpoint", saved]
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # video decoders may print their own lines before
+    assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
+    for w in words:
+        assert w in err
+
+
+def test_missing_default_model_says_how_to_train(monkeypatch, tmp_path, capsys):
+    import videodit.generate as G
+
+    monkeypatch.setattr(G, "DEFAULT_CHECKPOINT", str(tmp_path / "models" / "shapes-tiny"))
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "a red circle", "--checkpoint", str(tmp_path / "models" / "shapes-tiny")])
+    assert e.value.code == 2 and "README" in capsys.readouterr().err

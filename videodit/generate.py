@@ -1,0 +1,197 @@
+"""The main job: sample videos from prompts (`python sample.py ...`). Every user error ends in one clear line and a
+non-zero exit, never a traceback."""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-tiny")
+
+
+class UserError(Exception):
+    pass
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="sample.py", description="Generate videos (or images) from text prompts.")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
+    p.add_argument("--prompt-file", help="a text file with one prompt a line")
+    p.add_argument("--negative-prompt", default=None, help="what to steer away from (guidance)")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--num-frames", type=int, default=17, help="frames per video; 1 makes an image")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 turns it off")
+    p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
+    p.add_argument("--shift", type=float, default=None, help="timestep shift (default: resolution-dependent)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a pipeline folder (default: the shipped model)")
+    p.add_argument("--output", help="output file for one prompt: .mp4, .gif, or .png when --num-frames 1")
+    p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl")
+    p.add_argument("--image", help="animate this image from its first frame")
+    p.add_argument("--video", help="a video to extend (--extend) or edit (--strength)")
+    p.add_argument("--extend", choices=["forward", "backward"], help="continue --video after its end or before its start")
+    p.add_argument("--strength", type=float, help="SDEdit --video: 0 keeps it, 1 ignores it")
+    p.add_argument("--loop", action="store_true", help="make a seamless loop")
+    p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"), help="a transition from VID_A's end to VID_B's start")
+    p.add_argument("--upsample-prompt", action="store_true", help="rewrite short prompts as detailed captions first")
+    p.add_argument("--upsampler-model", help="a causal LM (folder or hub id) for --upsample-prompt; default: rules")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
+    return p.parse_args(argv)
+
+
+def read_prompts(a) -> list[str]:
+    prompts = list(a.prompt)
+    if a.prompt_file:
+        if not os.path.isfile(a.prompt_file):
+            raise UserError(f"--prompt-file {a.prompt_file}: no such file")
+        with open(a.prompt_file, encoding="utf-8") as f:
+            prompts += [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
+    return prompts
+
+
+def check_args(a, prompts):
+    modes = [name for name, on in (("--image", a.image), ("--extend", a.extend), ("--strength", a.strength is not None),
+                                   ("--loop", a.loop), ("--connect", a.connect)) if on]
+    if len(modes) > 1:
+        raise UserError(f"choose one conditioning mode at a time, got {' and '.join(modes)}")
+    if (a.extend or a.strength is not None) and not a.video:
+        raise UserError(f"{modes[0]} needs --video VID")
+    if a.video and not (a.extend or a.strength is not None):
+        raise UserError("--video needs --extend forward|backward or --strength S")
+    if a.strength is not None and not 0 < a.strength <= 1:
+        raise UserError(f"--strength must be in (0, 1], got {a.strength}")
+    from videodit.data.video import VideoReadError, probe
+
+    for name, path in (("--image", a.image), ("--video", a.video), *((("--connect", v) for v in a.connect or ()))):
+        if path:  # before any model loads: a bad input fails at once
+            try:
+                probe(path)
+            except VideoReadError as e:
+                raise UserError(f"{name} {e}") from None
+    if a.num_frames < 1 or a.height < 1 or a.width < 1:
+        raise UserError("--height, --width and --num-frames must be positive")
+    if a.steps is not None and a.steps < 1:
+        raise UserError(f"--steps must be positive, got {a.steps}")
+    if a.output and a.output_dir:
+        raise UserError("give --output FILE (one prompt) or --output-dir DIR, not both")
+    if len(prompts) > 1 and a.output:
+        raise UserError(f"{len(prompts)} prompts: use --output-dir DIR (--output names one file)")
+    if a.output:
+        ext = os.path.splitext(a.output)[1].lower()
+        if ext not in (".mp4", ".gif", ".png"):
+            raise UserError(f"--output {a.output}: use .mp4, .gif, or .png")
+        if ext == ".png" and a.num_frames != 1:
+            raise UserError(f"--output {a.output}: a .png holds one frame; use --num-frames 1, or .mp4 / .gif")
+
+
+def load_pipeline(path: str, device: str):
+    if not os.path.isfile(os.path.join(path, "model_index.json")):
+        if os.path.abspath(path) == DEFAULT_CHECKPOINT:
+            raise UserError(f"the default model is missing: {path} holds no trained pipeline yet. Train one with "
+                            f"the commands under 'Training' in README.md, or pass --checkpoint DIR")
+        raise UserError(f"--checkpoint {path}: not a pipeline folder (it needs model_index.json, as written by "
+                        f"VideoDiTPipeline.save_pretrained)")
+    from videodit.pipeline import VideoDiTPipeline
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    return VideoDiTPipeline.from_pretrained(path, dtype=dtype).to(device)
+
+
+def conditioning(a, pipe, size):
+    """Pipeline keyword arguments for the chosen mode, and the input clips the output is joined with."""
+    from videodit.data.video import VideoReadError, read_image, read_video
+
+    T, H, W = size
+    try:
+        if a.image:
+            return dict(image=read_image(a.image, H, W)), None, None
+        if a.extend:
+            clip = read_video(a.video, fps=a.fps, height=H, width=W)
+            return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \
+                clip if a.extend == "backward" else None
+        if a.strength is not None:
+            return dict(video=read_video(a.video, fps=a.fps, height=H, width=W), strength=a.strength), None, None
+        if a.connect:
+            clips = [read_video(v, fps=a.fps, height=H, width=W) for v in a.connect]
+            return dict(connect=tuple(clips)), clips[0], clips[1]
+    except VideoReadError as e:
+        raise UserError(str(e)) from None
+    return dict(loop=a.loop), None, None
+
+
+def run(a):
+    prompts = read_prompts(a)
+    check_args(a, prompts)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    t0 = time.time()
+    pipe = load_pipeline(a.checkpoint, device)
+    if a.upsample_prompt:
+        from videodit.upsample import upsample_prompt
+
+        prompts = [upsample_prompt(p, backend="lm" if a.upsampler_model else "shapes", model=a.upsampler_model,
+                                   seed=a.seed) for p in prompts]
+        for p in prompts:
+            print(f"prompt: {p}")
+    size = pipe.valid_size(a.num_frames, a.height, a.width)
+    if size != (a.num_frames, a.height, a.width):
+        print(f"note: {a.num_frames}x{a.height}x{a.width} (frames x height x width) is not a size this model takes; "
+              f"using {size[0]}x{size[1]}x{size[2]}")
+    kwargs, before, after = conditioning(a, pipe, size)
+    a.steps = a.steps or pipe.config.default_steps
+    t1 = time.time()
+    out = pipe(prompts, a.negative_prompt, size[1], size[2], size[0], num_inference_steps=a.steps,
+               guidance_scale=a.guidance, generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler,
+               shift=a.shift, output_type="pt", **kwargs)
+    t2 = time.time()
+    write_outputs(a, prompts, out, before, after)
+    if a.verbose:
+        report(device, load=t1 - t0, sample=t2 - t1)
+
+
+def write_outputs(a, prompts, out, before, after):
+    from videodit.data.video import write_video
+
+    ext = ".png" if a.num_frames == 1 and not (before is not None or after is not None) else ".mp4"
+    if a.output_dir:
+        os.makedirs(a.output_dir, exist_ok=True)
+    rows = []
+    for i, (prompt, video) in enumerate(zip(prompts, out.frames)):
+        parts = [v.cpu() for v in (before, video, after) if v is not None]
+        video = torch.cat(parts, dim=1)
+        path = a.output if a.output else os.path.join(a.output_dir or ".", f"{i:03d}{ext}")
+        write_video(path, video, fps=a.fps)
+        rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed, num_frames=video.shape[1],
+                         height=video.shape[2], width=video.shape[3], steps=a.steps))
+        print(path)
+    if a.output_dir:
+        with open(os.path.join(a.output_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def report(device, **seconds):
+    import resource
+
+    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda")
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
+    times = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
+    print(f"{times}; peak {'GPU' if device.startswith('cuda') else 'process'} memory {peak:.2f} GiB")
+
+
+def main(argv=None):
+    a = parse_args(argv)
+    try:
+        run(a)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,196 @@
+"""VideoDiTPipeline: text (and image or video) to video with one checkpoint.
+
+    pipe = VideoDiTPipeline.from_pretrained("models/shapes-tiny")
+    frames = pipe("a red circle moving right", height=64, width=128, num_frames=17).frames[0]  # (T, H, W, 3) uint8
+
+Modes, all from the one checkpoint trained with random frame conditioning (videodit.flow):
+- text to video (num_frames > 1) and text to image (num_frames = 1);
+- `image=`: animate an image from its first frame;
+- `video=, extend="forward"|"backward"`: continue a clip after its end, or lead into its start;
+- `loop=True`: a clip whose last frame leads back into its first;
+- `video=, strength=s`: SDEdit, restyle a clip from its noised latents;
+- `connect=(video_a, video_b)`: a transition from the end of one clip to the start of the other.
+
+The causal VAE encodes a clip's first frame alone, so a clean first latent frame is exactly an image. A clean *last*
+latent frame stands for a group of ft frames; to end on a given frame the pipeline conditions on the latent of that
+frame held still for ft frames, and trims the held frames from the result.
+"""
+
+import dataclasses
+
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+
+from .data.video import resize_crop, to_uint8
+from .flow import cond_frames, sample
+from .text import encode_with
+from .vae import CausalVideoVAE, PretrainedVideoVAE
+
+
+@dataclasses.dataclass
+class VideoDiTOutput(BaseOutput):
+    frames: list  # per prompt: uint8 (T, H, W, 3) ("np") or float (3, T, H, W) in [-1, 1] ("pt")
+    sizes: list   # per prompt: (T, H, W) actually generated
+
+
+class VideoDiTPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+
+    def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
+                 base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0):
+        super().__init__()
+        self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
+                              scheduler=scheduler)
+        # how the checkpoint was trained and is best sampled: saved in model_index.json
+        self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
+                                default_guidance=default_guidance)
+
+    # -- parts ---------------------------------------------------------------------------------------------------
+
+    @property
+    def video_vae(self):
+        """The VAE behind the project's interface (encode_latents, decode_latents, ft, fs, valid_size)."""
+        return self.vae if isinstance(self.vae, CausalVideoVAE) else PretrainedVideoVAE(self.vae)
+
+    def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch."""
+        vae, (pt, ph, pw) = self.video_vae, self.transformer.patch_size
+        T, H, W = vae.valid_size(max(T, 1), max(H, 1), max(W, 1))
+        k = (T - 1) // vae.ft
+        k = k if k % pt == 0 or T == 1 else round(k / pt) * pt or pt
+        step_h, step_w = vae.fs * ph, vae.fs * pw
+        return 1 + vae.ft * k, max(step_h, round(H / step_h) * step_h), max(step_w, round(W / step_w) * step_w)
+
+    def encode_prompt(self, prompts: list[str]):
+        device = self.transformer.device
+        emb, mask = encode_with(self.text_encoder, self.tokenizer, prompts, self.config.max_text_length, device)
+        return emb.to(device, self.transformer.dtype), mask.to(device)
+
+    @torch.no_grad()
+    def encode_video(self, video: torch.Tensor) -> torch.Tensor:
+        """(3, T, H, W) pixels in [-1, 1] -> normalized latents (C, T', H', W')."""
+        vae = self.video_vae
+        return vae.encode_latents(video[None].to(self.vae.device, self.vae.dtype))[0].float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(C, T', H', W') -> (3, T, H, W) in [-1, 1]."""
+        return self.video_vae.decode_latents(latents[None].to(self.vae.device))[0].float().clamp(-1, 1)
+
+    def held_latent(self, frame: torch.Tensor) -> torch.Tensor:
+        """The latent frame of a group of ft copies of `frame` (3, H, W) following it: how a clip ends on it."""
+        ft = self.video_vae.ft
+        still = frame[:, None].expand(-1, 1 + ft, -1, -1)
+        return self.encode_video(still)[:, 1]
+
+    # -- the call --------------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None, sampler: str = "euler",
+                 shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
+                 extend: str | None = None, loop: bool = False, strength: float | None = None,
+                 connect: tuple | None = None, output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
+        """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
+        prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
+        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        B = len(prompts)
+        num_inference_steps = num_inference_steps or self.config.default_steps
+        guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
+        per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
+        sizes = [self.valid_size(t, h, w) for t, h, w in zip(per(num_frames), per(height), per(width))]
+        vae = self.video_vae
+        C = vae.latent_channels
+        shapes = [(C, 1 + (t - 1) // vae.ft, h // vae.fs, w // vae.fs) for t, h, w in sizes]
+
+        # conditioning: per sample, clean latents and the mask of latent frames held at them
+        cond_latents, cond_masks, init, trim = None, None, None, [(0, 0)] * B
+        modes = [m for m, on in (("image", image is not None), ("extend", extend is not None), ("loop", loop),
+                                 ("strength", strength is not None), ("connect", connect is not None)) if on]
+        if len(modes) > 1:
+            raise ValueError(f"choose one conditioning mode at a time, got {modes}")
+        if modes:
+            mode = modes[0]
+            if mode in ("loop", "connect") or extend == "backward":  # one more latent frame: the held one is trimmed
+                shapes = [(c, t + 1, h, w) for c, t, h, w in shapes]
+            if mode == "strength" and video is None:
+                raise ValueError("strength (SDEdit) needs a video to edit")
+            if mode == "extend" and (video is None or extend not in ("forward", "backward")):
+                raise ValueError("extend needs a video and the direction 'forward' or 'backward'")
+            cond_latents, cond_masks, init, trim = self._conditioning(mode, shapes, sizes, image, video, extend,
+                                                                      connect, prompts, negative_prompt,
+                                                                      num_inference_steps, guidance_scale,
+                                                                      generator, sampler, shift, progress)
+
+        text, mask = self.encode_prompt(prompts)
+        null_text = null_mask = None
+        if guidance_scale != 1.0:
+            negs = per(negative_prompt or "")
+            null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
+        latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
+                         steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens, sampler=sampler,
+                         cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
+                         strength=strength if strength is not None else 1.0, generator=generator, progress=progress)
+        videos = []
+        for z, (head, tail) in zip(latents, trim):
+            v = self.decode(z)
+            videos.append(v[:, head:v.shape[1] - tail])
+        sizes = [(v.shape[1], *s[1:]) for v, s in zip(videos, sizes)]
+        if output_type == "np":
+            videos = [to_uint8(v) for v in videos]
+        return VideoDiTOutput(frames=videos, sizes=sizes)
+
+    def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, steps,
+                      guidance, generator, sampler, shift, progress):
+        """Per sample: clean latents, the mask of latent frames held at them, and (head, tail) pixel frames to trim
+        from the decoded result; or, for SDEdit, the initial latents."""
+        ft = self.video_vae.ft
+        lat, masks, trim = [], [], []
+        for (C, Tl, h, w), (T, H, W) in zip(shapes, sizes):
+            z = torch.zeros(C, Tl, h, w)
+            if mode == "strength":  # SDEdit starts from the clip's latents
+                clip = _fit(video, H, W)[:, :T]
+                if clip.shape[1] != T:
+                    raise ValueError(f"SDEdit at {T} frames needs a video of at least {T} frames, got {clip.shape[1]}")
+                lat.append(self.encode_video(clip))
+                continue
+            if mode == "image":  # the image is the first frame
+                z[:, :1] = self.encode_video(_fit(image[:, :1], H, W))
+                m, cut = cond_frames(Tl, "first"), (0, 0)
+            elif mode == "extend" and extend == "forward":  # the clip's last frames open the new one
+                k = max(1, (Tl - 1) // 2)
+                ctx = _fit(video, H, W)[:, -(1 + ft * k):]
+                if ctx.shape[1] < 1 + ft * k:
+                    raise ValueError(f"extending needs at least {1 + ft * k} frames of video, got {ctx.shape[1]}")
+                z[:, :k + 1] = self.encode_video(ctx)
+                m, cut = cond_frames(Tl, "first_k", k + 1), (1 + ft * k, 0)  # keep only the new frames
+            elif mode == "extend":  # backward: the new clip ends on the given clip's first frame
+                z[:, -1] = self.held_latent(_fit(video, H, W)[:, 0])
+                m, cut = cond_frames(Tl, "last"), (0, ft)
+            elif mode == "connect":  # from the end of a to the start of b
+                a, b = (_fit(v, H, W) for v in connect)
+                z[:, :1] = self.encode_video(a[:, -1:])
+                z[:, -1] = self.held_latent(b[:, 0])
+                m, cut = cond_frames(Tl, "first_last"), (1, ft)
+            else:  # loop: a first pass draws the first frame; the clip then ends on it again
+                first = self(prompts[:1], negative_prompt, H, W, 1, steps, guidance, generator, sampler, shift,
+                             output_type="pt", progress=progress).frames[0]
+                z[:, :1] = self.encode_video(first)
+                z[:, -1] = self.held_latent(first[:, 0])
+                m, cut = cond_frames(Tl, "first_last"), (0, ft)
+            lat.append(z)
+            masks.append(m)
+            trim.append(cut)
+        if mode == "strength":
+            return None, None, lat, [(0, 0)] * len(shapes)
+        return lat, masks, None, trim
+
+
+def _fit(video: torch.Tensor, H: int, W: int) -> torch.Tensor:
+    """Resize (3, T, h, w) pixels to cover (H, W) keeping the aspect, and centre-crop."""
+    if video.shape[-2:] == (H, W):
+        return video
+    frames = ((video.float() + 1) * 127.5).permute(1, 2, 3, 0)  # (T, h, w, 3) in [0, 255]
+    return resize_crop(frames, H, W)
