@@ -5,6 +5,9 @@ from transformers import BertConfig, BertModel, BertTokenizerFast
 
 from videodit import CausalVideoVAE, VideoDiT, VideoDiTPipeline
 
+# The tests use tiny tensors: one thread avoids OpenMP spin-waiting, which on a loaded 2-core machine costs 10-100x.
+torch.set_num_threads(1)
+
 WORDS = "a two red green blue yellow purple white circle circles square squares triangle triangles moving left " \
         "right up down staying still small large on black gray background".split()
 
