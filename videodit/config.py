@@ -101,6 +101,7 @@ class DataConfig:
     manifest: str | None = None
     cache_dir: str | None = None
     sizes: list[list[int]] = field(default_factory=lambda: [[17, 64, 64]])  # (T, H, W) for the shapes world
+    shapes_count: int = 100_000      # clips in one epoch of the shapes world (item i has seed and size by i)
     target_area: int = 64 * 64       # manifests: clips are resized to about this many pixels, native aspect
     num_frames: list[int] = field(default_factory=lambda: [17])  # frame counts 1 + ft*k to draw from
     fps: float = 8.0
@@ -118,7 +119,7 @@ class DataConfig:
             bad("sizes", "a list of [T, H, W] triples of positive integers")
         if not 0 <= self.image_ratio <= 1:
             bad("image_ratio", "a fraction in [0, 1]")
-        for k in ("max_tokens", "target_area", "fps"):
+        for k in ("max_tokens", "target_area", "fps", "shapes_count"):
             if getattr(self, k) <= 0:
                 bad(k, "a positive number")
         if self.num_workers < 0:

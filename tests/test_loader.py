@@ -1,0 +1,134 @@
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from videodit.config import load_config
+from videodit.data.loader import (DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource, TrainData,
+                                  make_loader, pack_by_budget)
+from videodit.data.shapes import make_clip
+from videodit.data.video import write_video
+
+GEOM = Geometry(ft=4, fs=4, patch=(1, 2, 2))
+
+
+def take(iterator, n):
+    return [next(iterator) for _ in range(n)]
+
+
+def test_geometry():
+    assert GEOM.tokens(17, 64, 64) == 5 * 8 * 8 and GEOM.tokens(1, 64, 128) == 8 * 16
+    assert GEOM.frames(available=14, limit=33) == 13 and GEOM.frames(available=100, limit=17) == 17
+    H, W = GEOM.resize(720, 1280, 64 * 64)  # 16:9 at about 4096 pixels, multiples of fs * ph = 8
+    assert H % 8 == 0 and W % 8 == 0 and abs(W / H - 16 / 9) < 0.15 and abs(H * W - 4096) < 700
+    with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
+        ShapesSource([[16, 64, 64]], 10, 0, GEOM)
+
+
+def test_packing_respects_budget_and_drops_nothing():
+    rng = np.random.default_rng(0)
+    video, image = rng.integers(10, 300, 500), rng.integers(1, 40, 500)
+    sampler = PackedBatchSampler(video, image, max_tokens=512, image_ratio=0.3, seed=1)
+    for epoch in range(2):
+        batches = sampler.epoch(epoch)
+        seen = sorted(i for b in batches for i, _, _ in b)
+        assert seen == list(range(500))  # every sample exactly once per epoch
+        for b in batches:
+            assert sum(image[i] if im else video[i] for i, im, _ in b) <= 512
+        share = np.mean([im for b in batches for _, im, _ in b])
+        assert 0.2 < share < 0.4  # the image ratio
+        fill = sum(image[i] if im else video[i] for b in batches for i, im, _ in b) / (512 * len(batches))
+        assert fill > 0.85  # first fit leaves little room unused
+    assert sampler.epoch(0) != sampler.epoch(1)  # reshuffled per epoch
+    again = PackedBatchSampler(video, image, max_tokens=512, image_ratio=0.3, seed=1)
+    assert again.epoch(1) == sampler.epoch(1)  # deterministic by seed and epoch
+    with pytest.raises(ValueError, match="max_tokens"):
+        pack_by_budget(np.arange(3), np.array([10, 600, 10]), 512)
+
+
+def test_ranks_shard_the_stream_and_resume_on_another_world_size():
+    rng = np.random.default_rng(1)
+    video, image = rng.integers(10, 200, 40), rng.integers(1, 20, 40)  # short epochs: the test crosses several
+
+    def sampler(rank=0, world=1, start=None):
+        return PackedBatchSampler(video, image, 400, 0.2, seed=3, rank=rank, world_size=world, start=start)
+
+    stream = take(iter(sampler()), 90)
+    # two ranks: rank r reads global batches r, r + 2, ...
+    two = [take(iter(sampler(r, 2)), 30) for r in range(2)]
+    assert [b for pair in zip(*two) for b in pair] == stream[:60]
+    # stop after 11 steps of 2 ranks x grad_accum 2 = 44 batches; resume on 3 ranks from the saved position
+    pos = sampler(0, 2).position(44)
+    assert pos.batches == 44 and pos.epoch > 0  # the saved position is past an epoch boundary
+    saved = DataPosition(**json.loads(json.dumps(pos.to_dict())))
+    three = [take(iter(sampler(r, 3, saved)), 15) for r in range(3)]
+    assert [b for trio in zip(*three) for b in trio] == stream[44:89]
+
+
+def test_shapes_source_items_and_determinism():
+    cfg = load_config(None, ["data.sizes=[[9,32,32],[1,32,64]]", "data.shapes_count=6", "data.image_ratio=0.5",
+                             "data.num_workers=0", "flow.cond_prob=1.0", "flow.text_dropout=0.0"])
+    src = ShapesSource(cfg.data.sizes, 6, 0, GEOM)
+    data = TrainData(src, GEOM, 0, 0.5, 0.0, 1.0)
+    a, b = data[(0, False, 3)], data[(0, False, 3)]
+    assert torch.equal(a["video"], b["video"]) and a["prompt"] == b["prompt"] and torch.equal(a["cond"], b["cond"])
+    assert a["video"].shape == (3, 9, 32, 32) and a["cond"].shape == (3,) and a["tokens"] == 3 * 4 * 4
+    image = data[(0, True, 3)]["video"]
+    assert image.shape == (3, 1, 32, 32) and torch.equal(image[:, 0], a["video"][:, 0])  # a frame of the clip
+    batch = next(iter(make_loader(cfg, src, GEOM)))
+    assert batch["tokens"] <= cfg.data.max_tokens and batch["skipped"] == 0
+    assert len(batch["video"]) == len(batch["prompt"]) == len(batch["cond"]) == batch["size"]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory):
+    """Clips of three aspects, an image, a missing file and a corrupt file."""
+    d = tmp_path_factory.mktemp("manifest")
+    rows = []
+    for i, (h, w, t) in enumerate([(48, 80, 13), (64, 64, 13), (96, 64, 6), (40, 40, 13)]):
+        clip = make_clip(i, h, w, t)
+        name = f"clip{i}.mp4"
+        write_video(str(d / name), clip["frames"], fps=8)
+        row = dict(path=name, caption=clip["caption"], detailed_caption=clip["detailed_caption"])
+        if i % 2:
+            row.update(num_frames=t, fps=8.0, height=h, width=w)  # metadata given: no probing
+        rows.append(row)
+    write_video(str(d / "still.png"), make_clip(9, 40, 56, 1)["frames"])
+    rows.append(dict(path="still.png", caption="a still image"))
+    rows.append(dict(path="missing.mp4", caption="gone", num_frames=13, fps=8.0, height=48, width=48))
+    (d / "corrupt.mp4").write_bytes(b"\x00\x01 not a video " * 50)
+    rows.append(dict(path="corrupt.mp4", caption="broken"))
+    with open(d / "data.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return str(d / "data.jsonl")
+
+
+def test_manifest_clips_keep_aspect_and_fit_the_vae(manifest, caplog):
+    src = ManifestSource(manifest, target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)
+    expect = {0: (9, 24, 40), 1: (9, 32, 32), 2: (5, 40, 24), 3: (9, 32, 32), 4: (1, 24, 40)}
+    for i, (T, H, W) in expect.items():
+        assert src.plans[i][:3] == (T, H, W)
+    data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
+    for i, (T, H, W) in expect.items():
+        assert data[(i, False, 0)]["video"].shape == (3, T, H, W)
+        assert data[(i, True, 0)]["video"].shape == (3, 1, H, W)  # a video row used as one frame
+    with caplog.at_level(logging.WARNING):
+        assert data[(5, False, 0)] is None and data[(6, False, 0)] is None
+    assert "missing.mp4" in caplog.text and "corrupt.mp4" in caplog.text
+
+
+def test_loader_skips_and_counts_bad_files_in_workers(manifest):
+    cfg = load_config(None, ["data.source=manifest", f"data.manifest={manifest}", "data.target_area=1024",
+                             "data.num_frames=[9]", "data.max_tokens=64", "data.num_workers=2",
+                             "data.image_ratio=0.3"])
+    src = ManifestSource(manifest, 1024, 9, 8.0, GEOM)
+    sampler_batches = PackedBatchSampler(*src.token_counts(GEOM), 64, 0.3, 0).epoch(0)
+    batches = take(iter(make_loader(cfg, src, GEOM)), len(sampler_batches))  # one epoch
+    assert sum(b["skipped"] for b in batches) == 2
+    assert sum(b["size"] for b in batches) == 5
+    for b in batches:
+        assert b["tokens"] <= 64
+        for v in b.get("video", []):  # a batch whose samples all failed is empty
+            assert (v.shape[1] - 1) % 4 == 0 and v.shape[2] % 8 == 0 and v.shape[3] % 8 == 0

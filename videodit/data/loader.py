@@ -1,0 +1,340 @@
+"""Training data: sources of clips, patch n' pack batches by a token budget, and a resumable rank-sharded sampler.
+
+    geom = Geometry(ft=4, fs=4, patch=(1, 2, 2))
+    source = make_source(cfg.data, geom)                  # shapes world, manifest (decord) or latent cache
+    loader = make_loader(cfg, source, geom, rank, world_size, start=DataPosition())
+
+The global stream of batches does not depend on the number of processes. Each epoch shuffles the source by
+(seed, epoch), marks a share `image_ratio` of the samples as single frames, and packs samples in that order into
+batches of at most `max_tokens` latent tokens (first fit over a few open batches: no sample is dropped, none is
+cut). Global batch g goes to rank g % world_size, so rank r reads g = start + r, start + r + W, ... A training
+step consumes world_size * grad_accum global batches; saving the number consumed (`DataPosition`) lets a run
+resume on any number of processes at the same place in the stream.
+
+Each sample's randomness (clip start, caption choice, text dropout, conditioning frames) comes from a generator
+seeded by (seed, epoch, index), so it is the same in any worker, on any rank, after any resume.
+A missing or corrupt file is skipped with a warning and counted in the batch (`skipped`), never a crash.
+"""
+
+import json
+import logging
+import math
+import os
+import random
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from safetensors import safe_open
+
+from ..flow import drop_text, random_cond
+from ..text import choose_caption
+from .manifest import read_manifest
+from .shapes import make_clip, to_tensor
+from .video import VideoReadError, is_image, probe, read_video
+
+logger = logging.getLogger(__name__)
+
+MAX_OPEN_BATCHES = 8  # the packer's window: batches still accepting samples
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a pixel clip maps to latent tokens: VAE factors (ft, fs) and the denoiser's patch (pt, ph, pw)."""
+    ft: int
+    fs: int
+    patch: tuple = (1, 2, 2)
+
+    @property
+    def multiple(self) -> int:
+        """Pixel height and width must be multiples of this (fs * ph, fs * pw)."""
+        return self.fs * max(self.patch[1], self.patch[2])
+
+    def frames(self, available: int, limit: int) -> int:
+        """The longest 1 + ft*k frames that fit both the clip and the limit."""
+        n = max(1, min(available, limit))
+        return 1 + self.ft * ((n - 1) // self.ft)
+
+    def latent_shape(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        return 1 + (T - 1) // self.ft, H // self.fs, W // self.fs
+
+    def tokens(self, T: int, H: int, W: int) -> int:
+        t, h, w = self.latent_shape(T, H, W)
+        pt, ph, pw = self.patch
+        return -(-t // pt) * (h // ph) * (w // pw)
+
+    def resize(self, height: int, width: int, area: int) -> tuple[int, int]:
+        """A size of about `area` pixels at the aspect of height x width, both multiples of `multiple`."""
+        m, s = self.multiple, math.sqrt(area / (height * width))
+        return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+
+    def check(self, T: int, H: int, W: int, what: str):
+        if (T - 1) % self.ft or H % self.multiple or W % self.multiple:
+            raise ValueError(f"{what}: size (T={T}, H={H}, W={W}) does not fit the VAE and patch: frames must be "
+                             f"1 + {self.ft}*k and height and width multiples of {self.multiple} (fs={self.fs} x "
+                             f"patch {self.patch[1]})")
+
+
+@dataclass
+class DataPosition:
+    """Where the global batch stream stands: `batches` consumed in all; the epoch they reached and the global
+    index of that epoch's first batch (so a resume need not re-pack earlier epochs)."""
+    batches: int = 0
+    epoch: int = 0
+    epoch_start: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The generator of one sample's randomness in one epoch."""
+    return random.Random((seed * 1_000_003 + epoch) * 1_000_000_007 + index)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sources: token counts of every sample (for packing, without reading anything) and loading one sample
+
+
+class ShapesSource:
+    """The shapes world rendered on the fly: item i is `make_clip(seed * 1_000_003 + i, ...)` at size
+    `sizes[i % len(sizes)]` (as ShapesDataset); as an image, its first frame."""
+
+    def __init__(self, sizes, length: int, seed: int, geom: Geometry):
+        self.sizes = [tuple(int(v) for v in s) for s in sizes]
+        for s in self.sizes:
+            geom.check(*s, what=f"data.sizes entry {list(s)}")
+        self.length, self.seed = length, seed
+
+    def __len__(self):
+        return self.length
+
+    def token_counts(self, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        """(video tokens, image tokens) of every item: two (N,) int arrays."""
+        per_size = np.array([[geom.tokens(*s), geom.tokens(1, *s[1:])] for s in self.sizes])
+        idx = np.arange(self.length) % len(self.sizes)
+        return per_size[idx, 0], per_size[idx, 1]
+
+    def load(self, i: int, image: bool, rng: random.Random) -> dict:
+        T, H, W = self.sizes[i % len(self.sizes)]
+        clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T)
+        return dict(video=to_tensor(clip["frames"]), caption=clip["caption"],
+                    detailed_caption=clip["detailed_caption"])
+
+
+class ManifestSource:
+    """Rows of a manifest read by decord, at native aspect resized to about `target_area` pixels (multiples of
+    fs*ph), with the longest 1 + ft*k frames at `fps` the clip allows up to max(num_frames). Rows without
+    num_frames/height/width are probed once here (put them in the manifest to skip that); a row that cannot be
+    probed is planned as one frame and skipped when read."""
+
+    def __init__(self, manifest: str, target_area: int, max_frames: int, fps: float, geom: Geometry):
+        self.rows = read_manifest(manifest)
+        self.fps = fps
+        self.plans = []  # per row: (T, H, W, source frames, source fps)
+        for row in self.rows:
+            n, src_fps, h, w = row.num_frames, row.fps, row.height, row.width
+            if is_image(row.path):
+                n = 1
+            if n is None or h is None or w is None:
+                try:
+                    info = probe(row.path)
+                    n, h, w, src_fps = info["num_frames"], info["height"], info["width"], src_fps or info["fps"]
+                except VideoReadError as e:
+                    logger.warning(f"cannot probe {e}; it will be skipped")
+                    n, h, w = 1, 1, 1
+            available = n if not src_fps or n == 1 else int((n - 1) * fps / src_fps) + 1
+            H, W = geom.resize(h, w, target_area)
+            self.plans.append((geom.frames(available, max_frames), H, W, n, src_fps or fps))
+
+    def __len__(self):
+        return len(self.rows)
+
+    def token_counts(self, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        video = np.array([geom.tokens(T, H, W) for T, H, W, _, _ in self.plans])
+        image = np.array([geom.tokens(1, H, W) for _, H, W, _, _ in self.plans])
+        return video, image
+
+    def load(self, i: int, image: bool, rng: random.Random) -> dict:
+        row, (T, H, W, n, src_fps) = self.rows[i], self.plans[i]
+        T = 1 if image else T
+        span = (T - 1) * src_fps / self.fps  # source frames covered
+        first = rng.randint(0, max(0, math.floor(n - 1 - span)))
+        video = read_video(row.path, num_frames=T, fps=self.fps, start=first / src_fps, height=H, width=W)
+        return dict(video=video, caption=row.caption, detailed_caption=row.detailed_caption)
+
+
+class CacheSource:
+    """Latents and text embeddings written by `python -m videodit.data.cache`; as an image, a video's first latent
+    frame (the causal VAE encodes the first frame alone, so this equals encoding the frame)."""
+
+    def __init__(self, cache_dir: str):
+        path = os.path.join(cache_dir, "index.json")
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{cache_dir} is not a latent cache (no index.json); write one with "
+                                    f"python -m videodit.data.cache --config CONFIG --out {cache_dir}")
+        with open(path) as f:
+            self.index = json.load(f)
+        self.dir, self.items = cache_dir, self.index["items"]
+        self.ft, self.fs = self.index["ft"], self.index["fs"]
+        self.text_dim, self.latent_channels = self.index["text_dim"], self.index["latent_channels"]
+        self._null = None
+
+    def __len__(self):
+        return len(self.items)
+
+    def token_counts(self, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
+        pt, ph, pw = geom.patch
+        video = np.array([-(-t // pt) * (h // ph) * (w // pw) for _, t, h, w in (x["shape"] for x in self.items)])
+        image = np.array([(h // ph) * (w // pw) for _, _, h, w in (x["shape"] for x in self.items)])
+        return video, image
+
+    def null_text(self) -> torch.Tensor:
+        """The empty prompt's embedding (L, D)."""
+        if self._null is None:
+            with safe_open(os.path.join(self.dir, "null.safetensors"), "pt") as f:
+                self._null = f.get_tensor("text")
+        return self._null
+
+    def load(self, i: int, image: bool, rng: random.Random) -> dict:
+        item = self.items[i]
+        with safe_open(os.path.join(self.dir, item["shard"]), "pt") as f:
+            key = item["key"]
+            latent = f.get_tensor(f"latent.{key}")  # (C, T', h, w)
+            text = {item["caption"]: f.get_tensor(f"text.{key}")}  # caption -> (L, D) real tokens
+            if item.get("detailed_caption"):
+                text[item["detailed_caption"]] = f.get_tensor(f"detailed.{key}")
+        return dict(latent=latent[:, :1] if image else latent, caption=item["caption"],
+                    detailed_caption=item.get("detailed_caption"), text=text)
+
+
+def make_source(data, geom: Geometry):
+    """The source named by a DataConfig."""
+    if data.source == "shapes":
+        return ShapesSource(data.sizes, data.shapes_count, data.seed, geom)
+    if data.source == "manifest":
+        return ManifestSource(data.manifest, data.target_area, max(data.num_frames), data.fps, geom)
+    return CacheSource(data.cache_dir)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Packing and the sampler
+
+
+def pack_by_budget(order: np.ndarray, tokens: np.ndarray, max_tokens: int) -> list[list[int]]:
+    """Positions of `order` grouped into batches of at most max_tokens tokens, first fit over the open batches
+    (at most MAX_OPEN_BATCHES; when none fits and the window is full, the oldest batch is closed)."""
+    batches, open_, room = [], [], []
+    for pos, i in enumerate(order):
+        n = int(tokens[i])
+        if n > max_tokens:
+            raise ValueError(f"a sample of {n} latent tokens does not fit data.max_tokens = {max_tokens}; raise "
+                             f"max_tokens or lower data.target_area / data.num_frames / data.sizes")
+        slot = next((k for k, r in enumerate(room) if r >= n), None)
+        if slot is None:
+            if len(open_) == MAX_OPEN_BATCHES:
+                batches.append(open_.pop(0))
+                room.pop(0)
+            open_.append([])
+            room.append(max_tokens)
+            slot = len(open_) - 1
+        open_[slot].append(pos)
+        room[slot] -= n
+    return batches + open_
+
+
+class PackedBatchSampler:
+    """Yields this rank's batches, each a list of (index, is_image, epoch) keys, forever.
+
+    video_tokens, image_tokens: (N,) token counts of each sample as a video and as a single frame."""
+
+    def __init__(self, video_tokens, image_tokens, max_tokens: int, image_ratio: float, seed: int,
+                 rank: int = 0, world_size: int = 1, start: DataPosition | None = None):
+        self.video_tokens, self.image_tokens = np.asarray(video_tokens), np.asarray(image_tokens)
+        self.max_tokens, self.image_ratio, self.seed = max_tokens, image_ratio, seed
+        self.rank, self.world_size = rank, world_size
+        self.start = start or DataPosition()
+        self._cache = {}
+
+    def epoch(self, epoch: int) -> list[list[tuple[int, bool, int]]]:
+        """All global batches of one epoch."""
+        if epoch not in self._cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.video_tokens))
+            image = rng.random(len(order)) < self.image_ratio  # by position in the order
+            tokens = np.where(image, self.image_tokens[order], self.video_tokens[order])
+            batches = pack_by_budget(np.arange(len(order)), tokens, self.max_tokens)
+            self._cache = {epoch: [[(int(order[p]), bool(image[p]), epoch) for p in b] for b in batches]}
+        return self._cache[epoch]
+
+    def position(self, batches: int) -> DataPosition:
+        """The position after `batches` global batches, counting epochs forward from the start."""
+        epoch, first = self.start.epoch, self.start.epoch_start
+        while batches >= first + len(self.epoch(epoch)):
+            first += len(self.epoch(epoch))
+            epoch += 1
+        return DataPosition(batches, epoch, first)
+
+    def __iter__(self):
+        g = self.start.batches + self.rank
+        while True:
+            pos = self.position(g)
+            yield self.epoch(pos.epoch)[g - pos.epoch_start]
+            g += self.world_size
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples and batches
+
+
+class TrainData(torch.utils.data.Dataset):
+    """Loads a sample by its (index, is_image, epoch) key and draws its prompt and conditioning frames.
+
+    Returns dict(video (3, T, H, W) | latent (C, T', h, w), prompt str | text (L, D), cond (T',) bool, tokens),
+    or None when the file cannot be read."""
+
+    def __init__(self, source, geom: Geometry, seed: int, detailed_prob: float, text_dropout: float,
+                 cond_prob: float):
+        self.source, self.geom, self.seed = source, geom, seed
+        self.detailed_prob, self.text_dropout, self.cond_prob = detailed_prob, text_dropout, cond_prob
+
+    def __getitem__(self, key) -> dict | None:
+        i, image, epoch = key
+        rng = sample_rng(self.seed, epoch, i)
+        try:
+            s = self.source.load(i, image, rng)
+        except VideoReadError as e:
+            logger.warning(f"skipping a sample: {e}")
+            return None
+        prompt = drop_text([choose_caption(s, self.detailed_prob, rng)], self.text_dropout, rng)[0]
+        if "latent" in s:
+            C, T, h, w = s["latent"].shape
+            text = s["text"][prompt] if prompt else self.source.null_text()
+            out = dict(latent=s["latent"], text=text)
+        else:
+            _, T, H, W = s["video"].shape
+            T, h, w = self.geom.latent_shape(T, H, W)
+            out = dict(video=s["video"], prompt=prompt)
+        pt, ph, pw = self.geom.patch
+        out.update(cond=random_cond(T, self.cond_prob, rng), tokens=-(-T // pt) * (h // ph) * (w // pw))
+        return out
+
+
+def collate(items: list) -> dict:
+    """A packed batch: lists of samples of any shapes (no padding), the token count and the skipped count."""
+    ok = [x for x in items if x is not None]
+    batch = {k: [x[k] for x in ok] for k in (ok[0] if ok else {})}
+    batch.update(tokens=sum(x["tokens"] for x in ok), skipped=len(items) - len(ok), size=len(ok))
+    return batch
+
+
+def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
+                start: DataPosition | None = None) -> torch.utils.data.DataLoader:
+    """This rank's endless DataLoader of packed batches, starting at `start` in the global stream."""
+    d = cfg.data
+    video, image = source.token_counts(geom)
+    sampler = PackedBatchSampler(video, image, d.max_tokens, d.image_ratio, d.seed, rank, world_size, start)
+    data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob)
+    return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
+                                       prefetch_factor=4 if d.num_workers else None,
+                                       persistent_workers=d.num_workers > 0)
