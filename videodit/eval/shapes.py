@@ -1,0 +1,184 @@
+"""Does a model follow prompts? Generate shapes-world videos from prompts and read them back by the world's rules.
+
+    python -m videodit.eval.shapes [--checkpoint DIR] [--out DIR] [--num 24] [--steps N]
+
+For each size (frames x height x width; some not seen in training) it samples prompts with random attributes, reads
+every video back with `videodit.data.shapes.read_back` and scores count, color, shape and motion, each alone and all
+four together. A set of paraphrased prompts (synonyms the training captions never use) tests language beyond the
+caption vocabulary. Writes `results.json`, `table.md` and `contact_sheet.png` (first, middle and last frames) to --out.
+"""
+
+import argparse
+import json
+import os
+import time
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from videodit.data.shapes import BACKGROUNDS, COLORS, MOTIONS, SHAPES, read_back, short_caption
+
+ATTRS = ("count", "color", "shape", "motion")
+# (frames, height, width): the training sizes, then sizes and a duration the default model never saw
+SIZES = [(17, 64, 64), (17, 64, 128), (17, 128, 64), (1, 64, 64), (1, 64, 128), (1, 128, 64),
+         (17, 96, 96), (17, 80, 112), (25, 64, 64)]
+PARAPHRASE_SIZE = (17, 64, 64)
+
+# Words the shapes world's captions never use (see videodit/data/shapes.py), for the paraphrase test.
+SYNONYMS = {
+    "count": {1: ["just one", "only one"], 2: ["a couple of", "a twin set of"]},
+    "color": {"red": ["crimson", "scarlet"], "green": ["emerald", "lime"], "blue": ["azure", "cobalt"],
+              "yellow": ["golden", "lemon"], "purple": ["violet", "lilac"], "white": ["snowy", "ivory"]},
+    "shape": {"circle": ["disc", "ball"], "square": ["box", "block"], "triangle": ["wedge", "pyramid"]},
+    "motion": {"left": ["sliding to the left", "heading west"], "right": ["sliding to the right", "heading east"],
+               "up": ["climbing", "ascending"], "down": ["falling", "descending"],
+               "still": ["stationary", "at rest"]},
+}
+PLURAL = {"disc": "discs", "ball": "balls", "box": "boxes", "block": "blocks", "wedge": "wedges",
+          "pyramid": "pyramids"}
+
+
+def random_attributes(rng: np.random.Generator) -> dict:
+    background = str(rng.choice(list(BACKGROUNDS)))
+    colors = [c for c in COLORS if not (c == "white" and background == "white")]
+    return dict(count=int(rng.integers(1, 3)), color=str(rng.choice(colors)), shape=str(rng.choice(SHAPES)),
+                motion=str(rng.choice(MOTIONS)), background=background)
+
+
+def paraphrase(a: dict, rng: np.random.Generator) -> str:
+    pick = lambda key, value: str(rng.choice(SYNONYMS[key][value]))  # noqa: E731
+    shape = pick("shape", a["shape"])
+    if a["count"] == 2:
+        shape = PLURAL[shape]
+    return f"{pick('count', a['count'])} {pick('color', a['color'])} {shape} {pick('motion', a['motion'])} on a {a['background']} backdrop"
+
+
+def make_cases(num: int, seed: int, sizes=SIZES) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    cases = []
+    for size in sizes:
+        for _ in range(num):
+            a = random_attributes(rng)
+            if size[0] == 1:
+                a["motion"] = "still"  # an image shows no motion
+            cases.append(dict(group=f"{size[0]}x{size[1]}x{size[2]}", size=size, attributes=a,
+                              prompt=short_caption(a["count"], a["color"], a["shape"], a["motion"],
+                                                   background=a["background"])))
+    for _ in range(num):
+        a = random_attributes(rng)
+        cases.append(dict(group="paraphrased", size=PARAPHRASE_SIZE, attributes=a, prompt=paraphrase(a, rng)))
+    return cases
+
+
+def score(case: dict, frames: np.ndarray) -> dict:
+    got = read_back(frames)
+    want = case["attributes"]
+    hits = {k: got[k] == want[k] for k in ATTRS}
+    if case["size"][0] == 1:
+        hits["motion"] = True  # nothing to read in one frame
+    hits["all"] = all(hits.values())
+    return dict(read=dict((k, got[k]) for k in ATTRS), hits=hits)
+
+
+def table(results: list[dict]) -> tuple[dict, str]:
+    groups = list(dict.fromkeys(r["group"] for r in results))
+    summary = {}
+    for g in groups + ["overall"]:
+        rows = [r for r in results if g in (r["group"], "overall")]
+        summary[g] = {k: float(np.mean([r["hits"][k] for r in rows])) for k in (*ATTRS, "all")} | {"n": len(rows)}
+    lines = ["| prompts (frames x H x W) | n | count | color | shape | motion | all four |",
+             "|---|---|---|---|---|---|---|"]
+    for g, s in summary.items():
+        lines.append(f"| {g} | {s['n']} | " + " | ".join(f"{100 * s[k]:.0f}%" for k in (*ATTRS, "all")) + " |")
+    return summary, "\n".join(lines)
+
+
+def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell: int = 96):
+    """One row per video: first, middle and last frame, and the prompt with a tick or cross per attribute."""
+    rows = []
+    for r, v in zip(results, videos):
+        picks = [v[0], v[len(v) // 2], v[-1]] if len(v) > 1 else [v[0]]
+        tiles = [Image.fromarray(f).resize((cell * f.shape[1] // max(f.shape[:2]), cell * f.shape[0] //
+                                            max(f.shape[:2]))) for f in picks]
+        row = Image.new("RGB", (3 * (cell + 4) + 520, cell + 4), (255, 255, 255))
+        for i, t in enumerate(tiles):
+            row.paste(t, (i * (cell + 4), 2))
+        d = ImageDraw.Draw(row)
+        marks = " ".join(f"{k}:{'ok' if r['hits'][k] else 'x'}" for k in ATTRS)
+        d.text((3 * (cell + 4) + 6, 8), f"[{r['group']}] {r['prompt']}"[:80], fill=(0, 0, 0))
+        d.text((3 * (cell + 4) + 6, 28), marks, fill=(0, 120, 0) if r["hits"]["all"] else (200, 0, 0))
+        rows.append(row)
+    sheet = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), (255, 255, 255))
+    y = 0
+    for r in rows:
+        sheet.paste(r, (0, y))
+        y += r.height
+    sheet.save(path)
+
+
+def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
+             batch: int = 8, sizes=SIZES, progress: bool = True) -> tuple[list, list, dict]:
+    cases = make_cases(num, seed, sizes)
+    results, videos, timing = [], [], {}
+    for start in range(0, len(cases), batch):
+        chunk = cases[start:start + batch]
+        t0 = time.perf_counter()
+        out = pipe([c["prompt"] for c in chunk], height=[c["size"][1] for c in chunk],
+                   width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
+                   num_inference_steps=steps, guidance_scale=guidance,
+                   generator=torch.Generator().manual_seed(seed + start), progress=progress)
+        timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
+        for c, v in zip(chunk, out.frames):
+            results.append(dict(group=c["group"], prompt=c["prompt"], size=c["size"], attributes=c["attributes"],
+                                **score(c, v)))
+            videos.append(v)
+    timing = {"seconds_per_video": float(np.mean(timing["seconds_per_video"]))}
+    return results, videos, timing
+
+
+def time_one(pipe, steps=None, repeats: int = 3) -> float:
+    """Seconds to sample one 64x64, 17-frame video at the checkpoint's default steps, once loaded (median)."""
+    times = []
+    for i in range(repeats + 1):
+        t0 = time.perf_counter()
+        pipe("a red circle moving right", height=64, width=64, num_frames=17, num_inference_steps=steps,
+             generator=torch.Generator().manual_seed(i), progress=False)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))  # the first call warms up
+
+
+def main(argv=None):
+    from videodit.generate import DEFAULT_CHECKPOINT
+    from videodit.pipeline import VideoDiTPipeline
+
+    p = argparse.ArgumentParser(prog="python -m videodit.eval.shapes", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
+    p.add_argument("--out", default="outputs/eval-shapes")
+    p.add_argument("--num", type=int, default=24, help="prompts per size (and paraphrased prompts)")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--batch", type=int, default=8, help="prompts sampled together as one packed batch")
+    p.add_argument("--seed", type=int, default=1234)
+    a = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(a.checkpoint, "model_index.json")):
+        p.exit(2, f"error: {a.checkpoint} is not a pipeline folder (no model_index.json)\n")
+    pipe = VideoDiTPipeline.from_pretrained(a.checkpoint)
+    os.makedirs(a.out, exist_ok=True)
+    results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch)
+    timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
+    summary, md = table(results)
+    with open(os.path.join(a.out, "results.json"), "w") as f:
+        json.dump(dict(summary=summary, timing=timing, checkpoint=a.checkpoint, steps=a.steps or
+                       pipe.config.default_steps, results=results), f, indent=1)
+    with open(os.path.join(a.out, "table.md"), "w") as f:
+        f.write(md + "\n")
+    contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
+    print(md)
+    print(f"\nsampling: {timing['seconds_one_64x64x17']:.2f} s for one 64x64x17 video; "
+          f"{timing['seconds_per_video']:.2f} s per video in packed batches of {a.batch}")
+    print(f"wrote {a.out}/results.json, table.md, contact_sheet.png")
+
+
+if __name__ == "__main__":
+    main()
