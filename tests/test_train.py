@@ -1,0 +1,168 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import tiny_text
+from videodit.config import load_config, save_config
+from videodit.data.cache import build_cache
+from videodit.dit import VideoDiT
+from videodit.patchify import pack
+from videodit.train.checkpoint import checkpoint_dirs, export_ema
+from videodit.train.lora import load_lora
+from videodit.train.loop import train
+from videodit.vae import CausalVideoVAE
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY = ["model.depth=2", "model.hidden_size=32", "model.num_heads=2", "text.encoder=minilm",
+        "vae.ft=4", "vae.fs=4", "vae.latent_channels=4", "vae.base_channels=8", "vae.channel_mults=[1,1,1]",
+        "vae.num_res_blocks=1", "vae.mid_attention=false", "vae.perceptual_weight=0.1",
+        "data.sizes=[[5,16,16],[1,16,32],[9,16,16]]", "data.max_tokens=64", "data.num_workers=0",
+        "data.shapes_count=32", "data.image_ratio=0.3", "flow.cond_prob=0.5", "flow.text_dropout=0.2",
+        "train.log_every=1", "train.warmup_steps=1", "train.ema_decay=0.9", "train.lr=0.001"]
+
+
+def log(run):
+    with open(os.path.join(run, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    """A tiny text encoder folder and a tiny VAE trained for 2 steps by a VAE run (GAN on from step 1)."""
+    d = tmp_path_factory.mktemp("assets")
+    model, tok = tiny_text(d)
+    model.save_pretrained(d / "text")
+    tok.save_pretrained(d / "text")
+    base = TINY + [f"text.path={d / 'text'}"]
+    cfg = load_config(None, base + ["train.task=vae", f"train.output_dir={d / 'vae_run'}", "train.max_steps=2",
+                                    "vae.gan_weight=0.1", "vae.gan_start=1", "train.sample_every=2"])
+    train(cfg)
+    return dict(dir=d, base=base + [f"train.vae={d / 'vae_run' / 'vae'}"], vae_run=str(d / "vae_run"))
+
+
+def test_vae_run_writes_reconstructions_and_exports_a_normalized_vae(assets):
+    run = assets["vae_run"]
+    records = log(run)
+    assert [r["step"] for r in records] == [1, 2]
+    assert "gan" not in records[0] and "gan" in records[1] and "disc_loss" in records[1]  # GAN after warm-up
+    assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(run, "samples")))
+    vae = CausalVideoVAE.from_pretrained(os.path.join(run, "vae"))
+    assert vae.config.latents_mean is not None and len(vae.config.latents_std) == 4
+    assert os.path.isfile(os.path.join(run, "config.yaml")) and os.listdir(os.path.join(run, "tensorboard"))
+
+
+def test_dit_without_a_vae_says_how_to_train_one(tmp_path):
+    cfg = load_config(None, TINY + [f"train.output_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="configs/shapes/vae.yaml"):
+        train(cfg)
+
+
+@pytest.fixture(scope="module")
+def reference(assets, tmp_path_factory):
+    """One process, grad_accum 2, 4 steps, a checkpoint every step (3 kept)."""
+    run = str(tmp_path_factory.mktemp("reference"))
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=4", "train.grad_accum=2",
+                                              "train.checkpoint_every=1", "train.keep_checkpoints=3"])
+    train(cfg)
+    return run
+
+
+def test_run_folder_and_checkpoint_rotation(reference):
+    assert [os.path.basename(d) for d in checkpoint_dirs(reference)] == ["step_00000002", "step_00000003",
+                                                                        "step_00000004"]
+    records = log(reference)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    for key in ("loss", "lr", "tokens_per_s", "steps_per_s", "skipped", "data_wait"):
+        assert key in records[0]
+    with open(os.path.join(reference, "checkpoints", "step_00000004", "state.json")) as f:
+        assert json.load(f)["data"]["batches"] == 8  # 4 steps x 2 micro-batches x 1 process
+    assert not [n for n in os.listdir(os.path.join(reference, "checkpoints")) if n.startswith(".tmp")]
+
+
+def test_resume_is_bit_exact(assets, reference, tmp_path):
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=4",
+                                              "train.grad_accum=2", "train.checkpoint_every=1"])
+    train(cfg, resume=os.path.join(reference, "checkpoints", "step_00000002"))
+    assert [r["loss"] for r in log(tmp_path)] == [r["loss"] for r in log(reference)[2:]]
+    for name in ("model.safetensors", "custom_checkpoint_0.pkl"):  # weights and EMA
+        a = os.path.join(reference, "checkpoints", "step_00000004", name)
+        b = os.path.join(tmp_path, "checkpoints", "step_00000004", name)
+        wa, wb = (load_file(p) if p.endswith("safetensors") else torch.load(p)["shadow_params"] for p in (a, b))
+        for x, y in zip(wa.values() if isinstance(wa, dict) else wa, wb.values() if isinstance(wb, dict) else wb):
+            assert torch.equal(x, y)
+
+
+def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, reference, tmp_path):
+    """The reference ran 2 steps on 1 process x grad_accum 2; two processes (gloo) x grad_accum 1 resume from its
+    step-2 checkpoint: same global batches, so the same losses and weights (up to the order of float sums)."""
+    config = str(tmp_path / "config.yaml")
+    save_config(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4",
+                                                    "train.grad_accum=1", "train.checkpoint_every=2"]), config)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           os.path.join(ROOT, "train.py"), "--config", config,
+           "--resume", os.path.join(reference, "checkpoints", "step_00000002")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = str(tmp_path / "run")
+    got, want = log(run), log(reference)[2:]
+    assert [r["step"] for r in got] == [3, 4]
+    torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
+    a = load_file(os.path.join(reference, "checkpoints", "step_00000004", "model.safetensors"))
+    b = load_file(os.path.join(run, "checkpoints", "step_00000004", "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    with open(os.path.join(run, "checkpoints", "step_00000004", "state.json")) as f:
+        state = json.load(f)
+    assert state["world_size"] == 2 and state["data"]["batches"] == 8
+
+
+def test_export_ema_as_a_diffusers_model(reference, tmp_path):
+    out = export_ema(os.path.join(reference, "checkpoints", "step_00000004"), str(tmp_path / "model"))
+    exported, final = VideoDiT.from_pretrained(out), VideoDiT.from_pretrained(os.path.join(reference, "model"))
+    for (k, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
+    common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0"]
+    build_cache(load_config(None, common), str(tmp_path / "cache"))
+    losses = []
+    for name, extra in (("live", []), ("cached", ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}"])):
+        train(load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"]))
+        losses.append(log(tmp_path / name)[0]["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
+def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
+    torch.manual_seed(0)
+    base = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16)
+    for p in base.parameters():  # a random "pretrained" model, so outputs depend on the weights
+        p.data.normal_(0, 0.05)
+    base.save_pretrained(tmp_path / "base")
+    run = tmp_path / "lora"
+    train(load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=2", "train.lora_rank=2",
+                                              f"train.init_from={tmp_path / 'base'}", "train.checkpoint_every=2"]))
+    state = load_file(str(run / "checkpoints" / "step_00000002" / "model.safetensors"))
+    base_sd = base.state_dict()
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys and any(state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)  # adapters trained
+    for k, v in state.items():
+        if "lora_" not in k:  # base weights untouched
+            name = k.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(v, base_sd[name]), k
+    assert os.listdir(run / "model" / "lora")  # adapters saved alone
+    with_adapters = load_lora(VideoDiT.from_pretrained(tmp_path / "base"), str(run / "model" / "lora"))
+    merged = VideoDiT.from_pretrained(run / "model")
+    packed = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 4, 8)], (1, 2, 2))
+    text, t = torch.randn(2, 3, 16), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        a, b, c = with_adapters(packed, t, text), merged(packed, t, text), base(packed, t, text)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(b, c, atol=1e-5)  # the adapters changed the outputs

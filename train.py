@@ -1,0 +1,30 @@
+"""Train a denoiser or a VAE.
+
+    python train.py --config configs/shapes/vae.yaml                      # the shapes-world VAE
+    python train.py --config configs/shapes/tiny.yaml --set train.vae=runs/shapes-vae/vae
+    python train.py --config CONFIG --resume latest                       # continue the run's newest checkpoint
+    torchrun --nproc_per_node 8 train.py --config CONFIG                   # DDP (gloo on CPU, NCCL on GPU)
+    accelerate launch --config_file fsdp.yaml train.py --config CONFIG     # FSDP2 via accelerate's FSDP plugin
+"""
+
+import argparse
+import logging
+
+from videodit.config import load_config
+from videodit.train.loop import train
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train a videodit denoiser (train.task: dit) or VAE (train.task: vae).")
+    p.add_argument("--config", required=True, help="a YAML config, e.g. configs/shapes/tiny.yaml")
+    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides, e.g. train.max_steps=100 data.max_tokens=4096")
+    p.add_argument("--resume", default=None, metavar="latest|DIR",
+                   help="continue from the run's newest checkpoint (latest) or a checkpoint folder")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    print(train(load_config(args.config, args.set), args.resume))
+
+
+if __name__ == "__main__":
+    main()

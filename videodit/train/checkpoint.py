@@ -1,0 +1,130 @@
+"""Checkpoints: accelerate's save_state (model, optimizer, LR schedule, per-rank RNG states, EMA and other
+registered objects) plus state.json (step, data position), config.yaml and the model's config, written to a
+temporary folder and moved into place with os.replace, so a crash never leaves a half-written checkpoint.
+
+    <output_dir>/checkpoints/step_00001000/   model.safetensors optimizer.bin scheduler.bin random_states_<rank>.pkl
+                                              custom_checkpoint_0.pkl (EMA) state.json config.yaml model_config.json
+
+Export a checkpoint's EMA weights as a diffusers model folder (save_pretrained) for sampling:
+
+    python -m videodit.train.checkpoint runs/shapes-tiny/checkpoints/step_00002000 --out runs/shapes-tiny/model
+"""
+
+import argparse
+import json
+import os
+import re
+import shutil
+
+import torch
+from safetensors.torch import load_file
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+def checkpoint_dirs(output_dir: str) -> list[str]:
+    """Complete checkpoints of a run, oldest first."""
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    names = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := STEP_DIR.match(n)))
+    return [os.path.join(root, n) for _, n in names]
+
+
+def find_checkpoint(resume: str, output_dir: str) -> str | None:
+    """`latest` -> the newest checkpoint of the run (None when there is none yet); else the folder given."""
+    if resume == "latest":
+        dirs = checkpoint_dirs(output_dir)
+        return dirs[-1] if dirs else None
+    if not os.path.isfile(os.path.join(resume, "state.json")):
+        raise FileNotFoundError(f"--resume {resume}: not a checkpoint folder (no state.json); checkpoints are "
+                                f"<output_dir>/checkpoints/step_*, or pass --resume latest")
+    return resume
+
+
+def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, model_config: dict,
+                    keep: int) -> str:
+    """Write checkpoint `step` on all ranks (collective), then keep the newest `keep`. Returns its folder."""
+    from ..config import save_config
+
+    root = os.path.join(output_dir, "checkpoints")
+    final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f".tmp_step_{step:08d}")
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(tmp)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        with open(os.path.join(tmp, "state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+        with open(os.path.join(tmp, "model_config.json"), "w") as f:
+            json.dump(model_config, f, indent=1)
+        save_config(cfg, os.path.join(tmp, "config.yaml"))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator, path: str) -> dict:
+    """Restore everything save_state wrote (on all ranks) and return state.json."""
+    accelerator.load_state(path)
+    with open(os.path.join(path, "state.json")) as f:
+        return json.load(f)
+
+
+def export_ema(checkpoint: str, out: str, merge_lora: bool = True) -> str:
+    """Write the checkpoint's EMA weights as a diffusers folder: the VAE (vae runs) or the denoiser (dit runs);
+    LoRA runs write the adapters to <out>/lora and, with merge_lora, the merged denoiser to <out>."""
+    from diffusers.training_utils import EMAModel
+
+    from ..config import load_config
+    from ..dit import VideoDiT
+    from ..vae import CausalVideoVAE
+    from .lora import add_lora
+
+    cfg = load_config(os.path.join(checkpoint, "config.yaml"))
+    with open(os.path.join(checkpoint, "model_config.json")) as f:
+        model_config = json.load(f)
+    cls = CausalVideoVAE if cfg.train.task == "vae" else VideoDiT
+    model = cls.from_config(model_config)
+    if cfg.train.lora_rank:
+        model = add_lora(model, cfg.train.lora_rank)
+    model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
+    ema_file = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
+    if os.path.isfile(ema_file):
+        params = [p for p in model.parameters() if p.requires_grad]
+        ema = EMAModel(params)
+        ema.load_state_dict(torch.load(ema_file, weights_only=False))
+        ema.copy_to(params)
+    return save_model(model, out, merge_lora)
+
+
+def save_model(model, out: str, merge_lora: bool = True) -> str:
+    """save_pretrained of a VideoDiT / CausalVideoVAE, or of a LoRA PeftModel's adapters (to <out>/lora) and,
+    with merge_lora, its merged base (to <out>)."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel):
+        model.save_pretrained(os.path.join(out, "lora"))
+        if not merge_lora:
+            return out
+        model = model.merge_and_unload()
+    model.save_pretrained(out)
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Export a training checkpoint's EMA weights as a diffusers model folder.")
+    p.add_argument("checkpoint", help="a folder <output_dir>/checkpoints/step_*")
+    p.add_argument("--out", required=True, help="the model folder to write (save_pretrained)")
+    p.add_argument("--no-merge", action="store_true", help="LoRA runs: write the adapters only")
+    args = p.parse_args(argv)
+    print(export_ema(args.checkpoint, args.out, merge_lora=not args.no_merge))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+"""The training loop, on accelerate: one process on CPU, DDP or FSDP over processes and machines (chosen by the
+launcher: `torchrun`, or `accelerate launch` with its config / flags), bf16 / fp16 / fp32, gradient accumulation,
+clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weights, activation checkpointing and
+torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE (`train.task: vae`).
+
+The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step), tensorboard/,
+checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights as model/ (dit) or vae/ (vae).
+
+Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
+seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a
+run on W processes with grad_accum A sees the same global batches as one on W' processes with A' = W * A / W'.
+"""
+
+import contextlib
+import json
+import logging
+import os
+import time
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
+
+from ..config import save_config
+from ..data.loader import DataPosition, make_loader
+from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .tasks import DiTTask, VAETask
+
+logger = logging.getLogger(__name__)
+
+
+def make_schedule(optimizer, t):
+    if t.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
+    return get_cosine_with_min_lr_schedule_with_warmup(optimizer, t.warmup_steps, t.max_steps,
+                                                       min_lr_rate=t.min_lr_ratio)
+
+
+def _truncate_log(path: str, step: int):
+    """Drop log lines after `step` (a resumed run rewrites them)."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(lines)
+
+
+def train(cfg, resume: str | None = None) -> str:
+    """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder."""
+    t, out = cfg.train, cfg.train.output_dir
+    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
+                      project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
+                      step_scheduler_with_optimizer=False)
+    set_seed(t.seed)  # the same initial weights on every rank
+    checkpoint = find_checkpoint(resume, out) if resume else None
+
+    task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
+    if t.compile:
+        task.model.compile(dynamic=True)
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
+    unwrapped = acc.unwrap_model(model)
+    if hasattr(unwrapped, "patch_size"):
+        model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
+    params = [p for p in unwrapped.parameters() if p.requires_grad]  # after prepare: FSDP replaces parameters
+    ema = EMAModel(params, decay=t.ema_decay) if t.ema_decay > 0 else None
+    for obj in ([ema] if ema else []) + getattr(task, "extra_state", list)():
+        acc.register_for_checkpointing(obj)
+
+    step, position = 0, DataPosition()
+    log_path = os.path.join(out, "log.jsonl")
+    if checkpoint:
+        state = load_checkpoint(acc, checkpoint)
+        step, position = state["step"], DataPosition(**state["data"])
+        if acc.is_main_process:
+            logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
+    elif resume:
+        logger.info(f"--resume {resume}: no checkpoint in {out} yet, starting fresh")
+    if acc.is_main_process:
+        os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+        save_config(cfg, os.path.join(out, "config.yaml"))
+        if checkpoint:
+            _truncate_log(log_path, step)
+        elif os.path.exists(log_path):
+            os.remove(log_path)
+    acc.init_trackers("tensorboard")
+
+    W, A = acc.num_processes, t.grad_accum
+    loader = make_loader(cfg, task.source, task.geom, acc.process_index, W, position)
+    batches = iter(loader)
+    consumed = position.batches
+    generator = torch.Generator(acc.device)
+    bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
+    window = dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, steps=0, start=time.perf_counter())
+    skipped_total = 0
+    model.train()
+    while step < t.max_steps:
+        extra = {}
+        for m in range(A):
+            tic = time.perf_counter()
+            batch = next(batches)
+            window["wait"] += time.perf_counter() - tic
+            generator.manual_seed(t.seed * 1_000_000_007 + consumed + m * W + acc.process_index)
+            sync = contextlib.nullcontext() if m == A - 1 else acc.no_sync(model)
+            with sync:
+                loss, logs = task.loss(model, batch, generator, step)
+                acc.backward(loss / A)
+            window["loss"] += loss.item() / A
+            window["tokens"] += batch["tokens"]
+            window["samples"] += batch["size"]
+            window["skipped"] += batch["skipped"]
+            for k, v in logs.items():
+                extra[k] = extra.get(k, 0.0) + v / A
+        grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        task.after_step()
+        if ema:
+            ema.step(params)
+        step += 1
+        consumed += W * A
+        window["steps"] += 1
+
+        if step % t.log_every == 0 or step == t.max_steps:
+            stats = torch.tensor([window["loss"], window["tokens"], window["samples"], window["skipped"],
+                                  window["wait"]], dtype=torch.float64, device=acc.device)
+            stats = acc.reduce(stats, "sum")
+            elapsed = time.perf_counter() - window["start"]
+            skipped_total += int(stats[3])
+            n = window["steps"]
+            record = dict(step=step, loss=float(stats[0]) / (n * W), lr=scheduler.get_last_lr()[0],
+                          grad_norm=float(grad_norm) if grad_norm is not None else None,
+                          tokens_per_s=float(stats[1]) / elapsed, samples_per_s=float(stats[2]) / elapsed,
+                          steps_per_s=n / elapsed, data_wait=float(stats[4]) / W / elapsed,
+                          skipped=skipped_total, **{k: float(v) for k, v in extra.items()})
+            if acc.is_main_process:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
+                                tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
+            window = dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, steps=0, start=time.perf_counter())
+        bar.update(1)
+
+        if t.sample_every and step % t.sample_every == 0:
+            if acc.is_main_process:
+                with _ema_weights(ema, params), acc.autocast():
+                    task.write_samples(unwrapped, step, os.path.join(out, "samples"))
+            acc.wait_for_everyone()
+        if step % t.checkpoint_every == 0 or step == t.max_steps:
+            state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), world_size=W,
+                         grad_accum=A)
+            save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints)
+    bar.close()
+
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        with _ema_weights(ema, params):
+            task.export(unwrapped, out)
+    acc.wait_for_everyone()
+    acc.end_training()
+    return out
+
+
+@contextlib.contextmanager
+def _ema_weights(ema, params):
+    """Swap the EMA weights into `params` for the duration of the block."""
+    if ema is None:
+        yield
+        return
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)

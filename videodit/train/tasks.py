@@ -1,0 +1,212 @@
+"""What a run trains: the denoiser on packed latents (`DiTTask`) or the causal VAE on pixels (`VAETask`).
+
+A task builds its model and data source from the config and gives the loop four things: `model` (to prepare),
+`loss(model, batch, generator, step)` on one micro-batch, `after_step()` (extra optimizers, e.g. the GAN
+discriminator) and `write_samples(model, step, folder)`; `export(model, folder)` writes the final weights.
+"""
+
+import os
+import random
+
+import torch
+
+from ..data.loader import CacheSource, Geometry, make_source
+from ..data.video import write_video
+from ..flow import flow_loss, sample
+from ..text import encode_with
+from ..vae_loss import VAELoss
+from .lora import add_lora
+from .checkpoint import save_model
+from .models import build_denoiser, build_vae, load_trained_vae
+
+
+def _group_by_shape(tensors: list) -> dict:
+    """{shape: [positions]} of a list of tensors."""
+    groups = {}
+    for i, x in enumerate(tensors):
+        groups.setdefault(tuple(x.shape), []).append(i)
+    return groups
+
+
+def _pad_text(rows: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (L_i, D) real-token embeddings -> (B, L, D) zero-padded, (B, L) bool mask."""
+    L = max(r.shape[0] for r in rows)
+    emb = rows[0].new_zeros(len(rows), L, rows[0].shape[1])
+    mask = torch.zeros(len(rows), L, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        emb[i, :len(r)], mask[i, :len(r)] = r, True
+    return emb.to(device), mask.to(device)
+
+
+class DiTTask:
+    """Rectified flow on packed latents: live (decode + VAE encode + text encode per batch) or from the cache."""
+
+    def __init__(self, cfg, accelerator):
+        self.cfg, self.device = cfg, accelerator.device
+        self.vae = self.text = None
+        if cfg.data.source == "cache":
+            self.source = CacheSource(cfg.data.cache_dir)
+            ft, fs, channels, text_dim = (self.source.ft, self.source.fs, self.source.latent_channels,
+                                          self.source.text_dim)
+        else:
+            self.vae, self.text = self._vae(), self._text()
+            ft, fs, channels, text_dim = self.vae.ft, self.vae.fs, self.vae.latent_channels, self.text.dim
+        model = build_denoiser(cfg, channels, text_dim)
+        self.model_config = dict(model.config)
+        self.geom = Geometry(ft, fs, tuple(model.patch_size))
+        if cfg.data.source != "cache":
+            self.source = make_source(cfg.data, self.geom)
+        if cfg.train.gradient_checkpointing:
+            model.enable_gradient_checkpointing()
+        self.model = add_lora(model, cfg.train.lora_rank) if cfg.train.lora_rank else model
+        self.last_batch = None
+
+    def _vae(self):
+        return load_trained_vae(self.cfg).to(self.device)
+
+    def _text(self):
+        from ..text import load_text_encoder
+
+        t = self.cfg.text
+        return load_text_encoder(t.encoder, t.path, t.max_length, device=self.device)
+
+    @torch.no_grad()
+    def latents(self, videos: list) -> list:
+        """Pixels (3, T, H, W) of any shapes -> normalized latents (C, T', h, w), one VAE call per shape."""
+        out = [None] * len(videos)
+        for idx in _group_by_shape(videos).values():
+            x = torch.stack([videos[i] for i in idx]).to(self.device, self.vae.dtype)  # (B, 3, T, H, W)
+            for i, z in zip(idx, self.vae.encode_latents(x).float()):
+                out[i] = z
+        return out
+
+    def loss(self, model, batch: dict, generator, step: int) -> tuple[torch.Tensor, dict]:
+        weight = 1.0
+        if batch["size"] == 0:  # every sample failed to load: run the last batch at weight 0 (ranks stay in step)
+            if self.last_batch is None:
+                raise RuntimeError("every sample of the first batch failed to load; check the data source")
+            batch, weight = self.last_batch, 0.0
+        self.last_batch = batch
+        if "latent" in batch:
+            latents = [z.to(self.device) for z in batch["latent"]]
+            text, mask = _pad_text(batch["text"], self.device)
+        else:
+            latents = self.latents(batch["video"])
+            # the batch's prompts in one call, no cache: embeddings depend only on the batch (exact resumes)
+            text, mask = encode_with(self.text.model, self.text.tokenizer, batch["prompt"], self.text.max_length)
+        f = self.cfg.flow
+        loss = flow_loss(model, latents, text, mask, batch["cond"], mean=f.logit_mean, std=f.logit_std,
+                         shift=f.shift, base_tokens=f.base_tokens, generator=generator)
+        return loss * weight, {}
+
+    def after_step(self):
+        pass
+
+    @torch.no_grad()
+    def write_samples(self, model, step: int, folder: str):
+        """Videos of train.sample_prompts at data.sizes[0] (snapped to the VAE and patch), written to folder."""
+        cfg, s = self.cfg, self.cfg.sample
+        if not cfg.train.sample_prompts:
+            return
+        self.vae = self.vae or self._vae()
+        self.text = self.text or self._text()
+        T, H, W = cfg.data.sizes[0]
+        m = self.geom.multiple
+        T, H, W = self.geom.frames(T, T), max(m, H // m * m), max(m, W // m * m)
+        shape = (self.model_config["in_channels"], *self.geom.latent_shape(T, H, W))
+        text, mask = self.text.encode(cfg.train.sample_prompts)
+        null, null_mask = self.text.encode([s.negative_prompt])
+        gen = torch.Generator(self.device).manual_seed(s.seed)
+        latents = sample(model, [shape] * len(cfg.train.sample_prompts), text, mask, null, null_mask,
+                         guidance=s.guidance, steps=s.steps, shift=s.shift, base_tokens=cfg.flow.base_tokens,
+                         sampler=s.sampler, generator=gen, progress=False)
+        for i, z in enumerate(latents):
+            video = self.vae.decode_latents(z[None].to(self.vae.dtype))[0]
+            write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps)
+
+    def export(self, model, folder: str) -> str:
+        """The denoiser (with LoRA: adapters to model/lora and the merged model) to <folder>/model."""
+        return save_model(model, os.path.join(folder, "model"))
+
+
+class VAETask:
+    """The causal VAE: foreground-weighted L1 + multi-scale SSIM + KL, and a 3D PatchGAN from vae.gan_start on."""
+
+    def __init__(self, cfg, accelerator):
+        v = cfg.vae
+        if cfg.data.source == "cache":
+            raise ValueError("train.task: vae reads pixels; data.source must be 'shapes' or 'manifest', not 'cache'")
+        if v.gan_weight > 0 and cfg.train.mixed_precision == "fp16":
+            raise ValueError("vae.gan_weight > 0 is not supported with train.mixed_precision: fp16 (the "
+                             "discriminator's gradients are not unscaled); use bf16 or no")
+        self.cfg, self.acc, self.device = cfg, accelerator, accelerator.device
+        self.model = build_vae(cfg)
+        self.model_config = dict(self.model.config)
+        self.geom = Geometry(v.ft, v.fs, tuple(cfg.model.patch_size or (1, 2, 2)))
+        self.source = make_source(cfg.data, self.geom)
+        self.loss_fn = VAELoss(ssim_weight=v.perceptual_weight, kl_weight=v.kl_weight, fg_weight=v.foreground_weight,
+                               disc_weight=v.gan_weight, disc_start=v.gan_start).to(self.device)
+        self.disc = self.loss_fn.discriminator  # replicated on every rank; gradients averaged in after_step
+        self.disc_opt = None
+        if self.disc is not None:
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
+
+    def extra_state(self) -> list:
+        """Objects the checkpoint holds besides the model, optimizer and schedule."""
+        return [self.disc, self.disc_opt] if self.disc is not None else []
+
+    def loss(self, model, batch: dict, generator, step: int) -> tuple[torch.Tensor, dict]:
+        videos = batch["video"]
+        if not videos:
+            raise RuntimeError("every sample of a batch failed to load; check the data source")
+        last_layer = self.acc.unwrap_model(model).decoder.conv_out.conv.weight
+        total, logs = 0.0, {}
+        for idx in _group_by_shape(videos).values():
+            x = torch.stack([videos[i] for i in idx]).to(self.device)  # (B, 3, T, H, W)
+            if self.disc is not None:
+                self.disc.requires_grad_(False)  # the generator's GAN term must not train the discriminator
+            recon, posterior = model(x, generator=generator)
+            g_loss, g_logs = self.loss_fn(x, recon.float(), posterior, step, last_layer=last_layer)
+            loss = g_loss
+            if self.disc is not None:
+                self.disc.requires_grad_(True)
+                d_loss, d_logs = self.loss_fn.disc_loss(x, recon.float(), step)
+                if d_loss is not None:
+                    loss = loss + d_loss
+                    g_logs.update(d_logs)
+            share = len(idx) / len(videos)
+            total = total + share * loss
+            for k, v in g_logs.items():
+                if k == "loss":
+                    continue
+                logs[k] = logs.get(k, 0.0) + share * float(v)
+        return total, logs
+
+    def after_step(self):
+        """Average the discriminator's gradients over ranks and step it."""
+        if self.disc_opt is None or all(p.grad is None for p in self.disc.parameters()):
+            return
+        for p in self.disc.parameters():
+            if p.grad is not None and self.acc.num_processes > 1:
+                p.grad = self.acc.reduce(p.grad, "mean")
+        self.disc_opt.step()
+        self.disc_opt.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def write_samples(self, model, step: int, folder: str, count: int = 4):
+        """Reconstructions of the source's first `count` clips, each written as [input | reconstruction]."""
+        for i in range(min(count, len(self.source))):
+            x = self.source.load(i, False, random.Random(0))["video"][None].to(self.device)  # (1, 3, T, H, W)
+            recon = model.decode_latents(model.encode_latents(x)).clamp(-1, 1)
+            write_video(os.path.join(folder, f"step_{step:08d}_recon_{i}.mp4"), torch.cat([x, recon], -1)[0],
+                        fps=self.cfg.sample.fps)
+
+    @torch.no_grad()
+    def export(self, model, folder: str, stats_clips: int = 32) -> str:
+        """The VAE to <folder>/vae, with per-channel latent statistics measured on the first clips of the data."""
+        from ..vae import compute_latent_stats
+
+        n = min(stats_clips, len(self.source))
+        clips = (self.source.load(i, False, random.Random(0))["video"][None].to(self.device) for i in range(n))
+        compute_latent_stats(model, clips)
+        return save_model(model, os.path.join(folder, "vae"))
