@@ -1,0 +1,373 @@
+"""Re-captioning: write a detailed caption for every clip of a manifest.
+
+    python -m videodit.caption --manifest IN --out OUT --model PATH_OR_ID [--frames K] [--batch-size B]
+                               [--backend vlm|shapes] [--max-new-tokens N] [--prompt TEXT]
+    python -m videodit.caption train-shapes --out DIR [--num N] [--steps S]    # train the shapes-world captioner
+    python -m videodit.caption eval-shapes [--model WEIGHTS] [--num N]         # its accuracy on unseen clips
+
+Each clip is read through videodit.data.video (decord): K frames spread evenly over the clip. Backends:
+- 'vlm': a transformers vision-language model (AutoProcessor + AutoModelForImageTextToText), asked through its chat
+  template with the K frames as images; greedy generation of at most --max-new-tokens tokens.
+- 'shapes': a small learned video classifier of the shapes world's attributes (count, size, color, shape, motion,
+  background; one softmax head each) whose predictions are written through the shapes world's detailed-caption
+  templates. Start positions are not learned: they are the object centres of the first frame found by the shapes
+  world's rule-based reader (`read_frame`). Weights ship in videodit/assets/shapes_captioner.safetensors.
+
+OUT holds the captioned rows, in the order of IN, with `detailed_caption` and `caption_model`; it is rewritten
+atomically after each batch. A rerun keeps the rows already in OUT and captions only the others. Unreadable clips
+are skipped with a warning, counted, and left out of OUT (a rerun tries them again).
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from videodit.data import shapes
+from videodit.data.manifest import read_manifest, write_manifest
+from videodit.data.video import VideoReadError, probe, read_video
+
+ASSETS = os.path.join(os.path.dirname(__file__), "assets")
+SHAPES_WEIGHTS = os.path.join(ASSETS, "shapes_captioner.safetensors")
+VLM_PROMPT = ("Describe this video in detail in one or two sentences: how many objects there are, their size, "
+              "color and shape, how they move, the background, and where they start.")
+
+
+def sample_frames(path: str, k: int) -> torch.Tensor:
+    """K frames spread evenly from the first to the last frame of a video: (3, K, H, W) in [-1, 1]. An image
+    gives one frame."""
+    info = probe(path)
+    if info["num_frames"] <= 1 or k == 1:
+        return read_video(path, num_frames=1)
+    return read_video(path, num_frames=k, fps=info["fps"] * (k - 1) / (info["num_frames"] - 1))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes-world captioner: a small 3D conv net, one softmax head per attribute
+
+HEADS = {"count": (1, 2), "size": tuple(shapes.SIZES), "color": tuple(shapes.COLORS), "shape": shapes.SHAPES,
+         "motion": shapes.MOTIONS, "background": tuple(shapes.BACKGROUNDS)}
+
+
+def prepare(video: torch.Tensor, frames: int = 8, side: int = 32) -> torch.Tensor:
+    """(3, T, H, W) in [-1, 1] -> (3, frames, h, w): frames spread evenly over the clip (an image is repeated),
+    resized so the short side is `side` and the long side at most 2 * side."""
+    _, t, h, w = video.shape
+    idx = torch.linspace(0, t - 1, frames).round().long()
+    scale = side / min(h, w)
+    size = (min(2 * side, round(h * scale)), min(2 * side, round(w * scale)))
+    x = F.interpolate(video[:, idx].transpose(0, 1).float(), size=size, mode="bilinear", antialias=True,
+                      align_corners=False)  # (frames, 3, h, w)
+    return x.transpose(0, 1).contiguous()
+
+
+def _block(cin, cout, stride):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+                         nn.ReLU(inplace=True))
+
+
+class ShapesNet(nn.Module):
+    """x: (B, 3, frames, h, w) from `prepare` -> {attribute: logits (B, classes)}.
+
+    Early fusion: the frames are stacked as channels of one image, so the first convolutions see each object at
+    every time step (motion), then global average + max pooling makes it work at any size."""
+
+    def __init__(self, frames: int = 8, side: int = 32, width: int = 32):
+        super().__init__()
+        self.config = dict(frames=frames, side=side, width=width)
+        c = width
+        self.body = nn.Sequential(_block(3 * frames, c, 1), _block(c, 2 * c, 2), _block(2 * c, 2 * c, 2),
+                                  _block(2 * c, 4 * c, 2))
+        self.mlp = nn.Sequential(nn.Linear(8 * c, 8 * c), nn.ReLU(inplace=True))
+        self.heads = nn.ModuleDict({k: nn.Linear(8 * c, len(v)) for k, v in HEADS.items()})
+
+    def forward(self, x):
+        f = self.body(rearrange(x, "b c t h w -> b (t c) h w")).flatten(2)  # (B, 4c, h/8 * w/8)
+        f = self.mlp(torch.cat([f.mean(-1), f.amax(-1)], dim=1))           # (B, 8c)
+        return {k: head(f) for k, head in self.heads.items()}
+
+    @torch.no_grad()
+    def predict(self, videos: list[torch.Tensor]) -> list[dict]:
+        """Attribute dicts for clips (3, T, H, W) in [-1, 1] of any sizes; clips of one-frame predict 'still'."""
+        self.eval()
+        xs = [prepare(v, self.config["frames"], self.config["side"]) for v in videos]
+        out = [None] * len(xs)
+        for shape in dict.fromkeys(x.shape for x in xs):  # one forward per prepared size
+            ids = [i for i, x in enumerate(xs) if x.shape == shape]
+            logits = self(torch.stack([xs[i] for i in ids]))
+            for j, i in enumerate(ids):
+                out[i] = {k: HEADS[k][int(v[j].argmax())] for k, v in logits.items()}
+                if videos[i].shape[1] == 1:
+                    out[i]["motion"] = "still"
+        return out
+
+    def save(self, path: str) -> str:
+        from safetensors.torch import save_file
+
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path,
+                  metadata={"config": json.dumps(self.config), "heads": json.dumps(HEADS)})
+        return path
+
+    @classmethod
+    def load(cls, path: str) -> "ShapesNet":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"shapes captioner weights not found: {path} (expected a .safetensors file "
+                                    f"written by `python -m videodit.caption train-shapes`)")
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+        if "config" not in meta or json.loads(meta.get("heads", "{}")) != json.loads(json.dumps(HEADS)):
+            raise ValueError(f"{path}: not shapes captioner weights (its metadata lacks the config or the heads "
+                             f"differ from {list(HEADS)})")
+        net = cls(**json.loads(meta["config"]))
+        net.load_state_dict(load_file(path))
+        return net.eval()
+
+
+def _labels(attrs: shapes.Attributes, num_frames: int) -> dict:
+    a = asdict(attrs)
+    if num_frames == 1:
+        a["motion"] = "still"  # an image shows no motion
+    return {k: HEADS[k].index(a[k]) for k in HEADS}
+
+
+def render_set(num: int, seed: int, sizes) -> list:
+    """[(prepared clip (3, frames, h, w) uint8, labels dict)] of `num` clips cycling through (T, H, W) sizes."""
+    out = []
+    for i in range(num):
+        t, h, w = sizes[i % len(sizes)]
+        clip = shapes.make_clip(seed * 1_000_003 + i, h, w, t)
+        x = prepare(shapes.to_tensor(clip["frames"]))
+        out.append((((x + 1) * 127.5).round().byte(), _labels(clip["attributes"], t)))
+    return out
+
+
+TRAIN_SIZES = [(t, h, w) for t in (17, 9, 5, 1) for h, w in ((64, 64), (64, 128), (128, 64), (96, 96))]
+EVAL_SIZES = {"64x64 T=17": (17, 64, 64), "64x128 T=17": (17, 64, 128), "128x64 T=9": (9, 128, 64),
+              "64x64 T=9": (9, 64, 64), "64x64 T=1": (1, 64, 64), "unseen 80x48 T=13": (13, 80, 48),
+              "unseen 112x112 T=25": (25, 112, 112)}
+
+
+def _augment(x: torch.Tensor, labels: dict, rng: np.random.Generator):
+    """Flip left-right and/or reverse time (both keep a valid shapes-world clip; motion labels follow)."""
+    motion = HEADS["motion"][labels["motion"]]
+    if rng.random() < 0.5:
+        x = x.flip(-1)
+        motion = {"left": "right", "right": "left"}.get(motion, motion)
+    if rng.random() < 0.5:
+        x = x.flip(1)
+        motion = {"left": "right", "right": "left", "up": "down", "down": "up"}.get(motion, motion)
+    return x, {**labels, "motion": HEADS["motion"].index(motion)}
+
+
+def train_shapes(out: str, num: int = 6000, steps: int = 1500, batch_size: int = 48, lr: float = 2e-3,
+                 seed: int = 0, log=print) -> str:
+    """Train ShapesNet on `num` rendered clips (seeds disjoint from evaluation's) and save it to out/."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    t0 = time.time()
+    data = render_set(num, 7_000 + seed, TRAIN_SIZES)
+    groups = {}
+    for x, y in data:  # a batch holds clips of one prepared size
+        groups.setdefault(tuple(x.shape), []).append((x, y))
+    keys = list(groups)
+    log(f"rendered {num} clips in {time.time() - t0:.0f}s; {len(keys)} prepared sizes")
+    net = ShapesNet()
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
+    net.train()
+    for step in range(1, steps + 1):
+        g = groups[keys[int(rng.integers(len(keys)))]]
+        batch = [_augment(*g[int(i)], rng) for i in rng.integers(len(g), size=batch_size)]
+        x = torch.stack([b[0] for b in batch]).float() / 127.5 - 1
+        x = x + 0.02 * torch.randn_like(x)  # video compression noise
+        logits = net(x)
+        loss = sum(F.cross_entropy(logits[k], torch.tensor([b[1][k] for b in batch])) for k in HEADS)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 100 == 0 or step == steps:
+            log(f"step {step}/{steps} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
+    return net.save(os.path.join(out, "shapes_captioner.safetensors"))
+
+
+def evaluate_shapes(net: ShapesNet, num: int = 60, seed: int = 123, sizes: dict = EVAL_SIZES) -> dict:
+    """{size name: {attribute: accuracy}} on `num` fresh clips per size (seeds unseen in training). Motion is not
+    scored on one-frame clips (an image shows none)."""
+    result = {}
+    for n, (name, (t, h, w)) in enumerate(sizes.items()):
+        clips = [shapes.make_clip(10_000_000 * (seed + 1) + 1000 * n + i, h, w, t) for i in range(num)]
+        preds = net.predict([shapes.to_tensor(c["frames"]) for c in clips])
+        result[name] = {k: float(np.mean([p[k] == getattr(c["attributes"], k) for p, c in zip(preds, clips)]))
+                        for k in HEADS if not (k == "motion" and t == 1)}
+    return result
+
+
+def format_accuracy(result: dict) -> str:
+    cols = list(HEADS)
+    lines = ["| clips | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, acc in result.items():
+        lines.append(f"| {name} | " + " | ".join(f"{acc[k]:.0%}" if k in acc else "n/a" for k in cols) + " |")
+    return "\n".join(lines)
+
+
+class ShapesCaptioner:
+    """Clips -> detailed captions through the shapes-world templates, from ShapesNet's predicted attributes."""
+
+    name = "shapes"
+
+    def __init__(self, weights: str | None = None, seed: int = 0):
+        self.net = ShapesNet.load(weights or SHAPES_WEIGHTS)
+        self.rng = np.random.default_rng(seed)  # picks the template wording
+        self.model_id = f"shapes:{os.path.basename(weights or SHAPES_WEIGHTS)}"
+
+    def __call__(self, videos: list[torch.Tensor]) -> list[str]:
+        captions = []
+        for v, a in zip(videos, self.net.predict(videos)):
+            h, w = v.shape[-2:]
+            first = ((v[:, 0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # (H, W, 3)
+            starts = sorted(o["centre"] for o in shapes.read_frame(first)["objects"]) or [(w / 2, h / 2)]
+            attrs = shapes.Attributes(starts=starts, **a)
+            captions.append(shapes.detailed_caption(attrs, h, w, self.rng))
+        return captions
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Vision-language model captioner
+
+
+class VLMCaptioner:
+    """A transformers image-text-to-text model: K frames as images + an instruction, through the chat template."""
+
+    name = "vlm"
+
+    def __init__(self, model: str, max_new_tokens: int = 128, prompt: str = VLM_PROMPT, device="cpu",
+                 dtype: torch.dtype = torch.float32):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"captioner model {model} is not a folder with config.json, weights and a "
+                                    f"processor (a transformers save_pretrained folder of a vision-language model)")
+        self.processor = AutoProcessor.from_pretrained(model)
+        self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
+        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
+        self.max_new_tokens, self.prompt, self.model_id = max_new_tokens, prompt, model
+
+    @torch.no_grad()
+    def __call__(self, videos: list[torch.Tensor]) -> list[str]:
+        images = [list(((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()) for v in videos]
+        content = lambda k: [{"type": "image"}] * k + [{"type": "text", "text": self.prompt}]  # noqa: E731
+        texts = [self.processor.apply_chat_template([{"role": "user", "content": content(len(im))}],
+                                                    add_generation_prompt=True) for im in images]
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
+        new = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens)
+        return [" ".join(t.split()) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def load_captioner(backend: str, model: str | None = None, **kw):
+    if backend == "shapes":
+        return ShapesCaptioner(model)
+    if backend == "vlm":
+        if not model:
+            raise ValueError("the vlm captioner needs --model: a local folder or a hub id of a vision-language model")
+        return VLMCaptioner(model, **kw)
+    raise ValueError(f"unknown captioner backend {backend!r}; expected 'vlm' or 'shapes'")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Captioning a manifest
+
+
+def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_size: int = 8, log=print) -> dict:
+    """Caption every row of `manifest` not yet in `out`; returns counts {captioned, kept, skipped}."""
+    rows = read_manifest(manifest)
+    done = {}
+    if os.path.isfile(out):
+        done = {r.path: r for r in read_manifest(out) if "caption_model" in r.extra}
+    out_dir = os.path.dirname(os.path.abspath(out))
+    result = {r.path: done[r.path] for r in rows if r.path in done}
+    todo = [r for r in rows if r.path not in done]
+    counts = dict(captioned=0, kept=len(result), skipped=0)
+
+    def write():
+        keep = [result[r.path] for r in rows if r.path in result]  # IN's order
+        write_manifest(out, [{**r.to_dict(), "path": os.path.relpath(r.path, out_dir)} for r in keep])
+
+    for start in range(0, len(todo), batch_size):
+        batch, videos = [], []
+        for r in todo[start:start + batch_size]:
+            try:
+                videos.append(sample_frames(r.path, frames))
+                batch.append(r)
+            except VideoReadError as e:
+                counts["skipped"] += 1
+                warnings.warn(f"skipping an unreadable clip: {e}", stacklevel=2)
+        if batch:
+            for r, text in zip(batch, captioner(videos)):
+                r.detailed_caption, r.extra["caption_model"] = text, captioner.model_id
+                result[r.path] = r
+            counts["captioned"] += len(batch)
+            write()
+        log(f"{counts['kept'] + counts['captioned'] + counts['skipped']}/{len(rows)} rows "
+            f"({counts['captioned']} captioned, {counts['kept']} kept, {counts['skipped']} skipped)")
+    if not todo and result:
+        write()
+    return counts
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train-shapes"]:
+        p = argparse.ArgumentParser(prog="python -m videodit.caption train-shapes")
+        p.add_argument("--out", required=True, help="folder for shapes_captioner.safetensors")
+        p.add_argument("--num", type=int, default=6000, help="rendered training clips")
+        p.add_argument("--steps", type=int, default=1500)
+        p.add_argument("--seed", type=int, default=0)
+        a = p.parse_args(argv[1:])
+        path = train_shapes(a.out, a.num, a.steps, seed=a.seed)
+        print(format_accuracy(evaluate_shapes(ShapesNet.load(path))))
+        print(path)
+        return
+    if argv[:1] == ["eval-shapes"]:
+        p = argparse.ArgumentParser(prog="python -m videodit.caption eval-shapes")
+        p.add_argument("--model", default=SHAPES_WEIGHTS, help="shapes captioner weights (.safetensors)")
+        p.add_argument("--num", type=int, default=200, help="fresh clips per size")
+        p.add_argument("--seed", type=int, default=123)
+        a = p.parse_args(argv[1:])
+        print(format_accuracy(evaluate_shapes(ShapesNet.load(a.model), a.num, a.seed)))
+        return
+    p = argparse.ArgumentParser(prog="python -m videodit.caption", description=__doc__.split("\n\n")[0])
+    p.add_argument("--manifest", required=True, help="input manifest (.jsonl or .csv)")
+    p.add_argument("--out", required=True, help="output manifest; rows already captioned there are kept")
+    p.add_argument("--model", default=None, help="vlm: a folder or hub id; shapes: weights (default: shipped)")
+    p.add_argument("--backend", choices=("vlm", "shapes"), default="vlm")
+    p.add_argument("--frames", type=int, default=8, help="frames sampled per clip")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=128, help="vlm: longest caption in tokens")
+    p.add_argument("--prompt", default=VLM_PROMPT, help="vlm: the instruction sent with the frames")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    if a.frames < 1 or a.batch_size < 1:
+        p.error("--frames and --batch-size must be >= 1")
+    kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,
+              dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
+    counts = caption_manifest(a.manifest, a.out, load_captioner(a.backend, a.model, **kw), a.frames, a.batch_size)
+    print(json.dumps(counts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,160 @@
+"""Prompt upsampling: a short prompt -> a detailed caption in the style of the training captions.
+
+    upsample_prompt("two blue squares moving up")                      # rule-based, shapes world
+    upsample_prompt("a cat surfing", backend="lm", model="Qwen/Qwen2.5-1.5B-Instruct", seed=0)
+
+Backends:
+- 'shapes': parses the prompt with `parse_shapes_prompt` (count, size, color, shape, motion, background; any word
+  order; the synonyms of the tables below and nothing else) and writes a detailed caption through the shapes world's
+  templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others, and the
+  start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was trained
+  on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged, with a
+  warning.
+- 'lm': a transformers causal LM (a local folder or a hub id) asked to rewrite the prompt, through its chat template
+  when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
+"""
+
+import re
+import warnings
+
+import numpy as np
+import torch
+
+from videodit.data import shapes
+
+# The synonyms the shapes grammar understands: word -> canonical value. Only these; no fuzzy matching.
+SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
+              "sizable": "large", "huge": "large"}
+COLOR_WORDS = {**{c: c for c in shapes.COLORS}, "crimson": "red", "scarlet": "red", "violet": "purple",
+               "golden": "yellow"}
+BACKGROUND_WORDS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white"}
+SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "square": "square", "triangle": "triangle"}
+PLURAL_COUNT_WORDS = {"two", "pair"}  # a plural shape noun also means two
+MOTION_WORDS = {
+    "left": "left", "leftward": "left", "leftwards": "left",
+    "right": "right", "rightward": "right", "rightwards": "right",
+    "up": "up", "upward": "up", "upwards": "up", "rise": "up", "rises": "up", "rising": "up", "ascending": "up",
+    "down": "down", "downward": "down", "downwards": "down", "sink": "down", "sinks": "down", "sinking": "down",
+    "fall": "down", "falls": "down", "falling": "down", "descending": "down",
+    "still": "still", "motionless": "still", "static": "still", "stationary": "still",
+}
+_SIDE = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+_BG = "|".join(BACKGROUND_WORDS)
+_BACKGROUND_RE = re.compile(rf"\b(?:on|against|over)\s+(?:(?:a|an|the)\s+)?(?:(?:plain|flat|uniform|solid)\s+)?"
+                            rf"({_BG})\b(?:\s+(?:background|backdrop))?|\b({_BG})\s+(?:background|backdrop)\b")
+_START_RE = re.compile(r"\b(?:it|they)\s+starts?\s+near\s+[^.;,]*|\bstart(?:s|ing)?\s+(?:at|near|in|from)\s+[^.;,]*")
+_MOTION_PHRASES = [
+    (re.compile(r"\bfrom\s+(?:the\s+)?(?:left|right|top|bottom)\s+to\s+(?:the\s+)?(left|right|top|bottom)\b"),
+     lambda m: _SIDE[m.group(1)]),
+    (re.compile(r"\btowards?\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
+    (re.compile(r"\b(?:not|never)\s+mov(?:e|es|ing)\b"), lambda m: "still"),
+]
+
+
+def parse_shapes_prompt(prompt: str) -> dict:
+    """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
+    shape, motion, background. Start-position phrases are recognized and ignored."""
+    text = _START_RE.sub(" ", prompt.lower())
+    found = {}
+    m = _BACKGROUND_RE.search(text)
+    if m:
+        found["background"] = BACKGROUND_WORDS[m.group(1) or m.group(2)]
+        text = text[:m.start()] + " " + text[m.end():]
+    for pattern, value in _MOTION_PHRASES:
+        m = pattern.search(text)
+        if m and "motion" not in found:
+            found["motion"] = value(m)
+        text = pattern.sub(" ", text)
+    words = re.findall(r"[a-z]+", text)
+    plural = False
+    for w in words:
+        noun = w[:-1] if w.endswith("s") and w[:-1] in SHAPE_WORDS else w
+        if noun in SHAPE_WORDS and "shape" not in found:
+            found["shape"], plural = SHAPE_WORDS[noun], noun != w
+        for key, table in (("size", SIZE_WORDS), ("color", COLOR_WORDS), ("motion", MOTION_WORDS)):
+            if w in table and key not in found:
+                found[key] = table[w]
+    if plural or PLURAL_COUNT_WORDS & set(words):
+        found["count"] = 2
+    elif "shape" in found:
+        found["count"] = 1
+    return found
+
+
+def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 64) -> str:
+    """A detailed shapes-world caption keeping every attribute the prompt names; the rest drawn with `seed`."""
+    found = parse_shapes_prompt(prompt)
+    if "color" not in found and "shape" not in found:
+        warnings.warn(f"the shapes upsampler found no color or shape in {prompt!r}; returning it unchanged",
+                      stacklevel=2)
+        return prompt
+    rng = np.random.default_rng(seed)
+    pick = lambda options: str(options[int(rng.integers(len(options)))])  # noqa: E731
+    a = dict(found)
+    a.setdefault("count", 1)
+    a.setdefault("size", pick(list(shapes.SIZES)))
+    a.setdefault("shape", pick(shapes.SHAPES))
+    a.setdefault("motion", pick(shapes.MOTIONS))
+    # a white object is never drawn on a white background
+    a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if not (b == "white" and a.get("color") == "white")]))
+    a.setdefault("color", pick([c for c in shapes.COLORS if not (c == "white" and a["background"] == "white")]))
+    starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
+    return shapes.detailed_caption(shapes.Attributes(starts=starts, **a), height, width, rng)
+
+
+LM_INSTRUCTION = (
+    "Rewrite the short video prompt below as a detailed caption of one or two sentences, in the style of these "
+    "examples. State how many objects there are, their size, color and shape, how they move, the background, and "
+    "where they start. Keep everything the prompt says; add nothing that contradicts it. Answer with the caption only."
+    "\nExample: A single small red circle moves steadily to the right on a plain gray background. It starts near the "
+    "middle left.\nExample: The video shows two large blue squares against a flat black backdrop that rise toward "
+    "the top. They start near the bottom left and the bottom right."
+)
+_LMS: dict = {}  # model path/id -> (tokenizer, model): load once per process
+
+
+def _load_lm(model: str):
+    if model not in _LMS:
+        import os
+
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
+            raise FileNotFoundError(f"prompt upsampler model {model} is not a folder with config.json, weights and "
+                                    f"tokenizer files (a transformers save_pretrained folder of a causal LM)")
+        _LMS[model] = (AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval())
+    return _LMS[model]
+
+
+def upsample_lm(prompt: str, model: str, seed: int = 0, temperature: float = 0.0, max_new_tokens: int = 96) -> str:
+    """The LM's rewrite of `prompt` (its first non-empty line); the prompt itself, with a warning, if it wrote none."""
+    tok, lm = _load_lm(model)
+    request = f"{LM_INSTRUCTION}\n\nShort prompt: {prompt}"
+    if tok.chat_template:
+        text = tok.apply_chat_template([{"role": "user", "content": request}], tokenize=False,
+                                       add_generation_prompt=True)
+        inputs = tok(text, return_tensors="pt", add_special_tokens=False)  # the template holds the special tokens
+    else:
+        inputs = tok(f"{request}\nDetailed caption:", return_tensors="pt")
+    torch.manual_seed(seed)
+    sampling = dict(do_sample=True, temperature=temperature, top_p=0.95) if temperature > 0 else dict(do_sample=False)
+    out = lm.generate(**inputs.to(lm.device), max_new_tokens=max_new_tokens,
+                      pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id, **sampling)
+    reply = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    lines = [ln.strip() for ln in reply.splitlines() if ln.strip()]
+    if not lines:
+        warnings.warn(f"the prompt upsampler {model} wrote nothing for {prompt!r}; keeping the prompt", stacklevel=2)
+        return prompt
+    return lines[0]
+
+
+def upsample_prompt(prompt: str, backend: str = "shapes", model: str | None = None, seed: int = 0,
+                    temperature: float = 0.0) -> str:
+    """Short prompt -> detailed caption. backend: 'shapes' (rule-based) or 'lm' (needs `model`: folder or hub id)."""
+    if backend == "shapes":
+        return upsample_shapes(prompt, seed)
+    if backend == "lm":
+        if not model:
+            raise ValueError("the 'lm' prompt upsampler needs model=: a local folder or a hub id of a causal LM")
+        return upsample_lm(prompt, model, seed, temperature)
+    raise ValueError(f"unknown prompt upsampler {backend!r}; expected 'shapes' or 'lm'")
