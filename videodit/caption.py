@@ -272,7 +272,8 @@ class VLMCaptioner:
         content = lambda k: [{"type": "image"}] * k + [{"type": "text", "text": self.prompt}]  # noqa: E731
         texts = [self.processor.apply_chat_template([{"role": "user", "content": content(len(im))}],
                                                     add_generation_prompt=True) for im in images]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt").to(self.model.device)
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.model.device, dtype=self.model.dtype)  # casts the floating inputs (pixels) only
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens)
         return [" ".join(t.split()) for t in self.processor.batch_decode(new, skip_special_tokens=True)]
@@ -324,8 +325,6 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
             write()
         log(f"{counts['kept'] + counts['captioned'] + counts['skipped']}/{len(rows)} rows "
             f"({counts['captioned']} captioned, {counts['kept']} kept, {counts['skipped']} skipped)")
-    if not todo and result:
-        write()
     return counts
 
 

@@ -1,0 +1,219 @@
+import json
+import os
+import random
+from dataclasses import asdict
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlamaForCausalLM, LlavaConfig,
+                          LlavaForConditionalGeneration, LlavaProcessor, PreTrainedTokenizerFast)
+
+from videodit import caption
+from videodit.data import shapes
+from videodit.data.manifest import read_manifest, write_manifest
+from videodit.upsample import COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, parse_shapes_prompt, upsample_prompt
+
+WORDS = "describe this video in detail a red circle moving left on gray background two blue squares".split()
+CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c is string %}{{ c }}"
+        "{% elif c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def word_tokenizer(**kw) -> PreTrainedTokenizerFast:
+    vocab = {w: i for i, w in enumerate(["<pad>", "<s>", "</s>", "<unk>", "<image>", *WORDS])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>", **kw)
+
+
+def text_config():
+    return LlamaConfig(vocab_size=len(WORDS) + 5, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def speak_words(model):
+    """A random model emits special tokens as often as words; they decode to nothing: make it emit words only."""
+    model.generation_config.suppress_tokens = list(range(5))
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    """A tiny randomly initialized LLaVA (CLIP vision tower + Llama) and its processor, saved to a folder."""
+    d = str(tmp_path_factory.mktemp("vlm"))
+    torch.manual_seed(0)
+    cfg = LlavaConfig(vision_config=CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                                     num_attention_heads=2, image_size=16, patch_size=8),
+                      text_config=text_config(), image_token_index=4, vision_feature_select_strategy="default",
+                      vision_feature_layer=-1)
+    model = LlavaForConditionalGeneration(cfg)
+    speak_words(model)
+    model.save_pretrained(d)
+    LlavaProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16),
+                   tokenizer=word_tokenizer(extra_special_tokens={"image_token": "<image>"}), patch_size=8,
+                   vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                   chat_template=CHAT).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+    """A manifest of 5 rendered shapes-world mp4 clips (64x64, 9 frames) and one unreadable file."""
+    d = tmp_path_factory.mktemp("clips")
+    path = shapes.write_dataset(str(d), 5, 64, 64, 9, seed=99)
+    (d / "broken.mp4").write_bytes(b"not a video")
+    rows = [json.loads(line) for line in open(path)]
+    rows.insert(2, dict(path="broken.mp4", caption="a broken clip"))
+    return write_manifest(path, rows)
+
+
+class Counting:
+    """Wraps a captioner: counts the clips it captions; raises after `fail_after` calls (an interrupted run)."""
+
+    def __init__(self, inner, fail_after=None):
+        self.inner, self.fail_after, self.clips, self.calls = inner, fail_after, 0, 0
+        self.model_id = inner.model_id
+
+    def __call__(self, videos):
+        if self.fail_after is not None and self.calls == self.fail_after:
+            raise KeyboardInterrupt
+        self.calls += 1
+        self.clips += len(videos)
+        return self.inner(videos)
+
+
+def test_vlm_captions_in_batches_and_resumes(tiny_vlm, clips, tmp_path):
+    out = str(tmp_path / "captioned.jsonl")
+    vlm = caption.VLMCaptioner(tiny_vlm, max_new_tokens=6)
+    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="broken.mp4"):
+        caption.caption_manifest(clips, out, Counting(vlm, fail_after=1), frames=3, batch_size=2)
+    first = read_manifest(out)
+    assert len(first) == 2  # the first batch was written before the interruption
+
+    run = Counting(vlm)
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        counts = caption.caption_manifest(clips, out, run, frames=3, batch_size=2)
+    assert counts == dict(captioned=3, kept=2, skipped=1) and run.clips == 3 and run.calls == 2
+    rows, source = read_manifest(out), read_manifest(clips)
+    assert [r.path for r in rows] == [r.path for r in source if not r.path.endswith("broken.mp4")]
+    assert [r.detailed_caption for r in rows[:2]] == [r.detailed_caption for r in first]  # kept, not redone
+    for r, s in zip(rows, [s for s in source if "broken" not in s.path]):
+        assert r.detailed_caption and r.detailed_caption != s.detailed_caption and r.caption == s.caption
+        assert r.extra["caption_model"] == tiny_vlm and r.extra["attributes"] == s.extra["attributes"]
+
+    again = Counting(vlm)
+    with pytest.warns(UserWarning, match="broken.mp4"):
+        assert caption.caption_manifest(clips, out, again, frames=3)["kept"] == 5
+    assert again.clips == 0
+
+
+def test_shapes_backend_command(clips, tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    with pytest.warns(UserWarning, match="unreadable"):
+        caption.main(["--manifest", clips, "--out", out, "--backend", "shapes", "--batch-size", "4"])
+    rows = read_manifest(out)
+    assert len(rows) == 5 and all(r.extra["caption_model"].startswith("shapes:") for r in rows)
+    agree = []
+    for r in rows:  # the caption states the attributes of the clip (read from mp4 at 9 frames)
+        truth, said = r.extra["attributes"], parse_shapes_prompt(r.detailed_caption)
+        agree += [said[k] == truth[k] for k in caption.HEADS]
+    assert np.mean(agree) >= 0.8
+
+
+def test_shipped_shapes_captioner_beats_chance_on_unseen_clips():
+    net = caption.ShapesNet.load(caption.SHAPES_WEIGHTS)
+    assert os.path.getsize(caption.SHAPES_WEIGHTS) < 2 * 2**20
+    result = caption.evaluate_shapes(net, num=8, seed=777)  # 8 fresh clips of each of 7 sizes, 2 of them unseen
+    for k in caption.HEADS:  # chance: count/size 50%, color 17%, shape 33%, motion 20%, background 33%
+        acc = np.mean([r[k] for r in result.values() if k in r])
+        assert acc >= 0.8, (k, acc, caption.format_accuracy(result))
+
+
+def test_train_shapes_writes_loadable_weights(tmp_path):
+    path = caption.train_shapes(str(tmp_path), num=24, steps=2, batch_size=4, log=lambda *a: None)
+    net = caption.ShapesNet.load(path)
+    pred = net.predict([shapes.to_tensor(shapes.make_clip(1, 48, 80, 1)["frames"])])[0]
+    assert set(pred) == set(caption.HEADS) and pred["motion"] == "still"
+
+
+def test_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.safetensors"):
+        caption.ShapesNet.load(str(tmp_path / "nope.safetensors"))
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        caption.VLMCaptioner(str(tmp_path))
+    with pytest.raises(ValueError, match="needs --model"):
+        caption.load_captioner("vlm")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt upsampling
+
+
+def test_grammar_reads_every_detailed_caption():
+    for i in range(300):
+        clip = shapes.make_clip(i, 64, 96, 5)
+        truth = asdict(clip["attributes"])
+        truth.pop("starts")
+        assert parse_shapes_prompt(clip["detailed_caption"]) == truth, clip["detailed_caption"]
+
+
+def random_prompt(rng: random.Random) -> tuple[str, dict]:
+    """A short prompt naming some attributes in some word order, with the tables' synonyms; and what it names."""
+    a = dict(count=rng.choice([1, 2]), color=rng.choice(list(shapes.COLORS)), shape=rng.choice(shapes.SHAPES))
+    syn = lambda table, value: rng.choice([w for w, v in table.items() if v == value])  # noqa: E731
+    noun = syn(SHAPE_WORDS, a["shape"]) + ("s" if a["count"] == 2 else "")
+    words = ["a" if a["count"] == 1 else rng.choice(["two", "a pair of"])]
+    if rng.random() < 0.6:
+        a["size"] = rng.choice(list(shapes.SIZES))
+        words.append(syn(SIZE_WORDS, a["size"]))
+    words += [syn(COLOR_WORDS, a["color"]), noun]
+    parts = [" ".join(words)]
+    if rng.random() < 0.8:
+        a["motion"] = rng.choice(shapes.MOTIONS)
+        parts.append(rng.choice({"left": ["moving left", "going leftward"], "right": ["moving right", "to the right"],
+                                 "up": ["moving up", "rising"], "down": ["moving down", "falling"],
+                                 "still": ["staying still", "motionless"]}[a["motion"]]))
+    if rng.random() < 0.6:
+        a["background"] = rng.choice([b for b in shapes.BACKGROUNDS if not (b == "white" == a["color"])])
+        parts.append(rng.choice(["on a {} background", "against a {} backdrop", "{} background"])
+                     .format(rng.choice(["grey", "gray"]) if a["background"] == "gray" else a["background"]))
+    rng.shuffle(parts)
+    return rng.choice([" ", ", "]).join(parts), a
+
+
+def test_shapes_upsampler_keeps_every_attribute():
+    rng = random.Random(0)
+    for i in range(300):
+        prompt, named = random_prompt(rng)
+        assert parse_shapes_prompt(prompt) == named, prompt
+        detailed = upsample_prompt(prompt, seed=i)
+        said = parse_shapes_prompt(detailed)
+        assert set(said) == set(caption.HEADS), detailed  # a detailed caption states everything
+        assert {k: said[k] for k in named} == named, (prompt, detailed)
+        assert not (said["color"] == said["background"] == "white"), detailed
+    assert upsample_prompt("a red circle", seed=1) == upsample_prompt("a red circle", seed=1)
+    assert len({upsample_prompt("a red circle", seed=s) for s in range(10)}) > 5
+    with pytest.warns(UserWarning, match="no color or shape"):
+        assert upsample_prompt("a cat surfing a wave") == "a cat surfing a wave"
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_lm_upsampler(tmp_path, chat):
+    torch.manual_seed(0)
+    lm = LlamaForCausalLM(text_config())
+    speak_words(lm)
+    lm.save_pretrained(tmp_path)
+    tok = word_tokenizer()
+    if chat:
+        tok.chat_template = CHAT
+    tok.save_pretrained(tmp_path)
+    greedy = upsample_prompt("a red circle moving left", backend="lm", model=str(tmp_path))
+    assert isinstance(greedy, str) and greedy.strip() and "\n" not in greedy
+    assert upsample_prompt("a red circle moving left", backend="lm", model=str(tmp_path)) == greedy
+    sampled = [upsample_prompt("a red circle", backend="lm", model=str(tmp_path), seed=s, temperature=1.0)
+               for s in (3, 3, 4)]
+    assert sampled[0] == sampled[1] != sampled[2] and all(w in WORDS for w in sampled[0].split())
+    with pytest.raises(FileNotFoundError, match="nope"):
+        upsample_prompt("a red circle", backend="lm", model=str(tmp_path / "nope"))
