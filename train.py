@@ -10,7 +10,7 @@
 import argparse
 import logging
 
-from videodit.config import load_config
+from videodit.config import ConfigError, load_config
 from videodit.train.loop import train
 
 
@@ -22,8 +22,13 @@ def main(argv=None):
     p.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the run's newest checkpoint (latest) or a checkpoint folder")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    print(train(load_config(args.config, args.set), args.resume))
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("videodit").setLevel(logging.INFO)
+    try:
+        cfg = load_config(args.config, args.set)
+        print(train(cfg, args.resume))
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

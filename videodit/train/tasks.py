@@ -10,6 +10,7 @@ import random
 
 import torch
 
+from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source
 from ..data.video import write_video
 from ..flow import flow_loss, sample
@@ -135,9 +136,9 @@ class VAETask:
     def __init__(self, cfg, accelerator):
         v = cfg.vae
         if cfg.data.source == "cache":
-            raise ValueError("train.task: vae reads pixels; data.source must be 'shapes' or 'manifest', not 'cache'")
+            raise ConfigError("train.task: vae reads pixels; data.source must be 'shapes' or 'manifest', not 'cache'")
         if v.gan_weight > 0 and cfg.train.mixed_precision == "fp16":
-            raise ValueError("vae.gan_weight > 0 is not supported with train.mixed_precision: fp16 (the "
+            raise ConfigError("vae.gan_weight > 0 is not supported with train.mixed_precision: fp16 (the "
                              "discriminator's gradients are not unscaled); use bf16 or no")
         self.cfg, self.acc, self.device = cfg, accelerator, accelerator.device
         self.model = build_vae(cfg)
