@@ -146,7 +146,7 @@ def main():
     print(f"\n2. tiny preset, tokens/s of real tokens on the same mixed shapes (budget {load_config(CONFIG).data.max_tokens}"
           f" tokens; buckets: {pack['per_bucket']} samples padded to the largest)")
     print(f"{'':34s}{'tokens/s':>12s}")
-    print(f"{'packing (patch n pack)':34s}{pack['packed']:12.0f}   (budget filled {100 * pack["fill"]:.1f}%)")
+    print(f"{'packing (patch n pack)':34s}{pack['packed']:12.0f}   (budget filled {100 * pack['fill']:.1f}%)")
     print(f"{'pad-to-bucket':34s}{pack['buckets']:12.0f}")
     print(f"packing / buckets: {pack['packed'] / pack['buckets']:.2f}x")
 

@@ -19,12 +19,12 @@ import time
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from ..config import save_config
+from ..config import ConfigError, save_config
 from ..data.loader import DataPosition, make_loader
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
@@ -56,6 +56,10 @@ def train(cfg, resume: str | None = None) -> str:
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
     set_seed(t.seed)  # the same initial weights on every rank
+    fsdp = acc.distributed_type == DistributedType.FSDP
+    if fsdp and (t.ema_decay > 0 or t.lora_rank):
+        raise ConfigError("FSDP runs need train.ema_decay=0 and train.lora_rank=0: the EMA and the LoRA export keep "
+                          "whole weights on one rank; use DDP (torchrun / accelerate launch --multi_gpu) for them")
     checkpoint = find_checkpoint(resume, out) if resume else None
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
@@ -69,7 +73,7 @@ def train(cfg, resume: str | None = None) -> str:
         model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
     params = [p for p in unwrapped.parameters() if p.requires_grad]  # after prepare: FSDP replaces parameters
     ema = EMAModel(params, decay=t.ema_decay) if t.ema_decay > 0 else None
-    for obj in ([ema] if ema else []) + getattr(task, "extra_state", list)():
+    for obj in ([ema] if ema else []) + task.extra_state():
         acc.register_for_checkpointing(obj)
 
     step, position = 0, DataPosition()
@@ -160,9 +164,15 @@ def train(cfg, resume: str | None = None) -> str:
     bar.close()
 
     acc.wait_for_everyone()
+    final = unwrapped
+    if fsdp:  # gather the shards (collective), then export a whole model from the main process
+        full = acc.get_state_dict(model)
+        if acc.is_main_process:
+            final = type(unwrapped).from_config(task.model_config)
+            final.load_state_dict(full)
     if acc.is_main_process:
         with _ema_weights(ema, params):
-            task.export(unwrapped, out)
+            task.export(final, out)
     acc.wait_for_everyone()
     acc.end_training()
     return out

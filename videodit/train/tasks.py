@@ -100,6 +100,9 @@ class DiTTask:
                          shift=f.shift, base_tokens=f.base_tokens, generator=generator)
         return loss * weight, {}
 
+    def extra_state(self) -> list:
+        return []
+
     def after_step(self):
         pass
 
