@@ -12,7 +12,7 @@ from videodit.config import load_config, save_config
 from videodit.data.cache import build_cache
 from videodit.dit import VideoDiT
 from videodit.patchify import pack
-from videodit.train.checkpoint import checkpoint_dirs, export_ema
+from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoint
 from videodit.train.lora import load_lora
 from videodit.train.loop import train
 from videodit.vae import CausalVideoVAE
@@ -76,6 +76,7 @@ def reference(assets, tmp_path_factory):
 def test_run_folder_and_checkpoint_rotation(reference):
     assert [os.path.basename(d) for d in checkpoint_dirs(reference)] == ["step_00000002", "step_00000003",
                                                                         "step_00000004"]
+    assert find_checkpoint("latest", reference) == checkpoint_dirs(reference)[-1]
     records = log(reference)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     for key in ("loss", "lr", "tokens_per_s", "steps_per_s", "skipped", "data_wait"):
@@ -134,10 +135,13 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
     common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0"]
     build_cache(load_config(None, common), str(tmp_path / "cache"))
     losses = []
-    for name, extra in (("live", []), ("cached", ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}"])):
+    cached = ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every=1",
+              "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # samples from a cached run
+    for name, extra in (("live", []), ("cached", cached)):
         train(load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"]))
         losses.append(log(tmp_path / name)[0]["loss"])
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert os.listdir(tmp_path / "cached" / "samples") == ["step_00000001_0.mp4"]
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):

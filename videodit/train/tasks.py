@@ -49,6 +49,8 @@ class DiTTask:
             self.source = CacheSource(cfg.data.cache_dir)
             ft, fs, channels, text_dim = (self.source.ft, self.source.fs, self.source.latent_channels,
                                           self.source.text_dim)
+            if cfg.train.sample_every and cfg.train.sample_prompts:  # sampling decodes and encodes prompts
+                self.vae, self.text = self._vae(), self._text()
         else:
             self.vae, self.text = self._vae(), self._text()
             ft, fs, channels, text_dim = self.vae.ft, self.vae.fs, self.vae.latent_channels, self.text.dim
@@ -112,8 +114,6 @@ class DiTTask:
         cfg, s = self.cfg, self.cfg.sample
         if not cfg.train.sample_prompts:
             return
-        self.vae = self.vae or self._vae()
-        self.text = self.text or self._text()
         T, H, W = cfg.data.sizes[0]
         m = self.geom.multiple
         T, H, W = self.geom.frames(T, T), max(m, H // m * m), max(m, W // m * m)
