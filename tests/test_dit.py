@@ -123,8 +123,8 @@ def test_rope_is_relative():
     q, k = torch.randn(50, 2, 24, generator=g), torch.randn(50, 2, 24, generator=g)
 
     def scores(c):
-        cos, sin = rope(c)
-        return torch.einsum("nhd,mhd->hnm", apply_rope(q, cos, sin), apply_rope(k, cos, sin))
+        rot = rope(c)
+        return torch.einsum("nhd,mhd->hnm", apply_rope(q, rot), apply_rope(k, rot))
 
     shifted = coords + torch.tensor([7, -3, 11])
     torch.testing.assert_close(scores(coords), scores(shifted), rtol=1e-4, atol=1e-4)
@@ -134,10 +134,10 @@ def test_rope_is_relative():
 def test_rope_base_grid_scales_positions_to_the_training_extent():
     rope = RoPE3D(head_dim=24, base_grid=(4, 8, 8))
     coords = torch.tensor([[2, 4, 4], [4, 8, 8]])
-    cos_a, sin_a = rope(coords, torch.tensor([[4, 8, 8]]).expand(2, 3))  # the base grid: unscaled
-    cos_b, sin_b = rope(coords * 2, torch.tensor([[8, 16, 16]]).expand(2, 3))  # twice the grid: halved
-    torch.testing.assert_close(cos_a, cos_b)
-    torch.testing.assert_close(sin_a, sin_b)
+    a = rope(coords, torch.tensor([[4, 8, 8]]).expand(2, 3))  # the base grid: unscaled
+    b = rope(coords * 2, torch.tensor([[8, 16, 16]]).expand(2, 3))  # twice the grid: halved
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, rope(coords * 2, torch.tensor([[4, 8, 8]]).expand(2, 3)))
 
 
 @pytest.mark.parametrize("cu_k", [None, [0, 3, 3, 10, 11]])  # self-attention; text with an empty segment

@@ -51,13 +51,17 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | No
 
 
 def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
+    # split (not slicing): its backward writes the segments' gradients into one tensor
+    len_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
+    len_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
     out = []
-    for q0, q1, k0, k1 in zip(cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]):
-        if k1 == k0:
-            out.append(q.new_zeros(q1 - q0, *q.shape[1:]))
+    for qi, ki, vi in zip(q.split(len_q), k.split(len_k), v.split(len_k)):
+        if ki.shape[0] == 0:
+            out.append(torch.zeros_like(qi))
             continue
-        qi, ki, vi = (rearrange(x, "n h d -> h n d") for x in (q[q0:q1], k[k0:k1], v[k0:k1]))
-        out.append(rearrange(F.scaled_dot_product_attention(qi, ki, vi), "h n d -> n h d"))
+        # 4D (1, h, n, d): 3D inputs send CPU SDPA to its slow math path, which saves the attention matrix
+        qi, ki, vi = (rearrange(x, "n h d -> 1 h n d") for x in (qi, ki, vi))
+        out.append(rearrange(F.scaled_dot_product_attention(qi, ki, vi), "1 h n d -> n h d"))
     return torch.cat(out)
 
 
@@ -75,8 +79,8 @@ def _zero_empty(out, cu_q, cu_k):
 
 def _mask(q, k, v, cu_q, cu_k):
     mask = _segment_ids(cu_q, q.device)[:, None] == _segment_ids(cu_k, q.device)[None, :]  # (N, M) block diagonal
-    qh, kh, vh = (rearrange(x, "n h d -> h n d") for x in (q, k, v))
-    out = rearrange(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), "h n d -> n h d")
+    qh, kh, vh = (rearrange(x, "n h d -> 1 h n d") for x in (q, k, v))
+    out = rearrange(F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask), "1 h n d -> n h d")
     return _zero_empty(out, cu_q, cu_k)
 
 

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .attention import packed_attention
 from .patchify import Packed, pack, unpack
@@ -62,13 +63,27 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
-def modulate(x, shift, scale):
-    """x, shift, scale: (N, D) float32."""
-    return x * (1 + scale) + shift
+def recompute(fn, *args):
+    """fn(*args), keeping only its inputs for backward (recomputed there): for cheap elementwise chains whose
+    intermediates would otherwise each hold an (N, D) float32 activation per block."""
+    if torch.is_grad_enabled():
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+def modulated_norm(norm, x, mod, table, index, k):
+    """norm(x) * (1 + scale) + shift, with shift, scale = rows k, k+1 of the block's modulation.
+    x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: (N,) token -> row."""
+    shift, scale = (mod[index, k:k + 2] + table[k:k + 2].float()).unbind(1)
+    return norm(x) * (1 + scale) + shift
+
+
+def gated_residual(x, y, mod, table, index, k):
+    """x + gate * y, gate = row k of the block's modulation. x, y: (N, D)."""
+    return x + (mod[index, k] + table[k].float()) * y.float()
 
 
 class TimestepEmbedder(nn.Module):
@@ -93,12 +108,12 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, cos, sin, cu_seqlens, backend):
-        """x: (N, D); cos, sin: (N, head_dim/2); cu_seqlens: (B+1,) -> (N, D)."""
+    def forward(self, x, rot, cu_seqlens, backend):
+        """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D)."""
         qkv = self.qkv(x.to(self.qkv.weight.dtype))
         q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
-        q = apply_rope(self.q_norm(q), cos, sin)
-        k = apply_rope(self.k_norm(k), cos, sin)
+        q = recompute(lambda q, rot: apply_rope(self.q_norm(q), rot), q, rot)
+        k = recompute(lambda k, rot: apply_rope(self.k_norm(k), rot), k, rot)
         out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
@@ -144,13 +159,16 @@ class DiTBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.modulation = nn.Parameter(torch.zeros(6, dim))  # added to the shared time projection
 
-    def forward(self, x, mod, context, cos, sin, cu_seqlens, cu_seqlens_text, backend=None):
-        """x: (N, D) float32 residual stream; mod: (N, 6, D) float32; context: (M, D) -> (N, D)."""
-        shift1, scale1, gate1, shift2, scale2, gate2 = (mod + self.modulation.float()).unbind(1)
-        x = x + gate1 * self.attn(modulate(self.norm1(x), shift1, scale1), cos, sin, cu_seqlens, backend).float()
+    def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None):
+        """x: (N, D) float32 residual stream; mod: (R, 6, D) float32 rows of the shared time projection (shift1,
+        scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row; context: (M, D) -> (N, D).
+        The per-token modulation is gathered inside recompute(): never stored per block."""
+        m = (mod, self.modulation, t_index)
+        h = recompute(modulated_norm, self.norm1, x, *m, 0)
+        x = recompute(gated_residual, x, self.attn(h, rot, cu_seqlens, backend), *m, 2)
         x = x + self.cross_attn(self.norm2(x), context, cu_seqlens, cu_seqlens_text, backend).float()
-        x = x + gate2 * self.mlp(modulate(self.norm3(x), shift2, scale2)).float()
-        return x
+        h = recompute(modulated_norm, self.norm3, x, *m, 3)
+        return recompute(gated_residual, x, self.mlp(h), *m, 5)
 
 
 class FinalLayer(nn.Module):
@@ -160,10 +178,10 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Parameter(torch.zeros(2, dim))  # added to the time embedding
         self.linear = nn.Linear(dim, out_dim)
 
-    def forward(self, x, temb):
-        """x: (N, D); temb: (N, D) float32 -> (N, out_dim)."""
-        shift, scale = (temb[:, None] + self.modulation.float()).unbind(1)
-        return self.linear(modulate(self.norm(x), shift, scale).to(self.linear.weight.dtype))
+    def forward(self, x, temb, t_index):
+        """x: (N, D); temb: (R, D) float32 rows, t_index: (N,) each token's row -> (N, out_dim)."""
+        h = recompute(modulated_norm, self.norm, x, temb[:, None].expand(-1, 2, -1), self.modulation, t_index, 0)
+        return self.linear(h.to(self.linear.weight.dtype))
 
 
 class VideoDiT(ModelMixin, ConfigMixin):
@@ -267,20 +285,19 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
-        mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)[t_index]
-        temb = temb[t_index]  # (N, D)
+        mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)  # (R, 6, D)
 
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
-        cos, sin = self.rope(packed.coords, grids)
+        rot = self.rope(packed.coords, grids)
 
         x = self.patch_embed(tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
         for block in self.blocks:
-            args = (x, mod, context, cos, sin, cu_seqlens, cu_seqlens_text, self.attention_backend)
+            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x = self._gradient_checkpointing_func(block, *args)
             else:
                 x = block(*args)
-        return self.final(x, temb)
+        return self.final(x, temb, t_index)
 
     def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
         """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""

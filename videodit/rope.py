@@ -30,21 +30,19 @@ class RoPE3D(nn.Module):
         self.register_buffer("axis", torch.cat([torch.full((d // 2,), a) for a, d in enumerate(self.dims)]),
                              persistent=False)  # (head_dim/2,) which axis each pair rotates with
 
-    def forward(self, coords: torch.Tensor, grids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, coords: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
         """coords: (N, 3) integer; grids: (N, 3) each token's sample grid (needed with base_grid).
-        Returns cos, sin: (N, head_dim/2) float32."""
+        Returns the rotations exp(i * angle): (N, head_dim/2) complex64."""
         pos = coords.float()
         if self.base_grid is not None:
             if grids is None:
                 raise ValueError("RoPE3D with base_grid needs each token's sample grid")
             pos = pos * (torch.tensor(self.base_grid, device=pos.device) / grids.float())
         angles = pos[:, self.axis] * self.inv_freq  # (N, head_dim/2)
-        return angles.cos(), angles.sin()
+        return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, head_dim), rotated in float32 on consecutive pairs; cos/sin: (N, head_dim/2)."""
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (N, heads, head_dim/2) each
-    cos, sin = cos[:, None], sin[:, None]
-    out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
-    return out.to(x.dtype)
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, head_dim), consecutive pairs rotated in float32 as complex numbers; rot: (N, head_dim/2)."""
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (N, heads, head_dim/2)
+    return torch.view_as_real(xc * rot[:, None]).flatten(-2).to(x.dtype)
