@@ -1,0 +1,247 @@
+import pytest
+import torch
+from diffusers import AutoencoderKLWan
+
+from videodit.vae import CausalVideoVAE, PretrainedVideoVAE, compute_latent_stats, load_vae, valid_size
+from videodit.vae_loss import VAELoss, foreground_weight
+
+# fs = 4 (two spatial downsamplings, both also temporal) and fs = 8 (the first one spatial only)
+TINY4 = dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, spatial_factor=4,
+             temporal_factor=4, mid_attention=True)
+TINY8 = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, spatial_factor=8,
+             temporal_factor=4, mid_attention=True)
+
+
+def make_vae(cfg=TINY4, seed=0):
+    torch.manual_seed(seed)
+    return CausalVideoVAE(**cfg).eval()
+
+
+def video(T, H, W, B=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(B, 3, T, H, W, generator=g) * 2 - 1
+
+
+def shapes_clips(B, T, H, W, g):
+    """Flat background, two flat squares moving in straight lines."""
+    x = (torch.rand(B, 3, 1, 1, 1, generator=g) * 2 - 1).expand(B, 3, T, H, W).clone()
+    for b in range(B):
+        for _ in range(2):
+            color = torch.rand(3, 1, 1, generator=g) * 2 - 1
+            s = int(torch.randint(H // 6, H // 3, (1,), generator=g))
+            y0, x0 = torch.randint(0, H - s, (2,), generator=g).tolist()
+            vy, vx = torch.randint(-2, 3, (2,), generator=g).tolist()
+            for t in range(T):
+                y, xx = (y0 + vy * t) % (H - s), (x0 + vx * t) % (W - s)
+                x[b, :, t, y:y + s, xx:xx + s] = color
+    return x
+
+
+def test_default_is_the_standard_model():
+    with torch.device("meta"):
+        vae = CausalVideoVAE()
+    assert (vae.ft, vae.fs, vae.latent_channels) == (4, 8, 16)
+
+
+@pytest.mark.parametrize("cfg", [TINY4, TINY8])
+@pytest.mark.parametrize("T", [1, 5, 17])
+def test_shapes(cfg, T):
+    vae = make_vae(cfg)
+    H, W = 16, 3 * 8  # non-square
+    x = video(T, H, W, B=2)
+    with torch.no_grad():
+        z = vae.encode_latents(x)
+        assert z.shape == (2, 4, 1 + (T - 1) // 4, H // vae.fs, W // vae.fs)
+        assert vae.decode_latents(z).shape == x.shape
+
+
+@pytest.mark.parametrize("cfg", [TINY4, TINY8])
+def test_streaming_equals_single_pass(cfg):
+    vae = make_vae(cfg)
+    x = video(13, 16, 24)
+    with torch.no_grad():
+        streamed = vae.encode(x).latent_dist
+        single = vae.encode(x, stream=False).latent_dist
+        assert (streamed.mean - single.mean).abs().max() <= 1e-5
+        assert (streamed.logvar - single.logvar).abs().max() <= 1e-5
+        z = streamed.mean
+        assert (vae.decode(z).sample - vae.decode(z, stream=False).sample).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_causality(stream):
+    vae = make_vae(TINY8)
+    ft, j = 4, 6  # frame 6 belongs to latent frame 2 (frames 5..8)
+    x = video(13, 16, 16)
+    x2 = x.clone()
+    x2[:, :, j] = -x2[:, :, j]
+    with torch.no_grad():
+        z, z2 = (vae.encode(v, stream=stream).latent_dist.mean for v in (x, x2))
+        chunk = 1 + (j - 1) // ft
+        assert torch.equal(z[:, :, :chunk], z2[:, :, :chunk])
+        assert not torch.allclose(z[:, :, chunk], z2[:, :, chunk])
+        # decoder: changing latent frame 2 leaves frames 0..4 untouched
+        z3 = z.clone()
+        z3[:, :, chunk] += 1
+        y, y3 = (vae.decode(v, stream=stream).sample for v in (z, z3))
+        first = 1 + ft * (chunk - 1)
+        assert torch.equal(y[:, :, :first], y3[:, :, :first])
+        assert not torch.allclose(y[:, :, first], y3[:, :, first])
+
+
+def test_image_is_first_frame_of_video():
+    vae = make_vae(TINY8)
+    x = video(9, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(vae.encode(x[:, :, :1]).latent_dist.mean, vae.encode(x).latent_dist.mean[:, :, :1],
+                              atol=1e-6)
+
+
+def test_save_load_round_trip(tmp_path):
+    vae = make_vae(TINY4)
+    x = video(5, 16, 16, B=2)
+    compute_latent_stats(vae, [x])
+    vae.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = CausalVideoVAE.from_pretrained(tmp_path).eval()
+    assert loaded.config.latents_mean == vae.config.latents_mean
+    with torch.no_grad():
+        z = vae.encode_latents(x)
+        assert torch.equal(z, loaded.encode_latents(x))
+        assert torch.equal(vae.decode_latents(z), loaded.decode_latents(z))
+    assert torch.equal(load_vae("causal", str(tmp_path)).encode_latents(x), z)
+
+
+def test_latent_stats_normalize():
+    vae = make_vae(TINY4)
+    g = torch.Generator().manual_seed(0)
+    batches = [shapes_clips(2, 5, 16, 16, g) for _ in range(3)]
+    mean, std = compute_latent_stats(vae, batches)
+    assert len(mean) == len(std) == 4
+    with torch.no_grad():
+        z = torch.cat([vae.encode_latents(x) for x in batches]).transpose(0, 1).flatten(1)
+        assert torch.allclose(z.mean(1), torch.zeros(4), atol=1e-4)
+        assert torch.allclose(z.std(1, unbiased=False), torch.ones(4), atol=1e-3)
+        # decode_latents undoes the normalization
+        assert torch.allclose(vae.decode_latents(vae.encode_latents(batches[0])),
+                              vae.decode(vae.encode(batches[0]).latent_dist.mode()).sample, atol=1e-5)
+
+
+def test_tiling_close_to_untiled():
+    vae = make_vae(dict(TINY4, mid_attention=False))
+    x = shapes_clips(1, 5, 96, 64, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+        y = vae.decode(z).sample
+        vae.enable_tiling(tile_sample_size=64, tile_overlap=32)
+        zt = vae.encode(x).latent_dist.mean
+        yt = vae.decode(z).sample
+    assert zt.shape == z.shape and yt.shape == y.shape
+    assert (zt - z).abs().mean() < 0.1 * z.abs().mean()
+    assert (yt - y).abs().mean() < 0.05 * y.abs().mean()
+    # a frame that fits in one tile is untouched
+    with torch.no_grad():
+        small = x[..., :64, :64]
+        tiled = vae.encode(small).latent_dist.mean
+        vae.disable_tiling()
+        assert torch.equal(tiled, vae.encode(small).latent_dist.mean)
+
+
+def test_bad_sizes_name_the_nearest_valid():
+    vae = make_vae(TINY8)
+    assert valid_size(6, 30, 33, ft=4, fs=8) == (5, 32, 32)
+    assert vae.valid_size(16, 20, 64) == (17, 24, 64)  # ties round up
+    with pytest.raises(ValueError, match="nearest valid size is 5 frames of 16x16"):
+        vae.encode(video(6, 16, 16))
+    with pytest.raises(ValueError, match="nearest valid size is 17 frames of 24x40"):
+        vae.encode(video(17, 20, 38))
+    with pytest.raises(ValueError, match="block_out_channels"):
+        CausalVideoVAE(block_out_channels=(8, 8), spatial_factor=8)
+
+
+def tiny_pretrained(kind):
+    if kind == "wan":
+        cfg = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
+                   temperal_downsample=[False, True, True], latents_mean=[0.1, -0.2, 0.3, 0.0],
+                   latents_std=[2.0, 1.0, 0.5, 1.5])
+    else:
+        cfg = dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1, norm_num_groups=4)
+    torch.manual_seed(0)
+    return load_vae(kind, cfg).eval()
+
+
+@pytest.mark.parametrize("kind", ["wan", "cogvideox", "hunyuan"])
+def test_pretrained_adapters_keep_the_interface(kind):
+    vae = tiny_pretrained(kind)
+    assert isinstance(vae, PretrainedVideoVAE)
+    assert (vae.ft, vae.fs, vae.latent_channels) == (4, 8, 4)
+    for T in (1, 5, 9):
+        x = video(T, 16, 24)
+        with torch.no_grad():
+            z = vae.encode_latents(x)
+            assert z.shape == (1, 4, 1 + (T - 1) // 4, 2, 3)
+            assert vae.decode_latents(z).shape == x.shape
+    with pytest.raises(ValueError, match="nearest valid size"):
+        vae.encode_latents(video(4, 16, 24))
+
+
+def test_pretrained_normalization_uses_model_config():
+    vae = tiny_pretrained("wan")
+    x = video(5, 16, 16)
+    cfg = vae.model.config
+    with torch.no_grad():
+        raw = vae.model.encode(x).latent_dist.mode()
+        expected = (raw - torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)) / torch.tensor(
+            cfg.latents_std).view(1, -1, 1, 1, 1)
+        assert torch.allclose(vae.encode_latents(x), expected, atol=1e-6)
+    cog = tiny_pretrained("cogvideox")
+    with torch.no_grad():
+        raw = cog.model.encode(x).latent_dist.mode()
+        assert torch.allclose(cog.encode_latents(x), raw * cog.model.config.scaling_factor, atol=1e-6)
+
+
+def test_load_vae_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="'causal'"):
+        load_vae("sdxl")
+
+
+def test_foreground_weight_marks_objects():
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 4:8, 4:8] = 1.0
+    w = foreground_weight(x, weight=9.0)
+    assert w[0, 0, 0, 5, 5] == 10.0 and w[0, 0, 0, 0, 0] == 1.0 and w[0, 0, 0, 12, 12] == 1.0
+
+
+def test_loss_with_discriminator_after_warmup():
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(**TINY4)
+    loss_fn = VAELoss(fg_weight=4.0, disc_weight=0.5, disc_start=10)
+    x = shapes_clips(2, 5, 16, 16, torch.Generator().manual_seed(0))
+    recon, posterior = vae(x)
+    last = vae.decoder.conv_out.conv.weight
+    loss, logs = loss_fn(x, recon, posterior, step=0, last_layer=last)
+    assert "gan" not in logs and loss_fn.disc_loss(x, recon, step=0) == (None, {})
+    loss, logs = loss_fn(x, recon, posterior, step=10, last_layer=last)
+    assert "gan" in logs and torch.isfinite(loss)
+    loss.backward()
+    d_loss, d_logs = loss_fn.disc_loss(x, recon, step=10)
+    d_loss.backward()
+    assert all(p.grad is not None for p in loss_fn.discriminator.parameters())
+
+
+def test_training_lowers_the_loss():
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(**dict(TINY4, block_out_channels=(16, 32, 32), mid_attention=False))
+    loss_fn = VAELoss(fg_weight=4.0)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
+    x = shapes_clips(4, 5, 16, 16, torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(40):
+        recon, posterior = vae(x)
+        loss, _ = loss_fn(x, recon, posterior, step)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)

@@ -1,0 +1,521 @@
+"""Causal video VAE: pixels (B, 3, T, H, W) in [-1, 1] <-> latents (B, C, 1 + (T-1)/ft, H/fs, W/fs).
+
+Causal in time: every convolution sees only the current and past frames (zero padding in front of the first frame),
+so the first frame is encoded alone and each later group of `ft` frames makes one latent frame. An image is a
+video with T = 1. Encode and decode stream over time (the first frame, then `ft` frames per step for encode; one
+latent frame per step for decode) with a cache that holds the last `kt - 1` input frames of every causal
+convolution, so memory does not grow with T and the result equals a single pass. Large frames can be tiled in
+space with linearly blended overlaps (`enable_tiling`).
+
+Also here: `PretrainedVideoVAE`, the same interface over diffusers' Wan, CogVideoX and HunyuanVideo VAEs, and
+`load_vae(kind, ...)` that builds any of them by name.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+from diffusers import AutoencoderKLCogVideoX, AutoencoderKLHunyuanVideo, AutoencoderKLWan
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
+from diffusers.models.modeling_outputs import AutoencoderKLOutput
+from diffusers.models.modeling_utils import ModelMixin
+
+
+VAE_PRESETS = {
+    # Sora/Wan-sized: 4x8x8 compression, 16 latent channels.
+    "standard": dict(),
+    # Trains on 2 CPU cores in minutes: 4x4x4 compression (two spatial downsamplings keep small flat objects at
+    # 2x2+ latent pixels on 64x64 frames), 8 latent channels, one block per level, no attention.
+    "tiny": dict(block_out_channels=(32, 64, 64), layers_per_block=1, latent_channels=8, spatial_factor=4,
+                 temporal_factor=4, mid_attention=False),
+}
+
+
+def valid_size(T: int, H: int, W: int, ft: int = 4, fs: int = 8) -> tuple[int, int, int]:
+    """Nearest (T, H, W) a VAE with temporal factor `ft` and spatial factor `fs` accepts: T = 1 + ft*k, H and W
+    multiples of fs."""
+    T = 1 + ft * max(0, math.floor((T - 1) / ft + 0.5))  # ties go up
+    H = fs * max(1, math.floor(H / fs + 0.5))
+    W = fs * max(1, math.floor(W / fs + 0.5))
+    return T, H, W
+
+
+def check_size(x: torch.Tensor, ft: int, fs: int):
+    if x.ndim != 5:
+        raise ValueError(f"expected pixels of shape (B, 3, T, H, W), got a tensor of shape {tuple(x.shape)}")
+    T, H, W = x.shape[2:]
+    if T < 1 or (T - 1) % ft or H % fs or W % fs:
+        vt, vh, vw = valid_size(T, H, W, ft, fs)
+        raise ValueError(
+            f"a video of {T} frames of {H}x{W} does not fit this VAE (ft={ft}, fs={fs}): frames must be 1 + {ft}*k "
+            f"and height and width multiples of {fs}; the nearest valid size is {vt} frames of {vh}x{vw}")
+
+
+def _triple(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v, v)
+
+
+class CausalConv3d(nn.Module):
+    """Conv3d that sees only the past in time. Pads `kt - 1` frames in front: zeros at the start of a video, or,
+    when streaming, the last `kt - 1` input frames of the previous chunk, kept in `cache[self]`. Space is padded
+    symmetrically with zeros; a spatial stride is allowed, a temporal stride is not (see Downsample)."""
+
+    def __init__(self, cin, cout, kernel=3, stride=1):
+        super().__init__()
+        kt, kh, kw = _triple(kernel)
+        _, sh, sw = _triple(stride)
+        self.kt = kt
+        self.conv = nn.Conv3d(cin, cout, (kt, kh, kw), stride=(1, sh, sw), padding=(0, kh // 2, kw // 2))
+
+    def forward(self, x, cache=None):
+        # x: (B, C, T, H, W)
+        if self.kt > 1:
+            past = cache.get(self) if cache is not None else None
+            if past is None:
+                past = x.new_zeros(*x.shape[:2], self.kt - 1, *x.shape[3:])
+            x = torch.cat([past, x], dim=2)
+            if cache is not None:
+                cache[self] = x[:, :, -(self.kt - 1):].clone()  # clone: do not keep the whole chunk alive
+        return self.conv(x)
+
+
+class ChannelNorm(nn.Module):
+    """RMS norm over channels at each (t, h, w): causal, and blind to tiling (no statistics over space or time)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(dim, 1, 1, 1))
+        self.beta = nn.Parameter(torch.zeros(dim, 1, 1, 1))
+
+    def forward(self, x):
+        # x: (B, C, T, H, W)
+        return F.normalize(x, dim=1) * x.shape[1] ** 0.5 * self.gamma + self.beta
+
+
+class ResBlock(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        self.norm1 = ChannelNorm(cin)
+        self.conv1 = CausalConv3d(cin, cout, 3)
+        self.norm2 = ChannelNorm(cout)
+        self.conv2 = CausalConv3d(cout, cout, 3)
+        self.skip = nn.Conv3d(cin, cout, 1) if cin != cout else nn.Identity()
+
+    def forward(self, x, cache=None):
+        # x: (B, Cin, T, H, W) -> (B, Cout, T, H, W)
+        h = self.conv1(F.silu(self.norm1(x)), cache)
+        h = self.conv2(F.silu(self.norm2(h)), cache)
+        return self.skip(x) + h
+
+
+class FrameAttention(nn.Module):
+    """Single-head self-attention over the pixels of each frame (never across frames, so it stays causal)."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.norm = ChannelNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, cache=None):
+        # x: (B, C, T, H, W)
+        B, _, _, H, _ = x.shape
+        h = rearrange(self.norm(x), "b c t h w -> (b t) (h w) c")
+        q, k, v = rearrange(self.qkv(h), "n l (three c) -> three n 1 l c", three=3)
+        h = F.scaled_dot_product_attention(q, k, v)[:, 0]  # (B*T, H*W, C)
+        return x + rearrange(self.proj(h), "(b t) (h w) c -> b c t h w", b=B, h=H)
+
+
+class Downsample(nn.Module):
+    """Halves H and W with a stride-2 conv per frame. With `time=True` also halves T on the 1 + 2k grid: the first
+    frame of a video is paired with a zero frame in front of it, every later pair (2i-1, 2i) makes one frame. The
+    pairs never straddle a streaming chunk (chunks after the first have an even length), so no state is needed
+    beyond whether the first frame has passed."""
+
+    def __init__(self, dim, time):
+        super().__init__()
+        self.space = CausalConv3d(dim, dim, (1, 3, 3), stride=(1, 2, 2))
+        self.time = nn.Conv3d(dim, dim, (2, 1, 1), stride=(2, 1, 1)) if time else None
+        if time:  # start as "keep the later frame of each pair"; the earlier tap learns from there
+            nn.init.zeros_(self.time.weight)
+            nn.init.zeros_(self.time.bias)
+            with torch.no_grad():
+                self.time.weight[:, :, 1, 0, 0].copy_(torch.eye(dim))
+
+    def forward(self, x, cache=None):
+        # x: (B, C, T, H, W) -> (B, C, T', H/2, W/2), T' = (T + 1) / 2 at the start of a video, T / 2 after
+        x = self.space(x, cache)
+        if self.time is not None:
+            if cache is None or self not in cache:
+                x = F.pad(x, (0, 0, 0, 0, 1, 0))
+            if cache is not None:
+                cache[self] = True
+            x = self.time(x)
+        return x
+
+
+class Upsample(nn.Module):
+    """Doubles H and W (nearest, then a conv per frame). With `time=True` first doubles T: a causal conv makes the
+    channels of two frames per frame (depth to time), and the first frame of a video keeps only the second of its
+    two, so 1 + k frames become 1 + 2k, chunk by chunk exactly as in one pass."""
+
+    def __init__(self, dim, time):
+        super().__init__()
+        self.time = CausalConv3d(dim, 2 * dim, (3, 1, 1)) if time else None
+        self.space = CausalConv3d(dim, dim, (1, 3, 3))
+        if time:  # start as frame duplication, so motion does not fade before the model has learnt anything
+            nn.init.zeros_(self.time.conv.weight)
+            nn.init.zeros_(self.time.conv.bias)
+            with torch.no_grad():
+                self.time.conv.weight[:, :, -1, 0, 0].copy_(torch.eye(dim).repeat(2, 1))
+
+    def forward(self, x, cache=None):
+        # x: (B, C, T, H, W) -> (B, C, T', 2H, 2W), T' = 2T - 1 at the start of a video, 2T after
+        if self.time is not None:
+            first = cache is None or self not in cache
+            x = rearrange(self.time(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
+            if first:
+                x = x[:, :, 1:]
+            if cache is not None:
+                cache[self] = True
+        x = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
+        return self.space(x, cache)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cin, cout, channels, layers, time_down, attention):
+        super().__init__()
+        self.conv_in = CausalConv3d(cin, channels[0], 3)
+        blocks, c = [], channels[0]
+        for i, ch in enumerate(channels):
+            for _ in range(layers):
+                blocks.append(ResBlock(c, ch))
+                c = ch
+            if i < len(channels) - 1:
+                blocks.append(Downsample(c, time_down[i]))
+        blocks += [ResBlock(c, c)] + ([FrameAttention(c)] if attention else []) + [ResBlock(c, c)]
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = ChannelNorm(c)
+        self.conv_out = CausalConv3d(c, cout, 3)
+
+    def forward(self, x, cache=None):
+        # x: (B, 3, T, H, W) -> (B, 2C, T', H/fs, W/fs)
+        x = self.conv_in(x, cache)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cin, cout, channels, layers, time_up, attention):
+        super().__init__()
+        channels = channels[::-1]
+        c = channels[0]
+        self.conv_in = CausalConv3d(cin, c, 3)
+        blocks = [ResBlock(c, c)] + ([FrameAttention(c)] if attention else []) + [ResBlock(c, c)]
+        for i, ch in enumerate(channels):
+            for _ in range(layers):
+                blocks.append(ResBlock(c, ch))
+                c = ch
+            if i < len(channels) - 1:
+                blocks.append(Upsample(c, time_up[i]))
+        self.blocks = nn.ModuleList(blocks)
+        self.norm_out = ChannelNorm(c)
+        self.conv_out = CausalConv3d(c, cout, 3)
+
+    def forward(self, z, cache=None):
+        # z: (B, C, T', h, w) -> (B, 3, T, h*fs, w*fs)
+        x = self.conv_in(z, cache)
+        for block in self.blocks:
+            x = block(x, cache)
+        return self.conv_out(F.silu(self.norm_out(x)), cache)
+
+
+def _tile_starts(size, tile, stride):
+    if size <= tile:
+        return [0]
+    return list(range(0, size - tile, stride)) + [size - tile]
+
+
+def _ramp(n, overlap, device):
+    # weights (n,) rising linearly over `overlap` pixels from each edge; the sum over tiles is divided out
+    i = torch.arange(n, device=device, dtype=torch.float32) + 0.5
+    return torch.clamp(torch.minimum(i, n - i) / max(overlap, 1), max=1.0)
+
+
+def _tiled(fn, x, tile, overlap, ratio):
+    """Apply `fn` to overlapping spatial tiles of x: (B, C, T, H, W) and blend the outputs with linear ramps.
+    `tile` and `overlap` are in x's pixels; the output is `ratio` times x's spatial size."""
+    H, W = x.shape[-2:]
+    out = weight = None
+    for i in _tile_starts(H, tile, tile - overlap):
+        for j in _tile_starts(W, tile, tile - overlap):
+            y = fn(x[..., i:i + tile, j:j + tile])
+            h, w = y.shape[-2:]
+            oi, oj = round(i * ratio), round(j * ratio)
+            wt = (_ramp(h, overlap * ratio, y.device)[:, None] * _ramp(w, overlap * ratio, y.device)).to(y.dtype)
+            if out is None:
+                out = y.new_zeros(*y.shape[:3], round(H * ratio), round(W * ratio))
+                weight = y.new_zeros(round(H * ratio), round(W * ratio))
+            out[..., oi:oi + h, oj:oj + w] += y * wt
+            weight[oi:oi + h, oj:oj + w] += wt
+    return out / weight
+
+
+class CausalVideoVAE(ModelMixin, ConfigMixin):
+    """Causal 3D-convolutional KL autoencoder for videos and images.
+
+    block_out_channels: channels per level; len - 1 = log2(spatial_factor) levels downsample space, the last
+        log2(temporal_factor) of those also downsample time.
+    layers_per_block: residual blocks per level.
+    latent_channels: C of the latent.
+    temporal_factor, spatial_factor: ft and fs, powers of 2 (ft <= fs).
+    mid_attention: per-frame self-attention between the two middle residual blocks.
+    latents_mean, latents_std: per-channel statistics for normalized latents (see `compute_latent_stats`).
+    tile_sample_size, tile_overlap: spatial tile and overlap in pixels when tiling is enabled.
+    """
+
+    _supports_gradient_checkpointing = False
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        block_out_channels: tuple = (128, 256, 512, 512),
+        layers_per_block: int = 2,
+        latent_channels: int = 16,
+        temporal_factor: int = 4,
+        spatial_factor: int = 8,
+        mid_attention: bool = True,
+        latents_mean: list | None = None,
+        latents_std: list | None = None,
+        tile_sample_size: int = 256,
+        tile_overlap: int = 64,
+    ):
+        super().__init__()
+        n_space, n_time = math.log2(spatial_factor), math.log2(temporal_factor)
+        if not (n_space.is_integer() and n_time.is_integer() and n_time <= n_space):
+            raise ValueError(f"spatial_factor ({spatial_factor}) and temporal_factor ({temporal_factor}) must be "
+                             f"powers of 2 with temporal_factor <= spatial_factor")
+        if len(block_out_channels) != int(n_space) + 1:
+            raise ValueError(f"block_out_channels needs log2(spatial_factor) + 1 = {int(n_space) + 1} entries for "
+                             f"spatial_factor {spatial_factor}, got {len(block_out_channels)}")
+        for name, stats in (("latents_mean", latents_mean), ("latents_std", latents_std)):
+            if stats is not None and len(stats) != latent_channels:
+                raise ValueError(f"{name} has {len(stats)} entries, expected latent_channels = {latent_channels}")
+        time_down = [False] * int(n_space - n_time) + [True] * int(n_time)
+        channels = list(block_out_channels)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, channels, layers_per_block, time_down, mid_attention)
+        self.decoder = Decoder(latent_channels, in_channels, channels, layers_per_block, time_down[::-1],
+                               mid_attention)
+        # start near-deterministic (posterior std e^-3 = 0.05): a unit-variance start buries the mean under noise
+        # that a KL weight of ~1e-6 takes thousands of steps to shrink, so nothing is learnt early
+        nn.init.constant_(self.encoder.conv_out.conv.bias[latent_channels:], -6.0)
+        self.use_tiling = False
+
+    @property
+    def ft(self) -> int:
+        return self.config.temporal_factor
+
+    @property
+    def fs(self) -> int:
+        return self.config.spatial_factor
+
+    @property
+    def latent_channels(self) -> int:
+        return self.config.latent_channels
+
+    def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        return valid_size(T, H, W, self.ft, self.fs)
+
+    def enable_tiling(self, tile_sample_size: int | None = None, tile_overlap: int | None = None):
+        """Encode and decode frames larger than `tile_sample_size` pixels in overlapping spatial tiles."""
+        size = tile_sample_size or self.config.tile_sample_size
+        overlap = self.config.tile_overlap if tile_overlap is None else tile_overlap
+        if size % self.fs or overlap % self.fs or not 0 <= overlap < size:
+            raise ValueError(f"tile size ({size}) and overlap ({overlap}) must be multiples of fs={self.fs} with "
+                             f"0 <= overlap < size")
+        self.register_to_config(tile_sample_size=size, tile_overlap=overlap)
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def _encode_stream(self, x):
+        # x: (B, 3, 1 + ft*k, H, W) -> moments (B, 2C, 1 + k, H/fs, W/fs), the first frame, then ft frames a step
+        cache = {}
+        chunks = [x[:, :, :1]] + (list(x[:, :, 1:].split(self.ft, dim=2)) if x.shape[2] > 1 else [])
+        return torch.cat([self.encoder(chunk, cache) for chunk in chunks], dim=2)
+
+    def _decode_stream(self, z):
+        # z: (B, C, 1 + k, h, w) -> (B, 3, 1 + ft*k, h*fs, w*fs), one latent frame a step into a preallocated output
+        cache, out, t = {}, None, 0
+        for i in range(z.shape[2]):
+            frames = self.decoder(z[:, :, i:i + 1], cache)
+            if out is None:
+                T = 1 + self.ft * (z.shape[2] - 1)
+                out = frames.new_empty(*frames.shape[:2], T, *frames.shape[3:])
+            out[:, :, t:t + frames.shape[2]] = frames
+            t += frames.shape[2]
+        return out
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True, stream: bool = True):
+        """x: (B, 3, 1 + ft*k, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist) over (B, C, 1 + k, H/fs, W/fs).
+        stream=False runs one pass over all frames (faster to train, memory grows with T)."""
+        check_size(x, self.ft, self.fs)
+        fn = self._encode_stream if stream else self.encoder
+        size, overlap = self.config.tile_sample_size, self.config.tile_overlap
+        if self.use_tiling and max(x.shape[-2:]) > size:
+            moments = _tiled(fn, x, size, overlap, 1 / self.fs)
+        else:
+            moments = fn(x)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, stream: bool = True):
+        """z: (B, C, 1 + k, h, w) -> DecoderOutput(sample) of (B, 3, 1 + ft*k, h*fs, w*fs)."""
+        if z.ndim != 5 or z.shape[1] != self.latent_channels:
+            raise ValueError(f"expected latents of shape (B, {self.latent_channels}, T, h, w), got {tuple(z.shape)}")
+        fn = self._decode_stream if stream else self.decoder
+        size, overlap = self.config.tile_sample_size // self.fs, self.config.tile_overlap // self.fs
+        if self.use_tiling and max(z.shape[-2:]) > size:
+            x = _tiled(fn, z, size, overlap, self.fs)
+        else:
+            x = fn(z)
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def forward(self, x: torch.Tensor, sample_posterior: bool = True, generator: torch.Generator | None = None):
+        """Training pass in one go: returns (reconstruction, posterior)."""
+        posterior = self.encode(x, stream=False).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z, stream=False).sample, posterior
+
+    def _stats(self, z):
+        C = self.latent_channels
+        mean = self.config.latents_mean or [0.0] * C
+        std = self.config.latents_std or [1.0] * C
+        shape = (1, C, 1, 1, 1)
+        return z.new_tensor(mean).view(shape), z.new_tensor(std).view(shape)
+
+    def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
+        """x: (B, 3, 1 + ft*k, H, W) -> normalized latents (B, C, 1 + k, H/fs, W/fs). sample: False takes the
+        posterior mode; True or a torch.Generator draws from it."""
+        z = _draw(self.encode(x).latent_dist, sample)
+        mean, std = self._stats(z)
+        return (z - mean) / std
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """Normalized latents (B, C, 1 + k, h, w) -> pixels (B, 3, 1 + ft*k, h*fs, w*fs)."""
+        z = z.to(self.dtype)
+        mean, std = self._stats(z)
+        return self.decode(z * std + mean).sample
+
+
+def _draw(posterior, sample):
+    if sample is False:
+        return posterior.mode()
+    return posterior.sample(generator=sample if isinstance(sample, torch.Generator) else None)
+
+
+@torch.no_grad()
+def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> tuple[list, list]:
+    """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
+    VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents."""
+    total = total_sq = None
+    count = 0
+    for x in batches:
+        z = _draw(vae.encode(x.to(vae.device, vae.dtype)).latent_dist, sample).double()
+        z = rearrange(z, "b c t h w -> c (b t h w)")
+        total = z.sum(1) if total is None else total + z.sum(1)
+        total_sq = (z ** 2).sum(1) if total_sq is None else total_sq + (z ** 2).sum(1)
+        count += z.shape[1]
+    if count == 0:
+        raise ValueError("compute_latent_stats got no batches")
+    mean = total / count
+    std = (total_sq / count - mean ** 2).clamp(min=1e-12).sqrt()
+    vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
+    return mean.tolist(), std.tolist()
+
+
+class PretrainedVideoVAE(nn.Module):
+    """diffusers' AutoencoderKLWan / AutoencoderKLCogVideoX / AutoencoderKLHunyuanVideo behind CausalVideoVAE's
+    interface: ft, fs, latent_channels, valid_size, encode_latents, decode_latents (same shapes contract).
+    Normalization comes from the wrapped model's config: latents_mean/std where it has them (Wan), else
+    (z - shift_factor) * scaling_factor (CogVideoX, HunyuanVideo)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        if isinstance(model, AutoencoderKLWan):
+            self.ft = 2 ** sum(cfg.temperal_downsample)
+            self.fs = 2 ** (len(cfg.dim_mult) - 1) * (cfg.patch_size or 1)
+            self.latent_channels = cfg.z_dim
+        elif isinstance(model, AutoencoderKLCogVideoX):
+            self.ft = int(cfg.temporal_compression_ratio)
+            self.fs = 2 ** (len(cfg.block_out_channels) - 1)
+            self.latent_channels = cfg.latent_channels
+        elif isinstance(model, AutoencoderKLHunyuanVideo):
+            self.ft = cfg.temporal_compression_ratio
+            self.fs = cfg.spatial_compression_ratio
+            self.latent_channels = cfg.latent_channels
+        else:
+            raise TypeError(f"PretrainedVideoVAE wraps AutoencoderKLWan, AutoencoderKLCogVideoX or "
+                            f"AutoencoderKLHunyuanVideo, got {type(model).__name__}")
+
+    @property
+    def dtype(self):
+        return self.model.dtype
+
+    def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        return valid_size(T, H, W, self.ft, self.fs)
+
+    def encode(self, x, return_dict: bool = True):
+        check_size(x, self.ft, self.fs)
+        return self.model.encode(x, return_dict=return_dict)
+
+    def decode(self, z, return_dict: bool = True):
+        x = self.model.decode(z).sample
+        T = 1 + self.ft * (z.shape[2] - 1)
+        x = x[:, :, -T:]  # CogVideoX decodes an even number of latent frames to ft each: the first ones are extra
+        return DecoderOutput(sample=x) if return_dict else (x,)
+
+    def _normalize(self, z, inverse):
+        cfg = self.model.config
+        if getattr(cfg, "latents_mean", None) is not None and getattr(cfg, "latents_std", None) is not None:
+            shape = (1, -1, 1, 1, 1)
+            mean, std = z.new_tensor(cfg.latents_mean).view(shape), z.new_tensor(cfg.latents_std).view(shape)
+            return z * std + mean if inverse else (z - mean) / std
+        shift, scale = getattr(cfg, "shift_factor", None) or 0.0, cfg.scaling_factor
+        return z / scale + shift if inverse else (z - shift) * scale
+
+    def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
+        return self._normalize(_draw(self.encode(x).latent_dist, sample), inverse=False)
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(self._normalize(z.to(self.dtype), inverse=True)).sample
+
+
+_PRETRAINED = {"wan": AutoencoderKLWan, "cogvideox": AutoencoderKLCogVideoX, "hunyuan": AutoencoderKLHunyuanVideo}
+
+
+def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **kwargs):
+    """Build a VAE by name. kind: 'causal' (ours), 'wan', 'cogvideox' or 'hunyuan'. path_or_config: a directory
+    (or hub id) for from_pretrained (kwargs go to it, e.g. subfolder='vae', torch_dtype), a dict of constructor
+    arguments, None for the class defaults, or for 'causal' a preset name from VAE_PRESETS."""
+    if kind == "causal":
+        if path_or_config is None or path_or_config in VAE_PRESETS:
+            return CausalVideoVAE(**VAE_PRESETS[path_or_config or "standard"], **kwargs)
+        if isinstance(path_or_config, dict):
+            return CausalVideoVAE(**path_or_config, **kwargs)
+        return CausalVideoVAE.from_pretrained(path_or_config, **kwargs)
+    if kind not in _PRETRAINED:
+        raise ValueError(f"unknown VAE kind {kind!r}; choose one of 'causal', {', '.join(map(repr, _PRETRAINED))}")
+    cls = _PRETRAINED[kind]
+    if path_or_config is None or isinstance(path_or_config, dict):
+        model = cls(**(path_or_config or {}), **kwargs)
+    else:
+        model = cls.from_pretrained(path_or_config, **kwargs)
+    return PretrainedVideoVAE(model)
