@@ -143,8 +143,9 @@ def main():
     print(f"{'training loop consumes':34s}{loop['samples_per_s']:12.2f}")
     print(f"loader headroom: {load / loop['samples_per_s']:.1f}x; training steps/s {loop['steps_per_s']:.3f}; "
           f"share of each step waiting for data: {100 * loop['data_wait']:.1f}% (target < 10%)")
-    print(f"\n2. tiny preset, tokens/s of real tokens on the same mixed shapes (budget {load_config(CONFIG).data.max_tokens}"
-          f" tokens; buckets: {pack['per_bucket']} samples padded to the largest)")
+    budget = load_config(CONFIG).data.max_tokens
+    print(f"\n2. tiny preset, tokens/s of real tokens on the same mixed shapes (budget {budget} tokens; buckets: "
+          f"{pack['per_bucket']} samples padded to the largest)")
     print(f"{'':34s}{'tokens/s':>12s}")
     print(f"{'packing (patch n pack)':34s}{pack['packed']:12.0f}   (budget filled {100 * pack['fill']:.1f}%)")
     print(f"{'pad-to-bucket':34s}{pack['buckets']:12.0f}")

@@ -170,3 +170,25 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
         a, b, c = with_adapters(packed, t, text), merged(packed, t, text), base(packed, t, text)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(b, c, atol=1e-5)  # the adapters changed the outputs
+
+
+def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
+    from videodit.data.shapes import make_clip
+    from videodit.data.video import write_video
+
+    rows = []
+    for i, (h, w) in enumerate([(32, 32), (32, 64), (64, 32)]):  # read back resized to ~16x16 pixels
+        clip = make_clip(i, h, w, 8)
+        write_video(str(tmp_path / f"{i}.mp4"), clip["frames"], fps=8)
+        rows.append(dict(path=f"{i}.mp4", caption=clip["caption"]))
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 100)
+    rows.append(dict(path="bad.mp4", caption="a broken file", num_frames=8, fps=8.0, height=16, width=16))
+    with open(tmp_path / "data.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    run = tmp_path / "run"
+    train(load_config(None, assets["base"] + [
+        "data.source=manifest", f"data.manifest={tmp_path / 'data.jsonl'}", "data.target_area=256",
+        "data.num_frames=[5]", "data.image_ratio=0", f"train.output_dir={run}", "train.max_steps=2"]))
+    records = log(run)
+    assert records[-1]["skipped"] == 2  # all four fit one batch: each step is an epoch and meets the bad file once
+    assert all(r["samples_per_s"] > 0 for r in records)

@@ -3,8 +3,10 @@ launcher: `torchrun`, or `accelerate launch` with its config / flags), bf16 / fp
 clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weights, activation checkpointing and
 torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE (`train.task: vae`).
 
-The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step), tensorboard/,
-checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights as model/ (dit) or vae/ (vae).
+The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
+grad_norm, tokens/s, samples/s, steps/s, model TFLOP/s (denoiser: 3 x forward FLOPs, for MFU), data_wait, skipped),
+tensorboard/, checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights as model/ (dit) or
+vae/ (vae).
 
 Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
 seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a
@@ -100,7 +102,7 @@ def train(cfg, resume: str | None = None) -> str:
     consumed = position.batches
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
-    window = dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, steps=0, start=time.perf_counter())
+    window = _window()
     skipped_total = 0
     model.train()
     while step < t.max_steps:
@@ -118,6 +120,7 @@ def train(cfg, resume: str | None = None) -> str:
             window["tokens"] += batch["tokens"]
             window["samples"] += batch["size"]
             window["skipped"] += batch["skipped"]
+            window["flops"] += logs.pop("flops", 0)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / A
         grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
@@ -133,7 +136,7 @@ def train(cfg, resume: str | None = None) -> str:
 
         if step % t.log_every == 0 or step == t.max_steps:
             stats = torch.tensor([window["loss"], window["tokens"], window["samples"], window["skipped"],
-                                  window["wait"]], dtype=torch.float64, device=acc.device)
+                                  window["wait"], window["flops"]], dtype=torch.float64, device=acc.device)
             stats = acc.reduce(stats, "sum")
             elapsed = time.perf_counter() - window["start"]
             skipped_total += int(stats[3])
@@ -142,14 +145,15 @@ def train(cfg, resume: str | None = None) -> str:
                           grad_norm=float(grad_norm) if grad_norm is not None else None,
                           tokens_per_s=float(stats[1]) / elapsed, samples_per_s=float(stats[2]) / elapsed,
                           steps_per_s=n / elapsed, data_wait=float(stats[4]) / W / elapsed,
-                          skipped=skipped_total, **{k: float(v) for k, v in extra.items()})
+                          tflops_per_s=float(stats[5]) / elapsed / 1e12, skipped=skipped_total,
+                          **{k: float(v) for k, v in extra.items()})
             if acc.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
-            window = dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, steps=0, start=time.perf_counter())
+            window = _window()
         bar.update(1)
 
         if t.sample_every and step % t.sample_every == 0:
@@ -176,6 +180,11 @@ def train(cfg, resume: str | None = None) -> str:
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _window() -> dict:
+    """Sums over the steps since the last log line."""
+    return dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, flops=0, steps=0, start=time.perf_counter())
 
 
 @contextlib.contextmanager

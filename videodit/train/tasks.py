@@ -1,8 +1,9 @@
 """What a run trains: the denoiser on packed latents (`DiTTask`) or the causal VAE on pixels (`VAETask`).
 
-A task builds its model and data source from the config and gives the loop four things: `model` (to prepare),
-`loss(model, batch, generator, step)` on one micro-batch, `after_step()` (extra optimizers, e.g. the GAN
-discriminator) and `write_samples(model, step, folder)`; `export(model, folder)` writes the final weights.
+A task builds its model and data source from the config and gives the loop: `model` (to prepare),
+`loss(model, batch, generator, step)` on one micro-batch (with a dict of logs; "flops": its training FLOPs),
+`extra_state()` (more objects to checkpoint), `after_step()` (extra optimizers, e.g. the GAN discriminator),
+`write_samples(model, step, folder)`, and `export(model, folder)` for the final weights.
 """
 
 import os
@@ -13,6 +14,7 @@ import torch
 from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source
 from ..data.video import write_video
+from ..flops import flops_per_step
 from ..flow import flow_loss, sample
 from ..text import encode_with
 from ..vae_loss import VAELoss
@@ -100,7 +102,10 @@ class DiTTask:
         f = self.cfg.flow
         loss = flow_loss(model, latents, text, mask, batch["cond"], mean=f.logit_mean, std=f.logit_std,
                          shift=f.shift, base_tokens=f.base_tokens, generator=generator)
-        return loss * weight, {}
+        pt, ph, pw = self.geom.patch
+        seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
+        flops = flops_per_step(self.model_config, seqlens, mask.sum(1).tolist()) * weight
+        return loss * weight, {"flops": flops}
 
     def extra_state(self) -> list:
         return []
