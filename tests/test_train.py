@@ -170,6 +170,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
         a, b, c = with_adapters(packed, t, text), merged(packed, t, text), base(packed, t, text)
     torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(b, c, atol=1e-5)  # the adapters changed the outputs
+    exported = export_ema(str(run / "checkpoints" / "step_00000002"), str(tmp_path / "export"))  # from a checkpoint
+    assert os.listdir(os.path.join(exported, "lora"))
+    for x, y in zip(VideoDiT.from_pretrained(exported).state_dict().values(), merged.state_dict().values()):
+        assert torch.equal(x, y)
 
 
 def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):

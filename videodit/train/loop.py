@@ -78,11 +78,11 @@ def train(cfg, resume: str | None = None) -> str:
     for obj in ([ema] if ema else []) + task.extra_state():
         acc.register_for_checkpointing(obj)
 
-    step, position = 0, DataPosition()
+    step, position, skipped_total = 0, DataPosition(), 0
     log_path = os.path.join(out, "log.jsonl")
     if checkpoint:
         state = load_checkpoint(acc, checkpoint)
-        step, position = state["step"], DataPosition(**state["data"])
+        step, position, skipped_total = state["step"], DataPosition(**state["data"]), state["skipped"]
         if acc.is_main_process:
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
     elif resume:
@@ -103,7 +103,6 @@ def train(cfg, resume: str | None = None) -> str:
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
     window = _window()
-    skipped_total = 0
     model.train()
     while step < t.max_steps:
         extra = {}
@@ -134,19 +133,11 @@ def train(cfg, resume: str | None = None) -> str:
         consumed += W * A
         window["steps"] += 1
 
-        if step % t.log_every == 0 or step == t.max_steps:
-            stats = torch.tensor([window["loss"], window["tokens"], window["samples"], window["skipped"],
-                                  window["wait"], window["flops"]], dtype=torch.float64, device=acc.device)
-            stats = acc.reduce(stats, "sum")
-            elapsed = time.perf_counter() - window["start"]
-            skipped_total += int(stats[3])
-            n = window["steps"]
-            record = dict(step=step, loss=float(stats[0]) / (n * W), lr=scheduler.get_last_lr()[0],
-                          grad_norm=float(grad_norm) if grad_norm is not None else None,
-                          tokens_per_s=float(stats[1]) / elapsed, samples_per_s=float(stats[2]) / elapsed,
-                          steps_per_s=n / elapsed, data_wait=float(stats[4]) / W / elapsed,
-                          tflops_per_s=float(stats[5]) / elapsed / 1e12, skipped=skipped_total,
-                          **{k: float(v) for k, v in extra.items()})
+        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
+        if step % t.log_every == 0 or checkpoint_now:  # a checkpoint's skipped count is then exact
+            record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm)
+            skipped_total += record.pop("skipped_now")
+            record["skipped"] = skipped_total
             if acc.is_main_process:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
@@ -161,9 +152,9 @@ def train(cfg, resume: str | None = None) -> str:
                 with _ema_weights(ema, params), acc.autocast():
                     task.write_samples(unwrapped, step, os.path.join(out, "samples"))
             acc.wait_for_everyone()
-        if step % t.checkpoint_every == 0 or step == t.max_steps:
-            state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), world_size=W,
-                         grad_accum=A)
+        if checkpoint_now:
+            state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
+                         world_size=W, grad_accum=A)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints)
     bar.close()
 
@@ -180,6 +171,22 @@ def train(cfg, resume: str | None = None) -> str:
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm) -> dict:
+    """One log line: the window's sums over all ranks (collective), as rates; the task's logs of the last step
+    averaged over ranks (the same names on every rank)."""
+    stats = torch.tensor([window[k] for k in ("loss", "tokens", "samples", "skipped", "wait", "flops")],
+                         dtype=torch.float64, device=acc.device)
+    loss, tokens, samples, skipped, wait, flops = acc.reduce(stats, "sum").tolist()
+    names = sorted(extra)
+    if names:
+        values = acc.reduce(torch.tensor([extra[k] for k in names], dtype=torch.float64, device=acc.device), "mean")
+        extra = dict(zip(names, values.tolist()))
+    W, n, elapsed = acc.num_processes, window["steps"], time.perf_counter() - window["start"]
+    return dict(step=step, loss=loss / (n * W), lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+                tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
+                data_wait=wait / W / elapsed, tflops_per_s=flops / elapsed / 1e12, skipped_now=int(skipped), **extra)
 
 
 def _window() -> dict:
