@@ -17,7 +17,7 @@ from videodit.train.loop import train
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train a videodit denoiser (train.task: dit) or VAE (train.task: vae).")
     p.add_argument("--config", required=True, help="a YAML config, e.g. configs/shapes/tiny.yaml")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE",
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides, e.g. train.max_steps=100 data.max_tokens=4096")
     p.add_argument("--resume", default=None, metavar="latest|DIR",
                    help="continue from the run's newest checkpoint (latest) or a checkpoint folder")

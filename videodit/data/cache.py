@@ -13,6 +13,7 @@ tokens only); null.safetensors with the empty prompt; index.json with each item'
 """
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -23,9 +24,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import load_config
+from ..config import ConfigError, load_config
 from .loader import Geometry, make_source
-from .video import VideoReadError
+from .video import VideoReadError, read_video
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +38,14 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     from ..train.models import denoiser_kwargs, load_trained_vae
 
     if cfg.data.source == "cache":
-        raise ValueError("data.source is 'cache': point the config at the shapes world or a manifest to cache")
+        raise ConfigError("data.source is 'cache': point the config at the shapes world or a manifest to cache")
     vae = load_trained_vae(cfg).to(device)
     text = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_length, device=device)
     patch = tuple(denoiser_kwargs(cfg, vae.latent_channels, text.dim).get("patch_size", (1, 2, 2)))
     geom = Geometry(vae.ft, vae.fs, patch)
     data = cfg.data
     if num is not None and data.source == "shapes":
-        data = type(data)(**{**data.__dict__, "shapes_count": num})
+        data = dataclasses.replace(data, shapes_count=num)
     source = make_source(data, geom)
     count = len(source) if num is None else min(num, len(source))
 
@@ -91,8 +92,6 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
 
 def _load_from_start(source, i: int) -> dict:
     """A manifest clip at its planned size from its first frame (a cache fixes one window per clip)."""
-    from .video import read_video
-
     row, (T, H, W, _, _) = source.rows[i], source.plans[i]
     video = read_video(row.path, num_frames=T, fps=source.fps, height=H, width=W)
     return dict(video=video, caption=row.caption, detailed_caption=row.detailed_caption)
@@ -106,10 +105,14 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=None, help="shapes world: how many clips (default data.shapes_count)")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                   help="config overrides")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    index = build_cache(load_config(args.config, args.set), args.out, args.num, args.shard_size, args.device)
+    try:
+        index = build_cache(load_config(args.config, args.set), args.out, args.num, args.shard_size, args.device)
+    except (ConfigError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None
     print(f"cached {len(index['items'])} samples ({index['skipped']} skipped) in {args.out}")
 
 

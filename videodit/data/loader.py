@@ -337,4 +337,4 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
     data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob)
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        prefetch_factor=4 if d.num_workers else None,
-                                       persistent_workers=d.num_workers > 0)
+                                       persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
