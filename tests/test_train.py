@@ -1,5 +1,6 @@
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -105,7 +106,10 @@ def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, referenc
     config = str(tmp_path / "config.yaml")
     save_config(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4",
                                                     "train.grad_accum=1", "train.checkpoint_every=2"]), config)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(ROOT, "train.py"), "--config", config,
            "--resume", os.path.join(reference, "checkpoints", "step_00000002")]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)

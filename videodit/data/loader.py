@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from ..config import ConfigError
 from ..flow import drop_text, random_cond
 from ..text import choose_caption
 from .manifest import read_manifest
@@ -333,6 +334,9 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
     """This rank's endless DataLoader of packed batches, starting at `start` in the global stream."""
     d = cfg.data
     video, image = source.token_counts(geom)
+    if video.max() > d.max_tokens:
+        raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({video.max()} latent "
+                          f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
     sampler = PackedBatchSampler(video, image, d.max_tokens, d.image_ratio, d.seed, rank, world_size, start)
     data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob)
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,

@@ -74,7 +74,7 @@ def train(cfg, resume: str | None = None) -> str:
     if hasattr(unwrapped, "patch_size"):
         model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
     params = [p for p in unwrapped.parameters() if p.requires_grad]  # after prepare: FSDP replaces parameters
-    ema = EMAModel(params, decay=t.ema_decay) if t.ema_decay > 0 else None
+    ema = EMAModel(params, decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
     for obj in ([ema] if ema else []) + task.extra_state():
         acc.register_for_checkpointing(obj)
 
