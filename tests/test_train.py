@@ -100,21 +100,25 @@ def test_resume_is_bit_exact(assets, reference, tmp_path):
             assert torch.equal(x, y)
 
 
+def torchrun(config: str, *args):
+    """train.py on two CPU processes (gloo)."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           os.path.join(ROOT, "train.py"), "--config", config, *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, reference, tmp_path):
     """The reference ran 2 steps on 1 process x grad_accum 2; two processes (gloo) x grad_accum 1 resume from its
     step-2 checkpoint: same global batches, so the same losses and weights (up to the order of float sums)."""
     config = str(tmp_path / "config.yaml")
     save_config(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=4",
                                                     "train.grad_accum=1", "train.checkpoint_every=2"]), config)
-    with socket.socket() as sock:  # a free port for the rendezvous
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(ROOT, "train.py"), "--config", config,
-           "--resume", os.path.join(reference, "checkpoints", "step_00000002")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun(config, "--resume", os.path.join(reference, "checkpoints", "step_00000002"))
     run = str(tmp_path / "run")
     got, want = log(run), log(reference)[2:]
     assert [r["step"] for r in got] == [3, 4]
@@ -126,6 +130,25 @@ def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, referenc
     with open(os.path.join(run, "checkpoints", "step_00000004", "state.json")) as f:
         state = json.load(f)
     assert state["world_size"] == 2 and state["data"]["batches"] == 8
+
+
+def test_vae_with_gan_on_two_processes_matches_one(assets, tmp_path):
+    """The discriminator is replicated and its gradients averaged by hand: 2 processes x grad_accum 1 must give the
+    losses and weights of 1 process x grad_accum 2 (step 3 sees the discriminator step 2 trained)."""
+    base = assets["base"] + ["train.task=vae", "train.max_steps=3", "vae.gan_weight=0.1", "vae.gan_start=1"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
+    config = str(tmp_path / "config.yaml")
+    save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'two'}", "train.grad_accum=1"]), config)
+    torchrun(config)
+    one, two = log(tmp_path / "one"), log(tmp_path / "two")
+    for key in ("loss", "disc_loss"):
+        torch.testing.assert_close([r.get(key, 0.0) for r in two], [r.get(key, 0.0) for r in one], rtol=1e-4,
+                                   atol=1e-6)
+    for name in ("model.safetensors", "custom_checkpoint_1.pkl"):  # the VAE and the discriminator
+        a, b = (os.path.join(tmp_path, run, "checkpoints", "step_00000003", name) for run in ("one", "two"))
+        wa, wb = (load_file(p) if p.endswith("safetensors") else torch.load(p) for p in (a, b))
+        for k in wa:
+            torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
 def test_export_ema_as_a_diffusers_model(reference, tmp_path):
@@ -200,3 +223,14 @@ def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
     records = log(run)
     assert records[-1]["skipped"] == 2  # all four fit one batch: each step is an epoch and meets the bad file once
     assert all(r["samples_per_s"] > 0 for r in records)
+
+
+def test_stage_recipes_chain_their_models():
+    stages = [load_config(os.path.join(ROOT, "configs", "stages", f)) for f in
+              ("1_images.yaml", "2_video_low.yaml", "3_video_high.yaml")]
+    assert all(t == 1 for t, _, _ in stages[0].data.sizes) and stages[0].data.image_ratio == 1.0
+    for before, after in zip(stages, stages[1:]):
+        assert after.train.init_from == os.path.join(before.train.output_dir, "model")  # the previous EMA export
+        assert max(h * w for _, h, w in after.data.sizes) >= max(h * w for _, h, w in before.data.sizes)
+    vae = load_config(os.path.join(ROOT, "configs", "shapes", "vae.yaml"))
+    assert vae.train.task == "vae" and vae.train.output_dir + "/vae" == "runs/shapes-vae/vae"
