@@ -73,6 +73,8 @@ class TextEncoder(nn.Module):
         return next(self.model.parameters()).device
 
     def encode(self, prompts: list[str]):
+        if isinstance(prompts, str) or not prompts:
+            raise TypeError(f"encode takes a non-empty list of prompts, got {prompts!r:.200}")
         missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
         if missing:
             emb, mask = encode_with(self.model, self.tokenizer, missing, self.max_length, self.device)
