@@ -1,10 +1,11 @@
 """Train a denoiser or a VAE.
 
-    python train.py --config configs/shapes/vae.yaml                      # the shapes-world VAE
-    python train.py --config configs/shapes/tiny.yaml --set train.vae=runs/shapes-vae/vae
-    python train.py --config CONFIG --resume latest                       # continue the run's newest checkpoint
-    torchrun --nproc_per_node 8 train.py --config CONFIG                   # DDP (gloo on CPU, NCCL on GPU)
-    accelerate launch --config_file fsdp.yaml train.py --config CONFIG     # FSDP2 via accelerate's FSDP plugin
+    python train.py --config configs/shapes/vae.yaml                             # -> runs/shapes-vae/vae
+    python train.py --config configs/shapes/tiny.yaml --set train.vae=runs/shapes-vae/vae # -> runs/shapes-tiny/pipeline
+    python sample.py --checkpoint runs/shapes-tiny/pipeline --prompt "a red circle moving right" --output red.mp4
+    python train.py --config CONFIG --resume latest                              # the run's newest checkpoint
+    torchrun --nproc_per_node 8 train.py --config CONFIG                          # DDP (gloo on CPU, NCCL on GPU)
+    accelerate launch --config_file fsdp.yaml train.py --config CONFIG            # FSDP2 (accelerate's plugin)
 """
 
 import argparse

@@ -151,11 +151,17 @@ def test_vae_with_gan_on_two_processes_matches_one(assets, tmp_path):
             torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
-def test_export_ema_as_a_diffusers_model(reference, tmp_path):
-    out = export_ema(os.path.join(reference, "checkpoints", "step_00000004"), str(tmp_path / "model"))
-    exported, final = VideoDiT.from_pretrained(out), VideoDiT.from_pretrained(os.path.join(reference, "model"))
-    for (k, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
-        assert torch.equal(a, b), k
+def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
+    from videodit.pipeline import VideoDiTPipeline
+
+    ckpt = os.path.join(reference, "checkpoints", "step_00000004")
+    exported = VideoDiT.from_pretrained(export_ema(ckpt, str(tmp_path / "model")))
+    final = VideoDiTPipeline.from_pretrained(os.path.join(reference, "pipeline"))  # what the run wrote at its end
+    again = VideoDiTPipeline.from_pretrained(export_ema(ckpt, str(tmp_path / "pipe"), pipeline=True))
+    for model in (final.transformer, again.transformer):
+        for (k, a), b in zip(exported.state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), k
+    assert final.config.max_text_length == 64 and isinstance(final.vae, CausalVideoVAE)
 
 
 def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
@@ -188,9 +194,9 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
         if "lora_" not in k:  # base weights untouched
             name = k.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(v, base_sd[name]), k
-    assert os.listdir(run / "model" / "lora")  # adapters saved alone
-    with_adapters = load_lora(VideoDiT.from_pretrained(tmp_path / "base"), str(run / "model" / "lora"))
-    merged = VideoDiT.from_pretrained(run / "model")
+    assert os.listdir(run / "lora")  # adapters saved alone
+    with_adapters = load_lora(VideoDiT.from_pretrained(tmp_path / "base"), str(run / "lora"))
+    merged = VideoDiT.from_pretrained(run / "pipeline", subfolder="transformer")
     packed = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 4, 8)], (1, 2, 2))
     text, t = torch.randn(2, 3, 16), torch.tensor([0.3, 0.8])
     with torch.no_grad():
@@ -230,7 +236,7 @@ def test_stage_recipes_chain_their_models():
               ("1_images.yaml", "2_video_low.yaml", "3_video_high.yaml")]
     assert all(t == 1 for t, _, _ in stages[0].data.sizes) and stages[0].data.image_ratio == 1.0
     for before, after in zip(stages, stages[1:]):
-        assert after.train.init_from == os.path.join(before.train.output_dir, "model")  # the previous EMA export
+        assert after.train.init_from == os.path.join(before.train.output_dir, "pipeline")  # the last EMA export
         assert max(h * w for _, h, w in after.data.sizes) >= max(h * w for _, h, w in before.data.sizes)
     vae = load_config(os.path.join(ROOT, "configs", "shapes", "vae.yaml"))
     assert vae.train.task == "vae" and vae.train.output_dir + "/vae" == "runs/shapes-vae/vae"

@@ -5,9 +5,11 @@ temporary folder and moved into place with os.replace, so a crash never leaves a
     <output_dir>/checkpoints/step_00001000/   model.safetensors optimizer.bin scheduler.bin random_states_<rank>.pkl
                                               custom_checkpoint_0.pkl (EMA) state.json config.yaml model_config.json
 
-Export a checkpoint's EMA weights as a diffusers model folder (save_pretrained) for sampling:
+Export a checkpoint's EMA weights as a diffusers model folder (save_pretrained), or with --pipeline as a whole
+pipeline folder for sample.py:
 
     python -m videodit.train.checkpoint runs/shapes-tiny/checkpoints/step_00002000 --out runs/shapes-tiny/model
+    python -m videodit.train.checkpoint runs/shapes-tiny/checkpoints/step_00002000 --out step2000 --pipeline
 """
 
 import argparse
@@ -76,9 +78,10 @@ def load_checkpoint(accelerator, path: str) -> dict:
         return json.load(f)
 
 
-def export_ema(checkpoint: str, out: str, merge_lora: bool = True) -> str:
+def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: bool = False) -> str:
     """Write the checkpoint's EMA weights as a diffusers folder: the VAE (vae runs) or the denoiser (dit runs);
-    LoRA runs write the adapters to <out>/lora and, with merge_lora, the merged denoiser to <out>."""
+    LoRA runs write the adapters to <out>/lora and, with merge_lora, the merged denoiser to <out>. With `pipeline`
+    (dit runs), <out> becomes a whole VideoDiTPipeline folder with the run's VAE and text encoder, for sample.py."""
     from diffusers.training_utils import EMAModel
 
     from ..config import load_config
@@ -100,7 +103,16 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True) -> str:
         ema = EMAModel(params)
         ema.load_state_dict(torch.load(ema_file, weights_only=False))
         ema.copy_to(params)
-    return save_model(model, out, merge_lora)
+    if not pipeline or cfg.train.task == "vae":
+        return save_model(model, out, merge_lora)
+    from ..text import load_text_encoder
+    from .models import load_trained_vae
+
+    if cfg.train.lora_rank:
+        model.save_pretrained(os.path.join(out, "lora"))
+        model = model.merge_and_unload()
+    t = cfg.text
+    return save_pipeline(cfg, model, load_trained_vae(cfg), load_text_encoder(t.encoder, t.path, t.max_length), out)
 
 
 def save_model(model, out: str, merge_lora: bool = True) -> str:
@@ -117,13 +129,31 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
     return out
 
 
+def save_pipeline(cfg, transformer, vae, text, out: str) -> str:
+    """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
+    with the run's text length, shift base and sampling defaults in model_index.json."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ..pipeline import VideoDiTPipeline
+    from ..vae import PretrainedVideoVAE
+
+    pipe = VideoDiTPipeline(vae.model if isinstance(vae, PretrainedVideoVAE) else vae, transformer, text.model,
+                            text.tokenizer, FlowMatchEulerDiscreteScheduler(), max_text_length=text.max_length,
+                            base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
+                            default_guidance=cfg.sample.guidance)
+    pipe.save_pretrained(out)
+    return out
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="Export a training checkpoint's EMA weights as a diffusers model folder.")
     p.add_argument("checkpoint", help="a folder <output_dir>/checkpoints/step_*")
     p.add_argument("--out", required=True, help="the model folder to write (save_pretrained)")
     p.add_argument("--no-merge", action="store_true", help="LoRA runs: write the adapters only")
+    p.add_argument("--pipeline", action="store_true",
+                   help="dit runs: write a whole pipeline (with the run's VAE and text encoder) for sample.py")
     args = p.parse_args(argv)
-    print(export_ema(args.checkpoint, args.out, merge_lora=not args.no_merge))
+    print(export_ema(args.checkpoint, args.out, merge_lora=not args.no_merge, pipeline=args.pipeline))
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@ torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the
 
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
 grad_norm, tokens/s, samples/s, steps/s, model TFLOP/s (denoiser: 3 x forward FLOPs, for MFU), data_wait, skipped),
-tensorboard/, checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights as model/ (dit) or
-vae/ (vae).
+tensorboard/, checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
+VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
 Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
 seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a

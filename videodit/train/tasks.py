@@ -10,6 +10,7 @@ import os
 import random
 
 import torch
+from peft import PeftModel
 
 from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source
@@ -18,8 +19,8 @@ from ..flops import flops_per_step
 from ..flow import flow_loss, sample
 from ..text import encode_with
 from ..vae_loss import VAELoss
+from .checkpoint import save_model, save_pipeline
 from .lora import add_lora
-from .checkpoint import save_model
 from .models import build_denoiser, build_vae, load_trained_vae
 
 
@@ -134,8 +135,13 @@ class DiTTask:
             write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps)
 
     def export(self, model, folder: str) -> str:
-        """The denoiser (with LoRA: adapters to model/lora and the merged model) to <folder>/model."""
-        return save_model(model, os.path.join(folder, "model"))
+        """<folder>/pipeline: the denoiser with the run's VAE and text encoder, for sample.py (init_from takes it
+        too); LoRA runs also write the adapters alone to <folder>/lora and merge them into the pipeline's."""
+        if isinstance(model, PeftModel):
+            model.save_pretrained(os.path.join(folder, "lora"))
+            model = model.merge_and_unload()
+        self.vae, self.text = self.vae or self._vae(), self.text or self._text()
+        return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"))
 
 
 class VAETask:
