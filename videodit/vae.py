@@ -26,7 +26,7 @@ from diffusers.models.modeling_utils import ModelMixin
 VAE_PRESETS = {
     # Sora/Wan-sized: 4x8x8 compression, 16 latent channels, 113M parameters.
     "standard": dict(),
-    # Trains on 2 CPU cores in minutes: 4x4x4 compression (two spatial downsamplings keep small flat objects at
+    # Sized for training on 2 CPU cores: 4x4x4 compression (two spatial downsamplings keep small flat objects at
     # 2x2+ latent pixels on 64x64 frames), 8 latent channels, one block per level, no attention, 1.66M parameters.
     "tiny": dict(block_out_channels=(16, 40, 64), layers_per_block=1, latent_channels=8, spatial_factor=4,
                  temporal_factor=4, mid_attention=False),
