@@ -140,12 +140,18 @@ def test_rope_base_grid_scales_positions_to_the_training_extent():
     assert not torch.allclose(a, rope(coords * 2, torch.tensor([[4, 8, 8]]).expand(2, 3)))
 
 
-@pytest.mark.parametrize("cu_k", [None, [0, 3, 3, 10, 11]])  # self-attention; text with an empty segment
-def test_attention_backends_agree(cu_k):
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("cu_q, cu_k", [
+    ([0, 1, 17, 49, 73], None),  # self-attention
+    ([0, 1, 17, 49, 73], [0, 3, 3, 10, 11]),  # text with an empty segment
+    ([0, 24, 48, 72], None),  # equal segments (one batched call)
+    ([0, 24, 48, 72], [0, 5, 10, 15]),
+])
+def test_attention_backends_agree(cu_q, cu_k):
     g = torch.Generator().manual_seed(0)
-    cu_q = torch.tensor([0, 1, 17, 49, 73], dtype=torch.int32)
-    q = torch.randn(73, 2, 8, generator=g)
-    m = 73 if cu_k is None else cu_k[-1]
+    cu_q = torch.tensor(cu_q, dtype=torch.int32)
+    q = torch.randn(cu_q[-1], 2, 8, generator=g)
+    m = cu_q[-1] if cu_k is None else cu_k[-1]
     k, v = torch.randn(m, 2, 8, generator=g), torch.randn(m, 2, 8, generator=g)
     cu_k = None if cu_k is None else torch.tensor(cu_k, dtype=torch.int32)
     ref = packed_attention(q, k, v, cu_q, cu_k, backend="loop")
@@ -154,7 +160,9 @@ def test_attention_backends_agree(cu_k):
         torch.testing.assert_close(packed_attention(q, k, v, cu_q, cu_k, backend="flex"), ref)
     assert torch.isfinite(ref).all()
     if cu_k is not None:
-        assert torch.equal(ref[1:17], torch.zeros(16, 2, 8))  # no keys: attend to nothing
+        for i in range(len(cu_k) - 1):
+            if cu_k[i] == cu_k[i + 1]:  # no keys: attend to nothing
+                assert torch.equal(ref[cu_q[i]:cu_q[i + 1]], torch.zeros(cu_q[i + 1] - cu_q[i], 2, 8))
 
 
 def test_model_backends_agree():

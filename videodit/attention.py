@@ -5,7 +5,8 @@ packed without its padding), so a text padding mask is honoured exactly. A query
 (e.g. an all-masked prompt) gets zeros.
 
 Backends, all equal up to float rounding:
-  "loop"  one F.scaled_dot_product_attention per segment, no mask (fastest portable path on CPU, see bench/dit.py)
+  "loop"  one F.scaled_dot_product_attention per segment, no mask; one batched call when all segments have equal
+          lengths (fastest portable path on CPU, see bench/dit.py)
   "mask"  one SDPA call with a block-diagonal boolean mask (the reference; memory quadratic in the packed length)
   "flex"  torch flex_attention with a document-mask BlockMask (wrap in torch.compile to make it fast; GPU)
   "flash" flash_attn_varlen_func (CUDA, flash-attn installed, fp16/bf16)
@@ -54,6 +55,9 @@ def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
     # split (not slicing): its backward writes the segments' gradients into one tensor
     len_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
     len_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
+    if len(set(len_q)) == 1 and len(set(len_k)) == 1 and len_k[0] > 0:  # equal segments: one batched call
+        qb, kb, vb = (rearrange(x, "(b n) h d -> b h n d", b=len(len_q)) for x in (q, k, v))
+        return rearrange(F.scaled_dot_product_attention(qb, kb, vb), "b h n d -> (b n) h d")
     out = []
     for qi, ki, vi in zip(q.split(len_q), k.split(len_k), v.split(len_k)):
         if ki.shape[0] == 0:
@@ -101,7 +105,7 @@ def _flex(q, k, v, cu_q, cu_k):
 def _flash(q, k, v, cu_q, cu_k):
     if flash_attn_varlen_func is None:
         raise RuntimeError("attention backend 'flash' needs flash-attn installed (pip install flash-attn)")
+    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())  # no device sync when given on the CPU
     cu_q, cu_k = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
-    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())
     out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
     return _zero_empty(out, cu_q, cu_k)

@@ -77,13 +77,13 @@ def recompute(fn, *args):
 def modulated_norm(norm, x, mod, table, index, k):
     """norm(x) * (1 + scale) + shift, with shift, scale = rows k, k+1 of the block's modulation.
     x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: (N,) token -> row."""
-    shift, scale = (mod[index, k:k + 2] + table[k:k + 2].float()).unbind(1)
-    return norm(x) * (1 + scale) + shift
+    shift, scale = (mod[:, k:k + 2] + table[k:k + 2].float()).index_select(0, index).unbind(1)  # (N, D) each
+    return torch.addcmul(shift, norm(x), 1 + scale)
 
 
 def gated_residual(x, y, mod, table, index, k):
     """x + gate * y, gate = row k of the block's modulation. x, y: (N, D)."""
-    return x + (mod[index, k] + table[k].float()) * y.float()
+    return torch.addcmul(x, (mod[:, k] + table[k].float()).index_select(0, index), y.float())
 
 
 class TimestepEmbedder(nn.Module):
