@@ -333,6 +333,9 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
                 start: DataPosition | None = None) -> torch.utils.data.DataLoader:
     """This rank's endless DataLoader of packed batches, starting at `start` in the global stream."""
     d = cfg.data
+    if geom.patch[0] != 1:
+        raise ConfigError(f"model.patch_size {list(geom.patch)}: the loader makes images and 1 + ft*k frames, which "
+                          f"need a temporal patch pt = 1")
     video, image = source.token_counts(geom)
     if video.max() > d.max_tokens:
         raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({video.max()} latent "

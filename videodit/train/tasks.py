@@ -14,7 +14,7 @@ from peft import PeftModel
 
 from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source
-from ..data.video import write_video
+from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
 from ..flow import flow_loss, sample
 from ..text import encode_with
@@ -207,11 +207,21 @@ class VAETask:
         self.disc_opt.step()
         self.disc_opt.zero_grad(set_to_none=True)
 
+    def clips(self, count: int):
+        """The source's first `count` readable clips, each (1, 3, T, H, W) on the device."""
+        for i in range(len(self.source)):
+            if count == 0:
+                return
+            try:
+                yield self.source.load(i, False, random.Random(0))["video"][None].to(self.device)
+                count -= 1
+            except VideoReadError:
+                continue
+
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str, count: int = 4):
         """Reconstructions of the source's first `count` clips, each written as [input | reconstruction]."""
-        for i in range(min(count, len(self.source))):
-            x = self.source.load(i, False, random.Random(0))["video"][None].to(self.device)  # (1, 3, T, H, W)
+        for i, x in enumerate(self.clips(count)):
             recon = model.decode_latents(model.encode_latents(x)).clamp(-1, 1)
             write_video(os.path.join(folder, f"step_{step:08d}_recon_{i}.mp4"), torch.cat([x, recon], -1)[0],
                         fps=self.cfg.sample.fps)
@@ -221,7 +231,5 @@ class VAETask:
         """The VAE to <folder>/vae, with per-channel latent statistics measured on the first clips of the data."""
         from ..vae import compute_latent_stats
 
-        n = min(stats_clips, len(self.source))
-        clips = (self.source.load(i, False, random.Random(0))["video"][None].to(self.device) for i in range(n))
-        compute_latent_stats(model, clips)
+        compute_latent_stats(model, self.clips(stats_clips))
         return save_model(model, os.path.join(folder, "vae"))
