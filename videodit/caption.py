@@ -71,7 +71,7 @@ def prepare(video: torch.Tensor, frames: int = 8, side: int = 32) -> torch.Tenso
 
 
 def _block(cin, cout, stride):
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.GroupNorm(8, cout),
                          nn.ReLU(inplace=True))
 
 
@@ -79,7 +79,8 @@ class ShapesNet(nn.Module):
     """x: (B, 3, frames, h, w) from `prepare` -> {attribute: logits (B, classes)}.
 
     Early fusion: the frames are stacked as channels of one image, so the first convolutions see each object at
-    every time step (motion), then global average + max pooling makes it work at any size."""
+    every time step (motion), then global average + max pooling makes it work at any size. GroupNorm, not
+    BatchNorm: with BatchNorm the count head leaned on batch statistics and lost 5-10 points in eval mode."""
 
     def __init__(self, frames: int = 8, side: int = 32, width: int = 32):
         super().__init__()
@@ -172,7 +173,7 @@ def _augment(x: torch.Tensor, labels: dict, rng: np.random.Generator):
     return x, {**labels, "motion": HEADS["motion"].index(motion)}
 
 
-def train_shapes(out: str, num: int = 6000, steps: int = 1500, batch_size: int = 48, lr: float = 2e-3,
+def train_shapes(out: str, num: int = 12000, steps: int = 4000, batch_size: int = 32, lr: float = 2e-3,
                  seed: int = 0, log=print) -> str:
     """Train ShapesNet on `num` rendered clips (seeds disjoint from evaluation's) and save it to out/."""
     torch.manual_seed(seed)
@@ -333,8 +334,8 @@ def main(argv=None):
     if argv[:1] == ["train-shapes"]:
         p = argparse.ArgumentParser(prog="python -m videodit.caption train-shapes")
         p.add_argument("--out", required=True, help="folder for shapes_captioner.safetensors")
-        p.add_argument("--num", type=int, default=6000, help="rendered training clips")
-        p.add_argument("--steps", type=int, default=1500)
+        p.add_argument("--num", type=int, default=12000, help="rendered training clips")
+        p.add_argument("--steps", type=int, default=4000)
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
         path = train_shapes(a.out, a.num, a.steps, seed=a.seed)
