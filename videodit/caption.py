@@ -11,7 +11,8 @@ Each clip is read through videodit.data.video (decord): K frames spread evenly o
 - 'shapes': a small learned video classifier of the shapes world's attributes (count, size, color, shape, motion,
   background; one softmax head each) whose predictions are written through the shapes world's detailed-caption
   templates. Start positions are not learned: they are the object centres of the first frame found by the shapes
-  world's rule-based reader (`read_frame`). Weights ship in videodit/assets/shapes_captioner.safetensors.
+  world's rule-based reader (`read_frame`), a triangle's centroid moved up to its box centre. Weights ship in
+  videodit/assets/shapes_captioner.safetensors.
 
 OUT holds the captioned rows, in the order of IN, with `detailed_caption` and `caption_model`; it is rewritten
 atomically after each batch. A rerun keeps the rows already in OUT and captions only the others. Unreadable clips
@@ -52,7 +53,7 @@ def sample_frames(path: str, k: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The shapes-world captioner: a small 3D conv net, one softmax head per attribute
+# The shapes-world captioner: a small early-fusion conv net, one softmax head per attribute
 
 HEADS = {"count": (1, 2), "size": tuple(shapes.SIZES), "color": tuple(shapes.COLORS), "shape": shapes.SHAPES,
          "motion": shapes.MOTIONS, "background": tuple(shapes.BACKGROUNDS)}
@@ -60,11 +61,11 @@ HEADS = {"count": (1, 2), "size": tuple(shapes.SIZES), "color": tuple(shapes.COL
 
 def prepare(video: torch.Tensor, frames: int = 8, side: int = 32) -> torch.Tensor:
     """(3, T, H, W) in [-1, 1] -> (3, frames, h, w): frames spread evenly over the clip (an image is repeated),
-    resized so the short side is `side` and the long side at most 2 * side."""
+    resized keeping the aspect ratio so that the short side is `side` (object sizes are relative to it)."""
     _, t, h, w = video.shape
     idx = torch.linspace(0, t - 1, frames).round().long()
     scale = side / min(h, w)
-    size = (min(2 * side, round(h * scale)), min(2 * side, round(w * scale)))
+    size = (round(h * scale), round(w * scale))
     x = F.interpolate(video[:, idx].transpose(0, 1).float(), size=size, mode="bilinear", antialias=True,
                       align_corners=False)  # (frames, 3, h, w)
     return x.transpose(0, 1).contiguous()
@@ -158,7 +159,8 @@ def render_set(num: int, seed: int, sizes) -> list:
 TRAIN_SIZES = [(t, h, w) for t in (17, 9, 5, 1) for h, w in ((64, 64), (64, 128), (128, 64), (96, 96))]
 EVAL_SIZES = {"64x64 T=17": (17, 64, 64), "64x128 T=17": (17, 64, 128), "128x64 T=9": (9, 128, 64),
               "64x64 T=9": (9, 64, 64), "64x64 T=1": (1, 64, 64), "unseen 80x48 T=13": (13, 80, 48),
-              "unseen 112x112 T=25": (25, 112, 112)}
+              "unseen 112x112 T=25": (25, 112, 112),
+              "unseen 48x144 T=17": (17, 48, 144)}
 
 
 def _augment(x: torch.Tensor, labels: dict, rng: np.random.Generator):
@@ -221,14 +223,12 @@ def format_accuracy(result: dict) -> str:
     cols = list(HEADS)
     lines = ["| clips | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for name, acc in result.items():
-        lines.append(f"| {name} | " + " | ".join(f"{acc[k]:.0%}" if k in acc else "n/a" for k in cols) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{acc[k]:.1%}" if k in acc else "n/a" for k in cols) + " |")
     return "\n".join(lines)
 
 
 class ShapesCaptioner:
     """Clips -> detailed captions through the shapes-world templates, from ShapesNet's predicted attributes."""
-
-    name = "shapes"
 
     def __init__(self, weights: str | None = None, seed: int = 0):
         self.net = ShapesNet.load(weights or SHAPES_WEIGHTS)
@@ -240,7 +240,9 @@ class ShapesCaptioner:
         for v, a in zip(videos, self.net.predict(videos)):
             h, w = v.shape[-2:]
             first = ((v[:, 0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # (H, W, 3)
-            starts = sorted(o["centre"] for o in shapes.read_frame(first)["objects"]) or [(w / 2, h / 2)]
+            lift = 1 / 6 if a["shape"] == "triangle" else 0  # a triangle's centroid lies side/6 below its box centre
+            objects = shapes.read_frame(first)["objects"]
+            starts = sorted((o["centre"][0], o["centre"][1] - lift * o["side"]) for o in objects) or [(w / 2, h / 2)]
             attrs = shapes.Attributes(starts=starts, **a)
             captions.append(shapes.detailed_caption(attrs, h, w, self.rng))
         return captions
@@ -252,8 +254,6 @@ class ShapesCaptioner:
 
 class VLMCaptioner:
     """A transformers image-text-to-text model: K frames as images + an instruction, through the chat template."""
-
-    name = "vlm"
 
     def __init__(self, model: str, max_new_tokens: int = 128, prompt: str = VLM_PROMPT, device="cpu",
                  dtype: torch.dtype = torch.float32):
@@ -363,6 +363,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.frames < 1 or a.batch_size < 1:
         p.error("--frames and --batch-size must be >= 1")
+    if a.backend == "vlm" and not a.model:
+        p.error("--backend vlm needs --model: a local folder or a hub id of a vision-language model")
     kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,
               dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
     counts = caption_manifest(a.manifest, a.out, load_captioner(a.backend, a.model, **kw), a.frames, a.batch_size)
