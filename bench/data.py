@@ -8,12 +8,15 @@
    three aspects, images), token-budget packing against fixed pad-to-bucket batches (every sample padded to the
    largest shape's token count, as many per batch as the same budget holds); forward + backward + AdamW on random
    latents, so only batching differs. The two alternate step by step; medians.
+3. The training loop of 1. on the same manifest encoded once by `python -m videodit.data.cache`: what live decoding
+   and VAE/text encoding cost per step.
 
 The VAE is the tiny preset with random weights (speed does not depend on training). Run:
     python bench/data.py [--clips 48] [--train-steps 8] [--pack-steps 6] [--threads 1]
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from videodit.config import load_config  # noqa: E402
+from videodit.data.cache import build_cache  # noqa: E402
 from videodit.data.loader import Geometry, ManifestSource, PackedBatchSampler, ShapesSource, make_loader  # noqa: E402
 from videodit.data.manifest import write_manifest  # noqa: E402
 from videodit.data.shapes import make_clip  # noqa: E402
@@ -65,7 +69,8 @@ def train_rate(cfg) -> dict:
     train(cfg)
     with open(os.path.join(cfg.train.output_dir, "log.jsonl")) as f:
         rows = [json.loads(line) for line in f][1:]
-    return {k: statistics.median(r[k] for r in rows) for k in ("steps_per_s", "samples_per_s", "data_wait")}
+    return {k: statistics.median(r[k] for r in rows) for k in ("steps_per_s", "samples_per_s", "tokens_per_s",
+                                                                 "data_wait")}
 
 
 def packing_vs_buckets(cfg, geom, steps: int) -> dict:
@@ -134,6 +139,10 @@ def main():
         geom = Geometry(4, 4, (1, 2, 2))
         load = loader_rate(cfg, geom, batches=6)
         loop = train_rate(cfg)
+        build_cache(cfg, os.path.join(tmp, "cache"))
+        cached = train_rate(dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, source="cache", cache_dir=os.path.join(tmp, "cache")), train=dataclasses.replace(
+            cfg.train, output_dir=os.path.join(tmp, "run_cache"))))
         pack = packing_vs_buckets(load_config(CONFIG), geom, args.pack_steps)
 
     print(f"\n1. decord data loading vs the tiny model ({torch.get_num_threads()} torch thread(s), 2 workers, "
@@ -150,6 +159,11 @@ def main():
     print(f"{'packing (patch n pack)':34s}{pack['packed']:12.0f}   (budget filled {100 * pack['fill']:.1f}%)")
     print(f"{'pad-to-bucket':34s}{pack['buckets']:12.0f}")
     print(f"packing / buckets: {pack['packed'] / pack['buckets']:.2f}x")
+    print("\n3. the same training loop on the same manifest: live decoding + VAE/text encoding vs the latent cache")
+    print(f"{'':34s}{'steps/s':>12s}{'tokens/s':>12s}{'data wait':>12s}")
+    for name, r in (("live (decord + VAE + text)", loop), ("latent cache", cached)):
+        print(f"{name:34s}{r['steps_per_s']:12.3f}{r['tokens_per_s']:12.0f}{100 * r['data_wait']:11.1f}%")
+    print(f"cache / live: {cached['steps_per_s'] / loop['steps_per_s']:.2f}x")
 
 
 if __name__ == "__main__":
