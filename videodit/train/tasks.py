@@ -6,6 +6,7 @@ A task builds its model and data source from the config and gives the loop: `mod
 `write_samples(model, step, folder)`, and `export(model, folder)` for the final weights.
 """
 
+import logging
 import os
 import random
 
@@ -22,6 +23,8 @@ from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
 from .lora import add_lora
 from .models import build_denoiser, build_vae, load_trained_vae
+
+logger = logging.getLogger(__name__)
 
 
 def _group_by_shape(tensors: list) -> dict:
@@ -64,6 +67,8 @@ class DiTTask:
             self.source = make_source(cfg.data, self.geom)
         if cfg.train.gradient_checkpointing:
             model.enable_gradient_checkpointing()
+        if cfg.train.lora_rank and not cfg.train.init_from:
+            logger.warning("train.lora_rank > 0 without train.init_from: the adapters train on a random base model")
         self.model = add_lora(model, cfg.train.lora_rank) if cfg.train.lora_rank else model
         self.last_batch = None
 
