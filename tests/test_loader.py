@@ -45,7 +45,7 @@ def test_packing_respects_budget_and_drops_nothing():
     again = PackedBatchSampler(video, image, max_tokens=512, image_ratio=0.3, seed=1)
     assert again.epoch(1) == sampler.epoch(1)  # deterministic by seed and epoch
     with pytest.raises(ValueError, match="max_tokens"):
-        pack_by_budget(np.arange(3), np.array([10, 600, 10]), 512)
+        pack_by_budget([10, 600, 10], 512)
 
 
 def test_ranks_shard_the_stream_and_resume_on_another_world_size():

@@ -222,12 +222,12 @@ def make_source(data, geom: Geometry):
 # Packing and the sampler
 
 
-def pack_by_budget(order: np.ndarray, tokens: np.ndarray, max_tokens: int) -> list[list[int]]:
-    """Positions of `order` grouped into batches of at most max_tokens tokens, first fit over the open batches
-    (at most MAX_OPEN_BATCHES; when none fits and the window is full, the oldest batch is closed)."""
+def pack_by_budget(tokens, max_tokens: int) -> list[list[int]]:
+    """Positions 0..N-1 of a sequence of token counts grouped, in order, into batches of at most max_tokens tokens:
+    first fit over the open batches (at most MAX_OPEN_BATCHES; when none fits and the window is full, the oldest
+    batch is closed). Every position lands in exactly one batch."""
     batches, open_, room = [], [], []
-    for pos, i in enumerate(order):
-        n = int(tokens[i])
+    for pos, n in enumerate(int(x) for x in tokens):
         if n > max_tokens:
             raise ValueError(f"a sample of {n} latent tokens does not fit data.max_tokens = {max_tokens}; raise "
                              f"max_tokens or lower data.target_area / data.num_frames / data.sizes")
@@ -264,7 +264,7 @@ class PackedBatchSampler:
             order = rng.permutation(len(self.video_tokens))
             image = rng.random(len(order)) < self.image_ratio  # by position in the order
             tokens = np.where(image, self.image_tokens[order], self.video_tokens[order])
-            batches = pack_by_budget(np.arange(len(order)), tokens, self.max_tokens)
+            batches = pack_by_budget(tokens, self.max_tokens)
             self._cache = {epoch: [[(int(order[p]), bool(image[p]), epoch) for p in b] for b in batches]}
         return self._cache[epoch]
 
