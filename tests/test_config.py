@@ -28,9 +28,10 @@ def test_base_inheritance_and_overrides(tmp_path):
     assert cfg.train.lr == 0.001
 
 
-def test_ints_are_accepted_as_floats(tmp_path):
+def test_ints_and_exponents_are_accepted_as_floats(tmp_path):
     cfg = load_config(write(tmp_path, "c.yaml", "train:\n  lr: 1\n"))
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert load_config(overrides=["train.lr=1e-3"]).train.lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
 def test_saved_config_round_trips(tmp_path):

@@ -156,3 +156,16 @@ def test_missing_default_model_says_how_to_train(monkeypatch, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--prompt", "a red circle", "--checkpoint", str(tmp_path / "models" / "shapes-tiny")])
     assert e.value.code == 2 and "README" in capsys.readouterr().err
+
+
+def test_a_saved_pipeline_samples_in_a_fresh_process(saved, tmp_path):
+    """model_index.json names videodit's modules: a new process must find the classes without any prior import."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "fresh.mp4"
+    r = subprocess.run([sys.executable, "sample.py", "--prompt", "a red circle", "--checkpoint", saved, "--output",
+                        str(out), "--height", "16", "--width", "16", "--num-frames", "5"], capture_output=True,
+                       text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert out.stat().st_size > 0

@@ -24,6 +24,13 @@ def test_mp4_round_trip_through_decord(tmp_path):
     assert err.mean() < 2.0 and np.percentile(err, 95) < 8  # h264 (4:2:0 chroma) on flat colours
 
 
+@pytest.mark.parametrize("width", [16, 24, 48, 40])
+def test_widths_decord_misreads_are_read_all_the_same(tmp_path, width):
+    frames = moving_clip(9, 32, width)
+    back = read_video(write_video(str(tmp_path / "w.mp4"), frames))
+    assert back.shape == (3, 9, 32, width) and np.abs(to_uint8(back).astype(int) - frames).mean() < 5
+
+
 def test_frame_rate_and_start_select_frames(tmp_path):
     frames = np.zeros((16, 32, 32, 3), np.uint8)
     frames[:, :, :, 0] = (np.arange(16) * 16)[:, None, None]  # red channel encodes the frame index

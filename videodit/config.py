@@ -285,6 +285,11 @@ def _convert(value, tp):
             return value
         raise TypeError
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                raise TypeError from None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         raise TypeError

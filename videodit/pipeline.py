@@ -23,6 +23,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .data.video import resize_crop, to_uint8
+from .dit import VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing it registers the class)
 from .flow import cond_frames, sample
 from .text import encode_with
 from .vae import CausalVideoVAE, PretrainedVideoVAE

@@ -52,6 +52,7 @@ class _Reader:
     """Random access to the frames of a video (decord) or a gif (PIL): len, fps, size, get(indices)."""
 
     def __init__(self, path: str):
+        self.path = path
         if os.path.splitext(path)[1].lower() == ".gif":
             with Image.open(path) as im:  # gif writers merge repeated frames into longer ones: expand them
                 frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125) for f in ImageSequence.Iterator(im)]
@@ -67,7 +68,24 @@ class _Reader:
             self.height, self.width = self._vr[0].shape[:2]
 
     def get(self, idx: list) -> np.ndarray:
-        return self._frames[idx] if hasattr(self, "_frames") else self._vr.get_batch(idx).asnumpy()
+        if hasattr(self, "_frames"):
+            return self._frames[idx]
+        try:
+            return self._vr.get_batch(idx).asnumpy()
+        except Exception:  # decord 0.6 fails on some frame widths (row padding); ffmpeg reads them in order
+            return self._ffmpeg(idx)
+
+    def _ffmpeg(self, idx: list) -> np.ndarray:
+        import imageio.v2 as imageio
+
+        wanted, frames = set(idx), {}
+        with imageio.get_reader(self.path, format="ffmpeg") as r:
+            for i, frame in enumerate(r):
+                if i in wanted:
+                    frames[i] = frame
+                if i >= max(idx):
+                    break
+        return np.stack([frames[i] for i in idx])
 
 
 def _open(path: str) -> _Reader:
