@@ -131,6 +131,18 @@ def test_rope_is_relative():
     assert not torch.allclose(scores(coords), scores(coords * 2), atol=1e-2)
 
 
+def test_rope_gradient_is_the_inverse_rotation():
+    rope = RoPE3D(head_dim=24)
+    rot = rope(torch.randint(0, 20, (30, 3)))
+    x = torch.randn(30, 2, 24, requires_grad=True)
+    w = torch.randn(30, 2, 24)
+    (apply_rope(x, rot) * w).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    ref = torch.view_as_real(torch.view_as_complex(x_ref.unflatten(-1, (-1, 2))) * rot[:, None]).flatten(-2)
+    (ref * w).sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+
+
 def test_rope_base_grid_scales_positions_to_the_training_extent():
     rope = RoPE3D(head_dim=24, base_grid=(4, 8, 8))
     coords = torch.tensor([[2, 4, 4], [4, 8, 8]])

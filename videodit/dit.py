@@ -20,6 +20,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import packed_attention
+from .parallel import check_heads, gather_tokens, heads_to_sequence, make_shard, sequence_to_heads, shard_packed
 from .patchify import Packed, pack, unpack
 from .rope import RoPE3D, apply_rope
 
@@ -108,13 +109,19 @@ class SelfAttention(nn.Module):
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x, rot, cu_seqlens, backend):
-        """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D)."""
+    def forward(self, x, rot, cu_seqlens, backend, shard=None):
+        """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D).
+        With a Shard (sequence parallel) x and rot are this rank's slice and cu_seqlens are ignored: attention runs
+        over all tokens (shard.cu_seqlens) with this rank's heads, between two all-to-alls."""
         qkv = self.qkv(x.to(self.qkv.weight.dtype))
         q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
-        q = recompute(lambda q, rot: apply_rope(self.q_norm(q), rot), q, rot)
-        k = recompute(lambda k, rot: apply_rope(self.k_norm(k), rot), k, rot)
-        out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
+        q, k = apply_rope(self.q_norm(q), rot), apply_rope(self.k_norm(k), rot)  # norms keep q, k: views of qkv
+        if shard is None:
+            out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
+        else:  # one all-to-all for q, k, v: (n, h, 3d) -> (N, h/P, 3d)
+            q, k, v = heads_to_sequence(torch.cat([q, k, v.to(q.dtype)], -1), shard).chunk(3, -1)
+            out = packed_attention(q, k, v, shard.cu_seqlens, shard.cu_seqlens, backend)  # (N, h/P, d)
+            out = sequence_to_heads(out, shard)  # (n, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
 
@@ -158,17 +165,25 @@ class DiTBlock(nn.Module):
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         self.modulation = nn.Parameter(torch.zeros(6, dim))  # added to the shared time projection
+        self.checkpoint_parts = ()  # "attention" and/or "mlp": recomputed in backward (selective checkpointing)
 
-    def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None):
+    def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None, shard=None):
         """x: (N, D) float32 residual stream; mod: (R, 6, D) float32 rows of the shared time projection (shift1,
         scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row; context: (M, D) -> (N, D).
-        The per-token modulation is gathered inside recompute(): never stored per block."""
+        The per-token modulation is gathered inside recompute(): never stored per block.
+        Sequence parallel: x, t_index, rot are this rank's slice, cu_seqlens the slice's pieces of the samples."""
         m = (mod, self.modulation, t_index)
         h = recompute(modulated_norm, self.norm1, x, *m, 0)
-        x = recompute(gated_residual, x, self.attn(h, rot, cu_seqlens, backend), *m, 2)
+        attn = self._part("attention", self.attn, h, rot, cu_seqlens, backend, shard)
+        x = recompute(gated_residual, x, attn, *m, 2)
         x = x + self.cross_attn(self.norm2(x), context, cu_seqlens, cu_seqlens_text, backend).float()
         h = recompute(modulated_norm, self.norm3, x, *m, 3)
-        return recompute(gated_residual, x, self.mlp(h), *m, 5)
+        return recompute(gated_residual, x, self._part("mlp", self.mlp, h), *m, 5)
+
+    def _part(self, name, fn, *args):
+        if name in self.checkpoint_parts and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
 
 class FinalLayer(nn.Module):
@@ -213,6 +228,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.token_dim = in_channels * math.prod(self.patch_size)
         self.attention_backend = None  # None: packed_attention's default ("flash" where it runs, else "loop")
         self.gradient_checkpointing = False
+        self.checkpoint_every = 1  # with gradient_checkpointing: whole blocks 0, k, 2k, ... (see set_checkpoint_policy)
+        self.sequence_parallel_group = None  # a torch.distributed group: see set_sequence_parallel
 
         self.patch_embed = nn.Linear(self.token_dim, hidden_size)
         self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
@@ -234,6 +251,28 @@ class VideoDiT(ModelMixin, ConfigMixin):
         # adaLN-Zero: zero modulation (so zero gates) and a zero output layer
         for p in (self.time_proj[1].weight, self.time_proj[1].bias, self.final.linear.weight, self.final.linear.bias):
             nn.init.zeros_(p)
+
+    def set_checkpoint_policy(self, policy: str):
+        """Activation checkpointing: "none"; "all" (every block); "every_k" (blocks 0, k, 2k, ...); "attention" or
+        "mlp" (only that part of every block: the rest keeps its activations)."""
+        every = policy[len("every_"):] if policy.startswith("every_") else "1"
+        every_k = policy.startswith("every_") and every.isdigit() and int(every) > 0
+        if policy not in ("none", "all", "attention", "mlp") and not every_k:
+            raise ValueError(f"unknown checkpoint policy {policy!r}; expected none, all, attention, mlp or every_k")
+        if policy in ("none", "attention", "mlp"):
+            self.disable_gradient_checkpointing()
+        else:
+            self.enable_gradient_checkpointing()
+        self.checkpoint_every = int(every)
+        for block in self.blocks:
+            block.checkpoint_parts = (policy,) if policy in ("attention", "mlp") else ()
+
+    def set_sequence_parallel(self, group):
+        """Split every sequence over the ranks of `group` (Ulysses; see videodit.parallel); None turns it off.
+        forward still takes the whole packed batch (the same on every rank of the group) and returns all tokens."""
+        if group is not None:
+            check_heads(self.config.num_heads, torch.distributed.get_world_size(group))
+        self.sequence_parallel_group = group
 
     def _timestep_rows(self, timesteps, packed: Packed):
         """Timesteps (B,), (N,), a list of per-latent-frame (T_i,) or a (B, T) tensor -> values (R,), index (N,)
@@ -287,17 +326,24 @@ class VideoDiT(ModelMixin, ConfigMixin):
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
         mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)  # (R, 6, D)
 
+        shard = None
+        if self.sequence_parallel_group is not None:  # from here on: this rank's slice of the tokens
+            shard = make_shard(self.sequence_parallel_group, cu_seqlens)
+            t_index = t_index[shard.start:shard.end]
+            packed = shard_packed(packed, shard)
+            cu_seqlens = packed.cu_seqlens.cpu()
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
         rot = self.rope(packed.coords, grids)
 
-        x = self.patch_embed(tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
-        for block in self.blocks:
-            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend)
-            if torch.is_grad_enabled() and self.gradient_checkpointing:
+        x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
+        for i, block in enumerate(self.blocks):
+            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard)
+            if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
                 x = self._gradient_checkpointing_func(block, *args)
             else:
                 x = block(*args)
-        return self.final(x, temb, t_index)
+        out = self.final(x, temb, t_index)
+        return out if shard is None else gather_tokens(out, shard)
 
     def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
         """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""

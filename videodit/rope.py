@@ -42,7 +42,26 @@ class RoPE3D(nn.Module):
         return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, head_dim), consecutive pairs rotated in float32 as complex numbers; rot: (N, head_dim/2)."""
+def _rotate(x, rot):
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (N, heads, head_dim/2)
     return torch.view_as_real(xc * rot[:, None]).flatten(-2).to(x.dtype)
+
+
+class _Rotate(torch.autograd.Function):
+    """Rotation whose backward rotates the gradient back (by conj(rot)): it keeps nothing of x for backward."""
+
+    @staticmethod
+    def forward(ctx, x, rot):
+        ctx.save_for_backward(rot)
+        return _rotate(x, rot)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (rot,) = ctx.saved_tensors
+        return _rotate(grad, rot.conj()), None
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, head_dim), consecutive pairs rotated in float32 as complex numbers; rot: (N, head_dim/2)
+    complex, not differentiated."""
+    return _Rotate.apply(x, rot)

@@ -1,0 +1,164 @@
+"""Training-step throughput and peak memory of VideoDiT on this machine, side by side:
+
+1. VideoDiT against diffusers' WanTransformer3DModel at the same depth, width, heads, FFN, text and token count
+   (a batch of equal-shape clips: Wan takes it as a (B, C, T, H, W) tensor, VideoDiT packed).
+2. A mixed batch (an image, a wide clip, a tall clip, a long clip) packed, against the same VideoDiT on the batch
+   padded to its largest member (each sample padded with zero tokens to the longest, attention within each padded
+   sample, loss masked to the real tokens: the compute a padded trainer does).
+3. The attention backends on the mixed batch (forward + backward; flex: forward only, it has no CPU backward).
+
+Each case runs in a fresh subprocess; "peak RSS" is that process's max RSS (imports, model, data, steps); "step mem"
+is the RSS high-water mark during the steps above the RSS just before them, after handing freed heap back to the OS
+and resetting the mark (activations, gradients, optimizer state). Cases alternate A, B, A, B... and the table shows
+medians. Run: python bench/dit.py [--reps 5] [--steps 4]
+"""
+
+import argparse
+import ctypes
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+PRESET = "tiny"
+CLIP = (5, 16, 32)  # latent (T, H, W): a 17-frame 64x128 clip through a 4x4x4 VAE; 640 tokens at patch (1, 2, 2)
+BATCH = 4
+TEXT_LEN = 32
+MIXED = [(1, 16, 16), (5, 16, 32), (5, 32, 16), (17, 16, 16)]  # image, wide, tall, long: 64 + 640 + 640 + 1088
+
+
+def proc_status_mb(key):
+    for line in open("/proc/self/status"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss():
+    """Hand freed heap back to the OS and reset the process's RSS high-water mark (VmHWM); returns RSS now."""
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return proc_status_mb("VmRSS")
+
+
+def train_steps(model, step_fn, steps):
+    """Warm up twice, then time `steps` steps; returns the median step time."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    times = []
+    for i in range(steps + 2):
+        t0 = time.perf_counter()
+        step_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def run_case(case, steps):
+    from videodit.dit import PRESETS, VideoDiT
+    import torch.nn.functional as F
+
+    from videodit.patchify import Packed, pack
+
+    torch.manual_seed(0)
+    cfg = PRESETS[PRESET]
+    c, d, heads = cfg["in_channels"], cfg["hidden_size"], cfg["num_heads"]
+    shapes = [CLIP] * BATCH if case in ("videodit", "wan") else MIXED
+    latents = [torch.randn(c, *s) for s in shapes]
+    text = torch.randn(len(shapes), TEXT_LEN, cfg["text_dim"])
+    t = torch.rand(len(shapes))
+    if case == "wan":
+        from diffusers import WanTransformer3DModel
+
+        model = WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=d // heads,
+                                      in_channels=c, out_channels=c, text_dim=cfg["text_dim"], freq_dim=256,
+                                      ffn_dim=4 * d, num_layers=cfg["depth"])
+        x, target = torch.stack(latents), torch.randn(BATCH, c, *CLIP)
+        tokens = x[:, 0].numel() // 4
+
+        def step():
+            out = model(x, t * 1000, text, return_dict=False)[0]
+            return (out - target).square().mean()
+    else:
+        model = VideoDiT(**cfg)
+        if case.startswith("attn_"):
+            model.attention_backend = case.removeprefix("attn_")
+        packed = pack(latents)
+        tokens = packed.tokens.shape[0]
+        target = torch.randn_like(packed.tokens)
+        if case == "padded":
+            longest, n = max(packed.seqlens), packed.seqlens
+            pad = [(0, 0, 0, longest - k) for k in n]  # zero tokens at the end of each sample
+            padded = Packed(torch.cat([F.pad(x, p) for x, p in zip(packed.tokens.split(n), pad)]),
+                            torch.cat([F.pad(x, p) for x, p in zip(packed.coords.split(n), pad)]),
+                            torch.arange(len(n) + 1, dtype=torch.int32) * longest,
+                            torch.arange(len(n)).repeat_interleave(longest), [(1, 1, longest)] * len(n))
+            real = torch.cat([torch.arange(longest) < k for k in n])  # (B * longest,) loss mask
+            target = torch.randn_like(padded.tokens)
+            packed = padded
+
+            def step():
+                return (model(packed, t, text)[real] - target[real]).square().mean()
+        elif case == "attn_flex":
+            def step():
+                with torch.no_grad():
+                    model(packed, t, text)
+                return torch.zeros((), requires_grad=True)
+        else:
+            def step():
+                return (model(packed, t, text) - target).square().mean()
+    params = sum(p.numel() for p in model.parameters())
+    before = reset_peak_rss()
+    sec = train_steps(model, step, steps)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps(dict(tokens_per_s=tokens / sec, step_s=sec, peak_mb=peak, step_mb=proc_status_mb("VmHWM") - before,
+                          params=params, tokens=tokens)))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--case")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.case:
+        return run_case(args.case, args.steps)
+
+    groups = [("videodit", "wan"), ("packed", "padded"), ("attn_loop", "attn_mask", "attn_flex")]
+    results = {c: [] for g in groups for c in g}
+    for rep in range(args.reps):
+        for group in groups:
+            for case in group if rep % 2 == 0 else group[::-1]:
+                out = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(args.steps),
+                                      "--threads", str(args.threads)],
+                                     capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"case {case} failed:\n{out.stderr}")
+                results[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+
+    med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in results.items()}
+    print(f"preset {PRESET}, {args.reps} reps x {args.steps} timed steps, medians; "
+          f"threads {torch.get_num_threads()}; step = forward + backward + AdamW\n")
+    print("| case | tokens | params | step s | tokens/s | peak RSS MB | step mem MB |")
+    print("|---|---|---|---|---|---|---|")
+    for c, m in med.items():
+        print(f"| {c} | {m['tokens']:.0f} | {m['params'] / 1e6:.2f}M | {m['step_s']:.3f} | {m['tokens_per_s']:.0f} "
+              f"| {m['peak_mb']:.0f} | {m['step_mb']:.0f} |")
+    print("\n(attn_flex: forward only under no_grad; flex attention has no CPU backward)")
+    # packed vs padded: real tokens per second in both
+    print(f"memory_vs_wan: {med['videodit']['peak_mb'] / med['wan']['peak_mb']:.2f} (peak RSS), "
+          f"{med['videodit']['step_mb'] / med['wan']['step_mb']:.2f} (step mem)")
+    print(f"throughput_vs_wan: {med['videodit']['tokens_per_s'] / med['wan']['tokens_per_s']:.2f}")
+    print(f"packed_vs_padded: {med['padded']['step_s'] / med['packed']['step_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
