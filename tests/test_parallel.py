@@ -1,0 +1,105 @@
+"""Sequence parallelism (Ulysses) on two gloo processes equals one process: outputs and gradients, for uneven
+token counts, a rank holding no tokens, a mixed batch of shapes, and with selective activation checkpointing."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from videodit.dit import VideoDiT
+from videodit.parallel import Shard, check_heads, sequence_parallel_groups
+from videodit.patchify import pack
+
+CASES = {
+    # tokens per sample (patch 1x2x2): 27 (odd), 8, 6 -> 41 in all, split 21 + 20 (sample 0 straddles the ranks)
+    "mixed": [(4, 3, 6, 6), (4, 1, 4, 8), (4, 2, 2, 6)],
+    # one token: the second rank holds nothing
+    "one_token": [(4, 1, 2, 2)],
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    model = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16)
+    for p in model.parameters():  # random, not zero-initialized: outputs and every gradient depend on the inputs
+        p.data.normal_(0, 0.1)
+    return model
+
+
+def _inputs(shapes):
+    g = torch.Generator().manual_seed(1)
+    latents = [torch.randn(s, generator=g) for s in shapes]
+    B = len(shapes)
+    frame_t = [torch.rand(s[1], generator=g) for s in shapes]  # per latent frame timesteps
+    text = torch.randn(B, 5, 16, generator=g)
+    mask = torch.ones(B, 5, dtype=torch.bool)
+    mask[0, 3:] = False  # a padded prompt
+    return pack(latents), frame_t, text, mask
+
+
+def _run(model, shapes, policy="none"):
+    packed, frame_t, text, mask = _inputs(shapes)
+    model.set_checkpoint_policy(policy)
+    model.zero_grad(set_to_none=True)
+    out = model(packed, frame_t, text, mask)  # (N, token_dim)
+    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+    (out * weight).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _worker(rank, world, init_file):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        group, dp_rank, dp_size = sequence_parallel_groups(2)
+        assert (dp_rank, dp_size) == (0, 1)
+        for name, shapes in CASES.items():
+            for policy in ("none", "attention"):
+                model = _model()
+                want_out, want_grad = _run(model, shapes)
+                model.set_sequence_parallel(group)
+                got_out, got_grad = _run(model, shapes, policy)
+                model.set_sequence_parallel(None)
+                torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{name}/{policy} output")
+                for n, g in got_grad.items():
+                    dist.all_reduce(g, group=group)  # the group's mean, as DDP takes it
+                    torch.testing.assert_close(g / 2, want_grad[n], rtol=1e-5, atol=1e-6,
+                                               msg=f"{name}/{policy} grad {n}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_two_processes_equal_one(tmp_path):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_shards_cover_any_length():
+    for total in (0, 1, 5, 41, 64):
+        for size in (1, 2, 3, 4, 8):
+            shards = [Shard(None, r, size, torch.tensor([0, total])) for r in range(size)]
+            assert [s.start for s in shards][0] == 0 and shards[-1].end == total
+            assert all(a.end == b.start for a, b in zip(shards, shards[1:]))
+            assert all(s.end - s.start <= s.chunk for s in shards)
+
+
+def test_heads_not_divisible_names_the_degrees_that_work():
+    check_heads(12, 4)
+    with pytest.raises(ValueError, match=r"12 heads are not divisible by 5; use a degree in \[1, 2, 3, 4, 6, 12\]"):
+        check_heads(12, 5)
+
+
+def test_checkpoint_policies_keep_gradients():
+    shapes = CASES["mixed"]
+    model = _model()
+    want_out, want_grad = _run(model, shapes)
+    for policy in ("all", "every_2", "attention", "mlp"):
+        out, grad = _run(model, shapes, policy)
+        torch.testing.assert_close(out, want_out)
+        for n, g in grad.items():
+            torch.testing.assert_close(g, want_grad[n], msg=f"{policy}: {n}")
+    with pytest.raises(ValueError, match="every_k"):
+        model.set_checkpoint_policy("sometimes")
