@@ -169,3 +169,10 @@ def test_a_saved_pipeline_samples_in_a_fresh_process(saved, tmp_path):
                        text=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
     assert r.returncode == 0, r.stderr[-2000:]
     assert out.stat().st_size > 0
+
+
+def test_sample_command_upsamples_prompts(saved, tmp_path, capsys):
+    main(["--prompt", "a crimson disc moving left", "--upsample-prompt", "--checkpoint", saved, "--output",
+          str(tmp_path / "u.mp4"), "--height", "16", "--width", "16", "--num-frames", "5"])
+    used = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prompt: ")]
+    assert len(used) == 1 and "red circle" in used[0] and len(used[0]) > 60  # a detailed caption, synonyms mapped
