@@ -7,10 +7,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
+from conftest import tiny_text
+from test_train import TINY, log, torchrun
+from videodit.config import load_config, save_config
 from videodit.dit import VideoDiT
 from videodit.parallel import Shard, check_heads, sequence_parallel_groups
 from videodit.patchify import pack
+from videodit.train.loop import train
+from videodit.vae import CausalVideoVAE
 
 CASES = {
     # tokens per sample (patch 1x2x2): 27 (odd), 8, 6 -> 41 in all, split 21 + 20 (sample 0 straddles the ranks)
@@ -103,3 +109,29 @@ def test_checkpoint_policies_keep_gradients():
             torch.testing.assert_close(g, want_grad[n], msg=f"{policy}: {n}")
     with pytest.raises(ValueError, match="every_k"):
         model.set_checkpoint_policy("sometimes")
+
+
+def test_trainer_with_sequence_parallel_2_equals_one_process(tmp_path):
+    """train.py with parallel.sequence_parallel: 2 on two gloo processes (one sequence-parallel group) takes the same
+    steps as one process: the same losses and weights, up to the order of float sums."""
+    model, tok = tiny_text(tmp_path)
+    model.save_pretrained(tmp_path / "text")
+    tok.save_pretrained(tmp_path / "text")
+    torch.manual_seed(0)
+    CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                   temporal_factor=4, mid_attention=False).save_pretrained(tmp_path / "vae")
+    base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.max_steps=3",
+                   "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
+                   "train.checkpoint_policy=attention"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}"]))
+    config = str(tmp_path / "sp.yaml")
+    save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2"]),
+                config)
+    torchrun(config)
+    got, want = log(tmp_path / "sp"), log(tmp_path / "one")
+    torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
+    assert [r["flops_per_step"] for r in got] == [r["flops_per_step"] for r in want]  # a group's batch counts once
+    assert all(0 < r["mfu"] < 1 for r in got)
+    a, b = (load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "sp"))
+    for k, v in a.items():
+        torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)

@@ -170,7 +170,9 @@ class TrainConfig:
     sample_every: int = 0            # 0: never sample during training
     sample_prompts: list[str] = field(default_factory=list)
     gradient_checkpointing: bool = False
-    compile: bool = False
+    checkpoint_policy: str = "all"   # with gradient_checkpointing: all, every_k (every k-th block), attention, mlp
+    compile: bool = False            # torch.compile each transformer block (dit) or the whole model (vae)
+    peak_tflops: float = 989.0       # per device, for the logged MFU (H100 SXM dense bf16)
     vae: str | None = None           # dit task: folder of a trained VAE
     init_from: str | None = None     # start from these weights (a pipeline or model folder)
     lora_rank: int = 0               # > 0: train LoRA adapters only
@@ -190,6 +192,11 @@ class TrainConfig:
             bad("betas", "two numbers in [0, 1)")
         if self.grad_clip < 0:
             bad("grad_clip", "a number >= 0 (0 turns clipping off)")
+        k = self.checkpoint_policy[len("every_"):] if self.checkpoint_policy.startswith("every_") else ""
+        if self.checkpoint_policy not in ("all", "attention", "mlp") and not (k.isdigit() and int(k) > 0):
+            bad("checkpoint_policy", "all, attention, mlp or every_k (k a positive integer, e.g. every_2)")
+        if self.peak_tflops <= 0:
+            bad("peak_tflops", "a positive number")
 
 
 @dataclass
@@ -213,7 +220,7 @@ class SampleConfig:
 
 @dataclass
 class ParallelConfig:
-    sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence
+    sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence (divides the processes, heads)
 
     def check(self, bad):
         if self.sequence_parallel < 1:

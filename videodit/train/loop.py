@@ -4,13 +4,18 @@ clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weight
 torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE (`train.task: vae`).
 
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
-grad_norm, tokens/s, samples/s, steps/s, model TFLOP/s (denoiser: 3 x forward FLOPs, for MFU), data_wait, skipped),
+grad_norm, tokens/s, samples/s, steps/s, data_wait, skipped; denoiser: flops_per_step (3 x forward FLOPs from
+videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops)),
 tensorboard/, checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
 VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
 Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
 seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a
 run on W processes with grad_accum A sees the same global batches as one on W' processes with A' = W * A / W'.
+
+Sequence parallelism (`parallel.sequence_parallel: S`, dit only): consecutive groups of S ranks split each sequence
+(videodit.parallel); the W / S groups are the data-parallel ranks: the ranks of a group read the same batches and
+draw the same noise, and DDP's mean over all W ranks is the data-parallel mean of the groups' gradients.
 """
 
 import contextlib
@@ -28,6 +33,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from ..config import ConfigError, save_config
 from ..data.loader import DataPosition, make_loader
+from ..parallel import sequence_parallel_groups
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
 
@@ -65,8 +71,18 @@ def train(cfg, resume: str | None = None) -> str:
     checkpoint = find_checkpoint(resume, out) if resume else None
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
-    if t.compile:
-        task.model.compile(dynamic=True)
+    S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
+    dp_rank, dp_size = acc.process_index, W
+    if S > 1:
+        if t.task != "dit" or W == 1:
+            raise ConfigError(f"parallel.sequence_parallel = {S} splits the denoiser's sequences over processes: it "
+                              f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
+        group, dp_rank, dp_size = sequence_parallel_groups(S)
+        task.model.set_sequence_parallel(group)
+    if t.compile:  # the blocks one by one (dit): one small graph, compiled once, serves every block
+        blocks = getattr(task.model, "blocks", None)
+        for m in blocks if blocks is not None else [task.model]:
+            m.compile(dynamic=True)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
@@ -96,8 +112,7 @@ def train(cfg, resume: str | None = None) -> str:
             os.remove(log_path)
     acc.init_trackers("tensorboard")
 
-    W, A = acc.num_processes, t.grad_accum
-    loader = make_loader(cfg, task.source, task.geom, acc.process_index, W, position)
+    loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position)
     batches = iter(loader)
     consumed = position.batches
     generator = torch.Generator(acc.device)
@@ -110,7 +125,7 @@ def train(cfg, resume: str | None = None) -> str:
             tic = time.perf_counter()
             batch = next(batches)
             window["wait"] += time.perf_counter() - tic
-            generator.manual_seed(t.seed * 1_000_000_007 + consumed + m * W + acc.process_index)
+            generator.manual_seed(t.seed * 1_000_000_007 + consumed + m * dp_size + dp_rank)
             sync = contextlib.nullcontext() if m == A - 1 else acc.no_sync(model)
             with sync:
                 loss, logs = task.loss(model, batch, generator, step)
@@ -130,12 +145,12 @@ def train(cfg, resume: str | None = None) -> str:
         if ema:
             ema.step(params)
         step += 1
-        consumed += W * A
+        consumed += dp_size * A
         window["steps"] += 1
 
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
         if step % t.log_every == 0 or checkpoint_now:  # a checkpoint's skipped count is then exact
-            record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm)
+            record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
             if acc.is_main_process:
@@ -148,13 +163,15 @@ def train(cfg, resume: str | None = None) -> str:
         bar.update(1)
 
         if t.sample_every and step % t.sample_every == 0:
-            if acc.is_main_process:
+            if acc.is_main_process:  # one process: without its sequence-parallel group
+                group, unwrapped.sequence_parallel_group = getattr(unwrapped, "sequence_parallel_group", None), None
                 with _ema_weights(ema, params), acc.autocast():
                     task.write_samples(unwrapped, step, os.path.join(out, "samples"))
+                unwrapped.sequence_parallel_group = group
             acc.wait_for_everyone()
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
-                         world_size=W, grad_accum=A)
+                         world_size=W, grad_accum=A, sequence_parallel=S)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints)
     bar.close()
 
@@ -173,12 +190,14 @@ def train(cfg, resume: str | None = None) -> str:
     return out
 
 
-def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm) -> dict:
+def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp: int, peak_tflops: float) -> dict:
     """One log line: the window's sums over all ranks (collective), as rates; the task's logs of the last step
-    averaged over ranks (the same names on every rank)."""
+    averaged over ranks (the same names on every rank). The sp ranks of a sequence-parallel group share a batch:
+    its tokens, samples and FLOPs count once."""
     stats = torch.tensor([window[k] for k in ("loss", "tokens", "samples", "skipped", "wait", "flops")],
                          dtype=torch.float64, device=acc.device)
     loss, tokens, samples, skipped, wait, flops = acc.reduce(stats, "sum").tolist()
+    tokens, samples, skipped, flops = tokens / sp, samples / sp, skipped / sp, flops / sp
     names = sorted(extra)
     if names:
         values = acc.reduce(torch.tensor([extra[k] for k in names], dtype=torch.float64, device=acc.device), "mean")
@@ -186,7 +205,8 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm) -> 
     W, n, elapsed = acc.num_processes, window["steps"], time.perf_counter() - window["start"]
     return dict(step=step, loss=loss / (n * W), lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
-                data_wait=wait / W / elapsed, tflops_per_s=flops / elapsed / 1e12, skipped_now=int(skipped), **extra)
+                data_wait=wait / W / elapsed, flops_per_step=flops / n, tflops_per_s=flops / elapsed / 1e12,
+                mfu=flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
 
 
 def _window() -> dict:

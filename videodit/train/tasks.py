@@ -66,7 +66,7 @@ class DiTTask:
         if cfg.data.source != "cache":
             self.source = make_source(cfg.data, self.geom)
         if cfg.train.gradient_checkpointing:
-            model.enable_gradient_checkpointing()
+            model.set_checkpoint_policy(cfg.train.checkpoint_policy)
         if cfg.train.lora_rank and not cfg.train.init_from:
             logger.warning("train.lora_rank > 0 without train.init_from: the adapters train on a random base model")
         self.model = add_lora(model, cfg.train.lora_rank) if cfg.train.lora_rank else model
