@@ -135,3 +135,14 @@ def test_trainer_with_sequence_parallel_2_equals_one_process(tmp_path):
     a, b = (load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "sp"))
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_offloaded_pipeline_samples_the_same(tiny_pipe):
+    """Memory-lean sampling: enable_offload moves each part to the device only while it runs (here the CPU stands
+    in for the GPU): the same video."""
+    run = lambda: tiny_pipe("a red circle", height=16, width=16, num_frames=5, output_type="pt",  # noqa: E731
+                            generator=torch.Generator().manual_seed(0), progress=False).frames[0]
+    want = run()
+    tiny_pipe.enable_offload("cpu")
+    torch.testing.assert_close(run(), want, rtol=0, atol=0)
+    assert tiny_pipe.offload_device == torch.device("cpu")

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--upsample-prompt", action="store_true", help="rewrite short prompts as detailed captions first")
     p.add_argument("--upsampler-model", help="a causal LM (folder or hub id) for --upsample-prompt; default: rules")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--offload", action="store_true", help="keep the text encoder, denoiser and VAE in CPU memory, each "
+                   "on the GPU only while it runs (less GPU memory, slower)")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
     return p.parse_args(argv)
 
@@ -93,7 +95,7 @@ def check_args(a, prompts):
             raise UserError(f"--output {a.output}: a .png holds one frame; use --num-frames 1, or .mp4 / .gif")
 
 
-def load_pipeline(path: str, device: str):
+def load_pipeline(path: str, device: str, offload: bool = False):
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         if os.path.abspath(path) == DEFAULT_CHECKPOINT:
             raise UserError(f"the default model is missing: {path} holds no trained pipeline yet. Train one with "
@@ -103,7 +105,11 @@ def load_pipeline(path: str, device: str):
     from videodit.pipeline import VideoDiTPipeline
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    return VideoDiTPipeline.from_pretrained(path, dtype=dtype).to(device)
+    pipe = VideoDiTPipeline.from_pretrained(path, dtype=dtype)
+    if offload:
+        pipe.enable_offload(device)
+        return pipe
+    return pipe.to(device)
 
 
 def conditioning(a, pipe, size):
@@ -132,8 +138,10 @@ def run(a):
     prompts = read_prompts(a)
     check_args(a, prompts)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if a.offload and not device.startswith("cuda"):
+        raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
     t0 = time.time()
-    pipe = load_pipeline(a.checkpoint, device)
+    pipe = load_pipeline(a.checkpoint, device, a.offload)
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
 
@@ -147,6 +155,8 @@ def run(a):
               f"using {size[0]}x{size[1]}x{size[2]}")
     kwargs, before, after = conditioning(a, pipe, size)
     a.steps = a.steps or pipe.config.default_steps
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
     out = pipe(prompts, a.negative_prompt, size[1], size[2], size[0], num_inference_steps=a.steps,
                guidance_scale=a.guidance, generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler,

@@ -16,6 +16,7 @@ latent frame stands for a group of ft frames; to end on a given frame the pipeli
 frame held still for ft frames, and trims the held frames from the result.
 """
 
+import contextlib
 import dataclasses
 
 import torch
@@ -46,6 +47,25 @@ class VideoDiTPipeline(DiffusionPipeline):
         # how the checkpoint was trained and is best sampled: saved in model_index.json
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
                                 default_guidance=default_guidance)
+        self.offload_device = None  # see enable_offload
+
+    def enable_offload(self, device="cuda"):
+        """Keep the text encoder, denoiser and VAE in CPU memory and move each to `device` only while it runs: the
+        accelerator holds the largest part and its activations, never all three."""
+        self.offload_device = torch.device(device)
+        self.to("cpu")
+
+    @contextlib.contextmanager
+    def on_device(self, module):
+        """With offload: `module` on the offload device for the duration of the block, then back to the CPU."""
+        if self.offload_device is None:
+            yield
+            return
+        module.to(self.offload_device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
 
     # -- parts ---------------------------------------------------------------------------------------------------
 
@@ -64,20 +84,23 @@ class VideoDiTPipeline(DiffusionPipeline):
         return 1 + vae.ft * k, max(step_h, round(H / step_h) * step_h), max(step_w, round(W / step_w) * step_w)
 
     def encode_prompt(self, prompts: list[str]):
-        device = self.transformer.device
-        emb, mask = encode_with(self.text_encoder, self.tokenizer, prompts, self.config.max_text_length, device)
+        device = self.offload_device or self.transformer.device
+        with self.on_device(self.text_encoder):
+            emb, mask = encode_with(self.text_encoder, self.tokenizer, prompts, self.config.max_text_length, device)
         return emb.to(device, self.transformer.dtype), mask.to(device)
 
     @torch.no_grad()
     def encode_video(self, video: torch.Tensor) -> torch.Tensor:
         """(3, T, H, W) pixels in [-1, 1] -> normalized latents (C, T', H', W')."""
         vae = self.video_vae
-        return vae.encode_latents(video[None].to(self.vae.device, self.vae.dtype))[0].float()
+        with self.on_device(self.vae):
+            return vae.encode_latents(video[None].to(self.vae.device, self.vae.dtype))[0].float()
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(C, T', H', W') -> (3, T, H, W) in [-1, 1]."""
-        return self.video_vae.decode_latents(latents[None].to(self.vae.device))[0].float().clamp(-1, 1)
+        """(C, T', H', W') -> (3, T, H, W) in [-1, 1]. The causal VAE decodes streaming (one latent frame a step)."""
+        with self.on_device(self.vae):
+            return self.video_vae.decode_latents(latents[None].to(self.vae.device))[0].float().clamp(-1, 1)
 
     def held_latent(self, frame: torch.Tensor) -> torch.Tensor:
         """The latent frame of a group of ft copies of `frame` (3, H, W) following it: how a clip ends on it."""
@@ -130,10 +153,12 @@ class VideoDiTPipeline(DiffusionPipeline):
         if guidance_scale != 1.0:
             negs = per(negative_prompt or "")
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
-        latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
-                         steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens, sampler=sampler,
-                         cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
-                         strength=strength if strength is not None else 1.0, generator=generator, progress=progress)
+        with self.on_device(self.transformer):
+            latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
+                             steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
+                             sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
+                             strength=strength if strength is not None else 1.0, generator=generator,
+                             progress=progress)
         videos = []
         for z, (head, tail) in zip(latents, trim):
             v = self.decode(z)
