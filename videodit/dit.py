@@ -115,7 +115,8 @@ class SelfAttention(nn.Module):
         over all tokens (shard.cu_seqlens) with this rank's heads, between two all-to-alls."""
         qkv = self.qkv(x.to(self.qkv.weight.dtype))
         q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
-        q, k = apply_rope(self.q_norm(q), rot), apply_rope(self.k_norm(k), rot)  # norms keep q, k: views of qkv
+        # recompute: the norms would keep contiguous copies of q, k (views of qkv, which attention keeps anyway)
+        q, k = apply_rope(recompute(self.q_norm, q), rot), apply_rope(recompute(self.k_norm, k), rot)
         if shard is None:
             out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
         else:  # one all-to-all for q, k, v: (n, h, 3d) -> (N, h/P, 3d)
