@@ -122,12 +122,14 @@ def test_trainer_with_sequence_parallel_2_equals_one_process(tmp_path):
                    temporal_factor=4, mid_attention=False).save_pretrained(tmp_path / "vae")
     base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.max_steps=3",
                    "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
-                   "train.checkpoint_policy=attention"]
+                   "train.checkpoint_policy=attention", "train.sample_every=3",
+                   "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # rank 0 samples alone
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2"]),
                 config)
     torchrun(config)
+    assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
     torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
     assert [r["flops_per_step"] for r in got] == [r["flops_per_step"] for r in want]  # a group's batch counts once

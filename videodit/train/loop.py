@@ -163,11 +163,13 @@ def train(cfg, resume: str | None = None) -> str:
         bar.update(1)
 
         if t.sample_every and step % t.sample_every == 0:
-            if acc.is_main_process:  # one process: without its sequence-parallel group
-                group, unwrapped.sequence_parallel_group = getattr(unwrapped, "sequence_parallel_group", None), None
+            if acc.is_main_process:  # one process samples: without its sequence-parallel group
+                if S > 1:
+                    unwrapped.set_sequence_parallel(None)
                 with _ema_weights(ema, params), acc.autocast():
                     task.write_samples(unwrapped, step, os.path.join(out, "samples"))
-                unwrapped.sequence_parallel_group = group
+                if S > 1:
+                    unwrapped.set_sequence_parallel(group)
             acc.wait_for_everyone()
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
