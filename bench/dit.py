@@ -7,16 +7,17 @@
    sample, loss masked to the real tokens: the compute a padded trainer does).
 3. The attention backends on the mixed batch (forward + backward; flex: forward only, it has no CPU backward).
 
-Each case runs in a fresh subprocess; "peak RSS" is that process's max RSS (imports, model, data, steps); "step mem"
-is the RSS high-water mark during the steps above the RSS just before them, after handing freed heap back to the OS
-and resetting the mark (activations, gradients, optimizer state). Cases alternate A, B, A, B... and the table shows
-medians. Run: python bench/dit.py [--reps 5] [--steps 4]
+Time: the cases of a comparison are built in one process and stepped in turn (A, B, A, B..., the order flipped each
+round); ratios are medians of per-round ratios, robust to a shared machine's load. Memory: each case runs in a fresh
+subprocess (alternating, medians over reps); "peak RSS" is that process's max RSS (imports, model, data, steps);
+"step mem" is the RSS high-water mark during the steps above the RSS just before them, after handing freed heap back
+to the OS and resetting the mark (activations, gradients, optimizer state).
+Run: python bench/dit.py [--reps 3] [--steps 10] [--threads 1]
 """
 
 import argparse
 import ctypes
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,21 +46,42 @@ def reset_peak_rss():
     return proc_status_mb("VmRSS")
 
 
+def train_step(model, opt, step_fn):
+    """One timed training step: forward, backward, AdamW."""
+    t0 = time.perf_counter()
+    step_fn().backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0
+
+
 def train_steps(model, step_fn, steps):
     """Warm up twice, then time `steps` steps; returns the median step time."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = []
-    for i in range(steps + 2):
-        t0 = time.perf_counter()
-        step_fn().backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    times = [train_step(model, opt, step_fn) for _ in range(steps + 2)]
+    return statistics.median(times[2:])
 
 
-def run_case(case, steps):
+def interleaved(group, steps):
+    """The cases of a group built in one process and stepped in turn (A, B, A, B..., the order flipping each round)
+    -> per case: median step time, tokens, median over rounds of its step time over the first case's."""
+    runs = {}
+    for case in group:
+        torch.manual_seed(0)
+        model, step, tokens = build_case(case)
+        runs[case] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), step, tokens)
+        for _ in range(2):  # warm-up
+            train_step(*runs[case][:3])
+    times = {case: [] for case in group}
+    for i in range(steps):
+        for case in group if i % 2 == 0 else group[::-1]:
+            times[case].append(train_step(*runs[case][:3]))
+    return {case: (statistics.median(times[case]), runs[case][3],
+                   statistics.median(a / b for a, b in zip(times[case], times[group[0]]))) for case in group}
+
+
+def build_case(case):
+    """-> (model, step_fn returning the loss, tokens per step)."""
     from videodit.dit import PRESETS, VideoDiT
     import torch.nn.functional as F
 
@@ -112,18 +134,25 @@ def run_case(case, steps):
         else:
             def step():
                 return (model(packed, t, text) - target).square().mean()
+    return model, step, tokens
+
+
+def run_case(case, steps):
+    """In a fresh process: memory (and a time) of one case."""
+    model, step, tokens = build_case(case)
     params = sum(p.numel() for p in model.parameters())
+    setup_peak = proc_status_mb("VmHWM")  # (ru_maxrss would carry the parent's peak over fork/exec)
     before = reset_peak_rss()
     sec = train_steps(model, step, steps)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = max(setup_peak, proc_status_mb("VmHWM"))
     print(json.dumps(dict(tokens_per_s=tokens / sec, step_s=sec, peak_mb=peak, step_mb=proc_status_mb("VmHWM") - before,
                           params=params, tokens=tokens)))
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--case")
     args = ap.parse_args()
@@ -136,28 +165,34 @@ def main():
     for rep in range(args.reps):
         for group in groups:
             for case in group if rep % 2 == 0 else group[::-1]:
-                out = subprocess.run([sys.executable, __file__, "--case", case, "--steps", str(args.steps),
+                out = subprocess.run([sys.executable, __file__, "--case", case, "--steps", "3",
                                       "--threads", str(args.threads)],
                                      capture_output=True, text=True)
                 if out.returncode:
                     sys.exit(f"case {case} failed:\n{out.stderr}")
                 results[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
+    speed = {}
+    for group in groups:  # after the memory runs: the subprocesses start from a small parent
+        speed.update(interleaved(group, args.steps))
+        print(f"timed {group}", file=sys.stderr)
 
     med = {c: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for c, rs in results.items()}
-    print(f"preset {PRESET}, {args.reps} reps x {args.steps} timed steps, medians; "
-          f"threads {torch.get_num_threads()}; step = forward + backward + AdamW\n")
-    print("| case | tokens | params | step s | tokens/s | peak RSS MB | step mem MB |")
-    print("|---|---|---|---|---|---|---|")
+    print(f"preset {PRESET}; time: {args.steps} interleaved steps per case in one process, medians; memory: "
+          f"{args.reps} fresh processes per case, medians; threads {torch.get_num_threads()}; "
+          f"step = forward + backward + AdamW\n")
+    print("| case | tokens | params | step s | tokens/s | step time vs first of group | peak RSS MB | step mem MB |")
+    print("|---|---|---|---|---|---|---|---|")
     for c, m in med.items():
-        print(f"| {c} | {m['tokens']:.0f} | {m['params'] / 1e6:.2f}M | {m['step_s']:.3f} | {m['tokens_per_s']:.0f} "
+        sec, tokens, ratio = speed[c]
+        print(f"| {c} | {tokens} | {m['params'] / 1e6:.2f}M | {sec:.3f} | {tokens / sec:.0f} | {ratio:.2f} "
               f"| {m['peak_mb']:.0f} | {m['step_mb']:.0f} |")
-    print("\n(attn_flex: forward only under no_grad; flex attention has no CPU backward)")
-    # packed vs padded: real tokens per second in both
+    print("\n(packed and padded carry the same 2432 real tokens, padded computes on 4 x 1088; attn_flex: forward only "
+          "under no_grad, flex attention has no CPU backward)")
     print(f"memory_vs_wan: {med['videodit']['peak_mb'] / med['wan']['peak_mb']:.2f} (peak RSS), "
           f"{med['videodit']['step_mb'] / med['wan']['step_mb']:.2f} (step mem)")
-    print(f"throughput_vs_wan: {med['videodit']['tokens_per_s'] / med['wan']['tokens_per_s']:.2f}")
-    print(f"packed_vs_padded: {med['padded']['step_s'] / med['packed']['step_s']:.2f}")
+    print(f"throughput_vs_wan: {speed['wan'][2]:.2f}")
+    print(f"packed_vs_padded: {speed['padded'][2]:.2f}")
 
 
 if __name__ == "__main__":
