@@ -1,7 +1,12 @@
-"""Sequence parallelism (Ulysses) on two gloo processes equals one process: outputs and gradients, for uneven
-token counts, a rank holding no tokens, a mixed batch of shapes, and with selective activation checkpointing."""
+"""Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
+token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing); the
+trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint policies keep
+the gradients; offloaded sampling gives the same video."""
 
 import os
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +15,7 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from conftest import tiny_text
-from test_train import TINY, log, torchrun
+from test_train import ROOT, TINY, log
 from videodit.config import load_config, save_config
 from videodit.dit import VideoDiT
 from videodit.parallel import Shard, check_heads, sequence_parallel_groups
@@ -111,9 +116,22 @@ def test_checkpoint_policies_keep_gradients():
         model.set_checkpoint_policy("sometimes")
 
 
-def test_trainer_with_sequence_parallel_2_equals_one_process(tmp_path):
-    """train.py with parallel.sequence_parallel: 2 on two gloo processes (one sequence-parallel group) takes the same
-    steps as one process: the same losses and weights, up to the order of float sums."""
+def torchrun(config: str, processes: int):
+    """train.py on CPU processes (gloo)."""
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", port,
+           os.path.join(ROOT, "train.py"), "--config", config]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path):
+    """train.py with parallel.sequence_parallel: 2 on four gloo processes (two groups of two: data parallel over the
+    groups) takes the same steps as one process with grad_accum 2: the same global batches, losses and weights, up
+    to the order of float sums."""
     model, tok = tiny_text(tmp_path)
     model.save_pretrained(tmp_path / "text")
     tok.save_pretrained(tmp_path / "text")
@@ -124,11 +142,11 @@ def test_trainer_with_sequence_parallel_2_equals_one_process(tmp_path):
                    "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
                    "train.checkpoint_policy=attention", "train.sample_every=3",
                    "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # rank 0 samples alone
-    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}"]))
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2"]),
                 config)
-    torchrun(config)
+    torchrun(config, processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
     torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
