@@ -112,7 +112,7 @@ def load_pipeline(path: str, device: str, offload: bool = False):
     return pipe.to(device)
 
 
-def conditioning(a, pipe, size):
+def conditioning(a, size):
     """Pipeline keyword arguments for the chosen mode, and the input clips the output is joined with."""
     from videodit.data.video import VideoReadError, read_image, read_video
 
@@ -153,7 +153,7 @@ def run(a):
     if size != (a.num_frames, a.height, a.width):
         print(f"note: {a.num_frames}x{a.height}x{a.width} (frames x height x width) is not a size this model takes; "
               f"using {size[0]}x{size[1]}x{size[2]}")
-    kwargs, before, after = conditioning(a, pipe, size)
+    kwargs, before, after = conditioning(a, size)
     a.steps = a.steps or pipe.config.default_steps
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
