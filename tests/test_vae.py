@@ -245,3 +245,25 @@ def test_training_lowers_the_loss():
         losses.append(loss.item())
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+def test_stats_command_normalizes_the_latents(tmp_path):
+    import subprocess
+    import sys
+
+    from videodit.data.shapes import ShapesDataset
+
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                         temporal_factor=4, mid_attention=False)
+    vae.save_pretrained(tmp_path / "vae")
+    r = subprocess.run([sys.executable, "-m", "videodit.vae", "stats", str(tmp_path / "vae"), "--shapes", "12",
+                        "--num-frames", "5", "--height", "32", "--width", "32"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+    loaded = CausalVideoVAE.from_pretrained(tmp_path / "vae")
+    assert loaded.config.latents_mean is not None
+    x = torch.stack([ShapesDataset(sizes=[(5, 32, 32)], length=12, seed=12345)[i]["video"] for i in range(12)])
+    with torch.no_grad():
+        z = loaded.encode_latents(x)
+    per_channel = z.transpose(0, 1).reshape(4, -1)
+    assert per_channel.mean(1).abs().max() < 1e-3 and (per_channel.std(1) - 1).abs().max() < 1e-2

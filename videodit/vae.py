@@ -526,3 +526,51 @@ def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **k
     else:
         model = cls.from_pretrained(path_or_config, **kwargs)
     return PretrainedVideoVAE(model)
+
+
+def stats_command(argv=None):
+    """python -m videodit.vae stats VAE_DIR (--manifest M | --shapes N) [--num-frames T --height H --width W]:
+    compute the per-channel latent mean and std over a data set and write them into VAE_DIR/config.json."""
+    import argparse
+
+    from tqdm import tqdm
+
+    from .data.manifest import read_manifest
+    from .data.shapes import ShapesDataset
+    from .data.video import VideoReadError, read_video
+
+    p = argparse.ArgumentParser(prog="python -m videodit.vae stats", description=stats_command.__doc__.split(":")[0])
+    p.add_argument("vae", help="a CausalVideoVAE folder (save_pretrained)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--manifest", help="a .jsonl or .csv manifest of clips")
+    src.add_argument("--shapes", type=int, help="this many rendered shapes-world clips")
+    p.add_argument("--num-frames", type=int, default=17)
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--limit", type=int, default=256, help="at most this many manifest clips")
+    a = p.parse_args(argv)
+    vae = CausalVideoVAE.from_pretrained(a.vae).eval()
+    T, H, W = vae.valid_size(a.num_frames, a.height, a.width)
+
+    def clips():
+        if a.shapes:
+            ds = ShapesDataset(sizes=[(T, H, W)], length=a.shapes, seed=12345)
+            yield from (ds[i]["video"][None] for i in range(len(ds)))
+            return
+        for row in read_manifest(a.manifest)[:a.limit]:
+            try:
+                yield read_video(row.path, T, height=H, width=W)[None]
+            except VideoReadError as e:
+                print(f"skipped: {e}")
+
+    mean, std = compute_latent_stats(vae, tqdm(clips(), desc="encoding", unit="clip"))
+    vae.save_config(a.vae)
+    print(f"latents_mean {[round(m, 4) for m in mean]}\nlatents_std {[round(s, 4) for s in std]}\nwrote {a.vae}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["stats"]:
+        sys.exit("usage: python -m videodit.vae stats VAE_DIR (--manifest M | --shapes N) [...]")
+    stats_command(sys.argv[2:])
