@@ -37,7 +37,8 @@ class VideoDiTOutput(BaseOutput):
 
 
 class VideoDiTPipeline(DiffusionPipeline):
-    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    # No model_cpu_offload_seq: diffusers' hooks catch forward() only, and the VAE runs through decode_latents().
+    # enable_offload() below moves each part to the accelerator while it runs.
 
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0):

@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from PIL import Image, ImageSequence
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-VIDEO_EXTS = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".m4v")
 
 
 class VideoReadError(Exception):
