@@ -22,6 +22,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from skimage.metrics import structural_similarity
 
+from videodit.data.video import from_uint8
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 from videodit.vae_loss import VAELoss
 
@@ -49,7 +50,7 @@ def load_video(path, height, width):
     import decord
     vr = decord.VideoReader(path, width=width, height=height)
     frames = vr.get_batch(list(range(len(vr)))).asnumpy()  # (N, H, W, 3) uint8
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float() / 127.5 - 1  # (3, N, H, W) in [-1, 1]
+    return from_uint8(frames)  # (3, N, H, W) in [-1, 1]
 
 
 def train_clips(video, batch, T, crop, g):

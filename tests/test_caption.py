@@ -13,6 +13,7 @@ from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, Lla
 from videodit import caption
 from videodit.data import shapes
 from videodit.data.manifest import read_manifest, write_manifest
+from videodit.data.video import from_uint8
 from videodit.upsample import COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, parse_shapes_prompt, upsample_prompt
 
 WORDS = "describe this video in detail a red circle moving left on gray background two blue squares".split()
@@ -134,7 +135,7 @@ def test_shipped_shapes_captioner_beats_chance_on_unseen_clips():
 def test_train_shapes_writes_loadable_weights(tmp_path):
     path = caption.train_shapes(str(tmp_path), num=24, steps=2, batch_size=4, log=lambda *a: None)
     net = caption.ShapesNet.load(path)
-    pred = net.predict([shapes.to_tensor(shapes.make_clip(1, 48, 80, 1)["frames"])])[0]
+    pred = net.predict([from_uint8(shapes.make_clip(1, 48, 80, 1)["frames"])])[0]
     assert set(pred) == set(caption.HEADS) and pred["motion"] == "still"
 
 

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from videodit.data.shapes import make_clip, to_tensor
-from videodit.data.video import VideoReadError, probe, read_image, read_video, resize_crop, to_uint8, write_video
+from videodit.data.shapes import make_clip
+from videodit.data.video import VideoReadError, from_uint8, probe, read_image, read_video, resize_crop, to_uint8, write_video
 
 
 def moving_clip(t=17, h=64, w=96):
@@ -15,7 +15,7 @@ def moving_clip(t=17, h=64, w=96):
 
 def test_mp4_round_trip_through_decord(tmp_path):
     frames = moving_clip()
-    path = write_video(str(tmp_path / "a.mp4"), to_tensor(frames), fps=8)
+    path = write_video(str(tmp_path / "a.mp4"), from_uint8(frames), fps=8)
     info = probe(path)
     assert (info["num_frames"], info["height"], info["width"], info["fps"]) == (17, 64, 96, 8.0)
     back = read_video(path)

@@ -35,7 +35,7 @@ from torch import nn
 
 from videodit.data import shapes
 from videodit.data.manifest import read_manifest, write_manifest
-from videodit.data.video import VideoReadError, probe, read_video
+from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHAPES_WEIGHTS = os.path.join(ASSETS, "shapes_captioner.safetensors")
@@ -151,7 +151,7 @@ def render_set(num: int, seed: int, sizes) -> list:
     for i in range(num):
         t, h, w = sizes[i % len(sizes)]
         clip = shapes.make_clip(seed * 1_000_003 + i, h, w, t)
-        x = prepare(shapes.to_tensor(clip["frames"]))
+        x = prepare(from_uint8(clip["frames"]))
         out.append((((x + 1) * 127.5).round().byte(), _labels(clip["attributes"], t)))
     return out
 
@@ -213,7 +213,7 @@ def evaluate_shapes(net: ShapesNet, num: int = 60, seed: int = 123, sizes: dict 
     result = {}
     for n, (name, (t, h, w)) in enumerate(sizes.items()):
         clips = [shapes.make_clip(10_000_000 * (seed + 1) + 1000 * n + i, h, w, t) for i in range(num)]
-        preds = net.predict([shapes.to_tensor(c["frames"]) for c in clips])
+        preds = net.predict([from_uint8(c["frames"]) for c in clips])
         result[name] = {k: float(np.mean([p[k] == getattr(c["attributes"], k) for p, c in zip(preds, clips)]))
                         for k in HEADS if not (k == "motion" and t == 1)}
     return result
@@ -239,7 +239,7 @@ class ShapesCaptioner:
         captions = []
         for v, a in zip(videos, self.net.predict(videos)):
             h, w = v.shape[-2:]
-            first = ((v[:, 0].permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()  # (H, W, 3)
+            first = to_uint8(v[:, :1])[0]  # (H, W, 3)
             lift = 1 / 6 if a["shape"] == "triangle" else 0  # a triangle's centroid lies side/6 below its box centre
             objects = shapes.read_frame(first)["objects"]
             starts = sorted((o["centre"][0], o["centre"][1] - lift * o["side"]) for o in objects) or [(w / 2, h / 2)]
@@ -269,7 +269,7 @@ class VLMCaptioner:
 
     @torch.no_grad()
     def __call__(self, videos: list[torch.Tensor]) -> list[str]:
-        images = [list(((v.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 3, 0).numpy()) for v in videos]
+        images = [list(to_uint8(v)) for v in videos]
         content = lambda k: [{"type": "image"}] * k + [{"type": "text", "text": self.prompt}]  # noqa: E731
         texts = [self.processor.apply_chat_template([{"role": "user", "content": content(len(im))}],
                                                     add_generation_prompt=True) for im in images]

@@ -46,6 +46,16 @@ def encode_with(model, tokenizer, prompts: list[str], max_length: int, device=No
     return emb * mask[..., None].to(emb.dtype), mask.bool()
 
 
+def pad_rows(rows: list[torch.Tensor]):
+    """Per-prompt real-token embeddings [(L_i, D), ...] -> (emb (B, L, D) zero-padded, mask (B, L) bool)."""
+    length = max(len(r) for r in rows)
+    emb = rows[0].new_zeros(len(rows), length, rows[0].shape[1])
+    mask = torch.zeros(len(rows), length, dtype=torch.bool, device=emb.device)
+    for i, r in enumerate(rows):
+        emb[i, :len(r)], mask[i, :len(r)] = r, True
+    return emb, mask
+
+
 class TextEncoder(nn.Module):
     """A frozen transformers text model + tokenizer, with an LRU cache of prompt embeddings.
 
@@ -86,12 +96,7 @@ class TextEncoder(nn.Module):
             rows.append(self._cache[p])
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
-        length = max(len(r) for r in rows)
-        emb = rows[0].new_zeros(len(rows), length, self.dim)  # (B, L, D)
-        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=emb.device)
-        for i, r in enumerate(rows):
-            emb[i, :len(r)], mask[i, :len(r)] = r, True
-        return emb, mask
+        return pad_rows(rows)
 
     def empty(self):
         """The empty prompt's (emb (1, L, D), mask (1, L)); cached like any prompt."""

@@ -31,7 +31,8 @@ from ..config import ConfigError
 from ..flow import drop_text, random_cond
 from ..text import choose_caption
 from .manifest import read_manifest
-from .shapes import make_clip, to_tensor
+from .shapes import make_clip
+from .video import from_uint8
 from .video import VideoReadError, is_image, probe, read_video
 
 logger = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ class ShapesSource:
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         T, H, W = self.sizes[i % len(self.sizes)]
         clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T)
-        return dict(video=to_tensor(clip["frames"]), caption=clip["caption"],
+        return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"])
 
 

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .video import from_uint8
+
 BACKGROUNDS = {"black": (16, 16, 16), "gray": (128, 128, 128), "white": (235, 235, 235)}
 COLORS = {
     "red": (220, 40, 40), "green": (40, 190, 70), "blue": (50, 90, 230),
@@ -167,13 +169,15 @@ _MOTION = {
     "down": ["moves steadily downward", "sinks toward the bottom", "travels from top to bottom"],
     "still": ["stays perfectly still", "remains motionless", "does not move at all"],
 }
-_MOTION_PLURAL = {
-    "left": ["move steadily to the left", "glide leftward", "travel from right to left"],
-    "right": ["move steadily to the right", "glide rightward", "travel from left to right"],
-    "up": ["move steadily upward", "rise toward the top", "travel from bottom to top"],
-    "down": ["move steadily downward", "sink toward the bottom", "travel from top to bottom"],
-    "still": ["stay perfectly still", "remain motionless", "do not move at all"],
-}
+
+
+def _plural(phrase: str) -> str:
+    """'moves steadily upward' -> 'move steadily upward'; 'does not move' -> 'do not move'."""
+    verb, rest = phrase.split(" ", 1)
+    return ("do" if verb == "does" else verb[:-1]) + " " + rest
+
+
+_MOTION_PLURAL = {m: [_plural(p) for p in phrases] for m, phrases in _MOTION.items()}
 _BACKGROUND = ["on a plain {b} background", "against a flat {b} backdrop", "over a uniform {b} background"]
 _TEMPLATES = [
     "{Count} {size} {color} {shape} {motion} {background}. {Start}.",
@@ -225,11 +229,6 @@ def make_clip(seed: int, height: int, width: int, num_frames: int) -> dict:
                 detailed_caption=detailed_caption(attrs, height, width, rng), attributes=attrs)
 
 
-def to_tensor(frames: np.ndarray) -> torch.Tensor:
-    """uint8 (T, H, W, 3) -> float (3, T, H, W) in [-1, 1]."""
-    return torch.from_numpy(frames).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
-
-
 class ShapesDataset(torch.utils.data.Dataset):
     """Renders clips on the fly. Item i uses seed `seed * 1_000_003 + i` and size `sizes[i % len(sizes)]`."""
 
@@ -246,7 +245,7 @@ class ShapesDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict:
         t, h, w = self.size_of(i)
         clip = make_clip(self.seed * 1_000_003 + i, h, w, t)
-        return dict(video=to_tensor(clip["frames"]), caption=clip["caption"],
+        return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"], attributes=asdict(clip["attributes"]))
 
 

@@ -140,6 +140,11 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
     return resize_crop(frames, height or r.height, width or r.width)
 
 
+def from_uint8(frames: np.ndarray) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> a clip (3, T, H, W) in [-1, 1]; the inverse of `to_uint8`."""
+    return torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2).float().div(127.5).sub(1.0)
+
+
 def to_uint8(video) -> np.ndarray:
     """(3, T, H, W) float in [-1, 1] tensor, or (T, H, W, 3) uint8 array, to (T, H, W, 3) uint8."""
     if isinstance(video, np.ndarray) and video.dtype == np.uint8:

@@ -18,7 +18,7 @@ from ..data.loader import CacheSource, Geometry, make_source
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
 from ..flow import flow_loss, sample
-from ..text import encode_with
+from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
 from .lora import add_lora
@@ -33,16 +33,6 @@ def _group_by_shape(tensors: list) -> dict:
     for i, x in enumerate(tensors):
         groups.setdefault(tuple(x.shape), []).append(i)
     return groups
-
-
-def _pad_text(rows: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """List of (L_i, D) real-token embeddings -> (B, L, D) zero-padded, (B, L) bool mask."""
-    L = max(r.shape[0] for r in rows)
-    emb = rows[0].new_zeros(len(rows), L, rows[0].shape[1])
-    mask = torch.zeros(len(rows), L, dtype=torch.bool)
-    for i, r in enumerate(rows):
-        emb[i, :len(r)], mask[i, :len(r)] = r, True
-    return emb.to(device), mask.to(device)
 
 
 class DiTTask:
@@ -100,7 +90,7 @@ class DiTTask:
         self.last_batch = batch
         if "latent" in batch:
             latents = [z.to(self.device) for z in batch["latent"]]
-            text, mask = _pad_text(batch["text"], self.device)
+            text, mask = (t.to(self.device) for t in pad_rows(batch["text"]))
         else:
             latents = self.latents(batch["video"])
             # the batch's prompts in one call, no cache: embeddings depend only on the batch (exact resumes)
