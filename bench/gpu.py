@@ -2,27 +2,31 @@
 
     python bench/gpu.py                    # on a GPU: presets B and 1B at 16k and 32k tokens, 480p 81-frame sampling
     python bench/gpu.py --tiny             # the same code at tiny sizes (runs on CPU in about a minute)
-    python bench/gpu.py --only train --settings base ckpt_all
+    python bench/gpu.py --only train --settings base ckpt_all compile+cudnn --presets 1B --lengths 16384
 
 1. Training step (forward, backward, AdamW) on a packed batch of three samples (token shares 1/2, 1/4, 1/4; text
    of 226 tokens), bf16 autocast over fp32 weights unless a setting says otherwise: tokens/s, TFLOP/s (FLOPs from
    videodit.flops: 3 x forward), MFU against --peak-tflops (989: H100 SXM dense bf16), peak memory. Settings:
-   base, compile (torch.compile of each block), ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
-   checkpointing policies), bf16_weights (weights and AdamW state in bf16, no autocast).
+   base, compile (torch.compile of each block), cudnn (SDPA's cuDNN attention kernel first), ckpt_all /
+   ckpt_every_2 / ckpt_attention / ckpt_mlp (activation checkpointing policies), bf16_weights (weights and AdamW
+   state in bf16, no autocast); joined with "+" they combine (compile+cudnn).
 2. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
    step), bf16 weights: seconds per step over a few steps after a warm-up, extrapolated to 50 steps.
 3. VAE: the standard CausalVideoVAE (113M, 4x8x8), bf16, streaming decode of 81 and 321 frames at 480x832: seconds
    and peak memory.
 The attention backend is packed_attention's default: flash-attn's varlen kernel where installed, else one SDPA call
-per sample. Peak memory is torch.cuda.max_memory_allocated (reset before each case); on CPU it is not measured.
+per sample (PyTorch picks SDPA's kernel; "cudnn" puts cuDNN's first). A failing case prints its error and the run
+goes on. Peak memory is torch.cuda.max_memory_allocated (reset before each case); on CPU it is not measured.
 """
 
 import argparse
+import contextlib
 import gc
 import time
 
 import torch
 from diffusers.utils import logging as diffusers_logging
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from videodit.attention import default_backend
 from videodit.dit import PRESETS, VideoDiT
@@ -31,7 +35,8 @@ from videodit.flow import sample
 from videodit.patchify import pack
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
-SETTINGS = ("base", "compile", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp", "bf16_weights")
+SETTINGS = ("base", "compile", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp", "bf16_weights")
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
             sample_size=(81, 480, 832), vae="standard", vae_frames=(81, 321), vae_size=(480, 832))
 TINY = dict(presets={"B": dict(depth=2, hidden_size=64, num_heads=4, in_channels=16, text_dim=32),
@@ -56,6 +61,18 @@ def peak(device) -> str:
     return f"{torch.cuda.max_memory_allocated() / 2 ** 30:.1f} GiB" if device.type == "cuda" else "-"
 
 
+def matmul_tflops(n: int = 8192, reps: int = 10) -> float:
+    x, y = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    for _ in range(3):
+        x @ y
+    torch.cuda.synchronize()
+    tic = time.perf_counter()
+    for _ in range(reps):
+        x @ y
+    torch.cuda.synchronize()
+    return 2 * n ** 3 * reps / (time.perf_counter() - tic) / 1e12
+
+
 def batch_shapes(tokens: int, channels: int, side: int) -> list:
     """Latent shapes (C, T, H, W) of three samples with 1/2, 1/4, 1/4 of `tokens` (patch 1x2x2): two square, one
     wide; tokens must be a multiple of 4 * side^2."""
@@ -66,17 +83,25 @@ def batch_shapes(tokens: int, channels: int, side: int) -> list:
     return [(channels, t1, 2 * side, 2 * side), (channels, t2, 2 * side, 2 * side), (channels, t2, side, 4 * side)]
 
 
-def train_case(cfg: dict, tokens: int, setting: str, a, device) -> str:
+def setting(text: str) -> set:
+    parts = set(text.split("+"))
+    if not parts <= set(SETTINGS):
+        raise argparse.ArgumentTypeError(f"unknown setting {text!r}; settings are {', '.join(SETTINGS)}, joined by +")
+    return parts
+
+
+def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
     """One table row's cells after the name: tokens/s | TFLOP/s | MFU | peak memory."""
     reset_memory(device)
     torch.manual_seed(0)
-    model = VideoDiT(**cfg).to(device)
-    weights_bf16 = setting == "bf16_weights"
+    with device:  # initialized in place: a 1B model's init on the CPU takes longer than its steps
+        model = VideoDiT(**cfg)
+    weights_bf16 = "bf16_weights" in parts
     if weights_bf16:
         model.to(torch.bfloat16)
-    if setting.startswith("ckpt_"):
-        model.set_checkpoint_policy(setting[len("ckpt_"):])
-    if setting == "compile":
+    for policy in [p[len("ckpt_"):] for p in parts if p.startswith("ckpt_")]:
+        model.set_checkpoint_policy(policy)
+    if "compile" in parts:
         for block in model.blocks:
             block.compile(dynamic=True)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -86,9 +111,10 @@ def train_case(cfg: dict, tokens: int, setting: str, a, device) -> str:
     target = torch.randn(packed.tokens.shape, generator=g, device=device)
     text = torch.randn(len(shapes), a.text_len, cfg["text_dim"], generator=g, device=device)
     t = torch.rand(len(shapes), generator=g, device=device)
+    kernels = (lambda: sdpa_kernel(CUDNN_FIRST, set_priority=True)) if "cudnn" in parts else contextlib.nullcontext
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not weights_bf16):
+        with kernels(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=not weights_bf16):
             loss = (model(packed, t, text).float() - target).square().mean()
         loss.backward()
         opt.step()
@@ -104,6 +130,8 @@ def train_case(cfg: dict, tokens: int, setting: str, a, device) -> str:
         sync(device)
     except torch.OutOfMemoryError:
         return "OOM | - | - | -"
+    except Exception as e:  # a backend or compile failure on this platform: report it, go on with the next case
+        return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | - | - | -"
     finally:
         del model, opt
     seconds = (time.perf_counter() - tic) / a.steps
@@ -117,11 +145,11 @@ def bench_train(a, device):
           f"{a.warmup} warm-up + {a.steps} timed steps, MFU vs {a.peak_tflops:g} TFLOP/s\n")
     print("| preset | tokens | setting | tokens/s | TFLOP/s | MFU | peak memory |")
     print("|---|---|---|---|---|---|---|")
-    for name, cfg in a.presets.items():
-        for tokens in a.lengths:
-            for setting in a.settings:
-                print(f"| {name} | {tokens} | {setting} | {train_case(cfg, tokens, setting, a, device)} |",
-                      flush=True)
+    for name in a.preset_names or a.presets:
+        for tokens in a.token_counts or a.lengths:
+            for text in a.settings:
+                cells = train_case(a.presets[name], tokens, setting(text), a, device)
+                print(f"| {name} | {tokens} | {text} | {cells} |", flush=True)
 
 
 def bench_sample(a, device):
@@ -130,7 +158,8 @@ def bench_sample(a, device):
     tokens = shape[1] * shape[2] // 2 * shape[3] // 2
     reset_memory(device)
     torch.manual_seed(0)
-    model = VideoDiT(**a.presets["1B"]).to(device, torch.bfloat16).eval()
+    with device:
+        model = VideoDiT(**a.presets["1B"]).to(torch.bfloat16).eval()
     g = torch.Generator(device).manual_seed(0)
     text = torch.randn(1, a.text_len, model.config.text_dim, generator=g, device=device, dtype=torch.bfloat16)
     mask = torch.ones(1, a.text_len, dtype=torch.bool, device=device)
@@ -153,7 +182,8 @@ def bench_sample(a, device):
 
 def bench_vae(a, device):
     H, W = a.vae_size
-    vae = CausalVideoVAE(**VAE_PRESETS[a.vae]).to(device, torch.bfloat16).eval()
+    with device:
+        vae = CausalVideoVAE(**VAE_PRESETS[a.vae]).to(torch.bfloat16).eval()
     print(f"\n### VAE streaming decode, CausalVideoVAE preset {a.vae!r} "
           f"({sum(p.numel() for p in vae.parameters()) / 1e6:.1f}M parameters), bf16, {H}x{W}\n")
     print("| frames | latent | seconds | peak memory |")
@@ -173,7 +203,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU): proves the script runs")
     ap.add_argument("--only", choices=["train", "sample", "vae"], nargs="+", default=["train", "sample", "vae"])
-    ap.add_argument("--settings", choices=SETTINGS, nargs="+", default=list(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), type=lambda x: setting(x) and x,
+                    help=f"any of {', '.join(SETTINGS)}, or several joined by + (compile+cudnn)")
+    ap.add_argument("--presets", dest="preset_names", nargs="+", choices=["B", "1B"], help="default: both")
+    ap.add_argument("--lengths", dest="token_counts", nargs="+", type=int, help="tokens per step (default 16k, 32k)")
     ap.add_argument("--warmup", type=int, default=2, help="training warm-up steps (compile runs in them)")
     ap.add_argument("--steps", type=int, default=3, help="timed training steps")
     ap.add_argument("--sample-steps", type=int, default=3, help="timed sampling steps")
@@ -185,6 +218,9 @@ def main():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, torch {torch.__version__}"
           f"{', tiny sizes' if a.tiny else ''}")
+    if device.type == "cuda":
+        print(f"bf16 8192^3 matmul: {matmul_tflops():.0f} TFLOP/s (the achievable ceiling; MFU is against "
+              f"{a.peak_tflops:g})")
     for part in a.only:
         {"train": bench_train, "sample": bench_sample, "vae": bench_vae}[part](a, device)
 
