@@ -7,16 +7,19 @@
 1. Training step (forward, backward, AdamW) on a packed batch of three samples (token shares 1/2, 1/4, 1/4; text
    of 226 tokens), bf16 autocast over fp32 weights unless a setting says otherwise: tokens/s, TFLOP/s (FLOPs from
    videodit.flops: 3 x forward), MFU against --peak-tflops (989: H100 SXM dense bf16), peak memory. Settings:
-   base, compile (torch.compile of each block), cudnn (SDPA's cuDNN attention kernel first), ckpt_all /
-   ckpt_every_2 / ckpt_attention / ckpt_mlp (activation checkpointing policies), bf16_weights (weights and AdamW
-   state in bf16, no autocast); joined with "+" they combine (compile+cudnn).
-2. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
+   base; compile (torch.compile of each block, dynamic shapes; with static: specialized to the batch); cudnn
+   (SDPA's cuDNN attention kernel only); ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
+   checkpointing policies); bf16_weights (weights and AdamW state in bf16, no autocast). Joined with "+" they
+   combine (compile+static+cudnn).
+2. Attention (`--only attention`): forward + backward of each SDPA kernel alone at the batch's segment lengths.
+3. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
    step), bf16 weights: seconds per step over a few steps after a warm-up, extrapolated to 50 steps.
-3. VAE: the standard CausalVideoVAE (113M, 4x8x8), bf16, streaming decode of 81 and 321 frames at 480x832: seconds
+4. VAE: the standard CausalVideoVAE (113M, 4x8x8), bf16, streaming decode of 81 and 321 frames at 480x832: seconds
    and peak memory.
 The attention backend is packed_attention's default: flash-attn's varlen kernel where installed, else one SDPA call
-per sample (PyTorch picks SDPA's kernel; "cudnn" puts cuDNN's first). A failing case prints its error and the run
-goes on. Peak memory is torch.cuda.max_memory_allocated (reset before each case); on CPU it is not measured.
+per sample (PyTorch picks SDPA's kernel unless "cudnn" is set). `--profile ROWS` prints the top GPU kernels of one
+more step of each training case. A failing case prints its error and the run goes on. Peak memory is
+torch.cuda.max_memory_allocated (reset before each case); on CPU it is not measured.
 """
 
 import argparse
@@ -35,8 +38,9 @@ from videodit.flow import sample
 from videodit.patchify import pack
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
-SETTINGS = ("base", "compile", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp", "bf16_weights")
-CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+SETTINGS = ("base", "compile", "static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp", "bf16_weights")
+SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                "efficient": SDPBackend.EFFICIENT_ATTENTION}
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
             sample_size=(81, 480, 832), vae="standard", vae_frames=(81, 321), vae_size=(480, 832))
 TINY = dict(presets={"B": dict(depth=2, hidden_size=64, num_heads=4, in_channels=16, text_dim=32),
@@ -103,7 +107,7 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
         model.set_checkpoint_policy(policy)
     if "compile" in parts:
         for block in model.blocks:
-            block.compile(dynamic=True)
+            block.compile(dynamic="static" not in parts)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     shapes = batch_shapes(tokens, cfg["in_channels"], a.side)
     g = torch.Generator(device).manual_seed(0)
@@ -111,7 +115,7 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
     target = torch.randn(packed.tokens.shape, generator=g, device=device)
     text = torch.randn(len(shapes), a.text_len, cfg["text_dim"], generator=g, device=device)
     t = torch.rand(len(shapes), generator=g, device=device)
-    kernels = (lambda: sdpa_kernel(CUDNN_FIRST, set_priority=True)) if "cudnn" in parts else contextlib.nullcontext
+    kernels = (lambda: sdpa_kernel(SDPA_KERNELS["cudnn"])) if "cudnn" in parts else contextlib.nullcontext
 
     def step():
         with kernels(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=not weights_bf16):
@@ -128,13 +132,19 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
         for _ in range(a.steps):
             step()
         sync(device)
+        seconds = (time.perf_counter() - tic) / a.steps
+        if a.profile:
+            with torch.profiler.profile() as prof:
+                step()
+                sync(device)
+            key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+            print(prof.key_averages().table(sort_by=key, row_limit=a.profile, max_name_column_width=60))
     except torch.OutOfMemoryError:
         return "OOM | - | - | -"
     except Exception as e:  # a backend or compile failure on this platform: report it, go on with the next case
         return f"failed: {type(e).__name__}: {str(e).splitlines()[0][:150]} | - | - | -"
     finally:
         del model, opt
-    seconds = (time.perf_counter() - tic) / a.steps
     tflops = flops_per_step(cfg, packed.seqlens, a.text_len) / seconds / 1e12
     return f"{tokens / seconds:,.0f} | {tflops:.3g} | {100 * tflops / a.peak_tflops:.3g}% | {peak(device)}"
 
@@ -150,6 +160,36 @@ def bench_train(a, device):
             for text in a.settings:
                 cells = train_case(a.presets[name], tokens, setting(text), a, device)
                 print(f"| {name} | {tokens} | {text} | {cells} |", flush=True)
+
+
+def bench_attention(a, device):
+    """Forward + backward of each SDPA kernel alone over the segments of the training batch (heads of 128)."""
+    tokens = (a.token_counts or a.lengths)[0]
+    lengths = [c[1] * c[2] * c[3] // 4 for c in batch_shapes(tokens, 16, a.side)]
+    heads = 12 if not a.tiny else 2
+    g = torch.Generator(device).manual_seed(0)
+    qkv = [torch.randn(3, 1, heads, n, 128, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
+           for n in lengths]
+    flops = sum(3 * 4 * heads * n * n * 128 for n in lengths)  # forward 4 n^2 d per head, backward twice that
+    print(f"\n### Attention kernels, segments {lengths}, {heads} heads of 128, bf16, forward + backward\n")
+    print("| SDPA kernel | ms | TFLOP/s |")
+    print("|---|---|---|")
+    for name, kernel in SDPA_KERNELS.items():
+        def run():
+            with sdpa_kernel(kernel):
+                for x in qkv:
+                    torch.nn.functional.scaled_dot_product_attention(*x).sum().backward()
+        try:
+            run()
+            sync(device)
+            tic = time.perf_counter()
+            for _ in range(5):
+                run()
+            sync(device)
+            seconds = (time.perf_counter() - tic) / 5
+            print(f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.0f} |", flush=True)
+        except RuntimeError as e:
+            print(f"| {name} | failed: {str(e).splitlines()[0][:120]} | - |", flush=True)
 
 
 def bench_sample(a, device):
@@ -202,7 +242,10 @@ def bench_vae(a, device):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true", help="tiny sizes (CPU): proves the script runs")
-    ap.add_argument("--only", choices=["train", "sample", "vae"], nargs="+", default=["train", "sample", "vae"])
+    ap.add_argument("--only", choices=["train", "attention", "sample", "vae"], nargs="+",
+                    default=["train", "attention", "sample", "vae"])
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="print the top ROWS kernels of one more step of each case")
     ap.add_argument("--settings", nargs="+", default=list(SETTINGS), type=lambda x: setting(x) and x,
                     help=f"any of {', '.join(SETTINGS)}, or several joined by + (compile+cudnn)")
     ap.add_argument("--presets", dest="preset_names", nargs="+", choices=["B", "1B"], help="default: both")
@@ -222,7 +265,7 @@ def main():
         print(f"bf16 8192^3 matmul: {matmul_tflops():.0f} TFLOP/s (the achievable ceiling; MFU is against "
               f"{a.peak_tflops:g})")
     for part in a.only:
-        {"train": bench_train, "sample": bench_sample, "vae": bench_vae}[part](a, device)
+        {"train": bench_train, "attention": bench_attention, "sample": bench_sample, "vae": bench_vae}[part](a, device)
 
 
 if __name__ == "__main__":

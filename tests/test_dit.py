@@ -138,7 +138,8 @@ def test_rope_gradient_is_the_inverse_rotation():
     w = torch.randn(30, 2, 24)
     (apply_rope(x, rot) * w).sum().backward()
     x_ref = x.detach().clone().requires_grad_()
-    ref = torch.view_as_real(torch.view_as_complex(x_ref.unflatten(-1, (-1, 2))) * rot[:, None]).flatten(-2)
+    rot_c = torch.view_as_complex(rot.contiguous())  # the rotation as complex numbers cos + i sin
+    ref = torch.view_as_real(torch.view_as_complex(x_ref.unflatten(-1, (-1, 2))) * rot_c[:, None]).flatten(-2)
     (ref * w).sum().backward()
     torch.testing.assert_close(x.grad, x_ref.grad)
 

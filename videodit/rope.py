@@ -32,36 +32,20 @@ class RoPE3D(nn.Module):
 
     def forward(self, coords: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
         """coords: (N, 3) integer; grids: (N, 3) each token's sample grid (needed with base_grid).
-        Returns the rotations exp(i * angle): (N, head_dim/2) complex64."""
+        Returns the rotations as (cos, sin) of each pair's angle: (N, head_dim/2, 2) float32 (real numbers, which
+        torch.compile fuses; it does not generate code for complex ones)."""
         pos = coords.float()
         if self.base_grid is not None:
             if grids is None:
                 raise ValueError("RoPE3D with base_grid needs each token's sample grid")
             pos = pos * (torch.tensor(self.base_grid, device=pos.device) / grids.float())
         angles = pos[:, self.axis] * self.inv_freq  # (N, head_dim/2)
-        return torch.polar(torch.ones_like(angles), angles)
-
-
-def _rotate(x, rot):
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (N, heads, head_dim/2)
-    return torch.view_as_real(xc * rot[:, None]).flatten(-2).to(x.dtype)
-
-
-class _Rotate(torch.autograd.Function):
-    """Rotation whose backward rotates the gradient back (by conj(rot)): it keeps nothing of x for backward."""
-
-    @staticmethod
-    def forward(ctx, x, rot):
-        ctx.save_for_backward(rot)
-        return _rotate(x, rot)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (rot,) = ctx.saved_tensors
-        return _rotate(grad, rot.conj()), None
+        return torch.stack([angles.cos(), angles.sin()], -1)
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, head_dim), consecutive pairs rotated in float32 as complex numbers; rot: (N, head_dim/2)
-    complex, not differentiated."""
-    return _Rotate.apply(x, rot)
+    """x: (N, heads, head_dim), consecutive pairs (a, b) rotated in float32; rot: (N, head_dim/2, 2) from RoPE3D,
+    not differentiated. Autograd keeps only rot's cos and sin for backward, nothing of x."""
+    a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (N, heads, head_dim/2) each
+    cos, sin = rot[:, None, :, 0], rot[:, None, :, 1]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
