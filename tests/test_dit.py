@@ -37,8 +37,9 @@ def test_fresh_model_outputs_zeros():
         assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
 
 
-def test_packed_forward_equals_separate_forwards():
-    model = random_model()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_packed_forward_equals_separate_forwards(pooled_text):
+    model = random_model(pooled_text=pooled_text)
     latents, t, text, mask = mixed_batch()
     with torch.no_grad():
         packed = model.forward_latents(latents, t, text, mask)
@@ -46,6 +47,20 @@ def test_packed_forward_equals_separate_forwards():
             alone = model.forward_latents([x], t[i:i + 1], text[i:i + 1], mask[i:i + 1])[0]
             assert (packed[i] - alone).abs().max() <= 1e-5
     assert packed[0].abs().mean() > 0.1
+
+
+def test_pooled_text_follows_each_sample_with_per_frame_timesteps():
+    """Per-frame timestep rows take their own sample's pooled prompt: swapping two prompts swaps the outputs."""
+    model = random_model(pooled_text=True)
+    latents, _, text, mask = mixed_batch()
+    frames = [torch.rand(x.shape[1]) for x in latents]
+    mask = torch.ones_like(mask)
+    with torch.no_grad():
+        a = model.forward_latents(latents, frames, text, mask)
+        alone = model.forward_latents(latents[2:], frames[2:], text[2:], mask[2:])[0]
+        changed = model.forward_latents(latents, frames, torch.cat([text[:2], text[:1]]), mask)
+    assert (a[2] - alone).abs().max() <= 1e-5
+    assert (a[2] - changed[2]).abs().max() > 1e-3 and torch.equal(a[0], changed[0])
 
 
 def test_tuple_input_equals_packed_input():
@@ -58,8 +73,9 @@ def test_tuple_input_equals_packed_input():
     assert torch.equal(a, b)
 
 
-def test_text_padding_does_not_change_output():
-    model = random_model()
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_text_padding_does_not_change_output(pooled_text):
+    model = random_model(pooled_text=pooled_text)
     latents, t, text, mask = mixed_batch()
     garbage = 100 * torch.randn(3, 4, 16)
     text_pad = torch.cat([text, garbage], dim=1)

@@ -26,7 +26,7 @@ from .rope import RoPE3D, apply_rope
 
 PRESETS = {
     # the CPU demo (shapes world: 64x64, 64x128, 128x64 clips, 8-channel latents, MiniLM text)
-    "tiny": dict(depth=6, hidden_size=192, num_heads=4, in_channels=8, text_dim=384),
+    "tiny": dict(depth=6, hidden_size=192, num_heads=4, in_channels=8, text_dim=384, pooled_text=True),
     # DiT paper sizes, video latents (16 channels) and T5 text
     "S": dict(depth=12, hidden_size=384, num_heads=6, in_channels=16, text_dim=4096),
     "B": dict(depth=12, hidden_size=768, num_heads=12, in_channels=16, text_dim=4096),
@@ -221,6 +221,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_theta: float = 10000.0,
         rope_base_grid: tuple[int, int, int] | None = None,
         eps: float = 1e-6,
+        pooled_text: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -236,6 +237,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
                                         nn.Linear(hidden_size, hidden_size))
         self.t_embed = TimestepEmbedder(hidden_size, freq_dim)
+        # the prompt's mean token (a sentence embedding for encoders trained as such, like MiniLM), added to the
+        # time embedding as SD3 and PixArt add pooled text: a whole-prompt signal beside cross-attention
+        self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(),
+                                       nn.Linear(hidden_size, hidden_size)) if pooled_text else None
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))  # shared by all blocks
         self.rope = RoPE3D(hidden_size // num_heads, rope_theta, rope_base_grid)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, eps) for _ in range(depth))
@@ -325,6 +330,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
+        if self.text_pool is not None:
+            m = text_mask[..., None].to(self.dtype)
+            pooled = (text.to(self.dtype) * m).sum(1) / m.sum(1).clamp(min=1)  # (B, text_dim); empty prompt: 0
+            row_sample = torch.zeros(len(temb), dtype=torch.long, device=temb.device)
+            row_sample = row_sample.scatter(0, t_index, packed.sample_idx)  # each row's sample
+            temb = temb + self.text_pool(pooled).float()[row_sample]
         mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)  # (R, 6, D)
 
         shard = None

@@ -47,6 +47,7 @@ def param_count(config) -> int:
     mlp = 2 * d * h + h + d
     block = attn + cross + mlp + 6 * d
     embeds = (token_dim * d + d) + (c["text_dim"] * d + d + d * d + d) + (c["freq_dim"] * d + d + d * d + d)
+    embeds += (c["text_dim"] * d + d + d * d + d) if c["pooled_text"] else 0
     return embeds + (6 * d * d + 6 * d) + c["depth"] * block + (2 * d + d * token_dim + token_dim)
 
 
@@ -63,6 +64,7 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
     rows = len(seq_lens) if timestep_rows is None else timestep_rows
     macs = n * token_dim * d + m * (c["text_dim"] * d + d * d)  # patch and text embedding
     macs += rows * (c["freq_dim"] * d + d * d + 6 * d * d)  # time MLP, shared modulation projection
+    macs += len(seq_lens) * (c["text_dim"] * d + d * d) if c["pooled_text"] else 0  # pooled text MLP
     macs += c["depth"] * sum(block_macs(d, h, s, t) for s, t in zip(seq_lens, text_lens))
     return macs + n * d * token_dim  # output layer
 
