@@ -3,10 +3,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
 
+from videodit.dit import VideoDiT
 from videodit.flow import cond_frames
 from videodit.generate import main
 from videodit.pipeline import VideoDiTPipeline
+from videodit.vae import CausalVideoVAE
 
 
 def gen(seed):
@@ -176,3 +179,31 @@ def test_sample_command_upsamples_prompts(saved, tmp_path, capsys):
           str(tmp_path / "u.mp4"), "--height", "16", "--width", "16", "--num-frames", "5"])
     used = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prompt: ")]
     assert len(used) == 1 and "red circle" in used[0] and len(used[0]) > 60  # a detailed caption, synonyms mapped
+
+
+def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path):
+    """save_lean writes the denoiser in float16 and no text encoder; loading takes MiniLM from its PyPI package."""
+    from safetensors.torch import load_file
+
+    from videodit.text import load_text_encoder
+
+    torch.manual_seed(0)
+    enc = load_text_encoder("minilm")
+    vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                         temporal_factor=4, mid_attention=False)
+    dit = VideoDiT(in_channels=4, hidden_size=32, depth=1, num_heads=2, text_dim=384, pooled_text=True)
+    for p in dit.parameters():
+        p.data.normal_(0, 0.05)
+    pipe = VideoDiTPipeline(vae.eval(), dit.eval(), enc.model, enc.tokenizer, FlowMatchEulerDiscreteScheduler(),
+                            default_steps=2)
+    pipe.save_lean(tmp_path / "lean")
+    assert pipe.transformer.dtype == torch.float32 and pipe.text_encoder is enc.model  # the pipeline is unchanged
+    assert not (tmp_path / "lean" / "text_encoder").exists() and not (tmp_path / "lean" / "tokenizer").exists()
+    weights = load_file(tmp_path / "lean" / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {w.dtype for w in weights.values()} == {torch.float16}
+    loaded = VideoDiTPipeline.from_pretrained(tmp_path / "lean")
+    assert loaded.transformer.dtype == torch.float32 and loaded.config.text_encoder_package == "minilm"
+    kw = dict(height=16, width=16, num_frames=5, progress=False)
+    a = pipe("a red circle moving right", generator=gen(1), **kw).frames[0].astype(float)
+    b = loaded("a red circle moving right", generator=gen(1), **kw).frames[0].astype(float)
+    assert np.abs(a - b).mean() < 1.0  # float16 rounding of the weights only

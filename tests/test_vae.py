@@ -10,6 +10,7 @@ TINY4 = dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels
              temporal_factor=4, mid_attention=True)
 TINY8 = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, latent_channels=4, spatial_factor=8,
              temporal_factor=4, mid_attention=True)
+SHORTCUT = dict(TINY8, shortcut=True)
 
 
 def make_vae(cfg=TINY4, seed=0):
@@ -55,7 +56,7 @@ def test_shapes(cfg, T):
         assert vae.decode_latents(z).shape == x.shape
 
 
-@pytest.mark.parametrize("cfg", [TINY4, TINY8])
+@pytest.mark.parametrize("cfg", [TINY4, TINY8, SHORTCUT])
 def test_streaming_equals_single_pass(cfg):
     vae = make_vae(cfg)
     x = video(13, 16, 24)
@@ -69,8 +70,9 @@ def test_streaming_equals_single_pass(cfg):
 
 
 @pytest.mark.parametrize("stream", [True, False])
-def test_causality(stream):
-    vae = make_vae(TINY8)
+@pytest.mark.parametrize("cfg", [TINY8, SHORTCUT])
+def test_causality(stream, cfg):
+    vae = make_vae(cfg)
     ft, j = 4, 6  # frame 6 belongs to latent frame 2 (frames 5..8)
     x = video(13, 16, 16)
     x2 = x.clone()
@@ -87,6 +89,25 @@ def test_causality(stream):
         first = 1 + ft * (chunk - 1)
         assert torch.equal(y[:, :, :first], y3[:, :, :first])
         assert not torch.allclose(y[:, :, first], y3[:, :, first])
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_shortcut_alone_reconstructs_block_constant_videos(stream):
+    """With both networks' output layers zeroed only the shortcuts remain: a video constant over each latent
+    pixel's block (fs x fs pixels, the first frame, then groups of ft frames) comes back exactly."""
+    vae = make_vae(dict(SHORTCUT, latent_channels=6))
+    with torch.no_grad():
+        for conv in (vae.encoder.conv_out.conv, vae.decoder.conv_out.conv):
+            conv.weight.zero_()
+        vae.encoder.conv_out.conv.bias[:6].zero_()  # the means; the log-variance biases stay
+        vae.decoder.conv_out.conv.bias.zero_()
+    blocks = video(1 + 2, 2, 3)  # (1, 3, 3 latent frames, 2 x 3 latent pixels)
+    x = torch.cat([blocks[:, :, :1], blocks[:, :, 1:].repeat_interleave(4, 2)], 2)
+    x = x.repeat_interleave(8, 3).repeat_interleave(8, 4)  # (1, 3, 9, 16, 24)
+    with torch.no_grad():
+        z = vae.encode(x, stream=stream).latent_dist.mean
+        assert torch.allclose(z, blocks.repeat(1, 2, 1, 1, 1), atol=1e-6)  # colours repeated over the channels
+        assert torch.allclose(vae.decode(z, stream=stream).sample, x, atol=1e-6)
 
 
 def test_image_is_first_frame_of_video():

@@ -61,6 +61,7 @@ class VAEConfig:
     channel_mults: list[int] = field(default_factory=lambda: [1, 2, 4, 4])
     num_res_blocks: int = 2
     mid_attention: bool = True
+    shortcut: bool = False         # non-parametric shortcuts around encoder and decoder (fast to train; DC-AE)
     # training objective
     kl_weight: float = 1e-6
     perceptual_weight: float = 0.1

@@ -18,15 +18,18 @@ frame held still for ft frames, and trims the held frames from the result.
 
 import contextlib
 import dataclasses
+import json
+import os
 
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
+from .data.loader import Geometry
 from .data.video import resize_crop, to_uint8
 from .dit import VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing it registers the class)
 from .flow import cond_frames, sample
-from .text import encode_with
+from .text import encode_with, load_text_encoder
 from .vae import CausalVideoVAE, PretrainedVideoVAE
 
 
@@ -41,14 +44,42 @@ class VideoDiTPipeline(DiffusionPipeline):
     # enable_offload() below moves each part to the accelerator while it runs.
 
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
-                 base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0):
+                 base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
+                 text_encoder_package: str | None = None):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
-        # how the checkpoint was trained and is best sampled: saved in model_index.json
+        # how the checkpoint was trained and is best sampled: saved in model_index.json. text_encoder_package:
+        # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
-                                default_guidance=default_guidance)
+                                default_guidance=default_guidance, text_encoder_package=text_encoder_package)
         self.offload_device = None  # see enable_offload
+
+    @classmethod
+    def from_pretrained(cls, path, **kwargs):
+        """diffusers' loader; a folder saved without its text encoder (see save_lean) takes it from the package that
+        model_index.json names. Weights load as float32 unless `dtype` says otherwise."""
+        index = os.path.join(path, "model_index.json")
+        package = json.load(open(index)).get("text_encoder_package") if os.path.isfile(index) else None
+        if package and not os.path.isdir(os.path.join(path, "text_encoder")) and "text_encoder" not in kwargs:
+            enc = load_text_encoder(package)
+            kwargs.update(text_encoder=enc.model, tokenizer=enc.tokenizer)
+        kwargs.setdefault("dtype", torch.float32)
+        return super().from_pretrained(path, **kwargs)
+
+    def save_lean(self, out: str, package: str = "minilm", dtype=torch.float16):
+        """Save for shipping: the denoiser in `dtype`, the VAE in float32, and no text encoder (it comes from the
+        package `package` at load time)."""
+        parts = dict(text_encoder=self.text_encoder, tokenizer=self.tokenizer)
+        dtype_before = self.transformer.dtype
+        self.register_modules(text_encoder=None, tokenizer=None)
+        self.register_to_config(text_encoder_package=package)
+        self.transformer.to(dtype)
+        try:
+            self.save_pretrained(out)
+        finally:
+            self.transformer.to(dtype_before)
+            self.register_modules(**parts)
 
     def enable_offload(self, device="cuda"):
         """Keep the text encoder, denoiser and VAE in CPU memory and move each to `device` only while it runs: the
@@ -77,12 +108,8 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch."""
-        vae, (pt, ph, pw) = self.video_vae, self.transformer.patch_size
-        T, H, W = vae.valid_size(max(T, 1), max(H, 1), max(W, 1))
-        k = (T - 1) // vae.ft
-        k = k if k % pt == 0 or T == 1 else round(k / pt) * pt or pt
-        step_h, step_w = vae.fs * ph, vae.fs * pw
-        return 1 + vae.ft * k, max(step_h, round(H / step_h) * step_h), max(step_w, round(W / step_w) * step_w)
+        vae = self.video_vae
+        return Geometry(vae.ft, vae.fs, self.transformer.patch_size).snap(*vae.valid_size(T, H, W))
 
     def encode_prompt(self, prompts: list[str]):
         device = self.offload_device or self.transformer.device

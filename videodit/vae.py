@@ -135,6 +135,14 @@ class FrameAttention(nn.Module):
         return x + rearrange(self.proj(h), "(b t) (h w) c -> b c t h w", b=B, h=H)
 
 
+def _first_chunk(module, cache) -> bool:
+    """Whether this call of `module` sees the start of a video (one pass, or a streaming run's first chunk)."""
+    first = cache is None or module not in cache
+    if cache is not None:
+        cache[module] = True
+    return first
+
+
 class Downsample(nn.Module):
     """Halves H and W with a stride-2 conv per frame. With `time=True` also halves T on the 1 + 2k grid: the first
     frame of a video is paired with a zero frame in front of it, every later pair (2i-1, 2i) makes one frame. The
@@ -155,10 +163,8 @@ class Downsample(nn.Module):
         # x: (B, C, T, H, W) -> (B, C, T', H/2, W/2), T' = (T + 1) / 2 at the start of a video, T / 2 after
         x = self.space(x, cache)
         if self.time is not None:
-            if cache is None or self not in cache:
+            if _first_chunk(self, cache):
                 x = F.pad(x, (0, 0, 0, 0, 1, 0))
-            if cache is not None:
-                cache[self] = True
             x = self.time(x)
         return x
 
@@ -181,19 +187,19 @@ class Upsample(nn.Module):
     def forward(self, x, cache=None):
         # x: (B, C, T, H, W) -> (B, C, T', 2H, 2W), T' = 2T - 1 at the start of a video, 2T after
         if self.time is not None:
-            first = cache is None or self not in cache
+            first = _first_chunk(self, cache)
             x = rearrange(self.time(x, cache), "b (two c) t h w -> b c (t two) h w", two=2)
             if first:
                 x = x[:, :, 1:]
-            if cache is not None:
-                cache[self] = True
         x = x.repeat_interleave(2, dim=3).repeat_interleave(2, dim=4)
         return self.space(x, cache)
 
 
 class Encoder(nn.Module):
-    def __init__(self, cin, cout, channels, layers, time_down, attention):
+    def __init__(self, cin, cout, channels, layers, time_down, attention, shortcut=False):
         super().__init__()
+        self.ft, self.fs = 2 ** sum(time_down), 2 ** len(time_down)
+        self.shortcut = shortcut
         self.conv_in = CausalConv3d(cin, channels[0], 3)
         blocks, c = [], channels[0]
         for i, ch in enumerate(channels):
@@ -209,15 +215,30 @@ class Encoder(nn.Module):
 
     def forward(self, x, cache=None):
         # x: (B, 3, T, H, W) -> (B, 2C, T', H/fs, W/fs)
+        short = self.pool(x, _first_chunk(self, cache)) if self.shortcut else None
         x = self.conv_in(x, cache)
         for block in self.blocks:
             x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        x = self.conv_out(F.silu(self.norm_out(x)), cache)
+        if short is None:
+            return x
+        C = x.shape[1] // 2  # the means take the pooled colours, repeated over their channels; log-variances nothing
+        return x + F.pad(short.repeat(1, -(-C // short.shape[1]), 1, 1, 1)[:, :C], (0, 0, 0, 0, 0, 0, 0, C))
+
+    def pool(self, x, first):
+        """The non-parametric shortcut (as DC-AE's space-to-channel shortcuts): each latent pixel's input block of
+        fs x fs pixels and its frames (the first frame alone, then groups of ft) averaged."""
+        x = F.avg_pool3d(x, (1, self.fs, self.fs))
+        head, x = (x[:, :, :1], x[:, :, 1:]) if first else (None, x)
+        x = x.unflatten(2, (-1, self.ft)).mean(3)
+        return x if head is None else torch.cat([head, x], 2)
 
 
 class Decoder(nn.Module):
-    def __init__(self, cin, cout, channels, layers, time_up, attention):
+    def __init__(self, cin, cout, channels, layers, time_up, attention, shortcut=False):
         super().__init__()
+        self.ft, self.fs = 2 ** sum(time_up), 2 ** len(time_up)
+        self.shortcut = shortcut
         channels = channels[::-1]
         c = channels[0]
         self.conv_in = CausalConv3d(cin, c, 3)
@@ -234,10 +255,16 @@ class Decoder(nn.Module):
 
     def forward(self, z, cache=None):
         # z: (B, C, T', h, w) -> (B, 3, T, h*fs, w*fs)
+        first = _first_chunk(self, cache)
         x = self.conv_in(z, cache)
         for block in self.blocks:
             x = block(x, cache)
-        return self.conv_out(F.silu(self.norm_out(x)), cache)
+        x = self.conv_out(F.silu(self.norm_out(x)), cache)
+        if not self.shortcut:
+            return x
+        # the shortcut's inverse: the first latent channels as colours, each spread over its block of pixels and frames
+        short = z[:, :x.shape[1]].repeat_interleave(self.ft, 2)[:, :, self.ft - 1 if first else 0:]
+        return x + short.repeat_interleave(self.fs, 3).repeat_interleave(self.fs, 4)
 
 
 def _tile_starts(size, tile, stride):
@@ -282,6 +309,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     mid_attention: per-frame self-attention between the two middle residual blocks.
     latents_mean, latents_std: per-channel statistics for normalized latents (see `compute_latent_stats`).
     tile_sample_size, tile_overlap: spatial tile and overlap in pixels when tiling is enabled.
+    shortcut: non-parametric shortcuts around encoder and decoder (block averages into the latent means, latents
+        spread back over their blocks; DC-AE): colours and coarse motion are right from the first step, and the
+        networks learn the residual. Much faster to train for small models.
     """
 
     _supports_gradient_checkpointing = False
@@ -300,6 +330,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         latents_std: list | None = None,
         tile_sample_size: int = 256,
         tile_overlap: int = 64,
+        shortcut: bool = False,
     ):
         super().__init__()
         n_space, n_time = math.log2(spatial_factor), math.log2(temporal_factor)
@@ -309,14 +340,17 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         if len(block_out_channels) != int(n_space) + 1:
             raise ValueError(f"block_out_channels needs log2(spatial_factor) + 1 = {int(n_space) + 1} entries for "
                              f"spatial_factor {spatial_factor}, got {len(block_out_channels)}")
+        if shortcut and latent_channels < in_channels:
+            raise ValueError(f"shortcut needs latent_channels >= in_channels ({in_channels}), got {latent_channels}")
         for name, stats in (("latents_mean", latents_mean), ("latents_std", latents_std)):
             if stats is not None and len(stats) != latent_channels:
                 raise ValueError(f"{name} has {len(stats)} entries, expected latent_channels = {latent_channels}")
         time_down = [False] * int(n_space - n_time) + [True] * int(n_time)
         channels = list(block_out_channels)
-        self.encoder = Encoder(in_channels, 2 * latent_channels, channels, layers_per_block, time_down, mid_attention)
+        self.encoder = Encoder(in_channels, 2 * latent_channels, channels, layers_per_block, time_down, mid_attention,
+                               shortcut)
         self.decoder = Decoder(latent_channels, in_channels, channels, layers_per_block, time_down[::-1],
-                               mid_attention)
+                               mid_attention, shortcut)
         # start near-deterministic (posterior std e^-3 = 0.05): a unit-variance start buries the mean under noise
         # that a KL weight of ~1e-6 takes thousands of steps to shrink, so nothing is learnt early
         nn.init.constant_(self.encoder.conv_out.conv.bias[latent_channels:], -6.0)

@@ -70,6 +70,15 @@ class Geometry:
         m, s = self.multiple, math.sqrt(area / (height * width))
         return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
 
+    def snap(self, T: int, H: int, W: int) -> tuple[int, int, int]:
+        """The nearest size this geometry takes: T = 1 + ft*k with k a multiple of pt (or T = 1), H and W multiples
+        of fs*ph and fs*pw (at least one of each)."""
+        pt, ph, pw = self.patch
+        k = round((max(T, 1) - 1) / self.ft)
+        k = k if k % pt == 0 else round(k / pt) * pt or pt
+        step_h, step_w = self.fs * ph, self.fs * pw
+        return 1 + self.ft * k, max(step_h, round(H / step_h) * step_h), max(step_w, round(W / step_w) * step_w)
+
     def check(self, T: int, H: int, W: int, what: str):
         if (T - 1) % self.ft or H % self.multiple or W % self.multiple:
             raise ValueError(f"{what}: size (T={T}, H={H}, W={W}) does not fit the VAE and patch: frames must be "

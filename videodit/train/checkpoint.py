@@ -78,10 +78,11 @@ def load_checkpoint(accelerator, path: str) -> dict:
         return json.load(f)
 
 
-def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: bool = False) -> str:
+def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: bool = False, lean: bool = False) -> str:
     """Write the checkpoint's EMA weights as a diffusers folder: the VAE (vae runs) or the denoiser (dit runs);
     LoRA runs write the adapters to <out>/lora and, with merge_lora, the merged denoiser to <out>. With `pipeline`
-    (dit runs), <out> becomes a whole VideoDiTPipeline folder with the run's VAE and text encoder, for sample.py."""
+    (dit runs), <out> becomes a whole VideoDiTPipeline folder with the run's VAE and text encoder, for sample.py
+    (with `lean`, as save_pipeline's lean form)."""
     from diffusers.training_utils import EMAModel
 
     from ..config import load_config
@@ -112,7 +113,8 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
         model.save_pretrained(os.path.join(out, "lora"))
         model = model.merge_and_unload()
     t = cfg.text
-    return save_pipeline(cfg, model, load_trained_vae(cfg), load_text_encoder(t.encoder, t.path, t.max_length), out)
+    text = load_text_encoder(t.encoder, t.path, t.max_length)
+    return save_pipeline(cfg, model, load_trained_vae(cfg), text, out, lean)
 
 
 def save_model(model, out: str, merge_lora: bool = True) -> str:
@@ -129,9 +131,10 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
     return out
 
 
-def save_pipeline(cfg, transformer, vae, text, out: str) -> str:
+def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> str:
     """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
-    with the run's text length, shift base and sampling defaults in model_index.json."""
+    with the run's text length, shift base and sampling defaults in model_index.json. `lean`: the denoiser in
+    float16 and no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from ..pipeline import VideoDiTPipeline
@@ -141,7 +144,13 @@ def save_pipeline(cfg, transformer, vae, text, out: str) -> str:
                             text.tokenizer, FlowMatchEulerDiscreteScheduler(), max_text_length=text.max_length,
                             base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
                             default_guidance=cfg.sample.guidance)
-    pipe.save_pretrained(out)
+    if not lean:
+        pipe.save_pretrained(out)
+    elif cfg.text.encoder == "minilm" and not cfg.text.path:
+        pipe.save_lean(out, package="minilm")
+    else:
+        raise ValueError(f"a lean pipeline leaves out the text encoder, so it must come from a package: text.encoder "
+                         f"must be 'minilm' with no text.path, not {cfg.text.encoder!r} / {cfg.text.path!r}")
     return out
 
 
@@ -152,8 +161,10 @@ def main(argv=None):
     p.add_argument("--no-merge", action="store_true", help="LoRA runs: write the adapters only")
     p.add_argument("--pipeline", action="store_true",
                    help="dit runs: write a whole pipeline (with the run's VAE and text encoder) for sample.py")
+    p.add_argument("--lean", action="store_true", help="with --pipeline: float16 denoiser, no text encoder (the "
+                   "packaged MiniLM loads in its place); how models/shapes-tiny ships")
     args = p.parse_args(argv)
-    print(export_ema(args.checkpoint, args.out, merge_lora=not args.no_merge, pipeline=args.pipeline))
+    print(export_ema(args.checkpoint, args.out, not args.no_merge, args.pipeline, args.lean))
 
 
 if __name__ == "__main__":

@@ -47,7 +47,8 @@ def build_vae(cfg) -> CausalVideoVAE:
                          f"vae.fs = {v.fs}: give log2(fs) + 1 = {v.fs.bit_length()} multipliers")
     return CausalVideoVAE(block_out_channels=[v.base_channels * m for m in v.channel_mults],
                           layers_per_block=v.num_res_blocks, latent_channels=v.latent_channels,
-                          temporal_factor=v.ft, spatial_factor=v.fs, mid_attention=v.mid_attention)
+                          temporal_factor=v.ft, spatial_factor=v.fs, mid_attention=v.mid_attention,
+                          shortcut=v.shortcut)
 
 
 def load_trained_vae(cfg):

@@ -115,9 +115,7 @@ class DiTTask:
         cfg, s = self.cfg, self.cfg.sample
         if not cfg.train.sample_prompts:
             return
-        T, H, W = cfg.data.sizes[0]
-        m = self.geom.multiple
-        T, H, W = self.geom.frames(T, T), max(m, H // m * m), max(m, W // m * m)
+        T, H, W = self.geom.snap(*cfg.data.sizes[0])
         shape = (self.model_config["in_channels"], *self.geom.latent_shape(T, H, W))
         text, mask = self.text.encode(cfg.train.sample_prompts)
         null, null_mask = self.text.encode([s.negative_prompt])
