@@ -262,9 +262,13 @@ class Decoder(nn.Module):
         x = self.conv_out(F.silu(self.norm_out(x)), cache)
         if not self.shortcut:
             return x
-        # the shortcut's inverse: the first latent channels as colours, each spread over its block of pixels and frames
+        # the shortcut's inverse: the first latent channels as colours, held over their frames and interpolated
+        # bilinearly over the pixels (a smooth base; the network sharpens it, which a convolution learns far more
+        # easily than undoing block edges whose phase it cannot see)
         short = z[:, :x.shape[1]].repeat_interleave(self.ft, 2)[:, :, self.ft - 1 if first else 0:]
-        return x + short.repeat_interleave(self.fs, 3).repeat_interleave(self.fs, 4)
+        B, T = short.shape[0], short.shape[2]
+        short = F.interpolate(rearrange(short, "b c t h w -> (b t) c h w"), scale_factor=self.fs, mode="bilinear")
+        return x + rearrange(short, "(b t) c h w -> b c t h w", b=B, t=T)
 
 
 def _tile_starts(size, tile, stride):
@@ -309,9 +313,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     mid_attention: per-frame self-attention between the two middle residual blocks.
     latents_mean, latents_std: per-channel statistics for normalized latents (see `compute_latent_stats`).
     tile_sample_size, tile_overlap: spatial tile and overlap in pixels when tiling is enabled.
-    shortcut: non-parametric shortcuts around encoder and decoder (block averages into the latent means, latents
-        spread back over their blocks; DC-AE): colours and coarse motion are right from the first step, and the
-        networks learn the residual. Much faster to train for small models.
+    shortcut: non-parametric shortcuts around encoder and decoder (block averages into the latent means; latents
+        held over their frames and interpolated bilinearly back to pixels; after DC-AE): colours and coarse motion
+        are right from the first step, and the networks learn the residual. Much faster to train for small models.
     """
 
     _supports_gradient_checkpointing = False
