@@ -222,8 +222,9 @@ class Encoder(nn.Module):
         x = self.conv_out(F.silu(self.norm_out(x)), cache)
         if short is None:
             return x
-        C = x.shape[1] // 2  # the means take the pooled colours, repeated over their channels; log-variances nothing
-        return x + F.pad(short.repeat(1, -(-C // short.shape[1]), 1, 1, 1)[:, :C], (0, 0, 0, 0, 0, 0, 0, C))
+        # the first means take the pooled colours; the other channels are the network's alone, free from the start to
+        # carry what block averages lose (edges, motion within the frame group), so both networks learn together
+        return x + F.pad(short, (0, 0, 0, 0, 0, 0, 0, x.shape[1] - short.shape[1]))
 
     def pool(self, x, first):
         """The non-parametric shortcut (as DC-AE's space-to-channel shortcuts): each latent pixel's input block of
@@ -313,9 +314,9 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     mid_attention: per-frame self-attention between the two middle residual blocks.
     latents_mean, latents_std: per-channel statistics for normalized latents (see `compute_latent_stats`).
     tile_sample_size, tile_overlap: spatial tile and overlap in pixels when tiling is enabled.
-    shortcut: non-parametric shortcuts around encoder and decoder (block averages into the latent means; latents
-        held over their frames and interpolated bilinearly back to pixels; after DC-AE): colours and coarse motion
-        are right from the first step, and the networks learn the residual. Much faster to train for small models.
+    shortcut: non-parametric shortcuts around encoder and decoder (block average colours into the first latent
+        means; those held over their frames and interpolated bilinearly back to pixels; after DC-AE): colours and
+        coarse motion are right from the first step, and the networks learn the rest. Faster to train when small.
     """
 
     _supports_gradient_checkpointing = False
@@ -358,6 +359,10 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         # start near-deterministic (posterior std e^-3 = 0.05): a unit-variance start buries the mean under noise
         # that a KL weight of ~1e-6 takes thousands of steps to shrink, so nothing is learnt early
         nn.init.constant_(self.encoder.conv_out.conv.bias[latent_channels:], -6.0)
+        if shortcut:  # exact colours at the start: the decoder adds only what it has learnt, the encoder nothing
+            for conv, rows in ((self.encoder.conv_out.conv, in_channels), (self.decoder.conv_out.conv, None)):
+                nn.init.zeros_(conv.weight[:rows])  # to its colour channels
+                nn.init.zeros_(conv.bias[:rows])
         self.use_tiling = False
 
     @property
