@@ -167,6 +167,8 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
         for (k, a), b in zip(exported.state_dict().items(), model.state_dict().values()):
             assert torch.equal(a, b), k
     assert final.config.max_text_length == 64 and isinstance(final.vae, CausalVideoVAE)
+    with pytest.raises(ValueError, match="must come from a package"):  # this run's encoder is a local folder
+        export_ema(ckpt, str(tmp_path / "lean"), pipeline=True, lean=True)
 
 
 def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
