@@ -264,8 +264,7 @@ class Decoder(nn.Module):
         if not self.shortcut:
             return x
         # the shortcut's inverse: the first latent channels as colours, held over their frames and interpolated
-        # bilinearly over the pixels (a smooth base; the network sharpens it, which a convolution learns far more
-        # easily than undoing block edges whose phase it cannot see)
+        # bilinearly over the pixels (a smooth base for the network to sharpen, rather than blocks)
         short = z[:, :x.shape[1]].repeat_interleave(self.ft, 2)[:, :, self.ft - 1 if first else 0:]
         B, T = short.shape[0], short.shape[2]
         short = F.interpolate(rearrange(short, "b c t h w -> (b t) c h w"), scale_factor=self.fs, mode="bilinear")
