@@ -59,8 +59,10 @@ class VideoDiTPipeline(DiffusionPipeline):
     def from_pretrained(cls, path, **kwargs):
         """diffusers' loader; a folder saved without its text encoder (see save_lean) takes it from the package that
         model_index.json names. Weights load as float32 unless `dtype` says otherwise."""
-        index = os.path.join(path, "model_index.json")
-        package = json.load(open(index)).get("text_encoder_package") if os.path.isfile(index) else None
+        index, package = os.path.join(path, "model_index.json"), None
+        if os.path.isfile(index):
+            with open(index) as f:
+                package = json.load(f).get("text_encoder_package")
         if package and not os.path.isdir(os.path.join(path, "text_encoder")) and "text_encoder" not in kwargs:
             enc = load_text_encoder(package)
             kwargs.update(text_encoder=enc.model, tokenizer=enc.tokenizer)
