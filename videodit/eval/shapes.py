@@ -118,7 +118,7 @@ def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell
 
 
 def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-             batch: int = 8, sizes=SIZES, progress: bool = True) -> tuple[list, list, dict]:
+             batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True) -> tuple[list, list, dict]:
     cases = make_cases(num, seed, sizes)
     results, videos, timing = [], [], {}
     for start in range(0, len(cases), batch):
@@ -126,7 +126,7 @@ def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guida
         t0 = time.perf_counter()
         out = pipe([c["prompt"] for c in chunk], height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
-                   num_inference_steps=steps, guidance_scale=guidance,
+                   num_inference_steps=steps, guidance_scale=guidance, shift=shift,
                    generator=torch.Generator().manual_seed(seed + start), progress=progress)
         timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
         for c, v in zip(chunk, out.frames):
@@ -158,6 +158,7 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=24, help="prompts per size (and paraphrased prompts)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the checkpoint's, by size)")
     p.add_argument("--batch", type=int, default=8, help="prompts sampled together as one packed batch")
     p.add_argument("--seed", type=int, default=1234)
     a = p.parse_args(argv)
@@ -165,7 +166,7 @@ def main(argv=None):
         p.exit(2, f"error: {a.checkpoint} is not a pipeline folder (no model_index.json)\n")
     pipe = VideoDiTPipeline.from_pretrained(a.checkpoint)
     os.makedirs(a.out, exist_ok=True)
-    results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch)
+    results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
     summary, md = table(results)
     with open(os.path.join(a.out, "results.json"), "w") as f:
