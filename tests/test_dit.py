@@ -5,7 +5,7 @@ from videodit.attention import packed_attention
 from videodit.dit import PRESETS, VideoDiT
 from videodit.flops import dit_paper_gmacs, flops_per_step, forward_macs, param_count
 from videodit.patchify import pack
-from videodit.rope import RoPE3D, apply_rope
+from videodit.rope import RoPE3D, apply_rope, rope_real
 
 CFG = dict(in_channels=4, hidden_size=48, depth=2, num_heads=2, text_dim=16, freq_dim=32)
 
@@ -110,6 +110,32 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_equal_shapes_broadcast_modulation_equals_the_gather(monkeypatch):
+    """Equal-shape samples broadcast each row's modulation over its run of tokens: same outputs and gradients as
+    gathering it per token."""
+    import videodit.dit as dit
+
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(4, 3, 4, 6, generator=g) for _ in range(2)]
+    text, mask = torch.randn(2, 5, 16, generator=g), torch.ones(2, 5, dtype=torch.bool)
+    assert dit.equal_runs(torch.tensor([0, 0, 1, 1, 2, 2]), 3) == 2
+    assert torch.is_tensor(dit.equal_runs(torch.tensor([0, 0, 1, 1, 1, 2]), 3))
+    per_sample, per_frame = torch.tensor([0.2, 0.7]), [torch.rand(3, generator=g) for _ in range(2)]
+    results = []
+    for gather in (False, True):
+        if gather:
+            monkeypatch.setattr(dit, "equal_runs", lambda index, rows: index)
+        for t in (per_sample, per_frame):
+            model = random_model()
+            out = model(pack(latents), t, text, mask)
+            out.square().mean().backward()
+            results.append((out, [p.grad for p in model.parameters()]))
+    for (out_a, grad_a), (out_b, grad_b) in zip(results[:2], results[2:]):
+        torch.testing.assert_close(out_a, out_b)
+        for a, b in zip(grad_a, grad_b):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_per_token_and_per_frame_timesteps():
     model = random_model()
     latents, _, text, mask = mixed_batch()
@@ -153,11 +179,15 @@ def test_rope_gradient_is_the_inverse_rotation():
     x = torch.randn(30, 2, 24, requires_grad=True)
     w = torch.randn(30, 2, 24)
     (apply_rope(x, rot) * w).sum().backward()
-    x_ref = x.detach().clone().requires_grad_()
-    rot_c = torch.view_as_complex(rot.contiguous())  # the rotation as complex numbers cos + i sin
-    ref = torch.view_as_real(torch.view_as_complex(x_ref.unflatten(-1, (-1, 2))) * rot_c[:, None]).flatten(-2)
-    (ref * w).sum().backward()
-    torch.testing.assert_close(x.grad, x_ref.grad)
+    inverse = rot * torch.tensor([1.0, -1.0])  # cos, -sin: the rotation by minus the angle
+    torch.testing.assert_close(x.grad, apply_rope(w, inverse))
+
+
+def test_rope_real_form_equals_the_complex_one():
+    rot = RoPE3D(head_dim=48)(torch.randint(0, 20, (30, 3)))
+    x = torch.randn(30, 4, 48)
+    torch.testing.assert_close(rope_real(x, rot), apply_rope(x, rot))
+    torch.testing.assert_close(rope_real(x.bfloat16(), rot), apply_rope(x.bfloat16(), rot))
 
 
 def test_rope_base_grid_scales_positions_to_the_training_extent():

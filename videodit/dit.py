@@ -77,14 +77,33 @@ def recompute(fn, *args):
 
 def modulated_norm(norm, x, mod, table, index, k):
     """norm(x) * (1 + scale) + shift, with shift, scale = rows k, k+1 of the block's modulation.
-    x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: (N,) token -> row."""
-    shift, scale = (mod[:, k:k + 2] + table[k:k + 2].float()).index_select(0, index).unbind(1)  # (N, D) each
+    x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: (N,) token -> row, or
+    an int n when the rows are runs of n tokens in order (then broadcast, with no gather and no index_add)."""
+    rows = mod[:, k:k + 2] + table[k:k + 2].float()  # (R, 2, D)
+    if isinstance(index, int):
+        shift, scale = rows[:, None].unbind(2)  # (R, 1, D) each
+        return torch.addcmul(shift, norm(x).unflatten(0, (-1, index)), 1 + scale).flatten(0, 1)
+    shift, scale = rows.index_select(0, index).unbind(1)  # (N, D) each
     return torch.addcmul(shift, norm(x), 1 + scale)
 
 
 def gated_residual(x, y, mod, table, index, k):
-    """x + gate * y, gate = row k of the block's modulation. x, y: (N, D)."""
-    return torch.addcmul(x, (mod[:, k] + table[k].float()).index_select(0, index), y.float())
+    """x + gate * y, gate = row k of the block's modulation. x, y: (N, D); index as in modulated_norm."""
+    gate = mod[:, k] + table[k].float()  # (R, D)
+    if isinstance(index, int):
+        runs = lambda v: v.unflatten(0, (-1, index))  # noqa: E731
+        return torch.addcmul(runs(x), gate[:, None], runs(y.float())).flatten(0, 1)
+    return torch.addcmul(x, gate.index_select(0, index), y.float())
+
+
+def equal_runs(index: torch.Tensor, rows: int) -> int | torch.Tensor:
+    """index (N,) of token rows -> n when it is rows 0, 1, .., R-1 in runs of n tokens each (equal-shape samples
+    with one timestep per sample or frame: the modulation broadcasts), else index itself."""
+    n = index.numel() // max(rows, 1)
+    if n * rows != index.numel() or n == 0:
+        return index
+    same = torch.equal(index, torch.arange(rows, device=index.device).repeat_interleave(n))
+    return n if same else index
 
 
 class TimestepEmbedder(nn.Module):
@@ -170,7 +189,8 @@ class DiTBlock(nn.Module):
 
     def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None, shard=None):
         """x: (N, D) float32 residual stream; mod: (R, 6, D) float32 rows of the shared time projection (shift1,
-        scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row; context: (M, D) -> (N, D).
+        scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row (or runs, see modulated_norm);
+        context: (M, D) -> (N, D).
         The per-token modulation is gathered inside recompute(): never stored per block.
         Sequence parallel: x, t_index, rot are this rank's slice, cu_seqlens the slice's pieces of the samples."""
         m = (mod, self.modulation, t_index)
@@ -195,7 +215,8 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, out_dim)
 
     def forward(self, x, temb, t_index):
-        """x: (N, D); temb: (R, D) float32 rows, t_index: (N,) each token's row -> (N, out_dim)."""
+        """x: (N, D); temb: (R, D) float32 rows, t_index: (N,) each token's row (or runs, see modulated_norm)
+        -> (N, out_dim)."""
         h = recompute(modulated_norm, self.norm, x, temb[:, None].expand(-1, 2, -1), self.modulation, t_index, 0)
         return self.linear(h.to(self.linear.weight.dtype))
 
@@ -344,6 +365,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
             cu_seqlens = packed.cu_seqlens.cpu()
+        if not tokens.is_cuda:  # (on GPU, compiled blocks fuse the gathers, and an int would recompile them per run)
+            t_index = equal_runs(t_index, len(temb))
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
         rot = self.rope(packed.coords, grids)
 

@@ -32,8 +32,7 @@ class RoPE3D(nn.Module):
 
     def forward(self, coords: torch.Tensor, grids: torch.Tensor | None = None) -> torch.Tensor:
         """coords: (N, 3) integer; grids: (N, 3) each token's sample grid (needed with base_grid).
-        Returns the rotations as (cos, sin) of each pair's angle: (N, head_dim/2, 2) float32 (real numbers, which
-        torch.compile fuses; it does not generate code for complex ones)."""
+        Returns the rotations as (cos, sin) of each pair's angle: (N, head_dim/2, 2) float32."""
         pos = coords.float()
         if self.base_grid is not None:
             if grids is None:
@@ -45,7 +44,16 @@ class RoPE3D(nn.Module):
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """x: (N, heads, head_dim), consecutive pairs (a, b) rotated in float32; rot: (N, head_dim/2, 2) from RoPE3D,
-    not differentiated. Autograd keeps only rot's cos and sin for backward, nothing of x."""
+    not differentiated. Autograd keeps only rot for backward, nothing of x."""
+    if torch.compiler.is_compiling():
+        return rope_real(x, rot)
+    # eager: one complex multiply, about 6x faster forward + backward on CPU than the real form
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)).contiguous())
+    return torch.view_as_real(xc * torch.view_as_complex(rot)[:, None]).flatten(-2).to(x.dtype)
+
+
+def rope_real(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """apply_rope in real numbers, which inductor fuses into its neighbours (it has no code for complex ones)."""
     a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (N, heads, head_dim/2) each
     cos, sin = rot[:, None, :, 0], rot[:, None, :, 1]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], -1).flatten(-2).to(x.dtype)
