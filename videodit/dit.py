@@ -69,8 +69,9 @@ class RMSNorm(nn.Module):
 
 def recompute(fn, *args):
     """fn(*args), keeping only its inputs for backward (recomputed there): for cheap elementwise chains whose
-    intermediates would otherwise each hold an (N, D) float32 activation per block."""
-    if torch.is_grad_enabled():
+    intermediates would otherwise each hold an (N, D) float32 activation per block. On an accelerator only: on CPU
+    the recomputation costs more time than the memory it saves is worth."""
+    if torch.is_grad_enabled() and any(torch.is_tensor(a) and a.device.type != "cpu" for a in args):
         return checkpoint(fn, *args, use_reentrant=False)
     return fn(*args)
 
