@@ -192,7 +192,7 @@ class DiTBlock(nn.Module):
         """x: (N, D) float32 residual stream; mod: (R, 6, D) float32 rows of the shared time projection (shift1,
         scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row (or runs, see modulated_norm);
         context: (M, D) -> (N, D).
-        The per-token modulation is gathered inside recompute(): never stored per block.
+        On accelerators the per-token modulation is gathered inside recompute(): never stored per block.
         Sequence parallel: x, t_index, rot are this rank's slice, cu_seqlens the slice's pieces of the samples."""
         m = (mod, self.modulation, t_index)
         h = recompute(modulated_norm, self.norm1, x, *m, 0)
@@ -366,7 +366,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
             cu_seqlens = packed.cu_seqlens.cpu()
-        if not tokens.is_cuda:  # (on GPU, compiled blocks fuse the gathers, and an int would recompile them per run)
+        if tokens.device.type == "cpu":  # (on GPUs compiled blocks fuse the gathers; an int would recompile them)
             t_index = equal_runs(t_index, len(temb))
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
         rot = self.rope(packed.coords, grids)
