@@ -37,9 +37,9 @@ def test_fresh_model_outputs_zeros():
         assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("pooled_text", [False, True])
-def test_packed_forward_equals_separate_forwards(pooled_text):
-    model = random_model(pooled_text=pooled_text)
+@pytest.mark.parametrize("pooled_text,local_mlp", [(False, False), (True, False), (False, True)])
+def test_packed_forward_equals_separate_forwards(pooled_text, local_mlp):
+    model = random_model(pooled_text=pooled_text, local_mlp=local_mlp)
     latents, t, text, mask = mixed_batch()
     with torch.no_grad():
         packed = model.forward_latents(latents, t, text, mask)
@@ -47,6 +47,32 @@ def test_packed_forward_equals_separate_forwards(pooled_text):
             alone = model.forward_latents([x], t[i:i + 1], text[i:i + 1], mask[i:i + 1])[0]
             assert (packed[i] - alone).abs().max() <= 1e-5
     assert packed[0].abs().mean() > 0.1
+
+
+def test_local_mlp_mixes_a_tokens_spacetime_neighbours_only():
+    """The Mix-FFN's convolution reaches exactly the 3x3x3 neighbourhood of a token within its own sample; two
+    samples of the same grid side by side (run as one batch) do not leak into each other."""
+    from videodit.dit import LocalMix
+
+    torch.manual_seed(0)
+    mix = LocalMix(3)
+    grids = [(1, 2, 3), (4, 5, 6), (4, 5, 6)]
+    n = [t * h * w for t, h, w in grids]
+    x = torch.randn(sum(n), 3)
+    token = n[0] + n[1] + (2 * 5 + 1) * 6 + 4  # third sample, frame 2, row 1, column 4
+    y = x.clone()
+    y[token] += 1.0
+    with torch.no_grad():
+        changed = (mix(y, grids) - mix(x, grids)).abs().amax(1) > 0
+    t, h, w = torch.meshgrid(torch.arange(4), torch.arange(5), torch.arange(6), indexing="ij")
+    near = ((t - 2).abs() <= 1) & ((h - 1).abs() <= 1) & ((w - 4).abs() <= 1)
+    expected = torch.cat([torch.zeros(n[0] + n[1], dtype=torch.bool), near.flatten()])
+    assert torch.equal(changed, expected)
+
+
+def test_local_mlp_refuses_sequence_parallel():
+    with pytest.raises(ValueError, match="local MLP"):
+        random_model(local_mlp=True).set_sequence_parallel(object())
 
 
 def test_pooled_text_follows_each_sample_with_per_frame_timesteps():

@@ -3,7 +3,7 @@
 Block (Wan/PixArt-style modulation: one shared time projection, a learned per-block table added to it):
     x = x + gate1 * SelfAttn(modulate(LN(x), shift1, scale1))    # QK RMSNorm, 3D RoPE, packed: no cross-sample
     x = x + CrossAttn(LN_affine(x), text)                         # each token sees its own sample's unpadded text
-    x = x + gate2 * MLP(modulate(LN(x), shift2, scale2))         # GELU-tanh
+    x = x + gate2 * MLP(modulate(LN(x), shift2, scale2))         # GELU-tanh; optionally Mix-FFN (local_mlp)
 The modulation tables, the shared time projection and the output layer start at zero (adaLN-Zero): every block is
 the identity and the fresh model outputs zeros. The residual stream, norms, modulation and RoPE are float32, so the
 model is stable with bf16 weights or autocast; matmuls run in the weights' (or autocast's) dtype.
@@ -166,32 +166,73 @@ class CrossAttention(nn.Module):
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
 
+class LocalMix(nn.Module):
+    """Depthwise spacetime convolution over each sample's token grid, factored as 3x3 in space then 3 in time
+    (zero padding at the sample's borders, never across samples): the local half of a Mix-FFN (Sana)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.space = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+        self.time = nn.Conv2d(dim, dim, (3, 1), padding=(1, 0), groups=dim)
+
+    def forward(self, x, grids):
+        """x: (N, C) tokens of samples with patch grids `grids` (t-major), end to end -> (N, C)."""
+        out, start = [], 0
+        for (t, h, w), n in _grid_runs(grids):  # equal grids in a row run as one batch
+            size = n * t * h * w
+            v = x[start:start + size].view(n * t, h, w, -1).permute(0, 3, 1, 2)  # channels-last (n t, C, h, w)
+            v = self.space(v).permute(0, 2, 3, 1).reshape(n, t, h * w, -1).permute(0, 3, 1, 2)  # (n, C, t, hw)
+            out.append((v + self.time(v)).permute(0, 2, 3, 1).reshape(size, -1))
+            start += size
+        return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def _grid_runs(grids):
+    """[(grid, count)] of consecutive equal grids."""
+    runs = []
+    for g in map(tuple, grids):
+        if runs and runs[-1][0] == g:
+            runs[-1][1] += 1
+        else:
+            runs.append([g, 1])
+    return runs
+
+
 class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """fc1 -> GELU -> fc2; with local=True a Mix-FFN: the hidden features also mix with their neighbours in space
+    and time (fc1 -> h + LocalMix(h) -> GELU -> fc2), which lets tokens agree on objects that span several of them
+    from the first steps of training, where attention alone learns locality slowly."""
+
+    def __init__(self, dim: int, hidden: int, local: bool = False):
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden)
+        self.local = LocalMix(hidden) if local else None
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x):
-        return self.fc2(F.gelu(self.fc1(x.to(self.fc1.weight.dtype)), approximate="tanh"))
+    def forward(self, x, grids=None):
+        h = self.fc1(x.to(self.fc1.weight.dtype))
+        if self.local is not None:
+            h = h + self.local(h, grids)
+        return self.fc2(F.gelu(h, approximate="tanh"))
 
 
 class DiTBlock(nn.Module):
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float):
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, qk_norm: bool, eps: float, local_mlp: bool):
         super().__init__()
         self.norm1 = FP32LayerNorm(dim, eps, elementwise_affine=False)
         self.attn = SelfAttention(dim, num_heads, qk_norm, eps)
         self.norm2 = FP32LayerNorm(dim, eps, elementwise_affine=True)
         self.cross_attn = CrossAttention(dim, num_heads, qk_norm, eps)
         self.norm3 = FP32LayerNorm(dim, eps, elementwise_affine=False)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), local_mlp)
         self.modulation = nn.Parameter(torch.zeros(6, dim))  # added to the shared time projection
         self.checkpoint_parts = ()  # "attention" and/or "mlp": recomputed in backward (selective checkpointing)
 
-    def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None, shard=None):
+    def forward(self, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, backend=None, shard=None,
+                grids=None):
         """x: (N, D) float32 residual stream; mod: (R, 6, D) float32 rows of the shared time projection (shift1,
         scale1, gate1, shift2, scale2, gate2), t_index: (N,) each token's row (or runs, see modulated_norm);
-        context: (M, D) -> (N, D).
+        context: (M, D); grids: the samples' patch grids (for a local MLP) -> (N, D).
         On accelerators the per-token modulation is gathered inside recompute(): never stored per block.
         Sequence parallel: x, t_index, rot are this rank's slice, cu_seqlens the slice's pieces of the samples."""
         m = (mod, self.modulation, t_index)
@@ -200,7 +241,7 @@ class DiTBlock(nn.Module):
         x = recompute(gated_residual, x, attn, *m, 2)
         x = x + self.cross_attn(self.norm2(x), context, cu_seqlens, cu_seqlens_text, backend).float()
         h = recompute(modulated_norm, self.norm3, x, *m, 3)
-        return recompute(gated_residual, x, self._part("mlp", self.mlp, h), *m, 5)
+        return recompute(gated_residual, x, self._part("mlp", self.mlp, h, grids), *m, 5)
 
     def _part(self, name, fn, *args):
         if name in self.checkpoint_parts and torch.is_grad_enabled():
@@ -244,6 +285,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rope_base_grid: tuple[int, int, int] | None = None,
         eps: float = 1e-6,
         pooled_text: bool = False,
+        local_mlp: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -265,7 +307,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
                                        nn.Linear(hidden_size, hidden_size)) if pooled_text else None
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))  # shared by all blocks
         self.rope = RoPE3D(hidden_size // num_heads, rope_theta, rope_base_grid)
-        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, eps) for _ in range(depth))
+        self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, eps, local_mlp)
+                                    for _ in range(depth))
         self.final = FinalLayer(hidden_size, self.token_dim, eps)
         self.initialize_weights()
 
@@ -298,6 +341,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def set_sequence_parallel(self, group):
         """Split every sequence over the ranks of `group` (Ulysses; see videodit.parallel); None turns it off.
         forward still takes the whole packed batch (the same on every rank of the group) and returns all tokens."""
+        if group is not None and self.config.local_mlp:
+            raise ValueError("sequence parallelism splits samples across ranks, which a local MLP (local_mlp=True) "
+                             "cannot convolve over; turn one of them off")
         if group is not None:
             check_heads(self.config.num_heads, torch.distributed.get_world_size(group))
         self.sequence_parallel_group = group
@@ -373,7 +419,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
         for i, block in enumerate(self.blocks):
-            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard)
+            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard,
+                    packed.grids)
             if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
                 x = self._gradient_checkpointing_func(block, *args)
             else:

@@ -44,7 +44,7 @@ def param_count(config) -> int:
     qk = 2 * (d // c["num_heads"]) if c["qk_norm"] else 0
     attn = 4 * d * d + 4 * d + qk  # qkv, proj
     cross = 4 * d * d + 4 * d + qk + 2 * d  # q, kv, proj, affine norm
-    mlp = 2 * d * h + h + d
+    mlp = 2 * d * h + h + d + (12 * h + 2 * h if c["local_mlp"] else 0)  # the local MLP's 3x3 and 3 taps, biases
     block = attn + cross + mlp + 6 * d
     embeds = (token_dim * d + d) + (c["text_dim"] * d + d + d * d + d) + (c["freq_dim"] * d + d + d * d + d)
     embeds += (c["text_dim"] * d + d + d * d + d) if c["pooled_text"] else 0
@@ -66,6 +66,7 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
     macs += rows * (c["freq_dim"] * d + d * d + 6 * d * d)  # time MLP, shared modulation projection
     macs += len(seq_lens) * (c["text_dim"] * d + d * d) if c["pooled_text"] else 0  # pooled text MLP
     macs += c["depth"] * sum(block_macs(d, h, s, t) for s, t in zip(seq_lens, text_lens))
+    macs += c["depth"] * n * h * 12 if c["local_mlp"] else 0  # the local MLP's depthwise taps (9 + 3)
     return macs + n * d * token_dim  # output layer
 
 
