@@ -15,6 +15,14 @@ def test_defaults_and_shipped_configs_load():
     assert cfg.model.preset == "tiny" and cfg.train.task == "dit"
 
 
+def test_model_overrides_reach_the_denoiser():
+    from videodit.train.models import denoiser_kwargs
+
+    cfg = load_config("configs/shapes/tiny.yaml", ["model.qk_norm=false", "model.depth=2"])
+    kw = denoiser_kwargs(cfg, in_channels=8, text_dim=384)
+    assert kw["local_mlp"] is True and kw["qk_norm"] is False and kw["depth"] == 2 and kw["hidden_size"] == 192
+
+
 def test_base_inheritance_and_overrides(tmp_path):
     base = write(tmp_path, "base.yaml", "train:\n  lr: 0.001\n  max_steps: 50\ndata:\n  max_tokens: 1000\n")
     (tmp_path / "stage").mkdir()

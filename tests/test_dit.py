@@ -300,8 +300,17 @@ def test_flop_counter_packing_and_step():
     assert flops_per_step(cfg, [64, 640], [10, 20]) == 6 * packed
 
 
-@pytest.mark.parametrize("name", ["tiny", "S"])
-def test_analytic_params_equal_instantiated(name):
-    model = VideoDiT(**PRESETS[name])
-    assert param_count(PRESETS[name]) == sum(p.numel() for p in model.parameters())
-    assert param_count(model.config) == param_count(PRESETS[name])
+@pytest.mark.parametrize("name,extra", [("tiny", {}), ("S", {}), ("tiny", {"local_mlp": True, "qk_norm": False})])
+def test_analytic_params_equal_instantiated(name, extra):
+    cfg = {**PRESETS[name], **extra}
+    model = VideoDiT(**cfg)
+    assert param_count(cfg) == sum(p.numel() for p in model.parameters())
+    assert param_count(model.config) == param_count(cfg)
+
+
+def test_flop_counter_counts_the_local_mlp():
+    """The Mix-FFN adds its 9 + 3 depthwise taps per hidden feature and token, per block."""
+    cfg = PRESETS["tiny"]
+    hidden = int(cfg["hidden_size"] * 4.0)
+    extra = forward_macs({**cfg, "local_mlp": True}, [576], [12]) - forward_macs(cfg, [576], [12])
+    assert extra == cfg["depth"] * 576 * hidden * 12

@@ -36,6 +36,7 @@ class ModelConfig:
     mlp_ratio: float | None = None
     patch_size: list[int] | None = None
     rope_base_grid: list[int] | None = None  # (t, h, w) latent patch grid the positions are scaled against
+    qk_norm: bool | None = None  # RMSNorm on queries and keys (on in every preset)
     local_mlp: bool | None = None  # Mix-FFN: a depthwise 3x3 (space) + 3 (time) convolution inside every MLP
 
     def check(self, bad):
