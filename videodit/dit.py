@@ -9,6 +9,7 @@ the identity and the fresh model outputs zeros. The residual stream, norms, modu
 model is stable with bf16 weights or autocast; matmuls run in the weights' (or autocast's) dtype.
 """
 
+import itertools
 import math
 
 import torch
@@ -178,24 +179,14 @@ class LocalMix(nn.Module):
     def forward(self, x, grids):
         """x: (N, C) tokens of samples with patch grids `grids` (t-major), end to end -> (N, C)."""
         out, start = [], 0
-        for (t, h, w), n in _grid_runs(grids):  # equal grids in a row run as one batch
+        for (t, h, w), run in itertools.groupby(map(tuple, grids)):  # equal grids in a row run as one batch
+            n = len(list(run))
             size = n * t * h * w
             v = x[start:start + size].view(n * t, h, w, -1).permute(0, 3, 1, 2)  # channels-last (n t, C, h, w)
             v = self.space(v).permute(0, 2, 3, 1).reshape(n, t, h * w, -1).permute(0, 3, 1, 2)  # (n, C, t, hw)
             out.append((v + self.time(v)).permute(0, 2, 3, 1).reshape(size, -1))
             start += size
         return torch.cat(out) if len(out) > 1 else out[0]
-
-
-def _grid_runs(grids):
-    """[(grid, count)] of consecutive equal grids."""
-    runs = []
-    for g in map(tuple, grids):
-        if runs and runs[-1][0] == g:
-            runs[-1][1] += 1
-        else:
-            runs.append([g, 1])
-    return runs
 
 
 class Mlp(nn.Module):
