@@ -231,6 +231,8 @@ def test_rope_base_grid_scales_positions_to_the_training_extent():
     ([0, 1, 17, 49, 73], [0, 3, 3, 10, 11]),  # text with an empty segment
     ([0, 24, 48, 72], None),  # equal segments (one batched call)
     ([0, 24, 48, 72], [0, 5, 10, 15]),
+    ([0, 16, 32, 48, 56, 64, 73], None),  # runs of equal segments (one batched call each)
+    ([0, 16, 32, 48, 56, 64, 73], [0, 5, 10, 10, 13, 16, 19]),
 ])
 def test_attention_backends_agree(cu_q, cu_k):
     g = torch.Generator().manual_seed(0)

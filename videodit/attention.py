@@ -5,13 +5,15 @@ packed without its padding), so a text padding mask is honoured exactly. A query
 (e.g. an all-masked prompt) gets zeros.
 
 Backends, all equal up to float rounding:
-  "loop"  one F.scaled_dot_product_attention per segment, no mask; one batched call when all segments have equal
-          lengths (fastest portable path on CPU, see bench/dit.py)
+  "loop"  one F.scaled_dot_product_attention per run of equal consecutive segments, no mask (fastest portable path
+          on CPU, see bench/dit.py)
   "mask"  one SDPA call with a block-diagonal boolean mask (the reference; memory quadratic in the packed length)
   "flex"  torch flex_attention with a document-mask BlockMask (wrap in torch.compile to make it fast; GPU)
   "flash" flash_attn_varlen_func (CUDA, flash-attn installed, fp16/bf16)
 The default picks "flash" where it can run, else "loop".
 """
+
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -52,21 +54,22 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | No
 
 
 def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
-    # split (not slicing): its backward writes the segments' gradients into one tensor
     len_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
     len_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
-    if len(set(len_q)) == 1 and len(set(len_k)) == 1 and len_k[0] > 0:  # equal segments: one batched call
-        qb, kb, vb = (rearrange(x, "(b n) h d -> b h n d", b=len(len_q)) for x in (q, k, v))
-        return rearrange(F.scaled_dot_product_attention(qb, kb, vb), "b h n d -> (b n) h d")
+    runs = [(lq, lk, len(list(r))) for (lq, lk), r in itertools.groupby(zip(len_q, len_k))]
+    # split (not slicing): its backward writes the segments' gradients into one tensor
+    parts = zip(q.split([n * lq for lq, _, n in runs]), k.split([n * lk for _, lk, n in runs]),
+                v.split([n * lk for _, lk, n in runs]))
     out = []
-    for qi, ki, vi in zip(q.split(len_q), k.split(len_k), v.split(len_k)):
-        if ki.shape[0] == 0:
+    for (lq, lk, n), (qi, ki, vi) in zip(runs, parts):
+        if lk == 0:
             out.append(torch.zeros_like(qi))
             continue
-        # 4D (1, h, n, d): 3D inputs send CPU SDPA to its slow math path, which saves the attention matrix
-        qi, ki, vi = (rearrange(x, "n h d -> 1 h n d") for x in (qi, ki, vi))
-        out.append(rearrange(F.scaled_dot_product_attention(qi, ki, vi), "1 h n d -> n h d"))
-    return torch.cat(out)
+        # a run of equal segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow math
+        # path, which saves the attention matrix
+        qi, ki, vi = (rearrange(x, "(b n) h d -> b h n d", b=n) for x in (qi, ki, vi))
+        out.append(rearrange(F.scaled_dot_product_attention(qi, ki, vi), "b h n d -> (b n) h d"))
+    return torch.cat(out) if len(out) > 1 else out[0]
 
 
 def _segment_ids(cu_seqlens, device):

@@ -95,8 +95,12 @@ class DiTTask:
             latents = self.latents(batch["video"])
             # the batch's prompts in one call, no cache: embeddings depend only on the batch (exact resumes)
             text, mask = encode_with(self.text.model, self.text.tokenizer, batch["prompt"], self.text.max_length)
+        # equal shapes side by side: the Mix-FFN convolves each run of equal grids as one batch
+        order = sorted(range(len(latents)), key=lambda i: tuple(latents[i].shape))
+        latents, text, mask = [latents[i] for i in order], text[order], mask[order]
+        cond = [batch["cond"][i] for i in order]
         f = self.cfg.flow
-        loss = flow_loss(model, latents, text, mask, batch["cond"], mean=f.logit_mean, std=f.logit_std,
+        loss = flow_loss(model, latents, text, mask, cond, mean=f.logit_mean, std=f.logit_std,
                          shift=f.shift, base_tokens=f.base_tokens, generator=generator)
         pt, ph, pw = self.geom.patch
         seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
