@@ -95,7 +95,7 @@ class DiTTask:
             latents = self.latents(batch["video"])
             # the batch's prompts in one call, no cache: embeddings depend only on the batch (exact resumes)
             text, mask = encode_with(self.text.model, self.text.tokenizer, batch["prompt"], self.text.max_length)
-        # equal shapes side by side: the Mix-FFN convolves each run of equal grids as one batch
+        # equal shapes side by side: the Mix-FFN and the loop attention backend run each run of them as one batch
         order = sorted(range(len(latents)), key=lambda i: tuple(latents[i].shape))
         latents, text, mask = [latents[i] for i in order], text[order], mask[order]
         cond = [batch["cond"][i] for i in order]
