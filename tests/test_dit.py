@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from videodit.attention import packed_attention
-from videodit.dit import PRESETS, SAMPLE_MIN_T, VideoDiT
+from videodit.dit import PRESETS, VideoDiT
 from videodit.flops import dit_paper_gmacs, flops_per_step, forward_macs, param_count
 from videodit.patchify import pack
 from videodit.rope import RoPE3D, apply_rope, rope_real
@@ -182,22 +182,6 @@ def test_per_token_and_per_frame_timesteps():
     assert torch.equal(cond[other], noisy[other])  # other samples do not see it
     with pytest.raises(ValueError, match="per-frame timesteps"):
         model(p, [torch.zeros(1), torch.zeros(2), torch.zeros(5)], text, mask)
-
-
-def test_sample_prediction_returns_the_velocity_of_the_predicted_clean_tokens():
-    """prediction="sample": the same network's output read as x_0, returned as the velocity (x_t - x_0) / t, with t
-    floored at SAMPLE_MIN_T (a clean conditioning frame has t = 0)."""
-    net, model = random_model(), random_model(prediction="sample")
-    latents, _, text, mask = mixed_batch()
-    p = pack(latents)
-    per_frame = [torch.full((1,), 0.9), torch.tensor([0.0, 0.5, 0.5]), torch.full((5,), 0.02)]
-    with torch.no_grad():
-        x0, v = net(p, per_frame, text, mask), model(p, per_frame, text, mask)
-    t_values, t_index = model._timestep_rows(per_frame, p)  # each token's t (test_per_token_and_per_frame_timesteps)
-    t = t_values[t_index][:, None]
-    torch.testing.assert_close(v, (p.tokens - x0) / t.clamp(min=SAMPLE_MIN_T))
-    with pytest.raises(ValueError, match="prediction"):
-        VideoDiT(**CFG, prediction="noise")
 
 
 def test_rope_is_relative():

@@ -25,10 +25,6 @@ from .parallel import check_heads, gather_tokens, heads_to_sequence, make_shard,
 from .patchify import Packed, pack, unpack
 from .rope import RoPE3D, apply_rope
 
-# With prediction="sample" the network outputs the clean tokens x_0 and forward returns the velocity
-# (x_t - x_0) / t, with t floored here (as JiT does): the division would blow up near t = 0.
-SAMPLE_MIN_T = 0.05
-
 PRESETS = {
     # the CPU demo (shapes world: 64x64, 64x128, 128x64 clips, 8-channel latents, MiniLM text)
     "tiny": dict(depth=6, hidden_size=192, num_heads=4, in_channels=8, text_dim=384, pooled_text=True),
@@ -259,8 +255,7 @@ class FinalLayer(nn.Module):
 
 
 class VideoDiT(ModelMixin, ConfigMixin):
-    """Denoiser over packed spacetime patches; returns the rectified-flow velocity of each token, which its network
-    predicts directly (prediction="velocity") or through the clean tokens (prediction="sample")."""
+    """Denoiser over packed spacetime patches; predicts the rectified-flow velocity of each token."""
 
     _supports_gradient_checkpointing = True
     _no_split_modules = ["DiTBlock"]
@@ -282,13 +277,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         eps: float = 1e-6,
         pooled_text: bool = False,
         local_mlp: bool = False,
-        prediction: str = "velocity",
     ):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
-        if prediction not in ("velocity", "sample"):
-            raise ValueError(f"unknown prediction {prediction!r}; expected 'velocity' or 'sample'")
         self.patch_size = tuple(patch_size)
         self.token_dim = in_channels * math.prod(self.patch_size)
         self.attention_backend = None  # None: packed_attention's default ("flash" where it runs, else "loop")
@@ -396,7 +388,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         context = self.text_embed(text[text_mask].to(self.dtype))  # (M, D): unpadded text, sample after sample
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
-        t_full = t_index  # each of all N tokens' row (t_index is cut to a shard and compressed to runs below)
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
         if self.text_pool is not None:
             m = text_mask[..., None].to(self.dtype)
@@ -426,11 +417,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             else:
                 x = block(*args)
         out = self.final(x, temb, t_index)
-        out = out if shard is None else gather_tokens(out, shard)
-        if self.config.prediction == "sample":  # the output is the clean tokens x_0: velocity (x_t - x_0) / t
-            t = t_values[t_full][:, None].clamp(min=SAMPLE_MIN_T)
-            out = (tokens.float() - out.float()) / t
-        return out
+        return out if shard is None else gather_tokens(out, shard)
 
     def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
         """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""
