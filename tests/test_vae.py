@@ -150,6 +150,20 @@ def test_latent_stats_normalize():
                               vae.decode(vae.encode(batches[0]).latent_dist.mode()).sample, atol=1e-5)
 
 
+def test_latent_stats_zero_the_channels_the_decoder_ignores():
+    """A fresh shortcut VAE's decoder reads only the three colour channels (its network's output layer starts at
+    zero): the stats give the other channels std 0, encode_latents makes them zeros, decoding is unchanged."""
+    vae = make_vae(dict(SHORTCUT, latent_channels=6))
+    x = shapes_clips(2, 9, 16, 16, torch.Generator().manual_seed(0))
+    mean, std = compute_latent_stats(vae, [x])
+    assert min(std[:3]) > 0 and std[3:] == [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        z = vae.encode_latents(x)
+        assert torch.equal(z[:, 3:], torch.zeros_like(z[:, 3:])) and z[:, :3].abs().max() > 0.5
+        assert torch.allclose(vae.decode_latents(z), vae.decode(vae.encode(x).latent_dist.mode()).sample, atol=1e-5)
+    assert min(compute_latent_stats(make_vae(TINY8), [x])[1]) > 0  # a decoder that reads every channel keeps all
+
+
 def test_tiling_close_to_untiled():
     vae = make_vae(dict(TINY4, mid_attention=False))
     x = shapes_clips(1, 5, 96, 64, torch.Generator().manual_seed(1))

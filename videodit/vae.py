@@ -450,10 +450,11 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
 
     def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
         """x: (B, 3, 1 + ft*k, H, W) -> normalized latents (B, C, 1 + k, H/fs, W/fs). sample: False takes the
-        posterior mode; True or a torch.Generator draws from it."""
+        posterior mode; True or a torch.Generator draws from it. A channel with std 0 (unused by the decoder, see
+        `compute_latent_stats`) is 0."""
         z = _draw(self.encode(x).latent_dist, sample)
         mean, std = self._stats(z)
-        return (z - mean) / std
+        return torch.where(std > 0, (z - mean) / std.clamp(min=1e-12), 0.0)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, C, 1 + k, h, w) -> pixels (B, 3, 1 + ft*k, h*fs, w*fs)."""
@@ -471,12 +472,16 @@ def _draw(posterior, sample):
 @torch.no_grad()
 def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> tuple[list, list]:
     """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
-    VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents."""
+    VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
+
+    A channel the decoder does not use gets std 0, which encode_latents turns into zeros: blown up to unit variance,
+    its leftovers would be most of what a denoiser learns (the shapes VAE's decoder reads only the three shortcut
+    colour channels of its eight)."""
     total = total_sq = None
     count = 0
     for x in batches:
-        z = _draw(vae.encode(x.to(vae.device, vae.dtype)).latent_dist, sample).double()
-        z = rearrange(z, "b c t h w -> c (b t h w)")
+        raw = _draw(vae.encode(x.to(vae.device, vae.dtype)).latent_dist, sample)
+        z = rearrange(raw.double(), "b c t h w -> c (b t h w)")
         total = z.sum(1) if total is None else total + z.sum(1)
         total_sq = (z ** 2).sum(1) if total_sq is None else total_sq + (z ** 2).sum(1)
         count += z.shape[1]
@@ -484,8 +489,24 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
         raise ValueError("compute_latent_stats got no batches")
     mean = total / count
     std = (total_sq / count - mean ** 2).clamp(min=1e-12).sqrt()
+    for c in unused_channels(vae, raw):
+        std[c] = 0.0
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     return mean.tolist(), std.tolist()
+
+
+@torch.no_grad()
+def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, tol: float = 1e-3) -> list[int]:
+    """The channels of raw latents (B, C, T, h, w) whose replacement by their mean changes the decoded pixels (in
+    [-1, 1]) by less than `tol` on average: the decoder ignores them."""
+    ref = vae.decode(raw).sample
+    unused = []
+    for c in range(raw.shape[1]):
+        flat = raw.clone()
+        flat[:, c] = raw[:, c].mean()
+        if (vae.decode(flat).sample - ref).abs().mean() < tol:
+            unused.append(c)
+    return unused
 
 
 class PretrainedVideoVAE(nn.Module):
