@@ -474,9 +474,9 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
     """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
     VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
 
-    A channel the decoder does not use gets std 0, which encode_latents turns into zeros: blown up to unit variance,
-    its leftovers would be most of what a denoiser learns (the shapes VAE's decoder reads only the three shortcut
-    colour channels of its eight)."""
+    A channel the decoder does not use (`unused_channels`, tested on the last batch) gets std 0, which encode_latents
+    turns into zeros rather than blowing its leftovers up to unit variance for a denoiser to learn (the shapes VAE's
+    decoder reads only the three shortcut colour channels of its eight)."""
     total = total_sq = None
     count = 0
     for x in batches:
