@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 import torch
 
@@ -250,6 +252,22 @@ def test_attention_backends_agree(cu_q, cu_k):
         for i in range(len(cu_k) - 1):
             if cu_k[i] == cu_k[i + 1]:  # no keys: attend to nothing
                 assert torch.equal(ref[cu_q[i]:cu_q[i + 1]], torch.zeros(cu_q[i + 1] - cu_q[i], 2, 8))
+
+
+@pytest.mark.parametrize("lengths", [[1, 16, 64, 64], [700, 5]])  # short: the CPU matmul path; 700: SDPA
+def test_loop_backend_in_bf16_matches_float32(lengths):
+    g = torch.Generator().manual_seed(0)
+    cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
+    q, k, v = (torch.randn(int(cu[-1]), 2, 8, generator=g, requires_grad=True) for _ in range(3))
+    ref = packed_attention(q, k, v, cu, backend="mask")
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
+    out = packed_attention(*half, cu, backend="loop")
+    grads = torch.autograd.grad(out.float().square().sum(), half)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.03, atol=0.03)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
 def test_model_backends_agree():
