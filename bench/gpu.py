@@ -229,7 +229,7 @@ def bench_vae(a, device):
     print("| frames | latent | seconds | peak memory |")
     print("|---|---|---|---|")
     for frames in a.vae_frames:
-        z = torch.randn(1, vae.latent_channels, 1 + (frames - 1) // vae.ft, H // vae.fs, W // vae.fs, device=device,
+        z = torch.randn(1, vae.denoiser_channels, 1 + (frames - 1) // vae.ft, H // vae.fs, W // vae.fs, device=device,
                         dtype=torch.bfloat16)
         reset_memory(device)
         tic = time.perf_counter()

@@ -31,6 +31,23 @@ def test_sizes_dtype_and_seed(tiny_pipe):
     assert pt.frames[0].shape == (3, 5, 16, 16) and pt.frames[0].dtype == torch.float32
 
 
+def test_denoiser_generates_only_the_channels_the_decoder_uses(tiny_pipe):
+    """A VAE whose statistics mark a channel unused (std 0) pairs with a denoiser of one channel less: the pipeline
+    samples that many channels, decodes the left-out one at its mean, and refuses a denoiser of the full width."""
+    vae, full = tiny_pipe.video_vae, tiny_pipe.transformer
+    vae.register_to_config(latents_mean=[0.0] * 4, latents_std=[1.0, 1.0, 1.0, 0.0])
+    torch.manual_seed(0)
+    tiny_pipe.transformer = VideoDiT(in_channels=3, hidden_size=32, depth=2, num_heads=2, text_dim=16).eval()
+    image = torch.rand(3, 1, 16, 16) * 2 - 1
+    assert tiny_pipe.encode_video(image).shape[0] == 3
+    out = tiny_pipe("a red circle", height=16, width=16, num_frames=5, image=image, output_type="pt",
+                    generator=gen(0), progress=False).frames[0]
+    assert out.shape == (3, 5, 16, 16) and torch.isfinite(out).all()
+    tiny_pipe.transformer = full
+    with pytest.raises(ValueError, match="takes 4 latent channels but the VAE gives 3"):
+        tiny_pipe("a red circle", height=16, width=16, num_frames=5, progress=False)
+
+
 def test_invalid_sizes_round_to_valid(tiny_pipe):
     assert tiny_pipe.valid_size(7, 30, 50) == (9, 32, 48)  # ft = 4, fs * patch = 8
     assert tiny_pipe.valid_size(1, 3, 3) == (1, 8, 8)

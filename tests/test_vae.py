@@ -150,18 +150,23 @@ def test_latent_stats_normalize():
                               vae.decode(vae.encode(batches[0]).latent_dist.mode()).sample, atol=1e-5)
 
 
-def test_latent_stats_zero_the_channels_the_decoder_ignores():
+def test_latent_stats_leave_out_the_channels_the_decoder_ignores():
     """A fresh shortcut VAE's decoder reads only the three colour channels (its network's output layer starts at
-    zero): the stats give the other channels std 0, encode_latents makes them zeros, decoding is unchanged."""
+    zero): the stats give the other channels std 0, encode_latents leaves them out, decoding is unchanged."""
     vae = make_vae(dict(SHORTCUT, latent_channels=6))
     x = shapes_clips(2, 9, 16, 16, torch.Generator().manual_seed(0))
     mean, std = compute_latent_stats(vae, [x])
     assert min(std[:3]) > 0 and std[3:] == [0.0, 0.0, 0.0]
+    assert (vae.used_channels, vae.denoiser_channels, vae.latent_channels) == ([0, 1, 2], 3, 6)
     with torch.no_grad():
         z = vae.encode_latents(x)
-        assert torch.equal(z[:, 3:], torch.zeros_like(z[:, 3:])) and z[:, :3].abs().max() > 0.5
+        assert z.shape[1] == 3 and z.abs().max() > 0.5
         assert torch.allclose(vae.decode_latents(z), vae.decode(vae.encode(x).latent_dist.mode()).sample, atol=1e-5)
-    assert min(compute_latent_stats(make_vae(TINY8), [x])[1]) > 0  # a decoder that reads every channel keeps all
+        with pytest.raises(ValueError, match=r"\(B, 3, T, h, w\)"):
+            vae.decode_latents(torch.zeros(1, 6, *z.shape[2:]))
+    plain = make_vae(TINY8)
+    assert min(compute_latent_stats(plain, [x])[1]) > 0  # a decoder that reads every channel keeps all
+    assert plain.denoiser_channels == plain.latent_channels == 4
 
 
 def test_tiling_close_to_untiled():

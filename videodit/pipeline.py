@@ -156,7 +156,10 @@ class VideoDiTPipeline(DiffusionPipeline):
         per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
         sizes = [self.valid_size(t, h, w) for t, h, w in zip(per(num_frames), per(height), per(width))]
         vae = self.video_vae
-        C = vae.latent_channels
+        C = vae.denoiser_channels
+        if self.transformer.config.in_channels != C:
+            raise ValueError(f"the denoiser takes {self.transformer.config.in_channels} latent channels but the VAE "
+                             f"gives {C} (its used channels); pair the denoiser with the VAE it was trained on")
         shapes = [(C, 1 + (t - 1) // vae.ft, h // vae.fs, w // vae.fs) for t, h, w in sizes]
 
         # conditioning: per sample, clean latents and the mask of latent frames held at them

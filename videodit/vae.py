@@ -376,6 +376,17 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     def latent_channels(self) -> int:
         return self.config.latent_channels
 
+    @property
+    def used_channels(self) -> list[int]:
+        """The latent channels the decoder uses (std > 0 in the statistics; all without statistics): the ones
+        encode_latents returns and a denoiser generates."""
+        std = self.config.latents_std
+        return [c for c in range(self.latent_channels) if std is None or std[c] > 0]
+
+    @property
+    def denoiser_channels(self) -> int:
+        return len(self.used_channels)
+
     def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         return valid_size(T, H, W, self.ft, self.fs)
 
@@ -449,18 +460,25 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return z.new_tensor(mean).view(shape), z.new_tensor(std).view(shape)
 
     def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
-        """x: (B, 3, 1 + ft*k, H, W) -> normalized latents (B, C, 1 + k, H/fs, W/fs). sample: False takes the
-        posterior mode; True or a torch.Generator draws from it. A channel with std 0 (unused by the decoder, see
-        `compute_latent_stats`) is 0."""
+        """x: (B, 3, 1 + ft*k, H, W) -> normalized latents (B, C, 1 + k, H/fs, W/fs) of the C = denoiser_channels
+        used channels: a channel with std 0 (unused by the decoder, see `compute_latent_stats`) is left out. sample:
+        False takes the posterior mode; True or a torch.Generator draws from it."""
         z = _draw(self.encode(x).latent_dist, sample)
         mean, std = self._stats(z)
-        return torch.where(std > 0, (z - mean) / std.clamp(min=1e-12), 0.0)
+        keep = self.used_channels
+        return ((z[:, keep] - mean[:, keep]) / std[:, keep])
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Normalized latents (B, C, 1 + k, h, w) -> pixels (B, 3, 1 + ft*k, h*fs, w*fs)."""
-        z = z.to(self.dtype)
-        mean, std = self._stats(z)
-        return self.decode(z * std + mean).sample
+        """Normalized latents (B, denoiser_channels, 1 + k, h, w) -> pixels (B, 3, 1 + ft*k, h*fs, w*fs); the
+        channels encode_latents leaves out decode at their mean."""
+        keep = self.used_channels
+        if z.ndim != 5 or z.shape[1] != len(keep):
+            raise ValueError(f"expected normalized latents (B, {len(keep)}, T, h, w) (the VAE's used channels "
+                             f"{keep}), got {tuple(z.shape)}")
+        full = z.new_zeros(z.shape[0], self.latent_channels, *z.shape[2:], dtype=self.dtype)
+        full[:, keep] = z.to(self.dtype)
+        mean, std = self._stats(full)
+        return self.decode(full * std + mean).sample
 
 
 def _draw(posterior, sample):
@@ -474,8 +492,8 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
     """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
     VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
 
-    A channel the decoder does not use (`unused_channels`, tested on the last batch) gets std 0, which encode_latents
-    turns into zeros rather than blowing its leftovers up to unit variance for a denoiser to learn (the shapes VAE's
+    A channel the decoder does not use (`unused_channels`, tested on the last batch) gets std 0: encode_latents leaves
+    it out rather than blowing its leftovers up to unit variance for a denoiser to learn and carry (the shapes VAE's
     decoder reads only the three shortcut colour channels of its eight)."""
     total = total_sq = None
     count = 0
@@ -511,7 +529,8 @@ def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, tol: float = 1e-3) -
 
 class PretrainedVideoVAE(nn.Module):
     """diffusers' AutoencoderKLWan / AutoencoderKLCogVideoX / AutoencoderKLHunyuanVideo behind CausalVideoVAE's
-    interface: ft, fs, latent_channels, valid_size, encode_latents, decode_latents (same shapes contract).
+    interface: ft, fs, latent_channels, denoiser_channels (all of them), valid_size, encode_latents,
+    decode_latents (same shapes contract).
     Normalization comes from the wrapped model's config: latents_mean/std where it has them (Wan), else
     (z - shift_factor) * scaling_factor (CogVideoX, HunyuanVideo)."""
 
@@ -534,6 +553,10 @@ class PretrainedVideoVAE(nn.Module):
         else:
             raise TypeError(f"PretrainedVideoVAE wraps AutoencoderKLWan, AutoencoderKLCogVideoX or "
                             f"AutoencoderKLHunyuanVideo, got {type(model).__name__}")
+
+    @property
+    def denoiser_channels(self) -> int:
+        return self.latent_channels
 
     @property
     def dtype(self):

@@ -41,7 +41,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
         raise ConfigError("data.source is 'cache': point the config at the shapes world or a manifest to cache")
     vae = load_trained_vae(cfg).to(device)
     text = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_length, device=device)
-    patch = tuple(denoiser_kwargs(cfg, vae.latent_channels, text.dim).get("patch_size", (1, 2, 2)))
+    patch = tuple(denoiser_kwargs(cfg, vae.denoiser_channels, text.dim).get("patch_size", (1, 2, 2)))
     geom = Geometry(vae.ft, vae.fs, patch)
     data = cfg.data
     if num is not None and data.source == "shapes":
@@ -79,7 +79,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     if shard:
         save_file(shard, os.path.join(tmp, f"shard_{shard_id:05d}.safetensors"))
     save_file({"text": embed("")}, os.path.join(tmp, "null.safetensors"))
-    index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.latent_channels, text_dim=text.dim,
+    index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
                  text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped)
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f)

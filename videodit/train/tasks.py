@@ -49,7 +49,7 @@ class DiTTask:
                 self.vae, self.text = self._vae(), self._text()
         else:
             self.vae, self.text = self._vae(), self._text()
-            ft, fs, channels, text_dim = self.vae.ft, self.vae.fs, self.vae.latent_channels, self.text.dim
+            ft, fs, channels, text_dim = self.vae.ft, self.vae.fs, self.vae.denoiser_channels, self.text.dim
         model = build_denoiser(cfg, channels, text_dim)
         self.model_config = dict(model.config)
         self.geom = Geometry(ft, fs, tuple(model.patch_size))
