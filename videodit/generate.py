@@ -98,8 +98,9 @@ def check_args(a, prompts):
 def load_pipeline(path: str, device: str, offload: bool = False):
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         if os.path.abspath(path) == DEFAULT_CHECKPOINT:
-            raise UserError(f"the default model is missing: {path} holds no trained pipeline yet. Train one with "
-                            f"the commands under 'Training' in README.md, or pass --checkpoint DIR")
+            raise UserError(f"the default model is missing: {path} holds no pipeline (model_index.json). Restore "
+                            f"it (git checkout -- models), retrain it with the commands under 'Training' in "
+                            f"README.md, or pass --checkpoint DIR")
         raise UserError(f"--checkpoint {path}: not a pipeline folder (it needs model_index.json, as written by "
                         f"VideoDiTPipeline.save_pretrained)")
     from videodit.pipeline import VideoDiTPipeline
