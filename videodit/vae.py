@@ -466,7 +466,7 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         z = _draw(self.encode(x).latent_dist, sample)
         mean, std = self._stats(z)
         keep = self.used_channels
-        return ((z[:, keep] - mean[:, keep]) / std[:, keep])
+        return (z[:, keep] - mean[:, keep]) / std[:, keep]
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         """Normalized latents (B, denoiser_channels, 1 + k, h, w) -> pixels (B, 3, 1 + ft*k, h*fs, w*fs); the
