@@ -37,24 +37,29 @@ def default_backend(q: torch.Tensor) -> str:
 
 
 def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | None = None) -> torch.Tensor:
-    """q: (N, heads, head_dim); k, v: (M, heads, head_dim); cu_seqlens_*: (B+1,) int offsets of the segments
-    (may live on the CPU, which spares the "loop" and "mask" backends a device sync). Returns (N, heads, head_dim)."""
-    cu_seqlens_k = cu_seqlens_q if cu_seqlens_k is None else cu_seqlens_k
+    """q: (N, heads, head_dim); k, v: (M, heads, head_dim); cu_seqlens_*: (B+1,) offsets of the segments, as ints
+    (what compiled callers pass: torch.compile traces through them, where reading a tensor's values breaks the
+    graph) or an int tensor (read once; on the CPU that needs no device sync). Returns (N, heads, head_dim)."""
+    cu_q = cu_seqlens_q.tolist() if torch.is_tensor(cu_seqlens_q) else list(cu_seqlens_q)
+    cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.tolist() if torch.is_tensor(cu_seqlens_k) \
+        else list(cu_seqlens_k)
     if q.ndim != 3 or k.shape != v.shape or k.ndim != 3 or q.shape[1:] != k.shape[1:]:
         raise ValueError(f"expected q (N, heads, dim) and k, v (M, heads, dim), got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if len(cu_seqlens_q) != len(cu_seqlens_k):
-        raise ValueError(f"{len(cu_seqlens_q) - 1} query segments but {len(cu_seqlens_k) - 1} key segments")
+    if len(cu_q) != len(cu_k):
+        raise ValueError(f"{len(cu_q) - 1} query segments but {len(cu_k) - 1} key segments")
     backend = backend or default_backend(q)
     if backend == "loop":
-        return _loop(q, k, v, cu_seqlens_q.tolist(), cu_seqlens_k.tolist())
-    if backend == "mask":
-        return _mask(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if backend == "flex":
-        return _flex(q, k, v, cu_seqlens_q, cu_seqlens_k)
-    if backend == "flash":
-        return _flash(q, k, v, cu_seqlens_q, cu_seqlens_k)
+        return _loop(q, k, v, cu_q, cu_k)
+    if backend in ("mask", "flex", "flash"):
+        fn = {"mask": _mask, "flex": _flex, "flash": _flash}[backend]
+        return fn(q, k, v, torch.tensor(cu_q), torch.tensor(cu_k))
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
+
+
+# packed_attention left out of torch.compile's graphs (a graph break), for graphs compiled with dynamic shapes: traced,
+# the segment structure would specialize them (see VideoDiT.compile_blocks)
+eager_packed_attention = torch.compiler.disable(packed_attention)
 
 
 def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
@@ -121,7 +126,7 @@ def _flex(q, k, v, cu_q, cu_k):
 def _flash(q, k, v, cu_q, cu_k):
     if flash_attn_varlen_func is None:
         raise RuntimeError("attention backend 'flash' needs flash-attn installed (pip install flash-attn)")
-    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())  # no device sync when given on the CPU
+    max_q, max_k = int(cu_q.diff().max()), int(cu_k.diff().max())  # CPU tensors: no device sync
     cu_q, cu_k = (c.to(device=q.device, dtype=torch.int32) for c in (cu_q, cu_k))
     out = flash_attn_varlen_func(q, k, v, cu_q, cu_k, max_q, max_k)
     return _zero_empty(out, cu_q, cu_k)

@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import packed_attention
+from .attention import eager_packed_attention, packed_attention
 from .parallel import check_heads, gather_tokens, heads_to_sequence, make_shard, sequence_to_heads, shard_packed
 from .patchify import Packed, pack, unpack
 from .rope import RoPE3D, apply_rope
@@ -129,6 +129,7 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.eager_attention = False  # see VideoDiT.compile_blocks
 
     def forward(self, x, rot, cu_seqlens, backend, shard=None):
         """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D).
@@ -138,11 +139,12 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
         # recompute: the norms would keep contiguous copies of q, k (views of qkv, which attention keeps anyway)
         q, k = apply_rope(recompute(self.q_norm, q), rot), apply_rope(recompute(self.k_norm, k), rot)
+        attend = eager_packed_attention if self.eager_attention else packed_attention
         if shard is None:
-            out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
+            out = attend(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
         else:  # one all-to-all for q, k, v: (n, h, 3d) -> (N, h/P, 3d)
             q, k, v = heads_to_sequence(torch.cat([q, k, v.to(q.dtype)], -1), shard).chunk(3, -1)
-            out = packed_attention(q, k, v, shard.cu_seqlens, shard.cu_seqlens, backend)  # (N, h/P, d)
+            out = attend(q, k, v, shard.cu_seqlens, shard.cu_seqlens, backend)  # (N, h/P, d)
             out = sequence_to_heads(out, shard)  # (n, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
@@ -157,13 +159,15 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
+        self.eager_attention = False  # see VideoDiT.compile_blocks
 
     def forward(self, x, context, cu_seqlens, cu_seqlens_text, backend):
         """x: (N, D) packed video tokens; context: (M, D) packed unpadded text tokens -> (N, D)."""
         dtype = self.q.weight.dtype
         q = self.q_norm(rearrange(self.q(x.to(dtype)), "n (h d) -> n h d", h=self.num_heads))
         k, v = rearrange(self.kv(context.to(dtype)), "m (two h d) -> two m h d", two=2, h=self.num_heads)
-        out = packed_attention(q, self.k_norm(k), v, cu_seqlens, cu_seqlens_text, backend)  # (N, h, d)
+        attend = eager_packed_attention if self.eager_attention else packed_attention
+        out = attend(q, self.k_norm(k), v, cu_seqlens, cu_seqlens_text, backend)  # (N, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
 
@@ -287,6 +291,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.gradient_checkpointing = False
         self.checkpoint_every = 1  # with gradient_checkpointing: whole blocks 0, k, 2k, ... (see set_checkpoint_policy)
         self.sequence_parallel_group = None  # a torch.distributed group: see set_sequence_parallel
+        # segment offsets reach the blocks as ints (traced), or as CPU tensors (read by eager attention): see
+        # compile_blocks
+        self.dynamic_blocks = False
 
         self.patch_embed = nn.Linear(self.token_dim, hidden_size)
         self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
@@ -328,6 +335,16 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.checkpoint_every = int(every)
         for block in self.blocks:
             block.checkpoint_parts = (policy,) if policy in ("attention", "mlp") else ()
+
+    def compile_blocks(self, dynamic: bool = True):
+        """torch.compile each block: one graph, compiled once, serves every block. dynamic=False specializes it to
+        the batch's shapes and segment offsets and traces attention into it: one graph a block, for batches of one
+        composition (shape buckets, sampling, benchmarks); dynamic=True keeps shapes symbolic and runs attention
+        eagerly between the block's graphs, so that packed batches of any composition reuse them."""
+        self.dynamic_blocks = dynamic
+        for block in self.blocks:
+            block.attn.eager_attention = block.cross_attn.eager_attention = dynamic
+            block.compile(dynamic=dynamic)
 
     def set_sequence_parallel(self, group):
         """Split every sequence over the ranks of `group` (Ulysses; see videodit.parallel); None turns it off.
@@ -381,10 +398,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
         if text_mask.shape != text.shape[:2]:
             raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
 
-        # segment offsets on the CPU: the "loop" backend reads them without a device sync
-        cu_seqlens = packed.cu_seqlens.cpu()
         text_mask = text_mask.bool()
-        cu_seqlens_text = F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0)).int()
+        cu_seqlens, cu_seqlens_text = packed.cu_seqlens.cpu(), F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0))
+        offsets = (lambda c: c) if self.dynamic_blocks else (lambda c: tuple(c.tolist()))
+        cu_seqlens, cu_seqlens_text = offsets(cu_seqlens), offsets(cu_seqlens_text)
         context = self.text_embed(text[text_mask].to(self.dtype))  # (M, D): unpadded text, sample after sample
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
@@ -399,10 +416,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         shard = None
         if self.sequence_parallel_group is not None:  # from here on: this rank's slice of the tokens
-            shard = make_shard(self.sequence_parallel_group, cu_seqlens)
+            shard = make_shard(self.sequence_parallel_group, packed.cu_seqlens)
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
-            cu_seqlens = packed.cu_seqlens.cpu()
+            cu_seqlens = offsets(packed.cu_seqlens.cpu())
         if tokens.device.type == "cpu":  # (on GPUs compiled blocks fuse the gathers; an int would recompile them)
             t_index = equal_runs(t_index, len(temb))
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)

@@ -79,10 +79,11 @@ def train(cfg, resume: str | None = None) -> str:
                               f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
         group, dp_rank, dp_size = sequence_parallel_groups(S)
         task.model.set_sequence_parallel(group)
-    if t.compile:  # the blocks one by one (dit): one small graph, compiled once, serves every block
-        blocks = getattr(task.model, "blocks", None)
-        for m in blocks if blocks is not None else [task.model]:
-            m.compile(dynamic=True)
+    if t.compile:  # the denoiser's blocks (one graph serves all), the VAE whole
+        if hasattr(task.model, "compile_blocks"):
+            task.model.compile_blocks(dynamic=True)
+        else:
+            task.model.compile(dynamic=True)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
