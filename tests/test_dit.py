@@ -138,30 +138,38 @@ def test_gradient_checkpointing_gives_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_equal_shapes_broadcast_modulation_equals_the_gather(monkeypatch):
-    """Equal-shape samples broadcast each row's modulation over its run of tokens: same outputs and gradients as
-    gathering it per token."""
+def test_modulation_broadcast_per_run_equals_the_gather(monkeypatch):
+    """Equal-shape samples broadcast each row's modulation over its run of n tokens (an int), samples of any shape
+    with a timestep each over their runs (a tuple of lengths): same outputs and gradients as gathering it per
+    token, for per-sample and per-frame timesteps."""
     import videodit.dit as dit
 
-    g = torch.Generator().manual_seed(0)
-    latents = [torch.randn(4, 3, 4, 6, generator=g) for _ in range(2)]
-    text, mask = torch.randn(2, 5, 16, generator=g), torch.ones(2, 5, dtype=torch.bool)
     assert dit.equal_runs(torch.tensor([0, 0, 1, 1, 2, 2]), 3) == 2
     assert torch.is_tensor(dit.equal_runs(torch.tensor([0, 0, 1, 1, 1, 2]), 3))
-    per_sample, per_frame = torch.tensor([0.2, 0.7]), [torch.rand(3, generator=g) for _ in range(2)]
-    results = []
-    for gather in (False, True):
-        if gather:
+    g = torch.Generator().manual_seed(0)
+    equal = [torch.randn(4, 3, 4, 6, generator=g) for _ in range(2)]
+    mixed = mixed_batch()[0]
+    text, mask = torch.randn(3, 5, 16, generator=g), torch.ones(3, 5, dtype=torch.bool)
+
+    def run(latents, t, mode):
+        model = random_model()
+        if mode != "int":
             monkeypatch.setattr(dit, "equal_runs", lambda index, rows: index)
-        for t in (per_sample, per_frame):
-            model = random_model()
-            out = model(pack(latents), t, text, mask)
-            out.square().mean().backward()
-            results.append((out, [p.grad for p in model.parameters()]))
-    for (out_a, grad_a), (out_b, grad_b) in zip(results[:2], results[2:]):
+        model.dynamic_blocks = mode == "gather"  # (offsets as tensors, modulation gathered)
+        out = model(pack(latents), t, text[:len(latents)], mask[:len(latents)])
+        out.square().mean().backward()
+        monkeypatch.undo()
+        return out, [p.grad for p in model.parameters()]
+
+    frames = lambda latents: [torch.rand(x.shape[1], generator=g) for x in latents]  # noqa: E731
+    cases = [(equal, torch.tensor([0.2, 0.7]), "int"), (equal, frames(equal), "int"),
+             (mixed, torch.tensor([0.2, 0.7, 0.5]), "runs")]
+    for latents, t, mode in cases:
+        (out_a, grad_a), (out_b, grad_b) = run(latents, t, mode), run(latents, t, "gather")
         torch.testing.assert_close(out_a, out_b)
         for a, b in zip(grad_a, grad_b):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert dit.per_token(torch.arange(3.0), (2, 0, 1)).tolist() == [0.0, 0.0, 2.0]
 
 
 def test_per_token_and_per_frame_timesteps():

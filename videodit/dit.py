@@ -77,15 +77,24 @@ def recompute(fn, *args):
     return fn(*args)
 
 
+def per_token(rows: torch.Tensor, index) -> torch.Tensor:
+    """rows (R, ...) -> (N, ...), each token's row. index: (N,) row numbers (a gather), or a tuple of R run lengths:
+    row r for the next index[r] tokens (a broadcast per run, whose backward sums each run, where a gather's
+    index_add compiles to atomic adds that all of a sample's tokens contend for)."""
+    if isinstance(index, tuple):
+        return torch.cat([row.expand(n, *row.shape) for row, n in zip(rows, index)])
+    return rows.index_select(0, index)
+
+
 def modulated_norm(norm, x, mod, table, index, k):
     """norm(x) * (1 + scale) + shift, with shift, scale = rows k, k+1 of the block's modulation.
-    x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: (N,) token -> row, or
-    an int n when the rows are runs of n tokens in order (then broadcast, with no gather and no index_add)."""
+    x: (N, D); mod: (R, 6, D) shared time projection rows; table: (6, D) the block's; index: token -> row as in
+    per_token, or an int n when the rows are runs of n tokens each (then broadcast without a copy)."""
     rows = mod[:, k:k + 2] + table[k:k + 2].float()  # (R, 2, D)
     if isinstance(index, int):
         shift, scale = rows[:, None].unbind(2)  # (R, 1, D) each
         return torch.addcmul(shift, norm(x).unflatten(0, (-1, index)), 1 + scale).flatten(0, 1)
-    shift, scale = rows.index_select(0, index).unbind(1)  # (N, D) each
+    shift, scale = per_token(rows, index).unbind(1)  # (N, D) each
     return torch.addcmul(shift, norm(x), 1 + scale)
 
 
@@ -95,7 +104,7 @@ def gated_residual(x, y, mod, table, index, k):
     if isinstance(index, int):
         runs = lambda v: v.unflatten(0, (-1, index))  # noqa: E731
         return torch.addcmul(runs(x), gate[:, None], runs(y.float())).flatten(0, 1)
-    return torch.addcmul(x, gate.index_select(0, index), y.float())
+    return torch.addcmul(x, per_token(gate, index), y.float())
 
 
 def equal_runs(index: torch.Tensor, rows: int) -> int | torch.Tensor:
@@ -420,8 +429,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
             cu_seqlens = offsets(packed.cu_seqlens.cpu())
-        if tokens.device.type == "cpu":  # (on GPUs compiled blocks fuse the gathers; an int would recompile them)
+        if tokens.device.type == "cpu":  # equal runs broadcast without a copy (compiled, an int would specialize)
             t_index = equal_runs(t_index, len(temb))
+        if t_index is packed.sample_idx and not self.dynamic_blocks:  # a timestep per sample: runs of its tokens
+            t_index = tuple(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
         grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
         rot = self.rope(packed.coords, grids)
 
