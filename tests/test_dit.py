@@ -342,3 +342,22 @@ def test_flop_counter_counts_the_local_mlp():
     hidden = int(cfg["hidden_size"] * 4.0)
     extra = forward_macs({**cfg, "local_mlp": True}, [576], [12]) - forward_macs(cfg, [576], [12])
     assert extra == cfg["depth"] * 576 * hidden * 12
+
+
+def test_compile_blocks_traces_attention_only_when_static(monkeypatch):
+    """compile_blocks(dynamic=False) traces a whole block, attention included, as one graph (the segment offsets
+    reach it as ints); dynamic=True leaves attention out of the graphs: its calls are the only graph breaks."""
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)  # tracing is what is tested
+    latents, t, text, mask = mixed_batch()
+    for dynamic in (False, True):
+        model = random_model()
+        model.compile_blocks(dynamic=dynamic)
+        calls = []
+        model.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(args))
+        with torch.no_grad():
+            model(pack(latents), t, text, mask)
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(model.blocks[0].forward)(*calls[0])
+        reasons = [r.reason for r in explained.break_reasons]
+        assert (explained.graph_break_count > 0) == dynamic, reasons
+        assert all("torch.compiler.disable" in r for r in reasons), reasons
