@@ -430,7 +430,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
             cu_seqlens = offsets(packed.cu_seqlens.cpu())
-        if tokens.device.type == "cpu":  # equal runs broadcast without a copy (compiled, an int would specialize)
+        if tokens.device.type == "cpu":  # equal runs broadcast without a copy (CPU only: an int specializes graphs)
             t_index = equal_runs(t_index, len(temb))
         if t_index is packed.sample_idx and not self.dynamic_blocks:  # a timestep per sample: runs of its tokens
             t_index = tuple(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
