@@ -18,9 +18,10 @@ def test_defaults_and_shipped_configs_load():
 def test_model_overrides_reach_the_denoiser():
     from videodit.train.models import denoiser_kwargs
 
-    cfg = load_config("configs/shapes/tiny.yaml", ["model.qk_norm=false", "model.depth=2"])
+    cfg = load_config("configs/shapes/tiny.yaml", ["model.qk_norm=false", "model.depth=2", "model.pooled_text=false"])
     kw = denoiser_kwargs(cfg, in_channels=8, text_dim=384)
     assert kw["local_mlp"] is True and kw["qk_norm"] is False and kw["depth"] == 2 and kw["hidden_size"] == 192
+    assert kw["pooled_text"] is False  # the tiny preset's True, overridden
 
 
 def test_base_inheritance_and_overrides(tmp_path):
