@@ -10,8 +10,7 @@
    base; compile (VideoDiT.compile_blocks, dynamic shapes; with static: specialized to the batch); cudnn
    (SDPA's cuDNN attention kernel only); ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
    checkpointing policies); bf16_weights (weights and AdamW state in bf16, no autocast); one_sample (one video
-   of all the tokens instead of three); eager_attention (with compile+static: attention left out of the blocks'
-   graphs, as dynamic compiles leave it). Joined with "+" they combine (compile+static+cudnn).
+   of all the tokens instead of three). Joined with "+" they combine (compile+static+cudnn).
 2. Attention (`--only attention`): forward + backward of each SDPA kernel alone at the batch's segment lengths.
 3. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
    step), bf16 weights: seconds per step over a few steps after a warm-up, extrapolated to 50 steps.
@@ -40,7 +39,7 @@ from videodit.patchify import pack
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
 SETTINGS = ("base", "compile", "static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp",
-            "bf16_weights", "one_sample", "eager_attention")
+            "bf16_weights", "one_sample")
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
@@ -109,9 +108,6 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
         model.set_checkpoint_policy(policy)
     if "compile" in parts:
         model.compile_blocks(dynamic="static" not in parts)
-        if "eager_attention" in parts:
-            for block in model.blocks:
-                block.attn.eager_attention = block.cross_attn.eager_attention = True
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     shapes = batch_shapes(tokens, cfg["in_channels"], a.side)
     if "one_sample" in parts:

@@ -40,6 +40,8 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | No
     """q: (N, heads, head_dim); k, v: (M, heads, head_dim); cu_seqlens_*: (B+1,) offsets of the segments, as ints
     (what compiled callers pass: torch.compile traces through them, where reading a tensor's values breaks the
     graph) or an int tensor (read once; on the CPU that needs no device sync). Returns (N, heads, head_dim)."""
+    if torch.is_tensor(cu_seqlens_q) and torch.compiler.is_compiling():  # outside the graph: see below
+        return _eager_packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, backend)
     cu_q = cu_seqlens_q.tolist() if torch.is_tensor(cu_seqlens_q) else list(cu_seqlens_q)
     cu_k = cu_q if cu_seqlens_k is None else cu_seqlens_k.tolist() if torch.is_tensor(cu_seqlens_k) \
         else list(cu_seqlens_k)
@@ -57,9 +59,9 @@ def packed_attention(q, k, v, cu_seqlens_q, cu_seqlens_k=None, backend: str | No
     raise ValueError(f"unknown attention backend {backend!r}; choose one of {BACKENDS}")
 
 
-# packed_attention left out of torch.compile's graphs (a graph break), for graphs compiled with dynamic shapes: traced,
-# the segment structure would specialize them (see VideoDiT.compile_blocks)
-eager_packed_attention = torch.compiler.disable(packed_attention)
+# Called from compiled code with tensor offsets (graphs compiled with dynamic shapes), packed_attention runs outside the
+# graph, one clean graph break: traced, the segment structure would specialize the graph (see VideoDiT.compile_blocks)
+_eager_packed_attention = torch.compiler.disable(packed_attention)
 
 
 def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):

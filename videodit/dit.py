@@ -20,7 +20,7 @@ from einops import rearrange
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import eager_packed_attention, packed_attention
+from .attention import packed_attention
 from .parallel import check_heads, gather_tokens, heads_to_sequence, make_shard, sequence_to_heads, shard_packed
 from .patchify import Packed, pack, unpack
 from .rope import RoPE3D, apply_rope
@@ -138,7 +138,6 @@ class SelfAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self.eager_attention = False  # see VideoDiT.compile_blocks
 
     def forward(self, x, rot, cu_seqlens, backend, shard=None):
         """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D).
@@ -148,12 +147,11 @@ class SelfAttention(nn.Module):
         q, k, v = rearrange(qkv, "n (three h d) -> three n h d", three=3, h=self.num_heads)
         # recompute: the norms would keep contiguous copies of q, k (views of qkv, which attention keeps anyway)
         q, k = apply_rope(recompute(self.q_norm, q), rot), apply_rope(recompute(self.k_norm, k), rot)
-        attend = eager_packed_attention if self.eager_attention else packed_attention
         if shard is None:
-            out = attend(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
+            out = packed_attention(q, k, v, cu_seqlens, cu_seqlens, backend)  # (N, h, d)
         else:  # one all-to-all for q, k, v: (n, h, 3d) -> (N, h/P, 3d)
             q, k, v = heads_to_sequence(torch.cat([q, k, v.to(q.dtype)], -1), shard).chunk(3, -1)
-            out = attend(q, k, v, shard.cu_seqlens, shard.cu_seqlens, backend)  # (N, h/P, d)
+            out = packed_attention(q, k, v, shard.cu_seqlens, shard.cu_seqlens, backend)  # (N, h/P, d)
             out = sequence_to_heads(out, shard)  # (n, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
@@ -168,15 +166,13 @@ class CrossAttention(nn.Module):
         self.q_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.k_norm = RMSNorm(head_dim, eps) if qk_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim)
-        self.eager_attention = False  # see VideoDiT.compile_blocks
 
     def forward(self, x, context, cu_seqlens, cu_seqlens_text, backend):
         """x: (N, D) packed video tokens; context: (M, D) packed unpadded text tokens -> (N, D)."""
         dtype = self.q.weight.dtype
         q = self.q_norm(rearrange(self.q(x.to(dtype)), "n (h d) -> n h d", h=self.num_heads))
         k, v = rearrange(self.kv(context.to(dtype)), "m (two h d) -> two m h d", two=2, h=self.num_heads)
-        attend = eager_packed_attention if self.eager_attention else packed_attention
-        out = attend(q, self.k_norm(k), v, cu_seqlens, cu_seqlens_text, backend)  # (N, h, d)
+        out = packed_attention(q, self.k_norm(k), v, cu_seqlens, cu_seqlens_text, backend)  # (N, h, d)
         return self.proj(rearrange(out, "n h d -> n (h d)"))
 
 
@@ -353,7 +349,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
         between the block's graphs, so that packed batches of any composition reuse them."""
         self.dynamic_blocks = dynamic
         for block in self.blocks:
-            block.attn.eager_attention = block.cross_attn.eager_attention = dynamic
             block.compile(dynamic=dynamic)
 
     def set_sequence_parallel(self, group):
