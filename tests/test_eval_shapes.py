@@ -4,7 +4,10 @@ import numpy as np
 import pytest
 
 from videodit.data.shapes import Attributes, make_clip, render, sample_starts
-from videodit.eval.shapes import SYNONYMS, contact_sheet, evaluate, main, make_cases, score, table
+import torch
+
+from videodit.eval.shapes import (SYNONYMS, contact_sheet, evaluate, evaluate_denoising, main, make_cases, score,
+                                  table)
 
 
 class RenderingPipe:
@@ -65,3 +68,38 @@ def test_command_refuses_a_missing_checkpoint(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o")])
     assert e.value.code == 2 and "model_index.json" in capsys.readouterr().err
+
+
+class PixelPipe:
+    """Latents are the pixels themselves. The denoiser either knows the clean clips it was shown (an oracle) or
+    predicts zero velocity (it leaves the noise in)."""
+
+    def __init__(self, oracle: bool):
+        self.oracle, self.clean, self.transformer, self.dtype = oracle, [], self, torch.float32
+
+    def encode_video(self, video):
+        self.clean.append(video.float())
+        return video.float()
+
+    def encode_prompt(self, prompts):
+        return torch.zeros(len(prompts), 1, 4), torch.ones(len(prompts), 1, dtype=torch.bool)
+
+    def forward_latents(self, noisy, t, text, mask):
+        if not self.oracle:
+            return [torch.zeros_like(x) for x in noisy]
+        return [(x - c) / ti for x, c, ti in zip(noisy, self.clean[-len(noisy):], t)]  # x - t v = the clean clip
+
+    def decode(self, z):
+        return z.clamp(-1, 1)
+
+
+def test_denoising_test_reads_a_perfect_denoiser_fully_and_noise_worse_with_the_level():
+    sizes, levels = [(9, 64, 64), (1, 64, 64)], (0.3, 0.9)
+    summary, md = table(evaluate_denoising(PixelPipe(oracle=True), num=4, levels=levels, sizes=sizes,
+                                           progress=False))
+    assert summary["overall"]["all"] == 1.0 and summary["overall"]["n"] == 16
+    assert "| t = 0.9, 9x64x64 | 4 |" in md
+    summary, _ = table(evaluate_denoising(PixelPipe(oracle=False), num=4, levels=levels, sizes=sizes,
+                                          progress=False))
+    assert summary["t = 0.9, 9x64x64"]["all"] == 0.0
+    assert summary["t = 0.3, 1x64x64"]["color"] > summary["t = 0.9, 1x64x64"]["color"]
