@@ -178,6 +178,16 @@ def time_one(pipe, steps=None, repeats: int = 3) -> float:
     return float(np.median(times[1:]))  # the first call warms up
 
 
+def _write(out: str, json_name: str, md_name: str, results: list, **extra) -> str:
+    """The summary table of results as markdown (returned) and, with the results, as JSON."""
+    summary, md = table(results)
+    with open(os.path.join(out, json_name), "w") as f:
+        json.dump(dict(summary=summary, **extra, results=results), f, indent=1)
+    with open(os.path.join(out, md_name), "w") as f:
+        f.write(md + "\n")
+    return md
+
+
 def main(argv=None):
     from videodit.generate import DEFAULT_CHECKPOINT
     from videodit.pipeline import VideoDiTPipeline
@@ -200,22 +210,14 @@ def main(argv=None):
     os.makedirs(a.out, exist_ok=True)
     if a.denoise:
         results = evaluate_denoising(pipe, a.num, a.seed)
-        summary, md = table(results)
-        with open(os.path.join(a.out, "denoise.json"), "w") as f:
-            json.dump(dict(summary=summary, checkpoint=a.checkpoint, results=results), f, indent=1)
-        with open(os.path.join(a.out, "denoise.md"), "w") as f:
-            f.write(md + "\n")
+        md = _write(a.out, "denoise.json", "denoise.md", results, checkpoint=a.checkpoint)
         print(md)
         print(f"wrote {a.out}/denoise.json, denoise.md")
         return
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
-    summary, md = table(results)
-    with open(os.path.join(a.out, "results.json"), "w") as f:
-        json.dump(dict(summary=summary, timing=timing, checkpoint=a.checkpoint, steps=a.steps or
-                       pipe.config.default_steps, results=results), f, indent=1)
-    with open(os.path.join(a.out, "table.md"), "w") as f:
-        f.write(md + "\n")
+    md = _write(a.out, "results.json", "table.md", results, timing=timing, checkpoint=a.checkpoint,
+                steps=a.steps or pipe.config.default_steps)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
     print(f"\nsampling: {timing['seconds_one_64x64x17']:.2f} s for one 64x64x17 video; "
