@@ -2,10 +2,9 @@ import re
 
 import numpy as np
 import pytest
-
-from videodit.data.shapes import Attributes, make_clip, render, sample_starts
 import torch
 
+from videodit.data.shapes import Attributes, make_clip, render, sample_starts
 from videodit.eval.shapes import (SYNONYMS, contact_sheet, evaluate, evaluate_denoising, main, make_cases, score,
                                   table)
 

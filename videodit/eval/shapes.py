@@ -12,15 +12,15 @@ import argparse
 import json
 import os
 import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from videodit.data.shapes import BACKGROUNDS, COLORS, MOTIONS, SHAPES, make_clip, read_back, short_caption
-from videodit.data.video import from_uint8, to_uint8
+from videodit.data.shapes import (BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset, read_back,
+                                  short_caption)
+from videodit.data.video import to_uint8
 
 ATTRS = ("count", "color", "shape", "motion")
 # (frames, height, width): the training sizes, then sizes and a duration the default model never saw
@@ -153,16 +153,16 @@ def evaluate_denoising(pipe, num: int = 24, seed: int = 0, levels=DENOISE_LEVELS
     model, results = pipe.transformer, []
     g = torch.Generator().manual_seed(seed)
     for T, H, W in sizes:
-        clips = [make_clip(seed * 1_000_003 + i, H, W, T) for i in range(num)]
-        latents = [pipe.encode_video(from_uint8(c["frames"])) for c in clips]
+        clips = [ShapesDataset([(T, H, W)], num, seed)[i] for i in range(num)]
+        latents = [pipe.encode_video(c["video"]) for c in clips]
         text, mask = pipe.encode_prompt([c["caption"] for c in clips])
         noise = [torch.randn(z.shape, generator=g).to(z) for z in latents]
         for t in tqdm(levels, desc=f"denoising {T}x{H}x{W}", disable=not progress, leave=False):
             noisy = [(1 - t) * z + t * e for z, e in zip(latents, noise)]
             v = model.forward_latents([x.to(model.dtype) for x in noisy], torch.full((num,), float(t)), text, mask)
             for c, x, vi in zip(clips, noisy, v):
+                case = dict(size=(T, H, W), attributes=c["attributes"])
                 frames = to_uint8(pipe.decode(x - t * vi.float()))
-                case = dict(size=(T, H, W), attributes=asdict(c["attributes"]))
                 results.append(dict(group=f"t = {t}, {T}x{H}x{W}", prompt=c["caption"], **case, **score(case, frames)))
     return results
 
