@@ -10,7 +10,9 @@
    base; compile (VideoDiT.compile_blocks, dynamic shapes; with static: specialized to the batch); cudnn
    (SDPA's cuDNN attention kernel only); ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
    checkpointing policies); bf16_weights (weights and AdamW state in bf16, no autocast); one_sample (one video
-   of all the tokens instead of three). Joined with "+" they combine (compile+static+cudnn).
+   of all the tokens instead of three); heads_first (q, k, v copied to contiguous (b, heads, n, dim) before SDPA);
+   tuned (inductor's coordinate-descent tuning of its kernels); autotune (compile mode max-autotune-no-cudagraphs:
+   Triton matmul templates with fused epilogues). Joined with "+" they combine (compile+static+cudnn).
 2. Attention (`--only attention`): forward + backward of each SDPA kernel alone at the batch's segment lengths.
 3. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
    step), bf16 weights: seconds per step over a few steps after a warm-up, extrapolated to 50 steps.
@@ -28,9 +30,11 @@ import gc
 import time
 
 import torch
+import torch._inductor.config
 from diffusers.utils import logging as diffusers_logging
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from videodit import attention
 from videodit.attention import default_backend
 from videodit.dit import PRESETS, VideoDiT
 from videodit.flops import flops_per_step
@@ -39,7 +43,7 @@ from videodit.patchify import pack
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
 SETTINGS = ("base", "compile", "static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp",
-            "bf16_weights", "one_sample")
+            "bf16_weights", "one_sample", "heads_first", "tuned", "autotune")
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
@@ -106,8 +110,12 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
         model.to(torch.bfloat16)
     for policy in [p[len("ckpt_"):] for p in parts if p.startswith("ckpt_")]:
         model.set_checkpoint_policy(policy)
+    attention.CONTIGUOUS_HEADS = "heads_first" in parts
+    torch._inductor.config.coordinate_descent_tuning = "tuned" in parts
+    torch._dynamo.reset()
     if "compile" in parts:
-        model.compile_blocks(dynamic="static" not in parts)
+        model.compile_blocks(dynamic="static" not in parts,
+                             mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     shapes = batch_shapes(tokens, cfg["in_channels"], a.side)
     if "one_sample" in parts:
@@ -165,33 +173,47 @@ def bench_train(a, device):
 
 
 def bench_attention(a, device):
-    """Forward + backward of each SDPA kernel alone over the segments of the training batch (heads of 128)."""
+    """Forward, and forward + backward, of each SDPA kernel alone over the segments of the training batch (heads of
+    128), in two layouts: q, k, v contiguous (b, heads, n, dim), and strided views of one packed (n, 3, heads, dim)
+    tensor, as the model's qkv projection leaves them."""
     tokens = (a.token_counts or a.lengths)[0]
     lengths = [c[1] * c[2] * c[3] // 4 for c in batch_shapes(tokens, 16, a.side)]
     heads = 12 if not a.tiny else 2
     g = torch.Generator(device).manual_seed(0)
-    qkv = [torch.randn(3, 1, heads, n, 128, generator=g, device=device, dtype=torch.bfloat16).requires_grad_()
-           for n in lengths]
-    flops = sum(3 * 4 * heads * n * n * 128 for n in lengths)  # forward 4 n^2 d per head, backward twice that
-    print(f"\n### Attention kernels, segments {lengths}, {heads} heads of 128, bf16, forward + backward\n")
-    print("| SDPA kernel | ms | TFLOP/s |")
-    print("|---|---|---|")
-    for name, kernel in SDPA_KERNELS.items():
-        def run():
-            with sdpa_kernel(kernel):
-                for x in qkv:
-                    torch.nn.functional.scaled_dot_product_attention(*x).sum().backward()
-        try:
-            run()
-            sync(device)
-            tic = time.perf_counter()
-            for _ in range(5):
-                run()
-            sync(device)
-            seconds = (time.perf_counter() - tic) / 5
-            print(f"| {name} | {1e3 * seconds:.1f} | {flops / seconds / 1e12:.0f} |", flush=True)
-        except RuntimeError as e:
-            print(f"| {name} | failed: {str(e).splitlines()[0][:120]} | - |", flush=True)
+    flops = sum(4 * heads * n * n * 128 for n in lengths)  # forward 4 n^2 d per head; backward twice that
+    print(f"\n### Attention kernels, segments {lengths}, {heads} heads of 128, bf16\n")
+    print("| SDPA kernel | layout | forward ms | TFLOP/s | backward ms | TFLOP/s |")
+    print("|---|---|---|---|---|---|")
+    for layout in ("contiguous", "packed views"):
+        if layout == "contiguous":
+            qkv = [[torch.randn(1, heads, n, 128, generator=g, device=device, dtype=torch.bfloat16)
+                    .requires_grad_() for _ in range(3)] for n in lengths]
+        else:
+            leaves = [torch.randn(n, 3, heads, 128, generator=g, device=device, dtype=torch.bfloat16)
+                      .requires_grad_() for n in lengths]
+            qkv = [[x[None, :, i].transpose(1, 2) for i in range(3)] for x in leaves]
+        for name, kernel in SDPA_KERNELS.items():
+            def run(backward):
+                with sdpa_kernel(kernel), torch.set_grad_enabled(backward):
+                    for x in qkv:
+                        out = torch.nn.functional.scaled_dot_product_attention(*x)
+                        if backward:
+                            out.backward(torch.ones_like(out))
+            try:
+                times = []
+                for backward in (False, True):
+                    run(backward)
+                    sync(device)
+                    tic = time.perf_counter()
+                    for _ in range(5):
+                        run(backward)
+                    sync(device)
+                    times.append((time.perf_counter() - tic) / 5)
+                fwd, bwd = times[0], times[1] - times[0]
+                print(f"| {name} | {layout} | {1e3 * fwd:.1f} | {flops / fwd / 1e12:.0f} | {1e3 * bwd:.1f} | "
+                      f"{2 * flops / bwd / 1e12:.0f} |", flush=True)
+            except RuntimeError as e:
+                print(f"| {name} | {layout} | failed: {str(e).splitlines()[0][:120]} | - | - | - |", flush=True)
 
 
 def bench_sample(a, device):
