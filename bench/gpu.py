@@ -10,10 +10,9 @@
    base; compile (VideoDiT.compile_blocks, dynamic shapes; with static: specialized to the batch); cudnn
    (SDPA's cuDNN attention kernel only); ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
    checkpointing policies); bf16_weights (weights and AdamW state in bf16, no autocast); one_sample (one video
-   of all the tokens instead of three); heads_first (q, k, v copied to contiguous (b, heads, n, dim) before SDPA);
-   tuned (inductor's coordinate-descent tuning of its kernels); autotune (compile mode max-autotune-no-cudagraphs:
-   Triton matmul templates with fused epilogues). Joined with "+" they combine (compile+static+cudnn).
-2. Attention (`--only attention`): forward + backward of each SDPA kernel alone at the batch's segment lengths.
+   of all the tokens instead of three). Joined with "+" they combine (compile+static+cudnn).
+2. Attention (`--only attention`): forward, and backward, of each SDPA kernel alone at the batch's segment lengths,
+   with q, k, v contiguous and as strided views of one packed tensor (the model's layout).
 3. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
    step), bf16 weights: seconds per step over a few steps after a warm-up, extrapolated to 50 steps.
 4. VAE: the standard CausalVideoVAE (113M, 4x8x8), bf16, streaming decode of 81 and 321 frames at 480x832: seconds
@@ -30,11 +29,9 @@ import gc
 import time
 
 import torch
-import torch._inductor.config
 from diffusers.utils import logging as diffusers_logging
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from videodit import attention
 from videodit.attention import default_backend
 from videodit.dit import PRESETS, VideoDiT
 from videodit.flops import flops_per_step
@@ -43,7 +40,7 @@ from videodit.patchify import pack
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
 SETTINGS = ("base", "compile", "static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp",
-            "bf16_weights", "one_sample", "heads_first", "tuned", "autotune")
+            "bf16_weights", "one_sample")
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
@@ -110,12 +107,8 @@ def train_case(cfg: dict, tokens: int, parts: set, a, device) -> str:
         model.to(torch.bfloat16)
     for policy in [p[len("ckpt_"):] for p in parts if p.startswith("ckpt_")]:
         model.set_checkpoint_policy(policy)
-    attention.CONTIGUOUS_HEADS = "heads_first" in parts
-    torch._inductor.config.coordinate_descent_tuning = "tuned" in parts
-    torch._dynamo.reset()
     if "compile" in parts:
-        model.compile_blocks(dynamic="static" not in parts,
-                             mode="max-autotune-no-cudagraphs" if "autotune" in parts else None)
+        model.compile_blocks(dynamic="static" not in parts)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     shapes = batch_shapes(tokens, cfg["in_channels"], a.side)
     if "one_sample" in parts:

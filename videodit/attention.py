@@ -29,9 +29,6 @@ BACKENDS = ("loop", "mask", "flex", "flash")
 # (2 cores, forward + backward, 4 heads of 48: 24 images of 64 tokens 8.9 vs 1.9 ms; 576 tokens 6.2 vs 4.4 ms;
 # 1152 tokens 13.8 vs 18.8 ms): below this many scores per head, "loop" takes the matmuls.
 CPU_MATMUL_SCORES = 600 * 600
-# On CUDA, copy q, k, v to (b, heads, n, dim) contiguous before SDPA instead of passing strided views of the packed
-# (n, heads, dim) tensors (measured by bench/gpu.py's heads_first setting)
-CONTIGUOUS_HEADS = False
 
 
 def default_backend(q: torch.Tensor) -> str:
@@ -82,8 +79,6 @@ def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
         # a run of equal segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow math
         # path, which saves the attention matrix
         qi, ki, vi = (rearrange(x, "(b n) h d -> b h n d", b=n) for x in (qi, ki, vi))
-        if CONTIGUOUS_HEADS and qi.is_cuda:
-            qi, ki, vi = qi.contiguous(), ki.contiguous(), vi.contiguous()
         out.append(rearrange(_sdpa(qi, ki, vi), "b h n d -> (b n) h d"))
     return torch.cat(out) if len(out) > 1 else out[0]
 

@@ -341,16 +341,15 @@ class VideoDiT(ModelMixin, ConfigMixin):
         for block in self.blocks:
             block.checkpoint_parts = (policy,) if policy in ("attention", "mlp") else ()
 
-    def compile_blocks(self, dynamic: bool = True, mode: str | None = None):
+    def compile_blocks(self, dynamic: bool = True):
         """torch.compile each block: one graph, compiled once, serves every block. dynamic=False specializes it to
         the batch's shapes and segment offsets and traces attention into it: one graph a block, recompiled for each
         new batch composition, so for batches of one composition (shape buckets, sampling, benchmarks; 1B on an
         H200: 40.8% MFU against 35.0%, see README); dynamic=True keeps shapes symbolic and runs attention eagerly
-        between the block's graphs, so that packed batches of any composition reuse them. mode: torch.compile's
-        (e.g. "max-autotune-no-cudagraphs")."""
+        between the block's graphs, so that packed batches of any composition reuse them."""
         self.dynamic_blocks = dynamic
         for block in self.blocks:
-            block.compile(dynamic=dynamic, mode=mode)
+            block.compile(dynamic=dynamic)
 
     def set_sequence_parallel(self, group):
         """Split every sequence over the ranks of `group` (Ulysses; see videodit.parallel); None turns it off.
