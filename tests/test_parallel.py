@@ -67,11 +67,17 @@ def _worker(rank, world, init_file):
         group, dp_rank, dp_size = sequence_parallel_groups(2)
         assert (dp_rank, dp_size) == (0, 1)
         for name, shapes in CASES.items():
-            for policy in ("none", "attention"):
+            # static: the blocks take segment offsets as ints, as compile_blocks(dynamic=False) traces them (a tensor
+            # there would break each compiled block's graph at attention)
+            for policy, static in (("none", False), ("attention", False), ("none", True)):
                 model = _model()
                 want_out, want_grad = _run(model, shapes)
                 model.set_sequence_parallel(group)
+                model.dynamic_blocks = not static
+                seen = []
+                model.blocks[0].attn.register_forward_pre_hook(lambda m, args: seen.append(args[4].cu_seqlens))
                 got_out, got_grad = _run(model, shapes, policy)
+                assert all(isinstance(c, tuple if static else torch.Tensor) for c in seen) and seen
                 model.set_sequence_parallel(None)
                 torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{name}/{policy} output")
                 for n, g in got_grad.items():

@@ -9,6 +9,7 @@ the identity and the fresh model outputs zeros. The residual stream, norms, modu
 model is stable with bf16 weights or autocast; matmuls run in the weights' (or autocast's) dtype.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -422,6 +423,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         shard = None
         if self.sequence_parallel_group is not None:  # from here on: this rank's slice of the tokens
             shard = make_shard(self.sequence_parallel_group, packed.cu_seqlens)
+            shard = dataclasses.replace(shard, cu_seqlens=offsets(shard.cu_seqlens))  # ints where blocks are traced
             t_index = t_index[shard.start:shard.end]
             packed = shard_packed(packed, shard)
             cu_seqlens = offsets(packed.cu_seqlens.cpu())

@@ -30,11 +30,12 @@ from .patchify import Packed
 @dataclass(frozen=True)
 class Shard:
     """This rank's slice [start, end) of a packed sequence split over a group of `size` ranks in slices of
-    `chunk` = ceil(total / size) tokens. cu_seqlens: (B+1,) the whole sequence's sample offsets (CPU)."""
+    `chunk` = ceil(total / size) tokens. cu_seqlens: (B+1,) the whole sequence's sample offsets (a CPU tensor, or a
+    tuple of ints for blocks compiled with static shapes, which trace attention through them)."""
     group: object
     rank: int
     size: int
-    cu_seqlens: torch.Tensor
+    cu_seqlens: torch.Tensor | tuple
 
     @property
     def total(self) -> int:
