@@ -153,7 +153,8 @@ def evaluate_denoising(pipe, num: int = 24, seed: int = 0, levels=DENOISE_LEVELS
     model, results = pipe.transformer, []
     g = torch.Generator().manual_seed(seed)
     for T, H, W in sizes:
-        clips = [ShapesDataset([(T, H, W)], num, seed)[i] for i in range(num)]
+        data = ShapesDataset([(T, H, W)], num, seed)
+        clips = [data[i] for i in range(num)]
         latents = [pipe.encode_video(c["video"]) for c in clips]
         text, mask = pipe.encode_prompt([c["caption"] for c in clips])
         noise = [torch.randn(z.shape, generator=g).to(z) for z in latents]
