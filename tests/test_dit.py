@@ -72,6 +72,22 @@ def test_local_mlp_mixes_a_tokens_spacetime_neighbours_only():
     assert torch.equal(changed, expected)
 
 
+def test_local_mlp_on_images_equals_the_spacetime_convolution():
+    """Images (one frame) take a shortcut: the time convolution's middle tap folded into the space convolution."""
+    from videodit.dit import LocalMix
+
+    torch.manual_seed(0)
+    mix = LocalMix(4)
+    torch.nn.init.normal_(mix.time.weight)
+    torch.nn.init.normal_(mix.time.bias)
+    x = torch.randn(2 * 3 * 5, 4)
+    with torch.no_grad():
+        space = mix.space(x.view(2, 3, 5, 4).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).reshape(2, 1, 15, 4)
+        space = space.permute(0, 3, 1, 2)  # (n, C, t=1, hw): the general path's layout
+        want = (space + mix.time(space)).permute(0, 2, 3, 1).reshape(30, 4)
+        torch.testing.assert_close(mix(x, [(1, 3, 5)] * 2), want)
+
+
 def test_local_mlp_refuses_sequence_parallel():
     with pytest.raises(ValueError, match="local MLP"):
         random_model(local_mlp=True).set_sequence_parallel(object())
@@ -262,20 +278,28 @@ def test_attention_backends_agree(cu_q, cu_k):
                 assert torch.equal(ref[cu_q[i]:cu_q[i + 1]], torch.zeros(cu_q[i + 1] - cu_q[i], 2, 8))
 
 
-@pytest.mark.parametrize("lengths", [[1, 16, 64, 64], [700, 5]])  # short: the CPU matmul path; 700: SDPA
-def test_loop_backend_in_bf16_matches_float32(lengths):
+@pytest.mark.parametrize("lengths,key_lengths", [
+    ([1, 16, 64, 64], None),  # short: the CPU matmul path
+    ([700, 5], None),  # 700: SDPA
+    ([16, 16, 16, 16], [5, 0, 9, 2]),  # keys of unequal length, one empty: padded and masked, one batched call
+    ([700, 700], [3, 8]),  # the same through SDPA's mask
+])
+def test_loop_backend_in_bf16_matches_float32(lengths, key_lengths):
     g = torch.Generator().manual_seed(0)
     cu = torch.tensor([0] + list(itertools.accumulate(lengths)), dtype=torch.int32)
-    q, k, v = (torch.randn(int(cu[-1]), 2, 8, generator=g, requires_grad=True) for _ in range(3))
-    ref = packed_attention(q, k, v, cu, backend="mask")
+    cu_k = cu if key_lengths is None else torch.tensor([0] + list(itertools.accumulate(key_lengths)), dtype=torch.int32)
+    q = torch.randn(int(cu[-1]), 2, 8, generator=g, requires_grad=True)
+    k, v = (torch.randn(int(cu_k[-1]), 2, 8, generator=g, requires_grad=True) for _ in range(2))
+    ref = packed_attention(q, k, v, cu, cu_k, backend="mask")
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     half = [x.detach().bfloat16().requires_grad_() for x in (q, k, v)]
-    out = packed_attention(*half, cu, backend="loop")
+    out = packed_attention(*half, cu, cu_k, backend="loop")
     grads = torch.autograd.grad(out.float().square().sum(), half)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, rtol=0.03, atol=0.03)
     for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+        assert torch.isfinite(got).all()  # sums over hundreds of queries: bf16's error relative to the whole
+        assert (got.float() - want).norm() <= 0.02 * want.norm()
 
 
 def test_model_backends_agree():

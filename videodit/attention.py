@@ -5,8 +5,9 @@ packed without its padding), so a text padding mask is honoured exactly. A query
 (e.g. an all-masked prompt) gets zeros.
 
 Backends, all equal up to float rounding:
-  "loop"  one F.scaled_dot_product_attention per run of equal consecutive segments, no mask (fastest portable path
-          on CPU, see bench/dit.py); on the CPU in bf16/fp16, short segments (images, text) as explicit matmuls
+  "loop"  one F.scaled_dot_product_attention per run of consecutive segments of equal query length (keys of unequal
+          length, e.g. prompts, padded and masked; fastest portable path on CPU, see bench/dit.py); on the CPU in
+          bf16/fp16, short segments (images, text) as explicit matmuls
   "mask"  one SDPA call with a block-diagonal boolean mask (the reference; memory quadratic in the packed length)
   "flex"  torch flex_attention with a document-mask BlockMask (wrap in torch.compile to make it fast; GPU)
   "flash" flash_attn_varlen_func (CUDA, flash-attn installed, fp16/bf16)
@@ -67,29 +68,43 @@ _eager_packed_attention = torch.compiler.disable(packed_attention)
 def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
     len_q = [b - a for a, b in zip(cu_q[:-1], cu_q[1:])]
     len_k = [b - a for a, b in zip(cu_k[:-1], cu_k[1:])]
-    runs = [(lq, lk, len(list(r))) for (lq, lk), r in itertools.groupby(zip(len_q, len_k))]
+    runs = [(lq, [lk for _, lk in r]) for lq, r in itertools.groupby(zip(len_q, len_k), key=lambda p: p[0])]
     # split (not slicing): its backward writes the segments' gradients into one tensor
-    parts = zip(q.split([n * lq for lq, _, n in runs]), k.split([n * lk for _, lk, n in runs]),
-                v.split([n * lk for _, lk, n in runs]))
+    parts = zip(q.split([lq * len(lks) for lq, lks in runs]), k.split([sum(lks) for _, lks in runs]),
+                v.split([sum(lks) for _, lks in runs]))
     out = []
-    for (lq, lk, n), (qi, ki, vi) in zip(runs, parts):
-        if lk == 0:
-            out.append(torch.zeros_like(qi))
+    for (lq, lks), (qi, ki, vi) in zip(runs, parts):
+        # a run of equal query segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow
+        # math path, which saves the attention matrix
+        n = len(lks)
+        qi = rearrange(qi, "(b n) h d -> b h n d", b=n)
+        if max(lks) == 0:
+            out.append(torch.zeros_like(rearrange(qi, "b h n d -> (b n) h d")))
             continue
-        # a run of equal segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow math
-        # path, which saves the attention matrix
-        qi, ki, vi = (rearrange(x, "(b n) h d -> b h n d", b=n) for x in (qi, ki, vi))
-        out.append(rearrange(_sdpa(qi, ki, vi), "b h n d -> (b n) h d"))
+        if min(lks) == max(lks):
+            o = _sdpa(qi, *(rearrange(x, "(b n) h d -> b h n d", b=n) for x in (ki, vi)))
+        else:  # keys of unequal length (cross-attention to prompts): padded to the longest and masked
+            lens = torch.tensor(lks, device=q.device)
+            valid = torch.arange(max(lks), device=q.device) < lens[:, None]  # (b, L)
+            index = torch.where(valid, (lens.cumsum(0) - lens)[:, None] + valid.cumsum(1) - 1, 0)
+            ki, vi = (rearrange(x[index], "b l h d -> b h l d") for x in (ki, vi))
+            empty = lens == 0  # no keys: attend to anything (finite) and zero the result
+            o = _sdpa(qi, ki, vi, (valid | empty[:, None])[:, None, None, :])
+            o = torch.where(empty[:, None, None, None], torch.zeros((), dtype=o.dtype, device=o.device), o)
+        out.append(rearrange(o, "b h n d -> (b n) h d"))
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def _sdpa(q, k, v):
-    """(b, h, n, d) attention without a mask; see CPU_MATMUL_SCORES."""
+def _sdpa(q, k, v, mask=None):
+    """(b, h, n, d) attention, optionally with a boolean key mask broadcastable to (b, h, n, m); see
+    CPU_MATMUL_SCORES."""
     if q.device.type == "cpu" and q.dtype in (torch.bfloat16, torch.float16) and \
             q.shape[-2] * k.shape[-2] <= CPU_MATMUL_SCORES:
         scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
         return scores.softmax(-1).to(v.dtype) @ v
-    return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
 def _segment_ids(cu_seqlens, device):
