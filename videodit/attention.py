@@ -76,11 +76,11 @@ def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
     for (lq, lks), (qi, ki, vi) in zip(runs, parts):
         # a run of equal query segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow
         # math path, which saves the attention matrix
+        if max(lks) == 0:
+            out.append(torch.zeros_like(qi))
+            continue
         n = len(lks)
         qi = rearrange(qi, "(b n) h d -> b h n d", b=n)
-        if max(lks) == 0:
-            out.append(torch.zeros_like(rearrange(qi, "b h n d -> (b n) h d")))
-            continue
         if min(lks) == max(lks):
             o = _sdpa(qi, *(rearrange(x, "(b n) h d -> b h n d", b=n) for x in (ki, vi)))
         else:  # keys of unequal length (cross-attention to prompts): padded to the longest and masked
