@@ -74,11 +74,11 @@ def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
                 v.split([sum(lks) for _, lks in runs]))
     out = []
     for (lq, lks), (qi, ki, vi) in zip(runs, parts):
-        # a run of equal query segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow
-        # math path, which saves the attention matrix
         if max(lks) == 0:
             out.append(torch.zeros_like(qi))
             continue
+        # a run of equal query segments as one batched call; 4D (b, h, n, d): 3D inputs send CPU SDPA to its slow
+        # math path, which saves the attention matrix
         n = len(lks)
         qi = rearrange(qi, "(b n) h d -> b h n d", b=n)
         if min(lks) == max(lks):
