@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from videodit.data.manifest import read_manifest
-from videodit.data.shapes import (COLORS, SIZES, ShapesDataset, displacement, make_clip, read_back, read_frame,
-                                  short_caption)
+from videodit.data.shapes import (COLORS, SIZES, ShapesDataset, displacement, make_clip, parse_only, read_back,
+                                  read_frame, short_caption)
 from videodit.data.video import read_video, to_uint8
 
 FRAMES = [(17, 64, 64), (9, 64, 128), (17, 128, 64), (1, 64, 64), (5, 48, 80)]
@@ -20,6 +20,23 @@ def test_one_seed_gives_one_clip():
     assert not np.array_equal(a["frames"], c["frames"])
     ds = ShapesDataset(sizes=[(9, 64, 64), (1, 64, 128)], length=10, seed=3)
     assert ds[4]["video"].equal(ds[4]["video"]) and ds[1]["video"].shape == (3, 1, 64, 128)
+
+
+def test_a_restricted_world_draws_only_its_values_and_reads_back():
+    only = parse_only(["count=1", "size=large", "background=black", "shape=circle", "shape=square"])
+    seen = set()
+    for seed in range(40):
+        clip = make_clip(seed, 64, 64, 5, only)
+        a, got = clip["attributes"], read_back(clip["frames"])
+        assert (a.count, a.size, a.background) == (1, "large", "black") and a.shape in ("circle", "square")
+        assert (got["count"], got["shape"], got["background"]) == (1, a.shape, "black")
+        seen |= {(a.shape, a.color, a.motion)}
+    assert len(seen) > 20  # the unrestricted attributes still vary
+    everything = parse_only([f"count={n}" for n in (1, 2)])
+    assert all(make_clip(s, 64, 64, 1, everything)["caption"] == make_clip(s, 64, 64, 1)["caption"] for s in range(8))
+    for items in (["colour=red"], ["count=3"], ["color=white", "background=white"]):
+        with pytest.raises(ValueError, match="="):
+            parse_only(items)
 
 
 @pytest.mark.parametrize("t,h,w", FRAMES)

@@ -106,6 +106,9 @@ class DataConfig:
     cache_dir: str | None = None
     sizes: list[list[int]] = field(default_factory=lambda: [[17, 64, 64]])  # (T, H, W) for the shapes world
     shapes_count: int = 100_000      # clips in one epoch of the shapes world (item i has seed and size by i)
+    # the shapes world restricted to some attribute values, e.g. [count=1, size=large, background=black] (a
+    # curriculum's first stage); empty: the whole world
+    shapes_only: list[str] = field(default_factory=list)
     target_area: int = 64 * 64       # manifests: clips are resized to about this many pixels, native aspect
     num_frames: list[int] = field(default_factory=lambda: [17])  # frame counts 1 + ft*k to draw from
     fps: float = 8.0
@@ -130,6 +133,11 @@ class DataConfig:
             bad("num_workers", "an integer >= 0")
         if not self.num_frames or min(self.num_frames) < 1:
             bad("num_frames", "a list of positive frame counts")
+        from .data.shapes import parse_only
+        try:
+            parse_only(self.shapes_only)
+        except ValueError as e:
+            bad("shapes_only", f"a list of ATTRIBUTE=VALUE items ({e})")
 
 
 @dataclass

@@ -31,7 +31,7 @@ from ..config import ConfigError
 from ..flow import drop_text, random_cond
 from ..text import choose_caption
 from .manifest import read_manifest
-from .shapes import make_clip
+from .shapes import make_clip, parse_only
 from .video import from_uint8
 from .video import VideoReadError, is_image, probe, read_video
 
@@ -109,13 +109,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 class ShapesSource:
     """The shapes world rendered on the fly: item i is `make_clip(seed * 1_000_003 + i, ...)` at size
-    `sizes[i % len(sizes)]` (as ShapesDataset); as an image, its first frame."""
+    `sizes[i % len(sizes)]` (as ShapesDataset), restricted to the attribute values in `only` (parse_only); as an
+    image, its first frame."""
 
-    def __init__(self, sizes, length: int, seed: int, geom: Geometry):
+    def __init__(self, sizes, length: int, seed: int, geom: Geometry, only: dict | None = None):
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
         for s in self.sizes:
             geom.check(*s, what=f"data.sizes entry {list(s)}")
-        self.length, self.seed = length, seed
+        self.length, self.seed, self.only = length, seed, only
 
     def __len__(self):
         return self.length
@@ -128,7 +129,7 @@ class ShapesSource:
 
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         T, H, W = self.sizes[i % len(self.sizes)]
-        clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T)
+        clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T, self.only)
         return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"])
 
@@ -222,7 +223,7 @@ class CacheSource:
 def make_source(data, geom: Geometry):
     """The source named by a DataConfig."""
     if data.source == "shapes":
-        return ShapesSource(data.sizes, data.shapes_count, data.seed, geom)
+        return ShapesSource(data.sizes, data.shapes_count, data.seed, geom, parse_only(data.shapes_only))
     if data.source == "manifest":
         return ManifestSource(data.manifest, data.target_area, max(data.num_frames), data.fps, geom)
     return CacheSource(data.cache_dir)

@@ -101,11 +101,34 @@ def sample_starts(rng: np.random.Generator, count, size, motion, height, width) 
     return sorted(pts)
 
 
-def sample_attributes(rng: np.random.Generator, height: int, width: int) -> Attributes:
-    background = str(rng.choice(list(BACKGROUNDS)))
-    colors = [c for c in COLORS if not (c == "white" and background == "white")]
-    a = dict(count=int(rng.integers(1, 3)), size=str(rng.choice(list(SIZES))), color=str(rng.choice(colors)),
-             shape=str(rng.choice(SHAPES)), motion=str(rng.choice(MOTIONS)), background=background)
+def parse_only(items) -> dict:
+    """A restriction of the world to some attribute values, from items like "background=black" or "count=1" (an
+    attribute named twice allows both values) -> {attribute: set of values}. Raises ValueError naming a bad item."""
+    allowed = {"count": (1, 2), "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES, "motion": MOTIONS,
+               "background": tuple(BACKGROUNDS)}
+    only = {}
+    for item in items:
+        key, _, value = str(item).partition("=")
+        values = allowed.get(key.strip())
+        if values is None or value.strip() not in map(str, values):
+            raise ValueError(f"{item!r} is not ATTRIBUTE=VALUE with one of: " +
+                             "; ".join(f"{k}={'|'.join(map(str, v))}" for k, v in allowed.items()))
+        only.setdefault(key.strip(), set()).add(int(value) if key.strip() == "count" else value.strip())
+    if only.get("color") == {"white"} and only.get("background") == {"white"}:
+        raise ValueError("color=white with only background=white: a white object is never drawn on white")
+    return only
+
+
+def sample_attributes(rng: np.random.Generator, height: int, width: int, only: dict | None = None) -> Attributes:
+    """Random attributes; with `only` (from parse_only), drawn again until they are among its values (the same
+    draws as without it whenever the first draw is allowed)."""
+    while True:
+        background = str(rng.choice(list(BACKGROUNDS)))
+        colors = [c for c in COLORS if not (c == "white" and background == "white")]
+        a = dict(count=int(rng.integers(1, 3)), size=str(rng.choice(list(SIZES))), color=str(rng.choice(colors)),
+                 shape=str(rng.choice(SHAPES)), motion=str(rng.choice(MOTIONS)), background=background)
+        if all(a[k] in v for k, v in (only or {}).items()):
+            break
     a["starts"] = sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
     return Attributes(**a)
 
@@ -217,10 +240,11 @@ def detailed_caption(attrs: Attributes, height: int, width: int, rng: np.random.
 # Clips and the on-the-fly dataset
 
 
-def make_clip(seed: int, height: int, width: int, num_frames: int) -> dict:
-    """One clip, fully determined by (seed, height, width, num_frames)."""
+def make_clip(seed: int, height: int, width: int, num_frames: int, only: dict | None = None) -> dict:
+    """One clip, fully determined by (seed, height, width, num_frames, only); `only` restricts the attributes (see
+    parse_only)."""
     rng = np.random.default_rng(seed)
-    attrs = sample_attributes(rng, height, width)
+    attrs = sample_attributes(rng, height, width, only)
     # The short caption names size and background only sometimes, as users do.
     caption = short_caption(attrs.count, attrs.color, attrs.shape, attrs.motion,
                             attrs.size if rng.random() < 0.5 else None,
@@ -230,11 +254,12 @@ def make_clip(seed: int, height: int, width: int, num_frames: int) -> dict:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Renders clips on the fly. Item i uses seed `seed * 1_000_003 + i` and size `sizes[i % len(sizes)]`."""
+    """Renders clips on the fly. Item i uses seed `seed * 1_000_003 + i` and size `sizes[i % len(sizes)]`; `only`
+    restricts the attributes (see parse_only)."""
 
-    def __init__(self, sizes=((17, 64, 64),), length: int = 100_000, seed: int = 0):
+    def __init__(self, sizes=((17, 64, 64),), length: int = 100_000, seed: int = 0, only: dict | None = None):
         self.sizes = [tuple(int(v) for v in s) for s in sizes]
-        self.length, self.seed = length, seed
+        self.length, self.seed, self.only = length, seed, only
 
     def __len__(self):
         return self.length
@@ -244,7 +269,7 @@ class ShapesDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         t, h, w = self.size_of(i)
-        clip = make_clip(self.seed * 1_000_003 + i, h, w, t)
+        clip = make_clip(self.seed * 1_000_003 + i, h, w, t, self.only)
         return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"], attributes=asdict(clip["attributes"]))
 
