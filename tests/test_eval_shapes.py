@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from videodit.data.shapes import Attributes, make_clip, render, sample_starts
-from videodit.eval.shapes import (SYNONYMS, contact_sheet, evaluate, evaluate_denoising, main, make_cases, score,
-                                  table)
+from videodit.eval.shapes import (SYNONYMS, WORDS, contact_sheet, evaluate, evaluate_denoising, main, make_cases,
+                                  score, table, word_sensitivity)
 
 
 class RenderingPipe:
@@ -102,3 +102,25 @@ def test_denoising_test_reads_a_perfect_denoiser_fully_and_noise_worse_with_the_
                                           progress=False))
     assert summary["t = 0.9, 9x64x64"]["all"] == 0.0
     assert summary["t = 0.3, 1x64x64"]["color"] > summary["t = 0.9, 1x64x64"]["color"]
+
+
+class ShapeListener(PixelPipe):
+    """A denoiser whose velocity depends on the prompt through its shape word only."""
+
+    def __init__(self):
+        super().__init__(oracle=False)
+
+    def encode_prompt(self, prompts):
+        words = torch.tensor([[float(w in p) for w in ("circle", "square", "triangle")] for p in prompts])
+        return words[:, None], torch.ones(len(prompts), 1, dtype=torch.bool)
+
+    def forward_latents(self, noisy, t, text, mask):
+        return [0.5 * x + text[i, 0] @ torch.tensor([1.0, 2.0, 3.0]) for i, x in enumerate(noisy)]
+
+
+def test_word_sensitivity_finds_the_one_word_a_denoiser_listens_to():
+    change = word_sensitivity(ShapeListener(), num=3, levels=(0.9, 0.5), size=(5, 32, 32))
+    assert set(change) == {*WORDS, "all"}
+    for t in (0.9, 0.5):
+        assert change["shape"][t] > 0.01 and change["all"][t] > 0.01
+        assert all(change[k][t] == 0.0 for k in WORDS if k != "shape")

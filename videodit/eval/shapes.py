@@ -30,6 +30,9 @@ PARAPHRASE_SIZE = (17, 64, 64)
 # --denoise: noise levels and sizes of the one-step denoising test
 DENOISE_LEVELS = (0.3, 0.5, 0.7, 0.9)
 DENOISE_SIZES = [(17, 64, 64), (1, 64, 64)]
+# --words: noise levels of the word-sensitivity test, and the attributes it swaps
+WORD_LEVELS = (0.99, 0.9, 0.6)
+WORDS = ("count", "size", "color", "shape", "motion", "background")
 
 # Words the shapes world's captions never use (see videodit/data/shapes.py), for the paraphrase test.
 SYNONYMS = {
@@ -168,6 +171,40 @@ def evaluate_denoising(pipe, num: int = 24, seed: int = 0, levels=DENOISE_LEVELS
     return results
 
 
+@torch.no_grad()
+def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, size=(17, 64, 64)) -> dict:
+    """Does the denoiser listen to each word? Fresh clips are encoded and noised to each level t; their full short
+    caption is changed in one attribute at a time to another value ("moving right" -> "moving left") and the velocity
+    on the same input compared: |v(changed) - v(caption)| / |v(caption)|, averaged over clips, per attribute and
+    level ("all": the empty prompt instead). A word the model ignores scores near 0, whatever its samples look like;
+    no sampling is needed. Returns {attribute: {t: value}}."""
+    from videodit.data.shapes import SIZES as OBJECT_SIZES
+
+    values = dict(count=(1, 2), size=tuple(OBJECT_SIZES), color=tuple(COLORS), shape=SHAPES, motion=MOTIONS,
+                  background=tuple(BACKGROUNDS))
+    rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
+    model, data = pipe.transformer, ShapesDataset([size], num, seed)
+    change = {k: {t: [] for t in levels} for k in (*WORDS, "all")}
+    for i in range(num):
+        clip = data[i]
+        a = {k: clip["attributes"][k] for k in WORDS}
+        prompts = [short_caption(**a)]
+        for key in WORDS:
+            other = [{**a, key: v} for v in values[key] if v != a[key]]
+            other = [b for b in other if not b["color"] == b["background"] == "white"]  # never drawn
+            prompts.append(short_caption(**other[rng.integers(len(other))]))
+        text, mask = pipe.encode_prompt(prompts + [""])
+        z = pipe.encode_video(clip["video"])
+        noise = torch.randn(z.shape, generator=g).to(z)
+        for t in levels:
+            x = ((1 - t) * z + t * noise).to(model.dtype)
+            v = torch.stack(model.forward_latents([x] * len(text), torch.full((len(text),), float(t)), text, mask))
+            rel = ((v[1:] - v[:1]).float().flatten(1).norm(dim=1) / v[0].float().norm()).tolist()
+            for key, r in zip((*WORDS, "all"), rel):
+                change[key][t].append(r)
+    return {k: {t: float(np.mean(r)) for t, r in by_t.items()} for k, by_t in change.items()}
+
+
 def time_one(pipe, steps=None, repeats: int = 3) -> float:
     """Seconds to sample one 64x64, 17-frame video at the checkpoint's default steps, once loaded (median)."""
     times = []
@@ -204,6 +241,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--denoise", action="store_true", help="test the denoiser alone: one-step denoising of real "
                    f"clips noised to t = {', '.join(map(str, DENOISE_LEVELS))} (writes denoise.json, denoise.md)")
+    p.add_argument("--words", action="store_true", help="test whether the denoiser listens to each attribute word: "
+                   "the velocity's change when one word of the caption is swapped (writes words.json)")
     a = p.parse_args(argv)
     if not os.path.isfile(os.path.join(a.checkpoint, "model_index.json")):
         p.exit(2, f"error: {a.checkpoint} is not a pipeline folder (no model_index.json)\n")
@@ -214,6 +253,16 @@ def main(argv=None):
         md = _write(a.out, "denoise.json", "denoise.md", results, checkpoint=a.checkpoint)
         print(md)
         print(f"wrote {a.out}/denoise.json, denoise.md")
+        return
+    if a.words:
+        change = word_sensitivity(pipe, a.num, a.seed)
+        with open(os.path.join(a.out, "words.json"), "w") as f:
+            json.dump(dict(checkpoint=a.checkpoint, change=change), f, indent=1)
+        print("| word swapped | " + " | ".join(f"t = {t}" for t in WORD_LEVELS) + " |")
+        print("|---" * (len(WORD_LEVELS) + 1) + "|")
+        for key, by_t in change.items():
+            print(f"| {key} | " + " | ".join(f"{by_t[t]:.3f}" for t in WORD_LEVELS) + " |")
+        print(f"wrote {a.out}/words.json")
         return
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
