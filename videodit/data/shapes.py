@@ -27,6 +27,8 @@ SIZES = {"small": 0.18, "large": 0.32}
 MOTIONS = ("left", "right", "up", "down", "still")
 MOTION_PHRASES = {"left": "moving left", "right": "moving right", "up": "moving up", "down": "moving down",
                   "still": "staying still"}
+ATTRIBUTE_VALUES = {"count": (1, 2), "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES,
+                    "motion": MOTIONS, "background": tuple(BACKGROUNDS)}  # what a caption can name
 FPS = 8
 
 
@@ -104,16 +106,13 @@ def sample_starts(rng: np.random.Generator, count, size, motion, height, width) 
 def parse_only(items) -> dict:
     """A restriction of the world to some attribute values, from items like "background=black" or "count=1" (an
     attribute named twice allows both values) -> {attribute: set of values}. Raises ValueError naming a bad item."""
-    allowed = {"count": (1, 2), "size": tuple(SIZES), "color": tuple(COLORS), "shape": SHAPES, "motion": MOTIONS,
-               "background": tuple(BACKGROUNDS)}
     only = {}
     for item in items:
-        key, _, value = str(item).partition("=")
-        values = allowed.get(key.strip())
-        if values is None or value.strip() not in map(str, values):
+        key, value = (part.strip() for part in str(item).partition("=")[::2])
+        if value not in map(str, ATTRIBUTE_VALUES.get(key, ())):
             raise ValueError(f"{item!r} is not ATTRIBUTE=VALUE with one of: " +
-                             "; ".join(f"{k}={'|'.join(map(str, v))}" for k, v in allowed.items()))
-        only.setdefault(key.strip(), set()).add(int(value) if key.strip() == "count" else value.strip())
+                             "; ".join(f"{k}={'|'.join(map(str, v))}" for k, v in ATTRIBUTE_VALUES.items()))
+        only.setdefault(key, set()).add(int(value) if key == "count" else value)
     if only.get("color") == {"white"} and only.get("background") == {"white"}:
         raise ValueError("color=white with only background=white: a white object is never drawn on white")
     return only

@@ -18,8 +18,8 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from videodit.data.shapes import (BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset, read_back,
-                                  short_caption)
+from videodit.data.shapes import (ATTRIBUTE_VALUES, BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset,
+                                  read_back, short_caption)
 from videodit.data.video import to_uint8
 
 ATTRS = ("count", "color", "shape", "motion")
@@ -32,7 +32,7 @@ DENOISE_LEVELS = (0.3, 0.5, 0.7, 0.9)
 DENOISE_SIZES = [(17, 64, 64), (1, 64, 64)]
 # --words: noise levels of the word-sensitivity test, and the attributes it swaps
 WORD_LEVELS = (0.99, 0.9, 0.6)
-WORDS = ("count", "size", "color", "shape", "motion", "background")
+WORDS = tuple(ATTRIBUTE_VALUES)
 
 # Words the shapes world's captions never use (see videodit/data/shapes.py), for the paraphrase test.
 SYNONYMS = {
@@ -178,10 +178,6 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
     on the same input compared: |v(changed) - v(caption)| / |v(caption)|, averaged over clips, per attribute and
     level ("all": the empty prompt instead). A word the model ignores scores near 0, whatever its samples look like;
     no sampling is needed. Returns {attribute: {t: value}}."""
-    from videodit.data.shapes import SIZES as OBJECT_SIZES
-
-    values = dict(count=(1, 2), size=tuple(OBJECT_SIZES), color=tuple(COLORS), shape=SHAPES, motion=MOTIONS,
-                  background=tuple(BACKGROUNDS))
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     model, data = pipe.transformer, ShapesDataset([size], num, seed)
     change = {k: {t: [] for t in levels} for k in (*WORDS, "all")}
@@ -190,7 +186,7 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
         a = {k: clip["attributes"][k] for k in WORDS}
         prompts = [short_caption(**a)]
         for key in WORDS:
-            other = [{**a, key: v} for v in values[key] if v != a[key]]
+            other = [{**a, key: v} for v in ATTRIBUTE_VALUES[key] if v != a[key]]
             other = [b for b in other if not b["color"] == b["background"] == "white"]  # never drawn
             prompts.append(short_caption(**other[rng.integers(len(other))]))
         text, mask = pipe.encode_prompt(prompts + [""])
