@@ -6,6 +6,8 @@ For each size (frames x height x width; some not seen in training) it samples pr
 every video back with `videodit.data.shapes.read_back` and scores count, color, shape and motion, each alone and all
 four together. A set of paraphrased prompts (synonyms the training captions never use) tests language beyond the
 caption vocabulary. Writes `results.json`, `table.md` and `contact_sheet.png` (first, middle and last frames) to --out.
+`--denoise` (one-step denoising of noised clips) and `--words` (the velocity's change when one caption word is
+swapped) test the denoiser without sampling.
 """
 
 import argparse
