@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from videodit.data.shapes import Attributes, make_clip, render, sample_starts
-from videodit.eval.shapes import (SYNONYMS, WORDS, contact_sheet, evaluate, evaluate_denoising, main, make_cases,
-                                  score, table, word_sensitivity)
+from videodit.eval.shapes import (SYNONYMS, WORDS, confusion, contact_sheet, evaluate, evaluate_denoising, main,
+                                  make_cases, score, table, word_sensitivity)
 
 
 class RenderingPipe:
@@ -44,6 +44,14 @@ def test_a_wrong_color_is_caught():
     summary, _ = table(results)
     assert summary["overall"]["color"] == 0.0 and summary["overall"]["all"] == 0.0
     assert summary["overall"]["shape"] == 1.0
+    counts, md = confusion(results)
+    for asked, reads in counts["color"].items():  # every colour read as the one the fake swapped in, nothing else
+        wrong = "green" if asked != "green" else "red"
+        assert reads[wrong] == sum(reads.values()) == sum(r["attributes"]["color"] == asked for r in results)
+    assert all(reads.get(asked) == sum(reads.values()) for asked, reads in counts["shape"].items())
+    clips = sum(r["size"][0] > 1 for r in results)
+    assert sum(n for reads in counts["motion"].values() for n in reads.values()) == clips < len(results)
+    assert "| color: asked \\ read |" in md
 
 
 def test_paraphrases_use_words_the_captions_never_use():

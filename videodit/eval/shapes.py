@@ -5,7 +5,8 @@
 For each size (frames x height x width; some not seen in training) it samples prompts with random attributes, reads
 every video back with `videodit.data.shapes.read_back` and scores count, color, shape and motion, each alone and all
 four together. A set of paraphrased prompts (synonyms the training captions never use) tests language beyond the
-caption vocabulary. Writes `results.json`, `table.md` and `contact_sheet.png` (first, middle and last frames) to --out.
+caption vocabulary. Writes `results.json`, `table.md` (with a confusion table per attribute: each asked value
+against what was read back) and `contact_sheet.png` (first, middle and last frames) to --out.
 `--denoise` (one-step denoising of noised clips) and `--words` (the velocity's change when one caption word is
 swapped) test the denoiser without sampling.
 """
@@ -103,6 +104,20 @@ def table(results: list[dict]) -> tuple[dict, str]:
     for g, s in summary.items():
         lines.append(f"| {g} | {s['n']} | " + " | ".join(f"{100 * s[k]:.0f}%" for k in (*ATTRS, "all")) + " |")
     return summary, "\n".join(lines)
+
+
+def confusion(results: list[dict]) -> tuple[dict, str]:
+    """Per attribute, how often each asked value was read back as each value: {attribute: {asked: {read: n}}}
+    (motion over clips only), and the same as markdown tables, rows asked, columns read ("none": nothing read)."""
+    name = lambda v: "none" if v is None else str(v)  # noqa: E731
+    counts, lines = {}, []
+    for k in ATTRS:
+        pairs = [(name(r["attributes"][k]), name(r["read"][k])) for r in results if k != "motion" or r["size"][0] > 1]
+        asked, read = sorted({a for a, _ in pairs}), sorted({b for _, b in pairs})
+        counts[k] = {a: {b: pairs.count((a, b)) for b in read} for a in asked}
+        lines += ["", f"| {k}: asked \\ read | " + " | ".join(read) + " |", "|---" * (len(read) + 1) + "|"]
+        lines += [f"| {a} | " + " | ".join(str(n) for n in counts[k][a].values()) + " |" for a in asked]
+    return counts, "\n".join(lines)
 
 
 def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell: int = 96):
@@ -215,12 +230,13 @@ def time_one(pipe, steps=None, repeats: int = 3) -> float:
 
 
 def _write(out: str, json_name: str, md_name: str, results: list, **extra) -> str:
-    """The summary table of results as markdown (returned) and, with the results, as JSON."""
+    """The summary table of results as markdown (returned) and, with the results, as JSON; with `confusion` in
+    extra, its tables are added to the markdown file."""
     summary, md = table(results)
     with open(os.path.join(out, json_name), "w") as f:
         json.dump(dict(summary=summary, **extra, results=results), f, indent=1)
     with open(os.path.join(out, md_name), "w") as f:
-        f.write(md + "\n")
+        f.write(md + "\n" + (confusion(results)[1] + "\n" if "confusion" in extra else ""))
     return md
 
 
@@ -265,9 +281,10 @@ def main(argv=None):
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
     md = _write(a.out, "results.json", "table.md", results, timing=timing, checkpoint=a.checkpoint,
-                steps=a.steps or pipe.config.default_steps)
+                steps=a.steps or pipe.config.default_steps, confusion=confusion(results)[0])
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
+    print(confusion(results)[1])
     print(f"\nsampling: {timing['seconds_one_64x64x17']:.2f} s for one 64x64x17 video; "
           f"{timing['seconds_per_video']:.2f} s per video in packed batches of {a.batch}")
     print(f"wrote {a.out}/results.json, table.md, contact_sheet.png")
