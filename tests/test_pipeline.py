@@ -86,6 +86,19 @@ def test_loop_starts_and_ends_on_one_frame(tiny_pipe, monkeypatch):
     assert torch.allclose(z[:, -1], tiny_pipe.held_latent(first[:, 0]), atol=1e-5)  # it ends where it started
 
 
+def test_image_first_animates_the_image_its_first_pass_draws(tiny_pipe):
+    run = lambda g, **kw: tiny_pipe("a red circle", height=16, width=32, output_type="pt", generator=g,  # noqa: E731
+                                    progress=False, **kw).frames[0]
+    video = run(gen(3), num_frames=9, image_first=True)
+    g = gen(3)  # the same generator draws the image, then the video from it
+    image = run(g, num_frames=1)
+    assert torch.equal(video, run(g, num_frames=9, image=image))
+    assert not torch.equal(video, run(gen(3), num_frames=9))  # not the one-pass sample
+    mixed = tiny_pipe(["a red circle", "a blue square"], height=16, width=[16, 32], num_frames=[9, 1],
+                      image_first=True, output_type="pt", generator=gen(3), progress=False).frames
+    assert [tuple(v.shape) for v in mixed] == [(3, 9, 16, 16), (3, 1, 16, 32)]
+
+
 def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
     clip = torch.rand(3, 9, 16, 16) * 2 - 1
     run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=9, output_type="pt",  # noqa: E731

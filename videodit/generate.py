@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--strength", type=float, help="SDEdit --video: 0 keeps it, 1 ignores it")
     p.add_argument("--loop", action="store_true", help="make a seamless loop")
     p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"), help="a transition from VID_A's end to VID_B's start")
+    p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="text-to-video in two passes: draw the first frame, then animate it (default: the checkpoint's)")
     p.add_argument("--upsample-prompt", action="store_true", help="rewrite short prompts as detailed captions first")
     p.add_argument("--upsampler-model", help="a causal LM (folder or hub id) for --upsample-prompt; default: rules")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
@@ -161,7 +163,7 @@ def run(a):
     t1 = time.time()
     out = pipe(prompts, a.negative_prompt, size[1], size[2], size[0], num_inference_steps=a.steps,
                guidance_scale=a.guidance, generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler,
-               shift=a.shift, output_type="pt", **kwargs)
+               shift=a.shift, image_first=a.image_first, output_type="pt", **kwargs)
     t2 = time.time()
     write_outputs(a, prompts, out, before, after)
     if a.verbose:

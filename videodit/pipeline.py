@@ -45,14 +45,16 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
-                 text_encoder_package: str | None = None):
+                 text_encoder_package: str | None = None, image_first: bool = False):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
         # how the checkpoint was trained and is best sampled: saved in model_index.json. text_encoder_package:
-        # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold
+        # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold;
+        # image_first: text-to-video draws the first frame as an image, then animates it (see __call__)
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
-                                default_guidance=default_guidance, text_encoder_package=text_encoder_package)
+                                default_guidance=default_guidance, text_encoder_package=text_encoder_package,
+                                image_first=image_first)
         self.offload_device = None  # see enable_offload
 
     @classmethod
@@ -145,10 +147,15 @@ class VideoDiTPipeline(DiffusionPipeline):
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None, sampler: str = "euler",
                  shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
                  extend: str | None = None, loop: bool = False, strength: float | None = None,
-                 connect: tuple | None = None, output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
+                 connect: tuple | None = None, image_first: bool | None = None, output_type: str = "np",
+                 progress: bool = True) -> VideoDiTOutput:
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
-        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size."""
+        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
+        image_first (None: the checkpoint's `image_first`): text-to-video in two passes, as Emu Video factorizes it:
+        the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). Where
+        the layout is given, the motion word decides where things go; drawn in one pass, the layout comes from the
+        starting noise and the motion follows it (README, Training)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         num_inference_steps = num_inference_steps or self.config.default_steps
@@ -168,6 +175,11 @@ class VideoDiTPipeline(DiffusionPipeline):
                                  ("strength", strength is not None), ("connect", connect is not None)) if on]
         if len(modes) > 1:
             raise ValueError(f"choose one conditioning mode at a time, got {modes}")
+        if image_first is None:
+            image_first = self.config.get("image_first", False)
+        if image_first and not modes and any(t > 1 for t, _, _ in sizes):
+            cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, num_inference_steps,
+                                                          guidance_scale, generator, sampler, shift, progress)
         if modes:
             mode = modes[0]
             if mode in ("loop", "connect") or extend == "backward":  # one more latent frame: the held one is trimmed
@@ -200,6 +212,20 @@ class VideoDiTPipeline(DiffusionPipeline):
         if output_type == "np":
             videos = [to_uint8(v) for v in videos]
         return VideoDiTOutput(frames=videos, sizes=sizes)
+
+    def _first_frames(self, prompts, negative_prompt, sizes, shapes, steps, guidance, generator, sampler, shift,
+                      progress):
+        """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first
+        frame, and the masks holding it (an image asked for keeps the first pass whole)."""
+        firsts = self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1, steps, guidance,
+                      generator, sampler, shift, image_first=False, output_type="pt", progress=progress).frames
+        lat, masks = [], []
+        for (C, Tl, h, w), first in zip(shapes, firsts):
+            z = torch.zeros(C, Tl, h, w)
+            z[:, :1] = self.encode_video(first)
+            lat.append(z)
+            masks.append(cond_frames(Tl, "first") if Tl > 1 else torch.ones(1, dtype=torch.bool))
+        return lat, masks
 
     def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, steps,
                       guidance, generator, sampler, shift, progress):

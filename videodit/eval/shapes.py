@@ -144,7 +144,8 @@ def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell
 
 
 def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
-             batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True) -> tuple[list, list, dict]:
+             batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True,
+             image_first: bool | None = None) -> tuple[list, list, dict]:
     cases = make_cases(num, seed, sizes)
     results, videos, timing = [], [], {}
     for start in range(0, len(cases), batch):
@@ -152,7 +153,7 @@ def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guida
         t0 = time.perf_counter()
         out = pipe([c["prompt"] for c in chunk], height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
-                   num_inference_steps=steps, guidance_scale=guidance, shift=shift,
+                   num_inference_steps=steps, guidance_scale=guidance, shift=shift, image_first=image_first,
                    generator=torch.Generator().manual_seed(seed + start), progress=progress)
         timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
         for c, v in zip(chunk, out.frames):
@@ -218,13 +219,13 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
     return {k: {t: float(np.mean(r)) for t, r in by_t.items()} for k, by_t in change.items()}
 
 
-def time_one(pipe, steps=None, repeats: int = 3) -> float:
+def time_one(pipe, steps=None, repeats: int = 3, image_first: bool | None = None) -> float:
     """Seconds to sample one 64x64, 17-frame video at the checkpoint's default steps, once loaded (median)."""
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         pipe("a red circle moving right", height=64, width=64, num_frames=17, num_inference_steps=steps,
-             generator=torch.Generator().manual_seed(i), progress=False)
+             image_first=image_first, generator=torch.Generator().manual_seed(i), progress=False)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))  # the first call warms up
 
@@ -251,6 +252,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the checkpoint's, by size)")
+    p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
+                   help="draw each first frame, then animate it (default: the checkpoint's)")
     p.add_argument("--batch", type=int, default=8, help="prompts sampled together as one packed batch")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--denoise", action="store_true", help="test the denoiser alone: one-step denoising of real "
@@ -278,8 +281,9 @@ def main(argv=None):
             print(f"| {key} | " + " | ".join(f"{by_t[t]:.3f}" for t in WORD_LEVELS) + " |")
         print(f"wrote {a.out}/words.json")
         return
-    results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift)
-    timing["seconds_one_64x64x17"] = time_one(pipe, a.steps)
+    results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
+                                       image_first=a.image_first)
+    timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first)
     md = _write(a.out, "results.json", "table.md", results, timing=timing, checkpoint=a.checkpoint,
                 steps=a.steps or pipe.config.default_steps, confusion=confusion(results)[0])
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
