@@ -88,6 +88,7 @@ def test_circular_base(tmp_path):
     ("nope.key=1", ["unknown section 'nope'"]),
     ("train.nope=1", ["--set train.nope=1", "unknown key train.nope"]),
     ("train.lr=fast", ["--set train.lr=fast", "is not a number"]),
+    ("flow.cond_weights=[1,0,0]", ["flow.cond_weights", "first, first_k, last, first_last"]),
 ])
 def test_override_errors(override, words):
     with pytest.raises(ConfigError) as e:

@@ -50,6 +50,11 @@ def test_conditioning_masks_and_text_dropout():
     masks = [random_cond(5, 0.5, rng) for _ in range(400)]
     share = sum(bool(m.any()) for m in masks) / 400
     assert 0.4 < share < 0.6 and all(not m.all() for m in masks)
+    firsts = [random_cond(5, 1.0, rng, weights=[1, 0, 0, 0]) for _ in range(50)]  # weighted: only "first"
+    assert all(m.tolist() == cond_frames(5, "first").tolist() for m in firsts)
+    modes = [tuple(random_cond(5, 1.0, rng, weights=[3, 0, 1, 0]).tolist()) for _ in range(800)]
+    share_first = modes.count(tuple(cond_frames(5, "first").tolist())) / 800
+    assert 0.68 < share_first < 0.82 and set(modes) == {tuple(cond_frames(5, m).tolist()) for m in ("first", "last")}
     dropped = drop_text(["x"] * 2000, 0.1, random.Random(0))
     assert 150 < dropped.count("") < 250
 

@@ -149,6 +149,9 @@ class FlowConfig:
     base_tokens: int = 256           # token count at which the resolution-dependent shift is 1
     text_dropout: float = 0.1
     cond_prob: float = 0.3           # share of samples trained with clean conditioning frames
+    # relative odds of the conditioning modes first, first_k, last, first_last (image_first sampling animates a
+    # first frame: weight "first" up for it)
+    cond_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
 
     def check(self, bad):
         if self.logit_std <= 0:
@@ -158,6 +161,8 @@ class FlowConfig:
         for k in ("text_dropout", "cond_prob"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(k, "a probability in [0, 1]")
+        if len(self.cond_weights) != 4 or min(self.cond_weights) < 0 or sum(self.cond_weights) <= 0:
+            bad("cond_weights", "4 numbers >= 0, not all 0: the odds of first, first_k, last, first_last")
 
 
 @dataclass
@@ -220,6 +225,7 @@ class SampleConfig:
     fps: float = 8.0
     negative_prompt: str = ""
     seed: int = 0
+    image_first: bool = False        # text-to-video draws the first frame, then animates it (VideoDiTPipeline)
 
     def check(self, bad):
         if self.steps < 1:

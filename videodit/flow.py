@@ -54,11 +54,12 @@ def cond_frames(num_frames: int, mode: str | None, k: int = 1) -> torch.Tensor:
     return m
 
 
-def random_cond(num_frames: int, p: float, rng: random.Random) -> torch.Tensor:
-    """With probability p, a random conditioning mode's clean-frame mask; otherwise no clean frames."""
+def random_cond(num_frames: int, p: float, rng: random.Random, weights=None) -> torch.Tensor:
+    """With probability p, a random conditioning mode's clean-frame mask; otherwise no clean frames. weights: the
+    modes' relative odds, in the order of COND_MODES (None: equal)."""
     if num_frames < 2 or rng.random() >= p:
         return torch.zeros(num_frames, dtype=torch.bool)
-    mode = rng.choice(COND_MODES)
+    mode = rng.choice(COND_MODES) if weights is None else rng.choices(COND_MODES, weights)[0]
     return cond_frames(num_frames, mode, rng.randint(1, max(1, num_frames // 2)))
 
 

@@ -306,9 +306,11 @@ class TrainData(torch.utils.data.Dataset):
     or None when the file cannot be read."""
 
     def __init__(self, source, geom: Geometry, seed: int, detailed_prob: float, text_dropout: float,
-                 cond_prob: float):
+                 cond_prob: float, cond_weights=None):
         self.source, self.geom, self.seed = source, geom, seed
         self.detailed_prob, self.text_dropout, self.cond_prob = detailed_prob, text_dropout, cond_prob
+        # equal odds draw as before weights existed, so older runs keep their data order
+        self.cond_weights = None if cond_weights is None or len(set(cond_weights)) == 1 else list(cond_weights)
 
     def __getitem__(self, key) -> dict | None:
         i, image, epoch = key
@@ -328,7 +330,7 @@ class TrainData(torch.utils.data.Dataset):
             T, h, w = self.geom.latent_shape(T, H, W)
             out = dict(video=s["video"], prompt=prompt)
         pt, ph, pw = self.geom.patch
-        out.update(cond=random_cond(T, self.cond_prob, rng), tokens=-(-T // pt) * (h // ph) * (w // pw))
+        out.update(cond=random_cond(T, self.cond_prob, rng, self.cond_weights), tokens=-(-T // pt) * (h // ph) * (w // pw))
         return out
 
 
@@ -352,7 +354,8 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
         raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({video.max()} latent "
                           f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
     sampler = PackedBatchSampler(video, image, d.max_tokens, d.image_ratio, d.seed, rank, world_size, start)
-    data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob)
+    data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob,
+                     cfg.flow.cond_weights)
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        prefetch_factor=4 if d.num_workers else None,
                                        persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
