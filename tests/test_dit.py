@@ -39,9 +39,10 @@ def test_fresh_model_outputs_zeros():
         assert out.shape == x.shape and torch.equal(out, torch.zeros_like(x))
 
 
-@pytest.mark.parametrize("pooled_text,local_mlp", [(False, False), (True, False), (False, True)])
-def test_packed_forward_equals_separate_forwards(pooled_text, local_mlp):
-    model = random_model(pooled_text=pooled_text, local_mlp=local_mlp)
+@pytest.mark.parametrize("pooled_text,local_mlp,abs_pos", [(False, False, False), (True, False, False),
+                                                            (False, True, False), (False, False, True)])
+def test_packed_forward_equals_separate_forwards(pooled_text, local_mlp, abs_pos):
+    model = random_model(pooled_text=pooled_text, local_mlp=local_mlp, abs_pos=abs_pos)
     latents, t, text, mask = mixed_batch()
     with torch.no_grad():
         packed = model.forward_latents(latents, t, text, mask)
@@ -49,6 +50,28 @@ def test_packed_forward_equals_separate_forwards(pooled_text, local_mlp):
             alone = model.forward_latents([x], t[i:i + 1], text[i:i + 1], mask[i:i + 1])[0]
             assert (packed[i] - alone).abs().max() <= 1e-5
     assert packed[0].abs().mean() > 0.1
+
+
+def test_abs_pos_adds_each_tokens_place_in_its_clip():
+    """abs_pos adds an embedding of the token's place, as fractions of its clip's grid, to the token embedding and
+    changes nothing else; a place has the same features in a clip of another size and length."""
+    from videodit.dit import position_features
+
+    with_pos = random_model(abs_pos=True)
+    without = VideoDiT(**CFG)
+    without.load_state_dict({k: v for k, v in with_pos.state_dict().items() if not k.startswith("pos_embed")})
+    latents, t, text, mask = mixed_batch()
+    with torch.no_grad():
+        moved = [(a - b).abs().max() for a, b in zip(with_pos.forward_latents(latents, t, text, mask),
+                                                    without.forward_latents(latents, t, text, mask))]
+        with_pos.pos_embed.weight.zero_(), with_pos.pos_embed.bias.zero_()
+        same = [(a - b).abs().max() for a, b in zip(with_pos.forward_latents(latents, t, text, mask),
+                                                   without.forward_latents(latents, t, text, mask))]
+    assert min(moved) > 1e-2 and max(same) < 1e-6
+    middle = position_features(torch.tensor([[1, 1, 1], [2, 3, 4]]), torch.tensor([[3, 3, 3], [5, 7, 9]]))
+    assert torch.allclose(middle[0], middle[1], atol=1e-6)
+    ends = position_features(torch.tensor([[0, 0, 0], [4, 6, 8]]), torch.tensor([[5, 7, 9], [5, 7, 9]]))
+    assert (ends[0] - ends[1]).abs().max() > 0.5
 
 
 def test_local_mlp_mixes_a_tokens_spacetime_neighbours_only():
@@ -352,7 +375,8 @@ def test_flop_counter_packing_and_step():
     assert flops_per_step(cfg, [64, 640], [10, 20]) == 6 * packed
 
 
-@pytest.mark.parametrize("name,extra", [("tiny", {}), ("S", {}), ("tiny", {"local_mlp": True, "qk_norm": False})])
+@pytest.mark.parametrize("name,extra", [("tiny", {}), ("S", {}), ("tiny", {"local_mlp": True, "qk_norm": False}),
+                                        ("tiny", {"abs_pos": True})])
 def test_analytic_params_equal_instantiated(name, extra):
     cfg = {**PRESETS[name], **extra}
     model = VideoDiT(**cfg)
@@ -360,12 +384,14 @@ def test_analytic_params_equal_instantiated(name, extra):
     assert param_count(model.config) == param_count(cfg)
 
 
-def test_flop_counter_counts_the_local_mlp():
+def test_flop_counter_counts_the_local_mlp_and_abs_pos():
     """The Mix-FFN adds its 9 + 3 depthwise taps per hidden feature and token, per block."""
     cfg = PRESETS["tiny"]
     hidden = int(cfg["hidden_size"] * 4.0)
     extra = forward_macs({**cfg, "local_mlp": True}, [576], [12]) - forward_macs(cfg, [576], [12])
     assert extra == cfg["depth"] * 576 * hidden * 12
+    extra = forward_macs({**cfg, "abs_pos": True}, [576], [12]) - forward_macs(cfg, [576], [12])
+    assert extra == 576 * 24 * cfg["hidden_size"]  # the position embedding: 24 features a token
 
 
 def test_compile_blocks_traces_attention_only_when_static(monkeypatch):

@@ -39,6 +39,7 @@ class ModelConfig:
     qk_norm: bool | None = None  # RMSNorm on queries and keys (on in every preset)
     local_mlp: bool | None = None  # Mix-FFN: a depthwise 3x3 (space) + 3 (time) convolution inside every MLP
     pooled_text: bool | None = None  # the prompt's mean token embedding added to the time embedding
+    abs_pos: bool | None = None  # each token's place in its clip (fractions of the grid) added to its embedding
 
     def check(self, bad):
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):

@@ -293,6 +293,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         eps: float = 1e-6,
         pooled_text: bool = False,
         local_mlp: bool = False,
+        abs_pos: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -308,6 +309,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         self.dynamic_blocks = False
 
         self.patch_embed = nn.Linear(self.token_dim, hidden_size)
+        # where each token sits in its own clip, as fractions of the clip's grid: RoPE tells attention only how far
+        # apart two tokens are, so without this a token hardly knows whether it is near the left edge of the frame
+        self.pos_embed = nn.Linear(6 * POSITION_FREQS, hidden_size) if abs_pos else None
         self.text_embed = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.GELU(approximate="tanh"),
                                         nn.Linear(hidden_size, hidden_size))
         self.t_embed = TimestepEmbedder(hidden_size, freq_dim)
@@ -441,6 +445,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         rot = self.rope(packed.coords, grids)
 
         x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(position_features(packed.coords, grids).to(self.dtype)).float()
         for i, block in enumerate(self.blocks):
             args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard,
                     packed.grids)
@@ -455,6 +461,17 @@ class VideoDiT(ModelMixin, ConfigMixin):
         """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""
         packed = pack(latents, self.patch_size)
         return unpack(self(packed, timesteps, text, text_mask), packed, self.patch_size)
+
+
+POSITION_FREQS = 4
+
+
+def position_features(coords: torch.Tensor, grids: torch.Tensor) -> torch.Tensor:
+    """(N, 3) token coordinates in their samples' (N, 3) grids -> (N, 6 * POSITION_FREQS) Fourier features of the
+    fractions (coord + 0.5) / grid per axis: the same place in a clip of any size or length gets the same features."""
+    f = (coords.float() + 0.5) / grids.float()
+    angles = math.pi * f[..., None] * torch.arange(1, POSITION_FREQS + 1, device=f.device)  # (N, 3, freqs)
+    return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)
 
 
 def packed_from_tuple(tokens, coords, cu_seqlens, sample_idx) -> Packed:

@@ -11,7 +11,7 @@ The same per-block counter reproduces the DiT paper's forward "Gflops" (which ar
 import inspect
 import math
 
-from .dit import VideoDiT
+from .dit import POSITION_FREQS, VideoDiT
 
 _DEFAULTS = {k: p.default for k, p in inspect.signature(VideoDiT.__init__).parameters.items() if k != "self"}
 
@@ -48,6 +48,7 @@ def param_count(config) -> int:
     block = attn + cross + mlp + 6 * d
     embeds = (token_dim * d + d) + (c["text_dim"] * d + d + d * d + d) + (c["freq_dim"] * d + d + d * d + d)
     embeds += (c["text_dim"] * d + d + d * d + d) if c["pooled_text"] else 0
+    embeds += (6 * POSITION_FREQS * d + d) if c["abs_pos"] else 0
     return embeds + (6 * d * d + 6 * d) + c["depth"] * block + (2 * d + d * token_dim + token_dim)
 
 
@@ -65,6 +66,7 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
     macs = n * token_dim * d + m * (c["text_dim"] * d + d * d)  # patch and text embedding
     macs += rows * (c["freq_dim"] * d + d * d + 6 * d * d)  # time MLP, shared modulation projection
     macs += len(seq_lens) * (c["text_dim"] * d + d * d) if c["pooled_text"] else 0  # pooled text MLP
+    macs += n * 6 * POSITION_FREQS * d if c["abs_pos"] else 0  # position embedding
     macs += c["depth"] * sum(block_macs(d, h, s, t) for s, t in zip(seq_lens, text_lens))
     macs += c["depth"] * n * h * 12 if c["local_mlp"] else 0  # the local MLP's depthwise taps (9 + 3)
     return macs + n * d * token_dim  # output layer

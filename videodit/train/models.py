@@ -7,7 +7,7 @@ from ..dit import PRESETS, VideoDiT
 from ..vae import CausalVideoVAE, load_vae
 
 MODEL_OVERRIDES = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "rope_base_grid", "qk_norm",
-                   "local_mlp", "pooled_text")
+                   "local_mlp", "pooled_text", "abs_pos")
 
 
 def denoiser_kwargs(cfg, in_channels: int, text_dim: int) -> dict:
