@@ -40,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--loop", action="store_true", help="make a seamless loop")
     p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"), help="a transition from VID_A's end to VID_B's start")
     p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
-                   help="text-to-video in two passes: draw the first frame, then animate it (default: the checkpoint's)")
+                   help="text-to-video in two passes: draw the first frame, then animate it "
+                        "(default: the checkpoint's)")
     p.add_argument("--upsample-prompt", action="store_true", help="rewrite short prompts as detailed captions first")
     p.add_argument("--upsampler-model", help="a causal LM (folder or hub id) for --upsample-prompt; default: rules")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")

@@ -153,9 +153,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
         image_first (None: the checkpoint's `image_first`): text-to-video in two passes, as Emu Video factorizes it:
-        the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). Where
-        the layout is given, the motion word decides where things go; drawn in one pass, the layout comes from the
-        starting noise and the motion follows it (README, Training)."""
+        the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). From a
+        given first frame a model learns to follow the motion word far sooner than in one pass, where the layout
+        comes from the starting noise and the motion follows the layout (README, Training)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         num_inference_steps = num_inference_steps or self.config.default_steps

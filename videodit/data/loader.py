@@ -330,7 +330,8 @@ class TrainData(torch.utils.data.Dataset):
             T, h, w = self.geom.latent_shape(T, H, W)
             out = dict(video=s["video"], prompt=prompt)
         pt, ph, pw = self.geom.patch
-        out.update(cond=random_cond(T, self.cond_prob, rng, self.cond_weights), tokens=-(-T // pt) * (h // ph) * (w // pw))
+        out.update(cond=random_cond(T, self.cond_prob, rng, self.cond_weights),
+                   tokens=-(-T // pt) * (h // ph) * (w // pw))
         return out
 
 

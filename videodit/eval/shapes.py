@@ -230,14 +230,14 @@ def time_one(pipe, steps=None, repeats: int = 3, image_first: bool | None = None
     return float(np.median(times[1:]))  # the first call warms up
 
 
-def _write(out: str, json_name: str, md_name: str, results: list, **extra) -> str:
-    """The summary table of results as markdown (returned) and, with the results, as JSON; with `confusion` in
-    extra, its tables are added to the markdown file."""
+def _write(out: str, json_name: str, md_name: str, results: list, footer: str = "", **extra) -> str:
+    """The summary table of results as markdown (returned; written with `footer` below it) and, with the results and
+    `extra`, as JSON."""
     summary, md = table(results)
     with open(os.path.join(out, json_name), "w") as f:
         json.dump(dict(summary=summary, **extra, results=results), f, indent=1)
     with open(os.path.join(out, md_name), "w") as f:
-        f.write(md + "\n" + (confusion(results)[1] + "\n" if "confusion" in extra else ""))
+        f.write(md + "\n" + footer + ("\n" if footer else ""))
     return md
 
 
@@ -284,11 +284,12 @@ def main(argv=None):
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
                                        image_first=a.image_first)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first)
-    md = _write(a.out, "results.json", "table.md", results, timing=timing, checkpoint=a.checkpoint,
-                steps=a.steps or pipe.config.default_steps, confusion=confusion(results)[0])
+    counts, md_counts = confusion(results)
+    md = _write(a.out, "results.json", "table.md", results, footer=md_counts, timing=timing, checkpoint=a.checkpoint,
+                steps=a.steps or pipe.config.default_steps, confusion=counts)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
-    print(confusion(results)[1])
+    print(md_counts)
     print(f"\nsampling: {timing['seconds_one_64x64x17']:.2f} s for one 64x64x17 video; "
           f"{timing['seconds_per_video']:.2f} s per video in packed batches of {a.batch}")
     print(f"wrote {a.out}/results.json, table.md, contact_sheet.png")
