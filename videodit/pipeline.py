@@ -217,8 +217,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                       progress):
         """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first
         frame, and the masks holding it (an image asked for keeps the first pass whole)."""
-        firsts = self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1, steps, guidance,
-                      generator, sampler, shift, image_first=False, output_type="pt", progress=progress).frames
+        firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift, progress)
         lat, masks = [], []
         for (C, Tl, h, w), first in zip(shapes, firsts):
             z = torch.zeros(C, Tl, h, w)
@@ -227,13 +226,21 @@ class VideoDiTPipeline(DiffusionPipeline):
             masks.append(cond_frames(Tl, "first") if Tl > 1 else torch.ones(1, dtype=torch.bool))
         return lat, masks
 
+    def _draw_images(self, prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift, progress):
+        """Each prompt drawn as an image at its sample's size: a list of (3, 1, H, W) pixels in [-1, 1]."""
+        return self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1, steps, guidance,
+                    generator, sampler, shift, image_first=False, output_type="pt", progress=progress).frames
+
     def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, steps,
                       guidance, generator, sampler, shift, progress):
         """Per sample: clean latents, the mask of latent frames held at them, and (head, tail) pixel frames to trim
         from the decoded result; or, for SDEdit, the initial latents."""
         ft = self.video_vae.ft
         lat, masks, trim = [], [], []
-        for (C, Tl, h, w), (T, H, W) in zip(shapes, sizes):
+        if mode == "loop":  # a first pass draws each sample's first frame; the clip then ends on it again
+            firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift,
+                                       progress)
+        for i, ((C, Tl, h, w), (T, H, W)) in enumerate(zip(shapes, sizes)):
             z = torch.zeros(C, Tl, h, w)
             if mode == "strength":  # SDEdit starts from the clip's latents
                 clip = _fit(video, H, W)[:, :T]
@@ -259,9 +266,8 @@ class VideoDiTPipeline(DiffusionPipeline):
                 z[:, :1] = self.encode_video(a[:, -1:])
                 z[:, -1] = self.held_latent(b[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (1, ft)
-            else:  # loop: a first pass draws the first frame; the clip then ends on it again
-                first = self(prompts[:1], negative_prompt, H, W, 1, steps, guidance, generator, sampler, shift,
-                             output_type="pt", progress=progress).frames[0]
+            else:  # loop
+                first = firsts[i]
                 z[:, :1] = self.encode_video(first)
                 z[:, -1] = self.held_latent(first[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (0, ft)
