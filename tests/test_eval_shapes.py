@@ -7,6 +7,7 @@ import torch
 from videodit.data.shapes import Attributes, make_clip, render, sample_starts
 from videodit.eval.shapes import (SYNONYMS, WORDS, confusion, contact_sheet, evaluate, evaluate_denoising, main,
                                   make_cases, score, table, word_sensitivity)
+from videodit.upsample import parse_shapes_prompt
 
 
 class RenderingPipe:
@@ -132,3 +133,24 @@ def test_word_sensitivity_finds_the_one_word_a_denoiser_listens_to():
     for t in (0.9, 0.5):
         assert change["shape"][t] > 0.01 and change["all"][t] > 0.01
         assert all(change[k][t] == 0.0 for k in WORDS if k != "shape")
+
+
+@pytest.mark.filterwarnings("ignore:the shapes upsampler found no color or shape")  # some paraphrases
+def test_upsampled_prompts_keep_every_attribute_the_evaluation_asks_for():
+    seen = []
+
+    def parsing_pipe(prompts, height, width, num_frames, **kw):  # draws what it can read in each prompt given to it
+        seen.extend(prompts)
+        frames = []
+        for p, h, w, t in zip(prompts, height, width, num_frames):
+            a = dict(count=1, color="red", shape="circle", motion="still", background="black")
+            a.update({k: v for k, v in parse_shapes_prompt(p).items() if k != "size"})
+            starts = sample_starts(np.random.default_rng(0), a["count"], "large", a["motion"], h, w)
+            frames.append(render(Attributes(size="large", starts=starts, **a), h, w, t))
+        return type("Out", (), {"frames": frames})
+
+    results, _, _ = evaluate(parsing_pipe, num=3, seed=2, batch=4, progress=False, upsample=True)
+    assert seen == [r["sampled_prompt"] for r in results]
+    plain = [r for r in results if r["group"] != "paraphrased"]
+    assert all(len(r["sampled_prompt"]) > len(r["prompt"]) for r in plain)  # detailed captions, not the prompts
+    assert all(r["hits"]["all"] for r in plain)

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from videodit.data.shapes import (ATTRIBUTE_VALUES, BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset,
                                   read_back, short_caption)
 from videodit.data.video import to_uint8
+from videodit.upsample import upsample_prompt
 
 ATTRS = ("count", "color", "shape", "motion")
 # (frames, height, width): the training sizes, then sizes and a duration the default model never saw
@@ -145,20 +146,24 @@ def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell
 
 def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True,
-             image_first: bool | None = None) -> tuple[list, list, dict]:
+             image_first: bool | None = None, upsample: bool = False) -> tuple[list, list, dict]:
+    """Sample every case's prompt (with `upsample`, first rewritten as a detailed caption by the shapes upsampler, as
+    `sample.py --upsample-prompt` does) and read the videos back. Returns results, videos and timing."""
     cases = make_cases(num, seed, sizes)
     results, videos, timing = [], [], {}
     for start in range(0, len(cases), batch):
         chunk = cases[start:start + batch]
+        prompts = [upsample_prompt(c["prompt"], seed=seed + start + i) if upsample else c["prompt"]
+                   for i, c in enumerate(chunk)]
         t0 = time.perf_counter()
-        out = pipe([c["prompt"] for c in chunk], height=[c["size"][1] for c in chunk],
+        out = pipe(prompts, height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
                    num_inference_steps=steps, guidance_scale=guidance, shift=shift, image_first=image_first,
                    generator=torch.Generator().manual_seed(seed + start), progress=progress)
         timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
-        for c, v in zip(chunk, out.frames):
+        for c, v, sampled in zip(chunk, out.frames, prompts):
             results.append(dict(group=c["group"], prompt=c["prompt"], size=c["size"], attributes=c["attributes"],
-                                **score(c, v)))
+                                **({"sampled_prompt": sampled} if upsample else {}), **score(c, v)))
             videos.append(v)
     timing = {"seconds_per_video": float(np.mean(timing["seconds_per_video"]))}
     return results, videos, timing
@@ -254,6 +259,8 @@ def main(argv=None):
     p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the checkpoint's, by size)")
     p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
                    help="draw each first frame, then animate it (default: the checkpoint's)")
+    p.add_argument("--upsample-prompt", action="store_true",
+                   help="rewrite each prompt as a detailed caption first (the shapes rules, as sample.py does)")
     p.add_argument("--batch", type=int, default=8, help="prompts sampled together as one packed batch")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--denoise", action="store_true", help="test the denoiser alone: one-step denoising of real "
@@ -282,11 +289,12 @@ def main(argv=None):
         print(f"wrote {a.out}/words.json")
         return
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
-                                       image_first=a.image_first)
+                                       image_first=a.image_first, upsample=a.upsample_prompt)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first)
     counts, md_counts = confusion(results)
     md = _write(a.out, "results.json", "table.md", results, footer=md_counts, timing=timing, checkpoint=a.checkpoint,
-                steps=a.steps or pipe.config.default_steps, confusion=counts)
+                steps=a.steps or pipe.config.default_steps, upsample_prompt=a.upsample_prompt,
+                confusion=counts)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
     print(md_counts)
