@@ -1,3 +1,5 @@
+import glob
+
 import pytest
 
 from videodit.config import Config, ConfigError, load_config, save_config
@@ -13,6 +15,10 @@ def test_defaults_and_shipped_configs_load():
     assert isinstance(load_config(), Config)
     cfg = load_config("configs/shapes/tiny.yaml")
     assert cfg.model.preset == "tiny" and cfg.train.task == "dit"
+    for path in glob.glob("configs/**/*.yaml", recursive=True):
+        load_config(path)  # parses, and passes every section's checks
+    stage1 = load_config("configs/shapes/minimal.yaml")  # the curriculum's first stage: same model, cut-down world
+    assert stage1.model == cfg.model and stage1.text == cfg.text and stage1.data.shapes_only
 
 
 def test_model_overrides_reach_the_denoiser():
