@@ -14,7 +14,8 @@ from videodit import caption
 from videodit.data import shapes
 from videodit.data.manifest import read_manifest, write_manifest
 from videodit.data.video import from_uint8
-from videodit.upsample import COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, parse_shapes_prompt, upsample_prompt
+from videodit.upsample import (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, color_by_name, parse_shapes_prompt,
+                               upsample_prompt)
 
 WORDS = "describe this video in detail a red circle moving left on gray background two blue squares".split()
 CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c is string %}{{ c }}"
@@ -198,6 +199,19 @@ def test_shapes_upsampler_keeps_every_attribute():
     assert len({upsample_prompt("a red circle", seed=s) for s in range(10)}) > 5
     with pytest.warns(UserWarning, match="no color or shape"):
         assert upsample_prompt("a cat surfing a wave") == "a cat surfing a wave"
+
+
+def test_colors_by_name_map_to_the_world_color_of_their_hue():
+    for c in shapes.COLORS:  # the survey's own "red", "green", ... are the world's
+        assert color_by_name(c) == c
+    named = {"ruby": "red", "tomato": "red", "navy": "blue", "sapphire": "blue", "jade": "green", "grass": "green",
+             "mustard": "yellow", "amber": "yellow", "lavender": "purple", "plum": "purple", "cream": "white",
+             "forest green": "green", "sky blue": "blue", "charcoal": None, "teapot": None}
+    assert {n: color_by_name(n) for n in named} == named
+    said = parse_shapes_prompt("two navy cubes drifting west on a grey backdrop")
+    assert said == dict(count=2, color="blue", shape="square", motion="left", background="gray")
+    assert parse_shapes_prompt("a sky blue orb at rest") == dict(count=1, color="blue", shape="circle", motion="still")
+    assert "color" not in parse_shapes_prompt("a ball at rest")  # no color named: none made up
 
 
 @pytest.mark.parametrize("chat", [True, False])

@@ -5,7 +5,8 @@
 
 Backends:
 - 'shapes': parses the prompt with `parse_shapes_prompt` (count, size, color, shape, motion, background; any word
-  order; the synonyms of the tables below and nothing else) and writes a detailed caption through the shapes world's
+  order; the synonyms of the tables below, and for a color any of the XKCD color survey's names, mapped to the
+  world's nearest color by hue: "navy", "tomato", "forest green") and writes a detailed caption through the shapes world's
   templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others, and the
   start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was trained
   on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged, with a
@@ -14,6 +15,9 @@ Backends:
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
 """
 
+import functools
+import json
+import os
 import re
 import warnings
 
@@ -22,21 +26,27 @@ import torch
 
 from videodit.data import shapes
 
-# The synonyms the shapes grammar understands: word -> canonical value. Only these; no fuzzy matching.
+# The synonyms the shapes grammar understands: word -> canonical value. Colors also by name (color_by_name).
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
               "sizable": "large", "huge": "large"}
 COLOR_WORDS = {**{c: c for c in shapes.COLORS}, "crimson": "red", "scarlet": "red", "violet": "purple",
                "golden": "yellow"}
 BACKGROUND_WORDS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white"}
-SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "square": "square", "triangle": "triangle"}
-PLURAL_COUNT_WORDS = {"two", "pair"}  # a plural shape noun also means two
+SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "orb": "circle",
+               "dot": "circle", "sphere": "circle", "square": "square", "box": "square", "block": "square",
+               "cube": "square", "tile": "square", "triangle": "triangle", "wedge": "triangle", "pyramid": "triangle",
+               "cone": "triangle"}
+PLURAL_COUNT_WORDS = {"two", "pair", "couple", "twin", "twins", "duo", "both"}  # a plural shape noun also means two
 MOTION_WORDS = {
-    "left": "left", "leftward": "left", "leftwards": "left",
-    "right": "right", "rightward": "right", "rightwards": "right",
+    "left": "left", "leftward": "left", "leftwards": "left", "west": "left", "westward": "left",
+    "right": "right", "rightward": "right", "rightwards": "right", "east": "right", "eastward": "right",
     "up": "up", "upward": "up", "upwards": "up", "rise": "up", "rises": "up", "rising": "up", "ascending": "up",
+    "climb": "up", "climbs": "up", "climbing": "up", "north": "up", "northward": "up",
     "down": "down", "downward": "down", "downwards": "down", "sink": "down", "sinks": "down", "sinking": "down",
-    "fall": "down", "falls": "down", "falling": "down", "descending": "down",
-    "still": "still", "motionless": "still", "static": "still", "stationary": "still",
+    "fall": "down", "falls": "down", "falling": "down", "descending": "down", "drop": "down", "drops": "down",
+    "dropping": "down", "south": "down", "southward": "down",
+    "still": "still", "motionless": "still", "static": "still", "stationary": "still", "unmoving": "still",
+    "resting": "still", "frozen": "still",
 }
 _SIDE = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
 _BG = "|".join(BACKGROUND_WORDS)
@@ -47,9 +57,39 @@ _MOTION_PHRASES = [
     (re.compile(r"\bfrom\s+(?:the\s+)?(?:left|right|top|bottom)\s+to\s+(?:the\s+)?(left|right|top|bottom)\b"),
      lambda m: _SIDE[m.group(1)]),
     (re.compile(r"\btowards?\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
-    (re.compile(r"\b(?:not|never)\s+mov(?:e|es|ing)\b"), lambda m: "still"),
+    (re.compile(r"\b(?:not|never)\s+mov(?:e|es|ing)\b|\bat\s+rest\b"), lambda m: "still"),
 ]
 
+
+
+@functools.cache
+def _color_names() -> dict:
+    with open(os.path.join(os.path.dirname(__file__), "assets", "color_names.json")) as f:
+        return json.load(f)["colors"]  # name -> "#rrggbb"
+
+
+def _lch(rgb) -> tuple[float, float, float]:
+    """sRGB 0-255 -> CIE L*C*h (D65): lightness, chroma, hue angle in degrees."""
+    c = np.asarray(rgb, dtype=float) / 255
+    c = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    xyz = np.array([[0.4124, 0.3576, 0.1805], [0.2126, 0.7152, 0.0722], [0.0193, 0.1192, 0.9505]]) @ c
+    t = xyz / np.array([0.95047, 1.0, 1.08883])
+    f = np.where(t > (6 / 29) ** 3, np.cbrt(t), t * 841 / 108 + 4 / 29)
+    a, b = 500 * (f[0] - f[1]), 200 * (f[1] - f[2])
+    return 116 * f[1] - 16, float(np.hypot(a, b)), float(np.degrees(np.arctan2(b, a)) % 360)
+
+
+def color_by_name(name: str) -> str | None:
+    """The shapes world's color for a color name of the XKCD color survey ("navy", "tomato", "forest green"): the
+    object color nearest in hue; a pale or greyish light one is white; None for a dark grey or an unknown name."""
+    code = _color_names().get(name)
+    if code is None:
+        return None
+    lightness, chroma, hue = _lch([int(code[i:i + 2], 16) for i in (1, 3, 5)])
+    if chroma < 20 or (lightness > 90 and chroma < 35):
+        return "white" if lightness > 70 else None
+    gap = lambda c: abs((hue - _lch(shapes.COLORS[c])[2] + 180) % 360 - 180)  # noqa: E731
+    return min((c for c in shapes.COLORS if c != "white"), key=gap)
 
 def parse_shapes_prompt(prompt: str) -> dict:
     """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
@@ -68,12 +108,17 @@ def parse_shapes_prompt(prompt: str) -> dict:
     words = re.findall(r"[a-z]+", text)
     plural = False
     for w in words:
-        noun = w[:-1] if w.endswith("s") and w[:-1] in SHAPE_WORDS else w
+        noun = next((w[:-n] for n in (1, 2) if w[-n:] in ("s", "es") and w[:-n] in SHAPE_WORDS), w)  # boxes
         if noun in SHAPE_WORDS and "shape" not in found:
             found["shape"], plural = SHAPE_WORDS[noun], noun != w
         for key, table in (("size", SIZE_WORDS), ("color", COLOR_WORDS), ("motion", MOTION_WORDS)):
             if w in table and key not in found:
                 found[key] = table[w]
+    if "color" not in found:  # a color by name: two-word names first ("sky blue" is blue, "sky" alone light blue)
+        names = [f"{a} {b}" for a, b in zip(words, words[1:])] + words
+        color = next((c for c in map(color_by_name, names) if c), None)
+        if color:
+            found["color"] = color
     if plural or PLURAL_COUNT_WORDS & set(words):
         found["count"] = 2
     elif "shape" in found:
