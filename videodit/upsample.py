@@ -6,11 +6,11 @@
 Backends:
 - 'shapes': parses the prompt with `parse_shapes_prompt` (count, size, color, shape, motion, background; any word
   order; the synonyms of the tables below, and for a color any of the XKCD color survey's names, mapped to the
-  world's nearest color by hue: "navy", "tomato", "forest green") and writes a detailed caption through the shapes world's
-  templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others, and the
-  start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was trained
-  on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged, with a
-  warning.
+  world's nearest color by hue: "navy", "tomato", "forest green") and writes a detailed caption through the shapes
+  world's templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others,
+  and the start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was
+  trained on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged,
+  with a warning.
 - 'lm': a transformers causal LM (a local folder or a hub id) asked to rewrite the prompt, through its chat template
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
 """
@@ -59,7 +59,6 @@ _MOTION_PHRASES = [
     (re.compile(r"\btowards?\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
     (re.compile(r"\b(?:not|never)\s+mov(?:e|es|ing)\b|\bat\s+rest\b"), lambda m: "still"),
 ]
-
 
 
 @functools.cache
