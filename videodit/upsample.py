@@ -87,8 +87,13 @@ def color_by_name(name: str) -> str | None:
     lightness, chroma, hue = _lch([int(code[i:i + 2], 16) for i in (1, 3, 5)])
     if chroma < 20 or (lightness > 90 and chroma < 35):
         return "white" if lightness > 70 else None
-    gap = lambda c: abs((hue - _lch(shapes.COLORS[c])[2] + 180) % 360 - 180)  # noqa: E731
-    return min((c for c in shapes.COLORS if c != "white"), key=gap)
+    hues = _object_hues()
+    return min(hues, key=lambda c: abs((hue - hues[c] + 180) % 360 - 180))
+
+
+@functools.cache
+def _object_hues() -> dict:
+    return {c: _lch(rgb)[2] for c, rgb in shapes.COLORS.items() if c != "white"}
 
 def parse_shapes_prompt(prompt: str) -> dict:
     """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
