@@ -112,7 +112,7 @@ def parse_shapes_prompt(prompt: str) -> dict:
     words = re.findall(r"[a-z]+", text)
     plural = False
     for w in words:
-        noun = next((w[:-n] for n in (1, 2) if w[-n:] in ("s", "es") and w[:-n] in SHAPE_WORDS), w)  # boxes
+        noun = next((w[:-len(e)] for e in ("s", "es") if w.endswith(e) and w[:-len(e)] in SHAPE_WORDS), w)  # boxes
         if noun in SHAPE_WORDS and "shape" not in found:
             found["shape"], plural = SHAPE_WORDS[noun], noun != w
         for key, table in (("size", SIZE_WORDS), ("color", COLOR_WORDS), ("motion", MOTION_WORDS)):
