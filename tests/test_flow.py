@@ -80,6 +80,29 @@ def test_loss_ignores_clean_frames_and_averages_per_sample():
     assert torch.isfinite(all_clean) and torch.isclose(all_clean, base)
 
 
+class TimestepRecorder(torch.nn.Module):
+    """Zero velocity; keeps each sample's timestep."""
+    patch_size = (1, 1, 1)
+
+    def forward(self, packed, frame_t, text, mask):
+        self.t = torch.stack([f[0] for f in frame_t])
+        return torch.zeros_like(packed.tokens)
+
+
+def test_images_train_at_their_own_logit_mean():
+    m = TimestepRecorder()
+    latents = [torch.randn(2, 1, 2, 2) if i % 2 else torch.randn(2, 3, 2, 2) for i in range(400)]  # images, clips
+    text, mask = torch.zeros(400, 1, 4), torch.ones(400, 1, dtype=torch.bool)
+    run = lambda **k: flow_loss(m, latents, text, mask, shift=1.0, generator=torch.Generator().manual_seed(0), **k)  # noqa: E731
+    run()
+    same = m.t.clone()
+    run(image_mean=3.0)
+    images, clips = m.t[1::2], m.t[0::2]
+    assert torch.equal(clips, same[0::2])  # clips keep the shared mean (and the same draws)
+    assert images.median() > 0.9 and (images > 0.7).float().mean() > 0.9  # sigmoid(3) = 0.95
+    assert abs(same[1::2].median() - 0.5) < 0.1
+
+
 def test_guidance_one_equals_conditional_and_seed_determinism():
     m = tiny_model()
     text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)

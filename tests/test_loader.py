@@ -82,6 +82,15 @@ def test_shapes_source_items_and_determinism():
     assert len(batch["video"]) == len(batch["prompt"]) == len(batch["cond"]) == batch["size"]
 
 
+def test_images_draw_captions_at_their_own_rate():
+    src = ShapesSource([[9, 32, 32]], 20, 0, GEOM)
+    data = TrainData(src, GEOM, 0, 1.0, 0.0, 0.0, image_detailed_prob=0.0)  # clips always detailed, images never
+    for i in range(20):
+        clip = make_clip(src.seed * 1_000_003 + i, 32, 32, 9)
+        assert data[(i, False, 0)]["prompt"] == clip["detailed_caption"] != clip["caption"]
+        assert data[(i, True, 0)]["prompt"] == clip["caption"]
+
+
 @pytest.fixture(scope="module")
 def manifest(tmp_path_factory):
     """Clips of three aspects, an image, a missing file and a corrupt file."""

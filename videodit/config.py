@@ -91,12 +91,16 @@ class TextConfig:
     path: str | None = None
     max_length: int = 64
     detailed_caption_prob: float = 0.5  # training: use the detailed caption with this probability
+    # the same for samples trained as single frames (None: detailed_caption_prob). A detailed caption names where a
+    # clip starts, which its first frame shows, but a prompt for image-first sampling names only the motion.
+    image_detailed_caption_prob: float | None = None
 
     def check(self, bad):
         if self.max_length < 1:
             bad("max_length", "a positive integer")
-        if not 0 <= self.detailed_caption_prob <= 1:
-            bad("detailed_caption_prob", "a probability in [0, 1]")
+        for k in ("detailed_caption_prob", "image_detailed_caption_prob"):
+            if getattr(self, k) is not None and not 0 <= getattr(self, k) <= 1:
+                bad(k, "a probability in [0, 1]" + (" or null" if k.startswith("image") else ""))
 
 
 @dataclass
@@ -146,6 +150,9 @@ class FlowConfig:
     """Rectified flow training: timestep sampling, guidance dropout, frame conditioning."""
     logit_mean: float = 0.0
     logit_std: float = 1.0
+    # the logit mean of single frames (None: logit_mean). Image-first sampling's first pass decides where objects
+    # start, which is settled at high noise: a positive mean (2: most images above t = 0.85) trains it there.
+    image_logit_mean: float | None = None
     shift: float | None = None       # None: resolution-dependent shift (SD3); a number fixes it
     base_tokens: int = 256           # token count at which the resolution-dependent shift is 1
     text_dropout: float = 0.1

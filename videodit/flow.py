@@ -31,7 +31,8 @@ def resolution_shift(num_tokens: int, base_tokens: int = 256) -> float:
 
 
 def sample_t(n: int, mean=0.0, std=1.0, shift=1.0, generator=None, device=None) -> torch.Tensor:
-    """n timesteps from a shifted logit-normal: sigmoid(N(mean, std)), then `time_shift`."""
+    """n timesteps from a shifted logit-normal: sigmoid(N(mean, std)), then `time_shift`. mean and shift: numbers or
+    (n,) tensors, one per sample."""
     u = torch.randn(n, generator=generator, device=device) * std + mean
     return time_shift(torch.sigmoid(u), torch.as_tensor(shift, dtype=torch.float32, device=device))
 
@@ -69,13 +70,16 @@ def drop_text(prompts: list[str], p: float, rng: random.Random) -> list[str]:
 
 
 def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, mean=0.0, std=1.0,
-              shift: float | None = None, base_tokens: int = 256, generator=None) -> torch.Tensor:
+              shift: float | None = None, base_tokens: int = 256, generator=None,
+              image_mean: float | None = None) -> torch.Tensor:
     """The rectified-flow loss on one packed batch.
 
     latents: list of clean (C, T_i, H_i, W_i); cond: list of (T_i,) bool masks of clean conditioning frames (no
     noise, timestep 0, no loss). The squared error is averaged over each sample's noisy tokens, then over samples,
-    so a long clip and an image weigh the same."""
+    so a long clip and an image weigh the same. image_mean: the logit mean of single frames (None: mean)."""
     device = latents[0].device
+    if image_mean is not None:
+        mean = torch.tensor([image_mean if x.shape[1] == 1 else mean for x in latents], device=device)
     cond = cond or [torch.zeros(x.shape[1], dtype=torch.bool) for x in latents]
     packed = pack(latents, model.patch_size)
     seqlens = packed.seqlens

@@ -306,9 +306,10 @@ class TrainData(torch.utils.data.Dataset):
     or None when the file cannot be read."""
 
     def __init__(self, source, geom: Geometry, seed: int, detailed_prob: float, text_dropout: float,
-                 cond_prob: float, cond_weights=None):
+                 cond_prob: float, cond_weights=None, image_detailed_prob: float | None = None):
         self.source, self.geom, self.seed = source, geom, seed
         self.detailed_prob, self.text_dropout, self.cond_prob = detailed_prob, text_dropout, cond_prob
+        self.image_detailed_prob = detailed_prob if image_detailed_prob is None else image_detailed_prob
         # equal odds draw as before weights existed, so older runs keep their data order
         self.cond_weights = None if cond_weights is None or len(set(cond_weights)) == 1 else list(cond_weights)
 
@@ -320,7 +321,8 @@ class TrainData(torch.utils.data.Dataset):
         except VideoReadError as e:
             logger.warning(f"skipping a sample: {e}")
             return None
-        prompt = drop_text([choose_caption(s, self.detailed_prob, rng)], self.text_dropout, rng)[0]
+        p_detailed = self.image_detailed_prob if image else self.detailed_prob
+        prompt = drop_text([choose_caption(s, p_detailed, rng)], self.text_dropout, rng)[0]
         if "latent" in s:
             C, T, h, w = s["latent"].shape
             text = s["text"][prompt] if prompt else self.source.null_text()
@@ -356,7 +358,7 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
                           f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
     sampler = PackedBatchSampler(video, image, d.max_tokens, d.image_ratio, d.seed, rank, world_size, start)
     data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob,
-                     cfg.flow.cond_weights)
+                     cfg.flow.cond_weights, cfg.text.image_detailed_caption_prob)
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
                                        prefetch_factor=4 if d.num_workers else None,
                                        persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())

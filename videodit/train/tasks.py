@@ -101,7 +101,8 @@ class DiTTask:
         cond = [batch["cond"][i] for i in order]
         f = self.cfg.flow
         loss = flow_loss(model, latents, text, mask, cond, mean=f.logit_mean, std=f.logit_std,
-                         shift=f.shift, base_tokens=f.base_tokens, generator=generator)
+                         shift=f.shift, base_tokens=f.base_tokens, generator=generator,
+                         image_mean=f.image_logit_mean)
         pt, ph, pw = self.geom.patch
         seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
         flops = flops_per_step(self.model_config, seqlens, mask.sum(1).tolist()) * weight
