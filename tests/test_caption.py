@@ -14,7 +14,7 @@ from videodit import caption
 from videodit.data import shapes
 from videodit.data.manifest import read_manifest, write_manifest
 from videodit.data.video import from_uint8
-from videodit.upsample import (COLOR_WORDS, SHAPE_WORDS, SIZE_WORDS, color_by_name, parse_shapes_prompt,
+from videodit.upsample import (SHAPE_WORDS, SIZE_WORDS, color_by_name, parse_shapes_prompt,
                                upsample_prompt)
 
 WORDS = "describe this video in detail a red circle moving left on gray background two blue squares".split()
@@ -161,6 +161,10 @@ def test_grammar_reads_every_detailed_caption():
         assert parse_shapes_prompt(clip["detailed_caption"]) == truth, clip["detailed_caption"]
 
 
+COLOR_NAMES = {"red": ["red", "crimson", "scarlet"], "green": ["green", "emerald"], "blue": ["blue", "cobalt"],
+               "yellow": ["yellow", "golden"], "purple": ["purple", "violet"], "white": ["white", "ivory"]}
+
+
 def random_prompt(rng: random.Random) -> tuple[str, dict]:
     """A short prompt naming some attributes in some word order, with the tables' synonyms; and what it names."""
     a = dict(count=rng.choice([1, 2]), color=rng.choice(list(shapes.COLORS)), shape=rng.choice(shapes.SHAPES))
@@ -170,7 +174,7 @@ def random_prompt(rng: random.Random) -> tuple[str, dict]:
     if rng.random() < 0.6:
         a["size"] = rng.choice(list(shapes.SIZES))
         words.append(syn(SIZE_WORDS, a["size"]))
-    words += [syn(COLOR_WORDS, a["color"]), noun]
+    words += [rng.choice(COLOR_NAMES[a["color"]]), noun]
     parts = [" ".join(words)]
     if rng.random() < 0.8:
         a["motion"] = rng.choice(shapes.MOTIONS)

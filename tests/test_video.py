@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from videodit.data.shapes import make_clip
-from videodit.data.video import VideoReadError, from_uint8, probe, read_image, read_video, resize_crop, to_uint8, write_video
+from videodit.data.video import (VideoReadError, from_uint8, probe, read_image, read_video, resize_crop, to_uint8,
+                                 write_video)
 
 
 def moving_clip(t=17, h=64, w=96):

@@ -35,10 +35,12 @@ def parse_args(argv=None):
     p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl")
     p.add_argument("--image", help="animate this image from its first frame")
     p.add_argument("--video", help="a video to extend (--extend) or edit (--strength)")
-    p.add_argument("--extend", choices=["forward", "backward"], help="continue --video after its end or before its start")
+    p.add_argument("--extend", choices=["forward", "backward"],
+                   help="continue --video after its end or before its start")
     p.add_argument("--strength", type=float, help="SDEdit --video: 0 keeps it, 1 ignores it")
     p.add_argument("--loop", action="store_true", help="make a seamless loop")
-    p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"), help="a transition from VID_A's end to VID_B's start")
+    p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"),
+                   help="a transition from VID_A's end to VID_B's start")
     p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
                    help="text-to-video in two passes: draw the first frame, then animate it "
                         "(default: the checkpoint's)")

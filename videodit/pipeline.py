@@ -144,7 +144,8 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None, sampler: str = "euler",
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
+                 sampler: str = "euler",
                  shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
                  extend: str | None = None, loop: bool = False, strength: float | None = None,
                  connect: tuple | None = None, image_first: bool | None = None, output_type: str = "np",
@@ -217,7 +218,8 @@ class VideoDiTPipeline(DiffusionPipeline):
                       progress):
         """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first
         frame, and the masks holding it (an image asked for keeps the first pass whole)."""
-        firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift, progress)
+        firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift,
+                                   progress)
         lat, masks = [], []
         for (C, Tl, h, w), first in zip(shapes, firsts):
             z = torch.zeros(C, Tl, h, w)

@@ -29,8 +29,7 @@ from videodit.data import shapes
 # The synonyms the shapes grammar understands: word -> canonical value. Colors also by name (color_by_name).
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
               "sizable": "large", "huge": "large"}
-COLOR_WORDS = {**{c: c for c in shapes.COLORS}, "crimson": "red", "scarlet": "red", "violet": "purple",
-               "golden": "yellow"}
+COLOR_WORDS = {c: c for c in shapes.COLORS}  # other names by color_by_name
 BACKGROUND_WORDS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white"}
 SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "orb": "circle",
                "dot": "circle", "sphere": "circle", "square": "square", "box": "square", "block": "square",
@@ -145,7 +144,8 @@ def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 6
     a.setdefault("shape", pick(shapes.SHAPES))
     a.setdefault("motion", pick(shapes.MOTIONS))
     # a white object is never drawn on a white background
-    a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if not (b == "white" and a.get("color") == "white")]))
+    backgrounds = [b for b in shapes.BACKGROUNDS if not (b == "white" and a.get("color") == "white")]
+    a.setdefault("background", pick(backgrounds))
     a.setdefault("color", pick([c for c in shapes.COLORS if not (c == "white" and a["background"] == "white")]))
     starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
     return shapes.detailed_caption(shapes.Attributes(starts=starts, **a), height, width, rng)

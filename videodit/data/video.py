@@ -54,7 +54,8 @@ class _Reader:
         self.path = path
         if os.path.splitext(path)[1].lower() == ".gif":
             with Image.open(path) as im:  # gif writers merge repeated frames into longer ones: expand them
-                frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125) for f in ImageSequence.Iterator(im)]
+                frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125)
+                          for f in ImageSequence.Iterator(im)]
             base = min(d for _, d in frames)
             self.fps = 1000.0 / base
             self._frames = np.stack([f for f, d in frames for _ in range(max(1, round(d / base)))])

@@ -64,7 +64,8 @@ def paraphrase(a: dict, rng: np.random.Generator) -> str:
     shape = pick("shape", a["shape"])
     if a["count"] == 2:
         shape = PLURAL[shape]
-    return f"{pick('count', a['count'])} {pick('color', a['color'])} {shape} {pick('motion', a['motion'])} on a {a['background']} backdrop"
+    return (f"{pick('count', a['count'])} {pick('color', a['color'])} {shape} {pick('motion', a['motion'])} "
+            f"on a {a['background']} backdrop")
 
 
 def make_cases(num: int, seed: int, sizes=SIZES) -> list[dict]:
