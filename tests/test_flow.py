@@ -93,6 +93,7 @@ def test_images_train_at_their_own_logit_mean():
     m = TimestepRecorder()
     latents = [torch.randn(2, 1, 2, 2) if i % 2 else torch.randn(2, 3, 2, 2) for i in range(400)]  # images, clips
     text, mask = torch.zeros(400, 1, 4), torch.ones(400, 1, dtype=torch.bool)
+
     def run(**k):
         flow_loss(m, latents, text, mask, shift=1.0, generator=torch.Generator().manual_seed(0), **k)
 

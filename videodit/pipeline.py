@@ -145,11 +145,10 @@ class VideoDiTPipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
-                 sampler: str = "euler",
-                 shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
-                 extend: str | None = None, loop: bool = False, strength: float | None = None,
-                 connect: tuple | None = None, image_first: bool | None = None, output_type: str = "np",
-                 progress: bool = True) -> VideoDiTOutput:
+                 sampler: str = "euler", shift: float | None = None, image: torch.Tensor | None = None,
+                 video: torch.Tensor | None = None, extend: str | None = None, loop: bool = False,
+                 strength: float | None = None, connect: tuple | None = None, image_first: bool | None = None,
+                 output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
