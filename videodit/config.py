@@ -98,9 +98,10 @@ class TextConfig:
     def check(self, bad):
         if self.max_length < 1:
             bad("max_length", "a positive integer")
-        for k in ("detailed_caption_prob", "image_detailed_caption_prob"):
-            if getattr(self, k) is not None and not 0 <= getattr(self, k) <= 1:
-                bad(k, "a probability in [0, 1]" + (" or null" if k.startswith("image") else ""))
+        if not 0 <= self.detailed_caption_prob <= 1:
+            bad("detailed_caption_prob", "a probability in [0, 1]")
+        if self.image_detailed_caption_prob is not None and not 0 <= self.image_detailed_caption_prob <= 1:
+            bad("image_detailed_caption_prob", "a probability in [0, 1] or null")
 
 
 @dataclass
