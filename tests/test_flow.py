@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from videodit.dit import VideoDiT
-from videodit.flow import (cond_frames, drop_text, flow_loss, random_cond, resolution_shift, sample, sample_t,
-                           schedule, time_shift)
+from videodit.flow import (cond_frames, drop_text, flow_loss, guide, random_cond, resolution_shift, sample,
+                           sample_t, schedule, time_shift)
 
 MU, SD = 2.0, 0.5
 
@@ -117,6 +117,45 @@ def test_guidance_one_equals_conditional_and_seed_determinism():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert not all(torch.allclose(x, y) for x, y in zip(a, c))
     assert all(torch.equal(x, y) for x, y in zip(c, run(4.0)))
+
+
+def test_projected_guidance_drops_only_the_part_along_each_samples_clean_estimate():
+    g = torch.Generator().manual_seed(0)
+    idx = torch.tensor([0] * 5 + [1] * 7)  # two packed samples
+    v_c, v_u, x = (torch.randn(12, 6, generator=g) for _ in range(3))
+    noisy = torch.ones(12, dtype=torch.bool)
+    t = 0.7
+    plain = guide(v_c, v_u, x, t, 4.0, 1.0, idx, noisy)
+    assert torch.allclose(plain, v_u + 4.0 * (v_c - v_u), atol=1e-6)
+    projected = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy)
+    x0 = x - t * v_c
+    for i in range(2):  # what guidance adds is orthogonal to the sample's clean estimate, the rest is plain guidance
+        m = idx == i
+        added = projected[m] - v_c[m]
+        assert abs((added * x0[m]).sum()) < 1e-4 * added.norm() * x0[m].norm()
+        along = x0[m] * ((plain[m] - projected[m]) * x0[m]).sum() / (x0[m] * x0[m]).sum()
+        assert torch.allclose(plain[m] - projected[m], along, atol=1e-5)
+    half = guide(v_c, v_u, x, t, 4.0, 0.5, idx, noisy)
+    assert torch.allclose(half, (plain + projected) / 2, atol=1e-5)
+    # a term all along x0 is dropped whole; one sample's tokens and the clean tokens leave the others alone
+    along_only = guide(v_c, v_c - 0.3 * x0, x, t, 4.0, 0.0, idx, noisy)
+    assert torch.allclose(along_only, v_c, atol=1e-5)
+    noisy[:2] = False
+    x2 = x.clone()
+    x2[:2] += 5.0
+    a, b = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy), guide(v_c, v_u, x2, t, 4.0, 0.0, idx, noisy)
+    assert torch.allclose(a[2:], b[2:], atol=1e-5)
+
+
+def test_sampler_projected_guidance_is_plain_at_weight_one():
+    m = tiny_model()
+    text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    null, null_mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    run = lambda **kw: sample(m, [(4, 2, 4, 4), (4, 1, 4, 6)], text, mask, null, null_mask, guidance=4.0,  # noqa: E731
+                              steps=3, generator=torch.Generator().manual_seed(3), progress=False, **kw)
+    plain, one, projected = run(), run(guidance_parallel=1.0), run(guidance_parallel=0.0)
+    assert all(torch.equal(x, y) for x, y in zip(plain, one))
+    assert not any(torch.allclose(x, y) for x, y in zip(plain, projected))
 
 
 def test_conditioning_frames_are_held():

@@ -122,6 +122,28 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
+def test_guidance_parallel_reaches_every_pass(tiny_pipe, monkeypatch):
+    import videodit.pipeline as P
+    real, seen = P.sample, []
+
+    def spy(*args, **kw):
+        seen.append(kw["guidance_parallel"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(P, "sample", spy)
+    run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=9, guidance_scale=4.0,  # noqa: E731
+                                 generator=gen(0), progress=False, **kw).frames[0]
+    plain = run()
+    assert seen == [1.0]  # the checkpoint's default
+    projected = run(guidance_parallel=0.0, image_first=True)
+    assert seen[1:] == [0.0, 0.0]  # the first frame's pass and the animation
+    run(guidance_parallel=0.0, loop=True)
+    assert seen[3:] == [0.0, 0.0]
+    tiny_pipe.register_to_config(default_guidance_parallel=0.0)
+    assert np.array_equal(run(image_first=True), projected) and seen[5:] == [0.0, 0.0]
+    assert not np.array_equal(plain, run())
+
+
 def test_save_load_gives_identical_samples(tiny_pipe, tmp_path):
     tiny_pipe.save_pretrained(tmp_path / "pipe")
     loaded = VideoDiTPipeline.from_pretrained(tmp_path / "pipe")

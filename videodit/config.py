@@ -229,6 +229,7 @@ class TrainConfig:
 class SampleConfig:
     steps: int = 30
     guidance: float = 5.0
+    guidance_parallel: float = 1.0   # 1: plain classifier-free guidance; 0: projected (videodit.flow.guide)
     sampler: Literal["euler", "flow_euler", "unipc"] = "euler"
     shift: float | None = None       # None: the same resolution-dependent shift as training
     fps: float = 8.0
@@ -241,6 +242,8 @@ class SampleConfig:
             bad("steps", "a positive integer")
         if self.guidance < 0:
             bad("guidance", "a number >= 0 (1 turns guidance off)")
+        if not 0 <= self.guidance_parallel <= 1:
+            bad("guidance_parallel", "a number in [0, 1] (1: plain guidance, 0: projected)")
         if self.fps <= 0:
             bad("fps", "a positive number")
 

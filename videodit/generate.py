@@ -26,6 +26,9 @@ def parse_args(argv=None):
     p.add_argument("--num-frames", type=int, default=17, help="frames per video; 1 makes an image")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 turns it off")
+    p.add_argument("--guidance-parallel", type=float, default=None,
+                   help="weight of the guidance term's part along the clean estimate: 1 plain guidance, 0 projected "
+                        "(keeps small objects at strong guidance; default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: resolution-dependent)")
     p.add_argument("--seed", type=int, default=0)
@@ -165,8 +168,9 @@ def run(a):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
     out = pipe(prompts, a.negative_prompt, size[1], size[2], size[0], num_inference_steps=a.steps,
-               guidance_scale=a.guidance, generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler,
-               shift=a.shift, image_first=a.image_first, output_type="pt", **kwargs)
+               guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel,
+               generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler, shift=a.shift,
+               image_first=a.image_first, output_type="pt", **kwargs)
     t2 = time.time()
     write_outputs(a, prompts, out, before, after)
     if a.verbose:

@@ -45,7 +45,8 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
-                 text_encoder_package: str | None = None, image_first: bool = False):
+                 default_guidance_parallel: float = 1.0, text_encoder_package: str | None = None,
+                 image_first: bool = False):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
@@ -53,8 +54,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold;
         # image_first: text-to-video draws the first frame as an image, then animates it (see __call__)
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
-                                default_guidance=default_guidance, text_encoder_package=text_encoder_package,
-                                image_first=image_first)
+                                default_guidance=default_guidance, default_guidance_parallel=default_guidance_parallel,
+                                text_encoder_package=text_encoder_package, image_first=image_first)
         self.offload_device = None  # see enable_offload
 
     @classmethod
@@ -144,14 +145,18 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
-                 num_inference_steps: int | None = None, guidance_scale: float | None = None, generator=None,
-                 sampler: str = "euler", shift: float | None = None, image: torch.Tensor | None = None,
-                 video: torch.Tensor | None = None, extend: str | None = None, loop: bool = False,
-                 strength: float | None = None, connect: tuple | None = None, image_first: bool | None = None,
+                 num_inference_steps: int | None = None, guidance_scale: float | None = None,
+                 guidance_parallel: float | None = None, generator=None, sampler: str = "euler",
+                 shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
+                 extend: str | None = None, loop: bool = False, strength: float | None = None,
+                 connect: tuple | None = None, image_first: bool | None = None,
                  output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
+        guidance_parallel (None: the checkpoint's `default_guidance_parallel`): 1 is plain classifier-free guidance,
+        0 drops the guidance term's part along the clean estimate (projected guidance, videodit.flow.guide), which keeps
+        small objects in frame at strong guidance.
         image_first (None: the checkpoint's `image_first`): text-to-video in two passes, as Emu Video factorizes it:
         the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). From a
         given first frame a model learns to follow the motion word far sooner than in one pass, where the layout
@@ -160,6 +165,12 @@ class VideoDiTPipeline(DiffusionPipeline):
         B = len(prompts)
         num_inference_steps = num_inference_steps or self.config.default_steps
         guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
+        if guidance_parallel is None:
+            guidance_parallel = self.config.get("default_guidance_parallel", 1.0)
+        # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
+        run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                   guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
+                   progress=progress)
         per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
         sizes = [self.valid_size(t, h, w) for t, h, w in zip(per(num_frames), per(height), per(width))]
         vae = self.video_vae
@@ -178,8 +189,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         if image_first is None:
             image_first = self.config.get("image_first", False)
         if image_first and not modes and any(t > 1 for t, _, _ in sizes):
-            cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, num_inference_steps,
-                                                          guidance_scale, generator, sampler, shift, progress)
+            cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, run)
         if modes:
             mode = modes[0]
             if mode in ("loop", "connect") or extend == "backward":  # one more latent frame: the held one is trimmed
@@ -189,9 +199,7 @@ class VideoDiTPipeline(DiffusionPipeline):
             if mode == "extend" and (video is None or extend not in ("forward", "backward")):
                 raise ValueError("extend needs a video and the direction 'forward' or 'backward'")
             cond_latents, cond_masks, init, trim = self._conditioning(mode, shapes, sizes, image, video, extend,
-                                                                      connect, prompts, negative_prompt,
-                                                                      num_inference_steps, guidance_scale,
-                                                                      generator, sampler, shift, progress)
+                                                                      connect, prompts, negative_prompt, run)
 
         text, mask = self.encode_prompt(prompts)
         null_text = null_mask = None
@@ -200,8 +208,9 @@ class VideoDiTPipeline(DiffusionPipeline):
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
         with self.on_device(self.transformer):
             latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
-                             steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
-                             sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
+                             guidance_parallel=guidance_parallel, steps=num_inference_steps, shift=shift,
+                             base_tokens=self.config.base_tokens, sampler=sampler, cond_latents=cond_latents,
+                             cond_masks=cond_masks, init_latents=init,
                              strength=strength if strength is not None else 1.0, generator=generator,
                              progress=progress)
         videos = []
@@ -213,12 +222,10 @@ class VideoDiTPipeline(DiffusionPipeline):
             videos = [to_uint8(v) for v in videos]
         return VideoDiTOutput(frames=videos, sizes=sizes)
 
-    def _first_frames(self, prompts, negative_prompt, sizes, shapes, steps, guidance, generator, sampler, shift,
-                      progress):
+    def _first_frames(self, prompts, negative_prompt, sizes, shapes, run):
         """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first
         frame, and the masks holding it (an image asked for keeps the first pass whole)."""
-        firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift,
-                                   progress)
+        firsts = self._draw_images(prompts, negative_prompt, sizes, run)
         lat, masks = [], []
         for (C, Tl, h, w), first in zip(shapes, firsts):
             z = torch.zeros(C, Tl, h, w)
@@ -227,20 +234,18 @@ class VideoDiTPipeline(DiffusionPipeline):
             masks.append(cond_frames(Tl, "first") if Tl > 1 else torch.ones(1, dtype=torch.bool))
         return lat, masks
 
-    def _draw_images(self, prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift, progress):
+    def _draw_images(self, prompts, negative_prompt, sizes, run):
         """Each prompt drawn as an image at its sample's size: a list of (3, 1, H, W) pixels in [-1, 1]."""
-        return self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1, steps, guidance,
-                    generator, sampler, shift, image_first=False, output_type="pt", progress=progress).frames
+        return self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1,
+                    image_first=False, output_type="pt", **run).frames
 
-    def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, steps,
-                      guidance, generator, sampler, shift, progress):
+    def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, run):
         """Per sample: clean latents, the mask of latent frames held at them, and (head, tail) pixel frames to trim
         from the decoded result; or, for SDEdit, the initial latents."""
         ft = self.video_vae.ft
         lat, masks, trim = [], [], []
         if mode == "loop":  # a first pass draws each sample's first frame; the clip then ends on it again
-            firsts = self._draw_images(prompts, negative_prompt, sizes, steps, guidance, generator, sampler, shift,
-                                       progress)
+            firsts = self._draw_images(prompts, negative_prompt, sizes, run)
         for i, ((C, Tl, h, w), (T, H, W)) in enumerate(zip(shapes, sizes)):
             z = torch.zeros(C, Tl, h, w)
             if mode == "strength":  # SDEdit starts from the clip's latents

@@ -147,7 +147,8 @@ def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell
 
 def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True,
-             image_first: bool | None = None, upsample: bool = False) -> tuple[list, list, dict]:
+             image_first: bool | None = None, upsample: bool = False,
+             guidance_parallel: float | None = None) -> tuple[list, list, dict]:
     """Sample every case's prompt (with `upsample`, first rewritten as a detailed caption by the shapes upsampler, as
     `sample.py --upsample-prompt` does) and read the videos back. Returns results, videos and timing."""
     cases = make_cases(num, seed, sizes)
@@ -159,7 +160,8 @@ def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guida
         t0 = time.perf_counter()
         out = pipe(prompts, height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
-                   num_inference_steps=steps, guidance_scale=guidance, shift=shift, image_first=image_first,
+                   num_inference_steps=steps, guidance_scale=guidance, guidance_parallel=guidance_parallel,
+                   shift=shift, image_first=image_first,
                    generator=torch.Generator().manual_seed(seed + start), progress=progress)
         timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
         for c, v, sampled in zip(chunk, out.frames, prompts):
@@ -257,6 +259,8 @@ def main(argv=None):
     p.add_argument("--num", type=int, default=24, help="prompts per size (and paraphrased prompts)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--guidance", type=float, default=None)
+    p.add_argument("--guidance-parallel", type=float, default=None,
+                   help="1 plain guidance, 0 projected (default: the checkpoint's)")
     p.add_argument("--shift", type=float, default=None, help="sampling time shift (default: the checkpoint's, by size)")
     p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
                    help="draw each first frame, then animate it (default: the checkpoint's)")
@@ -289,13 +293,19 @@ def main(argv=None):
             print(f"| {key} | " + " | ".join(f"{by_t[t]:.3f}" for t in WORD_LEVELS) + " |")
         print(f"wrote {a.out}/words.json")
         return
+    # the checkpoint's sampling defaults where none were given, so that results.json says what was run
+    a.steps = a.steps or pipe.config.default_steps
+    a.guidance = pipe.config.default_guidance if a.guidance is None else a.guidance
+    if a.guidance_parallel is None:
+        a.guidance_parallel = pipe.config.get("default_guidance_parallel", 1.0)
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
-                                       image_first=a.image_first, upsample=a.upsample_prompt)
+                                       image_first=a.image_first, upsample=a.upsample_prompt,
+                                       guidance_parallel=a.guidance_parallel)
     timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first)
     counts, md_counts = confusion(results)
     md = _write(a.out, "results.json", "table.md", results, footer=md_counts, timing=timing, checkpoint=a.checkpoint,
-                steps=a.steps or pipe.config.default_steps, upsample_prompt=a.upsample_prompt,
-                confusion=counts)
+                steps=a.steps, guidance=a.guidance, guidance_parallel=a.guidance_parallel,
+                upsample_prompt=a.upsample_prompt, confusion=counts)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
     print(md_counts)
