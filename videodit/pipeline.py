@@ -210,9 +210,8 @@ class VideoDiTPipeline(DiffusionPipeline):
             latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
                              guidance_parallel=guidance_parallel, steps=num_inference_steps, shift=shift,
                              base_tokens=self.config.base_tokens, sampler=sampler, cond_latents=cond_latents,
-                             cond_masks=cond_masks, init_latents=init,
-                             strength=strength if strength is not None else 1.0, generator=generator,
-                             progress=progress)
+                             cond_masks=cond_masks, init_latents=init, generator=generator, progress=progress,
+                             strength=strength if strength is not None else 1.0)
         videos = []
         for z, (head, tail) in zip(latents, trim):
             v = self.decode(z)
