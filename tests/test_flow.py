@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from videodit.dit import VideoDiT
-from videodit.flow import (cond_frames, drop_text, flow_loss, guide, random_cond, resolution_shift, sample,
+from videodit.flow import (cond_frames, draw_noise, drop_text, flow_loss, guide, random_cond, resolution_shift, sample,
                            sample_t, schedule, time_shift)
 
 MU, SD = 2.0, 0.5
@@ -156,6 +156,32 @@ def test_sampler_projected_guidance_is_plain_at_weight_one():
     plain, one, projected = run(), run(guidance_parallel=1.0), run(guidance_parallel=0.0)
     assert all(torch.equal(x, y) for x, y in zip(plain, one))
     assert not any(torch.allclose(x, y) for x, y in zip(plain, projected))
+
+
+def test_shared_noise_correlates_frames_and_keeps_unit_variance():
+    shapes = [(4, 9, 32, 32), (4, 1, 32, 32)]
+    plain = draw_noise(shapes, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(plain[0], torch.randn(shapes[0], generator=torch.Generator().manual_seed(0)))  # the plain draw
+    for share in (0.3, 0.8):
+        clip, image = draw_noise(shapes, share, torch.Generator().manual_seed(1))
+        assert abs(clip.std() - 1) < 0.03 and abs(image.std() - 1) < 0.03 and abs(clip.mean()) < 0.03
+        a, b = clip[:, 0].flatten(), clip[:, 5].flatten()
+        corr = (a * b).mean() / (a.std() * b.std())
+        assert abs(corr - share) < 0.05, (share, corr)
+    a, b = plain[0][:, 0].flatten(), plain[0][:, 5].flatten()
+    assert abs((a * b).mean()) < 0.05
+
+
+def test_shared_noise_trains_and_samples():
+    m = tiny_model()
+    text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    lat = [torch.randn(4, 3, 4, 4), torch.randn(4, 1, 4, 6)]
+    a = flow_loss(m, lat, text, mask, generator=torch.Generator().manual_seed(0))
+    b = flow_loss(m, lat, text, mask, generator=torch.Generator().manual_seed(0), shared_noise=0.5)
+    assert torch.isfinite(b) and a != b
+    run = lambda s: sample(m, [(4, 3, 4, 4)], text[:1], mask[:1], steps=2, shared_noise=s,  # noqa: E731
+                           generator=torch.Generator().manual_seed(3), progress=False)[0]
+    assert not torch.allclose(run(0.0), run(0.9))
 
 
 def test_conditioning_frames_are_held():

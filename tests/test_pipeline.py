@@ -122,12 +122,13 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_guidance_parallel_reaches_every_pass(tiny_pipe, monkeypatch):
+def test_sampling_settings_reach_every_pass(tiny_pipe, monkeypatch):
     import videodit.pipeline as P
-    real, seen = P.sample, []
+    real, seen, noise = P.sample, [], []
 
     def spy(*args, **kw):
         seen.append(kw["guidance_parallel"])
+        noise.append(kw["shared_noise"])
         return real(*args, **kw)
 
     monkeypatch.setattr(P, "sample", spy)
@@ -142,6 +143,10 @@ def test_guidance_parallel_reaches_every_pass(tiny_pipe, monkeypatch):
     tiny_pipe.register_to_config(default_guidance_parallel=0.0)
     assert np.array_equal(run(image_first=True), projected) and seen[5:] == [0.0, 0.0]
     assert not np.array_equal(plain, run())
+    assert set(noise) == {0.0}
+    tiny_pipe.register_to_config(shared_noise=0.5)  # a model trained with shared noise samples from it
+    run(image_first=True)
+    assert noise[-2:] == [0.5, 0.5]
 
 
 def test_save_load_gives_identical_samples(tiny_pipe, tmp_path):

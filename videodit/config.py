@@ -161,6 +161,7 @@ class FlowConfig:
     # relative odds of the conditioning modes first, first_k, last, first_last (image_first sampling animates a
     # first frame: weight "first" up for it)
     cond_weights: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0, 1.0])
+    shared_noise: float = 0.0        # share of a clip's noise common to all its frames (videodit.flow.draw_noise)
 
     def check(self, bad):
         if self.logit_std <= 0:
@@ -170,6 +171,8 @@ class FlowConfig:
         for k in ("text_dropout", "cond_prob"):
             if not 0 <= getattr(self, k) <= 1:
                 bad(k, "a probability in [0, 1]")
+        if not 0 <= self.shared_noise < 1:
+            bad("shared_noise", "a number in [0, 1) (0: independent noise in every frame)")
         if len(self.cond_weights) != 4 or min(self.cond_weights) < 0 or sum(self.cond_weights) <= 0:
             bad("cond_weights", "4 numbers >= 0, not all 0: the odds of first, first_k, last, first_last")
 

@@ -64,6 +64,20 @@ def random_cond(num_frames: int, p: float, rng: random.Random, weights=None) -> 
     return cond_frames(num_frames, mode, rng.randint(1, max(1, num_frames // 2)))
 
 
+def draw_noise(shapes: list, shared: float = 0.0, generator=None, device=None) -> list:
+    """Standard normal noise of each shape (C, T, H, W). shared: the share of its variance common to all T frames (the
+    mixed noise of PYoCo, Ge et al. 2023): frames that start from alike noise start alike, so a clip's frames settle on
+    one layout; each element's variance stays 1. 0: independent frames."""
+    out = []
+    for s in shapes:
+        z = torch.randn(tuple(s), generator=generator, device=device)
+        if shared > 0 and s[1] > 1:
+            common = torch.randn((s[0], 1, *s[2:]), generator=generator, device=device)
+            z = (1 - shared) ** 0.5 * z + shared ** 0.5 * common
+        out.append(z)
+    return out
+
+
 def drop_text(prompts: list[str], p: float, rng: random.Random) -> list[str]:
     """Replace each prompt by the empty prompt with probability p (classifier-free guidance training)."""
     return ["" if rng.random() < p else s for s in prompts]
@@ -71,12 +85,13 @@ def drop_text(prompts: list[str], p: float, rng: random.Random) -> list[str]:
 
 def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, mean=0.0, std=1.0,
               shift: float | None = None, base_tokens: int = 256, generator=None,
-              image_mean: float | None = None) -> torch.Tensor:
+              image_mean: float | None = None, shared_noise: float = 0.0) -> torch.Tensor:
     """The rectified-flow loss on one packed batch.
 
     latents: list of clean (C, T_i, H_i, W_i); cond: list of (T_i,) bool masks of clean conditioning frames (no
     noise, timestep 0, no loss). The squared error is averaged over each sample's noisy tokens, then over samples,
-    so a long clip and an image weigh the same. image_mean: the logit mean of single frames (None: mean)."""
+    so a long clip and an image weigh the same. image_mean: the logit mean of single frames (None: mean).
+    shared_noise: the share of each clip's noise common to its frames (draw_noise)."""
     device = latents[0].device
     if image_mean is not None:
         mean = torch.tensor([image_mean if x.shape[1] == 1 else mean for x in latents], device=device)
@@ -87,7 +102,10 @@ def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, m
     t = sample_t(len(latents), mean, std, shifts, generator, device)  # (B,)
     frame_t = [torch.where(c.to(device), 0.0, t[i]).expand(x.shape[1]) for i, (x, c) in enumerate(zip(latents, cond))]
     x0 = packed.tokens
-    noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
+    if shared_noise > 0:
+        noise = pack(draw_noise([x.shape for x in latents], shared_noise, generator, device), model.patch_size).tokens
+    else:
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
     pt = model.patch_size[0]
     token_t = torch.cat(frame_t)[_frame_index(packed, pt)]  # (N,)
     xt = (1 - token_t[:, None]) * x0 + token_t[:, None] * noise
@@ -141,19 +159,20 @@ def make_scheduler(name: str, ts: torch.Tensor):
 
 @torch.no_grad()
 def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None, guidance: float = 1.0,
-           guidance_parallel: float = 1.0, steps: int = 30, shift: float | None = None, base_tokens: int = 256,
-           sampler: str = "euler", cond_latents: list | None = None, cond_masks: list | None = None,
-           init_latents: list | None = None, strength: float = 1.0, generator=None, progress: bool = True) -> list:
+           guidance_parallel: float = 1.0, shared_noise: float = 0.0, steps: int = 30, shift: float | None = None,
+           base_tokens: int = 256, sampler: str = "euler", cond_latents: list | None = None,
+           cond_masks: list | None = None, init_latents: list | None = None, strength: float = 1.0, generator=None,
+           progress: bool = True) -> list:
     """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch.
 
     text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
     guidance_parallel: the weight of the guidance term's part along the conditional clean estimate (1: plain
-    classifier-free guidance; 0: projected guidance, see `guide`).
+    classifier-free guidance; 0: projected guidance, see `guide`). shared_noise: as the model was trained (draw_noise).
     cond_latents/cond_masks: per sample, clean latents and a (T,) mask of frames held at them (None: nothing).
     init_latents/strength: SDEdit, start from these latents noised to t = strength instead of pure noise."""
     device, dtype = text.device, torch.float32
     B = len(shapes)
-    noise = [torch.randn(tuple(s), generator=generator, device=device, dtype=dtype) for s in shapes]
+    noise = draw_noise(shapes, shared_noise, generator, device)
     packed = pack(noise, model.patch_size)
     pt = model.patch_size[0]
     fidx = _frame_index(packed, pt)

@@ -46,16 +46,18 @@ class VideoDiTPipeline(DiffusionPipeline):
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
                  default_guidance_parallel: float = 1.0, text_encoder_package: str | None = None,
-                 image_first: bool = False):
+                 image_first: bool = False, shared_noise: float = 0.0):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
         # how the checkpoint was trained and is best sampled: saved in model_index.json. text_encoder_package:
         # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold;
-        # image_first: text-to-video draws the first frame as an image, then animates it (see __call__)
+        # image_first: text-to-video draws the first frame as an image, then animates it (see __call__);
+        # shared_noise: the share of a clip's starting noise common to its frames, as it trained (flow.draw_noise)
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
                                 default_guidance=default_guidance, default_guidance_parallel=default_guidance_parallel,
-                                text_encoder_package=text_encoder_package, image_first=image_first)
+                                text_encoder_package=text_encoder_package, image_first=image_first,
+                                shared_noise=shared_noise)
         self.offload_device = None  # see enable_offload
 
     @classmethod
@@ -208,10 +210,10 @@ class VideoDiTPipeline(DiffusionPipeline):
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
         with self.on_device(self.transformer):
             latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
-                             guidance_parallel=guidance_parallel, steps=num_inference_steps, shift=shift,
-                             base_tokens=self.config.base_tokens, sampler=sampler, cond_latents=cond_latents,
-                             cond_masks=cond_masks, init_latents=init, generator=generator, progress=progress,
-                             strength=strength if strength is not None else 1.0)
+                             guidance_parallel=guidance_parallel, shared_noise=self.config.get("shared_noise", 0.0),
+                             steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
+                             sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
+                             generator=generator, progress=progress, strength=1.0 if strength is None else strength)
         videos = []
         for z, (head, tail) in zip(latents, trim):
             v = self.decode(z)

@@ -144,7 +144,8 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> 
                             text.tokenizer, FlowMatchEulerDiscreteScheduler(), max_text_length=text.max_length,
                             base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
                             default_guidance=cfg.sample.guidance,
-                            default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first)
+                            default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
+                            shared_noise=cfg.flow.shared_noise)
     if not lean:
         pipe.save_pretrained(out)
     elif cfg.text.encoder == "minilm" and not cfg.text.path:

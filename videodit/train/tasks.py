@@ -102,7 +102,7 @@ class DiTTask:
         f = self.cfg.flow
         loss = flow_loss(model, latents, text, mask, cond, mean=f.logit_mean, std=f.logit_std,
                          shift=f.shift, base_tokens=f.base_tokens, generator=generator,
-                         image_mean=f.image_logit_mean)
+                         image_mean=f.image_logit_mean, shared_noise=f.shared_noise)
         pt, ph, pw = self.geom.patch
         seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
         flops = flops_per_step(self.model_config, seqlens, mask.sum(1).tolist()) * weight
@@ -126,8 +126,9 @@ class DiTTask:
         null, null_mask = self.text.encode([s.negative_prompt])
         gen = torch.Generator(self.device).manual_seed(s.seed)
         latents = sample(model, [shape] * len(cfg.train.sample_prompts), text, mask, null, null_mask,
-                         guidance=s.guidance, steps=s.steps, shift=s.shift, base_tokens=cfg.flow.base_tokens,
-                         sampler=s.sampler, generator=gen, progress=False)
+                         guidance=s.guidance, guidance_parallel=s.guidance_parallel,
+                         shared_noise=cfg.flow.shared_noise, steps=s.steps, shift=s.shift,
+                         base_tokens=cfg.flow.base_tokens, sampler=s.sampler, generator=gen, progress=False)
         for i, z in enumerate(latents):
             video = self.vae.decode_latents(z[None].to(self.vae.dtype))[0]
             write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps)
