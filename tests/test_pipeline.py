@@ -193,6 +193,7 @@ def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
     (["--prompt", "a", "--output", "x.png"], ["--num-frames 1"]),
     (["--prompt", "a", "--strength", "1.5", "--video", "{bad}"], ["(0, 1]"]),
     (["--prompt", "a", "--prompt-file", "/no/prompts.txt"], ["/no/prompts.txt"]),
+    (["--prompt", "a", "--guidance-parallel", "2"], ["--guidance-parallel", "[0, 1]"]),
 ])
 def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words):
     bad = tmp_path / "bad.mp4"

@@ -91,6 +91,9 @@ def check_args(a, prompts):
         raise UserError("--height, --width and --num-frames must be positive")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps must be positive, got {a.steps}")
+    if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
+        raise UserError(f"--guidance-parallel must be in [0, 1] (1 plain guidance, 0 projected), "
+                        f"got {a.guidance_parallel}")
     if a.output and a.output_dir:
         raise UserError("give --output FILE (one prompt) or --output-dir DIR, not both")
     if len(prompts) > 1 and a.output:

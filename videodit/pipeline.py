@@ -169,6 +169,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
         if guidance_parallel is None:
             guidance_parallel = self.config.get("default_guidance_parallel", 1.0)
+        if not 0 <= guidance_parallel <= 1:
+            raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
+                             f"got {guidance_parallel}")
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
