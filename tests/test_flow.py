@@ -125,9 +125,9 @@ def test_projected_guidance_drops_only_the_part_along_each_samples_clean_estimat
     v_c, v_u, x = (torch.randn(12, 6, generator=g) for _ in range(3))
     noisy = torch.ones(12, dtype=torch.bool)
     t = 0.7
-    plain = guide(v_c, v_u, x, t, 4.0, 1.0, idx, noisy)
+    plain = guide(v_c, v_u, x, t, 4.0, 1.0, idx, noisy, 2)
     assert torch.allclose(plain, v_u + 4.0 * (v_c - v_u), atol=1e-6)
-    projected = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy)
+    projected = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy, 2)
     x0 = x - t * v_c
     for i in range(2):  # what guidance adds is orthogonal to the sample's clean estimate, the rest is plain guidance
         m = idx == i
@@ -135,15 +135,15 @@ def test_projected_guidance_drops_only_the_part_along_each_samples_clean_estimat
         assert abs((added * x0[m]).sum()) < 1e-4 * added.norm() * x0[m].norm()
         along = x0[m] * ((plain[m] - projected[m]) * x0[m]).sum() / (x0[m] * x0[m]).sum()
         assert torch.allclose(plain[m] - projected[m], along, atol=1e-5)
-    half = guide(v_c, v_u, x, t, 4.0, 0.5, idx, noisy)
+    half = guide(v_c, v_u, x, t, 4.0, 0.5, idx, noisy, 2)
     assert torch.allclose(half, (plain + projected) / 2, atol=1e-5)
     # a term all along x0 is dropped whole; one sample's tokens and the clean tokens leave the others alone
-    along_only = guide(v_c, v_c - 0.3 * x0, x, t, 4.0, 0.0, idx, noisy)
+    along_only = guide(v_c, v_c - 0.3 * x0, x, t, 4.0, 0.0, idx, noisy, 2)
     assert torch.allclose(along_only, v_c, atol=1e-5)
     noisy[:2] = False
     x2 = x.clone()
     x2[:2] += 5.0
-    a, b = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy), guide(v_c, v_u, x2, t, 4.0, 0.0, idx, noisy)
+    a, b = guide(v_c, v_u, x, t, 4.0, 0.0, idx, noisy, 2), guide(v_c, v_u, x2, t, 4.0, 0.0, idx, noisy, 2)
     assert torch.allclose(a[2:], b[2:], atol=1e-5)
 
 

@@ -210,7 +210,7 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
         if use_cfg:
             v = model(both.with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk)
             v_c, v_u = v.float().chunk(2)
-            v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean)
+            v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean, B)
         else:
             v = model(packed.with_tokens(x), frame_t, text, text_mask)
         v = v.float()
@@ -222,18 +222,18 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     return unpack(x, packed, model.patch_size)
 
 
-def guide(v_c, v_u, x, t, guidance: float, parallel: float, sample_idx, noisy) -> torch.Tensor:
+def guide(v_c, v_u, x, t, guidance: float, parallel: float, sample_idx, noisy, num_samples: int) -> torch.Tensor:
     """Classifier-free guidance of packed velocities (N, D), v_c + (g - 1)(v_c - v_u), with the guidance term's part
     parallel to the conditional clean estimate x0 = x - t v_c weighted by `parallel` (APG, Sadat et al. 2024, without
     its momentum and norm threshold). That part mostly scales the sample up and, at strong guidance, washes small
     objects out of the frame; the orthogonal part carries what the prompt changes. The projection is per sample,
-    over its noisy tokens (`noisy`, (N,) bool) only."""
+    over its noisy tokens (`noisy`, (N,) bool) only; `sample_idx` (N,) names each token's sample of `num_samples`."""
     dv = v_c - v_u
     if parallel != 1.0:
         x0 = x - t * v_c
-        B, keep = int(sample_idx.max()) + 1, noisy.float()
-        dot = x0.new_zeros(B).index_add_(0, sample_idx, (dv * x0).sum(1) * keep)
-        norm = x0.new_zeros(B).index_add_(0, sample_idx, (x0 * x0).sum(1) * keep)
+        keep = noisy.float()
+        dot = x0.new_zeros(num_samples).index_add_(0, sample_idx, (dv * x0).sum(1) * keep)
+        norm = x0.new_zeros(num_samples).index_add_(0, sample_idx, (x0 * x0).sum(1) * keep)
         dv = dv - (1 - parallel) * (dot / norm.clamp_min(1e-12))[sample_idx, None] * x0
     return v_c + (guidance - 1) * dv
 
