@@ -35,7 +35,7 @@ from .vae import CausalVideoVAE, PretrainedVideoVAE
 
 @dataclasses.dataclass
 class VideoDiTOutput(BaseOutput):
-    frames: list  # per prompt: uint8 (T, H, W, 3) ("np") or float (3, T, H, W) in [-1, 1] ("pt")
+    frames: list  # per prompt: uint8 (T, H, W, 3) ("np"), float (3, T, H, W) in [-1, 1] ("pt") or latents ("latent")
     sizes: list   # per prompt: (T, H, W) actually generated
 
 
@@ -156,6 +156,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
+        output_type: "np" (uint8 frames), "pt" (float pixels) or "latent": the normalized latents (C, T', H', W') as
+        sampled, undecoded, with any held conditioning frames (loop, connect, extend) still in them.
         guidance_parallel (None: the checkpoint's `default_guidance_parallel`): 1 is plain classifier-free guidance,
         0 drops the guidance term's part along the clean estimate (projected guidance, videodit.flow.guide), which keeps
         small objects in frame at strong guidance.
@@ -165,6 +167,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         comes from the starting noise and the motion follows the layout (README, Training)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
+        if output_type not in ("np", "pt", "latent"):
+            raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         num_inference_steps = num_inference_steps or self.config.default_steps
         guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
         if guidance_parallel is None:
@@ -217,6 +221,8 @@ class VideoDiTPipeline(DiffusionPipeline):
                              steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
                              sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
                              generator=generator, progress=progress, strength=1.0 if strength is None else strength)
+        if output_type == "latent":
+            return VideoDiTOutput(frames=latents, sizes=sizes)
         videos = []
         for z, (head, tail) in zip(latents, trim):
             v = self.decode(z)
@@ -233,15 +239,15 @@ class VideoDiTPipeline(DiffusionPipeline):
         lat, masks = [], []
         for (C, Tl, h, w), first in zip(shapes, firsts):
             z = torch.zeros(C, Tl, h, w)
-            z[:, :1] = self.encode_video(first)
+            z[:, :1] = first
             lat.append(z)
             masks.append(cond_frames(Tl, "first") if Tl > 1 else torch.ones(1, dtype=torch.bool))
         return lat, masks
 
     def _draw_images(self, prompts, negative_prompt, sizes, run):
-        """Each prompt drawn as an image at its sample's size: a list of (3, 1, H, W) pixels in [-1, 1]."""
+        """Each prompt drawn as an image at its sample's size: a list of its latents (C, 1, h, w)."""
         return self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1,
-                    image_first=False, output_type="pt", **run).frames
+                    image_first=False, output_type="latent", **run).frames
 
     def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, run):
         """Per sample: clean latents, the mask of latent frames held at them, and (head, tail) pixel frames to trim
@@ -277,9 +283,8 @@ class VideoDiTPipeline(DiffusionPipeline):
                 z[:, -1] = self.held_latent(b[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (1, ft)
             else:  # loop
-                first = firsts[i]
-                z[:, :1] = self.encode_video(first)
-                z[:, -1] = self.held_latent(first[:, 0])
+                z[:, :1] = firsts[i]
+                z[:, -1] = self.held_latent(self.decode(firsts[i])[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (0, ft)
             lat.append(z)
             masks.append(m)
