@@ -166,7 +166,7 @@ def run(a):
         print(f"note: {a.num_frames}x{a.height}x{a.width} (frames x height x width) is not a size this model takes; "
               f"using {size[0]}x{size[1]}x{size[2]}")
     kwargs, before, after = conditioning(a, size)
-    a.steps = a.steps or pipe.config.default_steps
+    a.steps = pipe.sampling_defaults(a.steps)[0]  # written beside each video
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()

@@ -145,6 +145,18 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     # -- the call --------------------------------------------------------------------------------------------------
 
+    def sampling_defaults(self, steps: int | None = None, guidance: float | None = None,
+                          guidance_parallel: float | None = None) -> tuple[int, float, float]:
+        """The steps, guidance scale and guidance_parallel a call runs with: those given, else the checkpoint's."""
+        steps = steps or self.config.default_steps
+        guidance = self.config.default_guidance if guidance is None else guidance
+        if guidance_parallel is None:
+            guidance_parallel = self.config.get("default_guidance_parallel", 1.0)
+        if not 0 <= guidance_parallel <= 1:
+            raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
+                             f"got {guidance_parallel}")
+        return steps, guidance, guidance_parallel
+
     @torch.no_grad()
     def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
@@ -169,13 +181,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         B = len(prompts)
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        num_inference_steps = num_inference_steps or self.config.default_steps
-        guidance_scale = self.config.default_guidance if guidance_scale is None else guidance_scale
-        if guidance_parallel is None:
-            guidance_parallel = self.config.get("default_guidance_parallel", 1.0)
-        if not 0 <= guidance_parallel <= 1:
-            raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
-                             f"got {guidance_parallel}")
+        num_inference_steps, guidance_scale, guidance_parallel = self.sampling_defaults(
+            num_inference_steps, guidance_scale, guidance_parallel)
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,

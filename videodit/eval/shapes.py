@@ -294,10 +294,7 @@ def main(argv=None):
         print(f"wrote {a.out}/words.json")
         return
     # the checkpoint's sampling defaults where none were given, so that results.json says what was run
-    a.steps = a.steps or pipe.config.default_steps
-    a.guidance = pipe.config.default_guidance if a.guidance is None else a.guidance
-    if a.guidance_parallel is None:
-        a.guidance_parallel = pipe.config.get("default_guidance_parallel", 1.0)
+    a.steps, a.guidance, a.guidance_parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
                                        image_first=a.image_first, upsample=a.upsample_prompt,
                                        guidance_parallel=a.guidance_parallel)
