@@ -98,6 +98,7 @@ def test_circular_base(tmp_path):
     ("text.image_detailed_caption_prob=1.5", ["text.image_detailed_caption_prob", "probability in [0, 1] or null"]),
     ("sample.guidance_parallel=-1", ["sample.guidance_parallel", "a number in [0, 1]"]),
     ("flow.shared_noise=1.0", ["flow.shared_noise", "a number in [0, 1)"]),
+    ("sample.size=[17,64]", ["sample.size", "[T, H, W]"]),
 ])
 def test_override_errors(override, words):
     with pytest.raises(ConfigError) as e:

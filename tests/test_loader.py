@@ -7,7 +7,7 @@ import torch
 
 from videodit.config import load_config
 from videodit.data.loader import (DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource, TrainData,
-                                  make_loader, pack_by_budget)
+                                  make_loader, pack_by_budget, trained_size)
 from videodit.data.shapes import make_clip
 from videodit.data.video import write_video
 
@@ -141,3 +141,14 @@ def test_loader_skips_and_counts_bad_files_in_workers(manifest):
         assert b["tokens"] <= 64
         for v in b.get("video", []):  # a batch whose samples all failed is empty
             assert (v.shape[1] - 1) % 4 == 0 and v.shape[2] % 8 == 0 and v.shape[3] % 8 == 0
+
+
+def test_trained_size_is_the_datas_typical_clip(tmp_path):
+    from videodit.config import DataConfig
+
+    assert trained_size(DataConfig(sizes=[[9, 32, 64], [17, 64, 64]])) == (9, 32, 64)
+    manifest = DataConfig(source="manifest", manifest="m.jsonl", target_area=128 * 128, num_frames=[9, 33])
+    assert trained_size(manifest) == (33, 128, 128)
+    items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
+    (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
+    assert trained_size(DataConfig(source="cache", cache_dir=str(tmp_path))) == (17, 64, 128)

@@ -55,6 +55,20 @@ def test_invalid_sizes_round_to_valid(tiny_pipe):
     assert out.frames[0].shape == (9, 32, 48, 3)
 
 
+def test_sizes_left_out_come_from_the_checkpoint_and_the_input(tiny_pipe):
+    tiny_pipe.register_to_config(default_size=[5, 16, 32])
+    assert tiny_pipe("a red circle", generator=gen(0), progress=False).sizes == [(5, 16, 32)]
+    # an input's aspect at the default's area (512 pixels), each side a multiple of 8
+    assert tiny_pipe.resolve_size(like=(20, 60)) == (5, 16, 40)
+    assert tiny_pipe.resolve_size(like=(90, 30)) == (5, 40, 16)
+    assert tiny_pipe.resolve_size(9, 32, None, like=(20, 60)) == (9, 32, 96)  # one side given: the other follows
+    assert tiny_pipe.resolve_size(None, None, 16) == (5, 8, 16)  # no input: the default's aspect
+    wide = torch.rand(3, 1, 20, 60) * 2 - 1
+    assert tiny_pipe("a red circle", image=wide, progress=False).sizes == [(5, 16, 40)]
+    clip = torch.rand(3, 11, 16, 16) * 2 - 1  # SDEdit keeps the clip's length: the longest 1 + 4k frames of it
+    assert tiny_pipe("a red circle", video=clip, strength=0.5, progress=False).sizes == [(9, 24, 24)]
+
+
 def test_image_is_the_first_frame(tiny_pipe):
     image = torch.rand(3, 1, 32, 32) * 2 - 1
     out = tiny_pipe("a red circle moving right", height=32, width=32, num_frames=9, image=image, output_type="pt",
@@ -181,7 +195,31 @@ def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
     assert (tmp_path / "img.png").exists()
     main(["--prompt", "a red circle", "--checkpoint", saved, "--num-frames", "6", "--output",
           str(tmp_path / "r.mp4"), "--height", "15", "--width", "16"])
-    assert "using 5x16x16" in capsys.readouterr().out
+    assert "frames 6, height 15: not a size this model takes; using 5x16x16" in capsys.readouterr().out
+
+
+def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pipe, tmp_path):
+    from PIL import Image
+
+    from videodit.data.video import read_video, write_video
+
+    tiny_pipe.register_to_config(default_size=[5, 16, 32], default_fps=4.0)
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    Image.fromarray(np.zeros((30, 90, 3), np.uint8)).save(tmp_path / "wide.png")
+    write_video(str(tmp_path / "tall.mp4"), torch.zeros(3, 13, 48, 16), fps=4.0)
+    out = tmp_path / "out"
+
+    def run(*args):
+        main(["--prompt", "a red circle", "--checkpoint", str(tmp_path / "pipe"), "--output-dir", str(out), *args])
+        return json.loads((out / "prompts.jsonl").read_text())
+
+    r = run()  # no size: the checkpoint's, at its frame rate
+    assert (r["num_frames"], r["height"], r["width"], r["fps"]) == (5, 16, 32, 4.0)
+    r = run("--image", str(tmp_path / "wide.png"))  # 1:3 at about 512 pixels
+    assert (r["num_frames"], r["height"], r["width"]) == (5, 16, 40)
+    assert read_video(str(out / "000.mp4")).shape == (3, 5, 16, 40)
+    r = run("--video", str(tmp_path / "tall.mp4"), "--strength", "0.5")  # SDEdit: the whole clip, its aspect
+    assert (r["num_frames"], r["height"], r["width"]) == (13, 40, 16)
 
 
 @pytest.mark.parametrize("args,words", [

@@ -239,6 +239,8 @@ class SampleConfig:
     negative_prompt: str = ""
     seed: int = 0
     image_first: bool = False        # text-to-video draws the first frame, then animates it (VideoDiTPipeline)
+    # [T, H, W] of training samples and the exported pipeline's default; null: the data's (data.loader.trained_size)
+    size: list[int] | None = None
 
     def check(self, bad):
         if self.steps < 1:
@@ -249,6 +251,8 @@ class SampleConfig:
             bad("guidance_parallel", "a number in [0, 1] (1: plain guidance, 0: projected)")
         if self.fps <= 0:
             bad("fps", "a positive number")
+        if self.size is not None and (len(self.size) != 3 or min(self.size) < 1):
+            bad("size", "null or [T, H, W], three positive integers")
 
 
 @dataclass

@@ -21,9 +21,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
     p.add_argument("--prompt-file", help="a text file with one prompt a line")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (guidance)")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
-    p.add_argument("--num-frames", type=int, default=17, help="frames per video; 1 makes an image")
+    p.add_argument("--height", type=int, help="default: the checkpoint's; with --image, --video or --connect, the "
+                   "input's aspect ratio at the checkpoint's area (one of --height, --width: the other follows it)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--num-frames", type=int, help="frames per video; 1 makes an image (default: the checkpoint's; "
+                   "SDEdit: the whole --video)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 turns it off")
     p.add_argument("--guidance-parallel", type=float, default=None,
@@ -32,7 +34,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: resolution-dependent)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--fps", type=float, help="frame rate of the output and of reading input videos (default: the "
+                   "checkpoint's)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a pipeline folder (default: the shipped model)")
     p.add_argument("--output", help="output file for one prompt: .mp4, .gif, or .png when --num-frames 1")
     p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl")
@@ -87,8 +90,10 @@ def check_args(a, prompts):
                 probe(path)
             except VideoReadError as e:
                 raise UserError(f"{name} {e}") from None
-    if a.num_frames < 1 or a.height < 1 or a.width < 1:
+    if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
         raise UserError("--height, --width and --num-frames must be positive")
+    if a.fps is not None and a.fps <= 0:
+        raise UserError(f"--fps must be positive, got {a.fps}")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps must be positive, got {a.steps}")
     if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
@@ -136,14 +141,26 @@ def conditioning(a, size):
             clip = read_video(a.video, fps=a.fps, height=H, width=W)
             return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \
                 clip if a.extend == "backward" else None
-        if a.strength is not None:
-            return dict(video=read_video(a.video, fps=a.fps, height=H, width=W), strength=a.strength), None, None
+        if a.strength is not None:  # only the frames edited (the whole clip without --num-frames)
+            clip = read_video(a.video, None if a.num_frames is None else T, fps=a.fps, height=H, width=W)
+            return dict(video=clip, strength=a.strength), None, None
         if a.connect:
             clips = [read_video(v, fps=a.fps, height=H, width=W) for v in a.connect]
             return dict(connect=tuple(clips)), clips[0], clips[1]
     except VideoReadError as e:
         raise UserError(str(e)) from None
     return dict(loop=a.loop), None, None
+
+
+def input_size(a) -> tuple[int, int] | None:
+    """(height, width) of the input image or video (the first of --connect), whose aspect the output takes."""
+    from videodit.data.video import probe
+
+    path = a.image or a.video or (a.connect[0] if a.connect else None)
+    if path is None:
+        return None
+    info = probe(path)
+    return info["height"], info["width"]
 
 
 def run(a):
@@ -161,16 +178,20 @@ def run(a):
                                    seed=a.seed) for p in prompts]
         for p in prompts:
             print(f"prompt: {p}")
-    size = pipe.valid_size(a.num_frames, a.height, a.width)
-    if size != (a.num_frames, a.height, a.width):
-        print(f"note: {a.num_frames}x{a.height}x{a.width} (frames x height x width) is not a size this model takes; "
-              f"using {size[0]}x{size[1]}x{size[2]}")
+    a.fps = a.fps or pipe.config.get("default_fps", 8.0)
+    size = pipe.resolve_size(a.num_frames, a.height, a.width, input_size(a))
+    changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
+                                                   size) if v is not None and v != s]
+    if changed:
+        print(f"note: {', '.join(changed)}: not a size this model takes; using {size[0]}x{size[1]}x{size[2]} "
+              f"(frames x height x width)")
     kwargs, before, after = conditioning(a, size)
+    frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
     a.steps = pipe.sampling_defaults(a.steps)[0]  # written beside each video
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
-    out = pipe(prompts, a.negative_prompt, size[1], size[2], size[0], num_inference_steps=a.steps,
+    out = pipe(prompts, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
                guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel,
                generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler, shift=a.shift,
                image_first=a.image_first, output_type="pt", **kwargs)
@@ -183,17 +204,17 @@ def run(a):
 def write_outputs(a, prompts, out, before, after):
     from videodit.data.video import write_video
 
-    ext = ".png" if a.num_frames == 1 and not (before is not None or after is not None) else ".mp4"
     if a.output_dir:
         os.makedirs(a.output_dir, exist_ok=True)
     rows = []
     for i, (prompt, video) in enumerate(zip(prompts, out.frames)):
         parts = [v.cpu() for v in (before, video, after) if v is not None]
         video = torch.cat(parts, dim=1)
+        ext = ".png" if video.shape[1] == 1 else ".mp4"
         path = a.output if a.output else os.path.join(a.output_dir or ".", f"{i:03d}{ext}")
         write_video(path, video, fps=a.fps)
         rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed, num_frames=video.shape[1],
-                         height=video.shape[2], width=video.shape[3], steps=a.steps))
+                         height=video.shape[2], width=video.shape[3], fps=a.fps, steps=a.steps))
         print(path)
     if a.output_dir:
         with open(os.path.join(a.output_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:

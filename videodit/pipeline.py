@@ -46,18 +46,20 @@ class VideoDiTPipeline(DiffusionPipeline):
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
                  default_guidance_parallel: float = 1.0, text_encoder_package: str | None = None,
-                 image_first: bool = False, shared_noise: float = 0.0):
+                 image_first: bool = False, shared_noise: float = 0.0, default_size: tuple = (17, 64, 64),
+                 default_fps: float = 8.0):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
         # how the checkpoint was trained and is best sampled: saved in model_index.json. text_encoder_package:
         # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold;
         # image_first: text-to-video draws the first frame as an image, then animates it (see __call__);
-        # shared_noise: the share of a clip's starting noise common to its frames, as it trained (flow.draw_noise)
+        # shared_noise: the share of a clip's starting noise common to its frames, as it trained (flow.draw_noise);
+        # default_size, default_fps: the (frames, height, width) and frame rate it trained at
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
                                 default_guidance=default_guidance, default_guidance_parallel=default_guidance_parallel,
                                 text_encoder_package=text_encoder_package, image_first=image_first,
-                                shared_noise=shared_noise)
+                                shared_noise=shared_noise, default_size=list(default_size), default_fps=default_fps)
         self.offload_device = None  # see enable_offload
 
     @classmethod
@@ -113,10 +115,28 @@ class VideoDiTPipeline(DiffusionPipeline):
         """The VAE behind the project's interface (encode_latents, decode_latents, ft, fs, valid_size)."""
         return self.vae if isinstance(self.vae, CausalVideoVAE) else PretrainedVideoVAE(self.vae)
 
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.video_vae.ft, self.video_vae.fs, self.transformer.patch_size)
+
     def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch."""
-        vae = self.video_vae
-        return Geometry(vae.ft, vae.fs, self.transformer.patch_size).snap(*vae.valid_size(T, H, W))
+        return self.geometry.snap(*self.video_vae.valid_size(T, H, W))
+
+    def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
+                     like: tuple[int, int] | None = None) -> tuple[int, int, int]:
+        """The valid (T, H, W) to sample: the values given, the rest from the checkpoint's default_size. With
+        neither height nor width, the frame takes the aspect of `like` (an input image's or video's (h, w)) at the
+        default's area, or is the default; with one of them, the other follows that aspect."""
+        T0, H0, W0 = self.config.get("default_size", (17, 64, 64))
+        h, w = like or (H0, W0)
+        if height is None and width is None:
+            height, width = self.geometry.resize(h, w, H0 * W0) if like else (H0, W0)
+        elif height is None:
+            height = round(width * h / w)
+        elif width is None:
+            width = round(height * w / h)
+        return self.valid_size(T0 if num_frames is None else num_frames, height, width)
 
     def encode_prompt(self, prompts: list[str]):
         device = self.offload_device or self.transformer.device
@@ -158,7 +178,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         return steps, guidance, guidance_parallel
 
     @torch.no_grad()
-    def __call__(self, prompt, negative_prompt: str | list | None = None, height=64, width=64, num_frames=17,
+    def __call__(self, prompt, negative_prompt: str | list | None = None, height=None, width=None, num_frames=None,
                  num_inference_steps: int | None = None, guidance_scale: float | None = None,
                  guidance_parallel: float | None = None, generator=None, sampler: str = "euler",
                  shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
@@ -166,8 +186,11 @@ class VideoDiTPipeline(DiffusionPipeline):
                  connect: tuple | None = None, image_first: bool | None = None,
                  output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
-        prompt (different sizes sample together as one packed batch); they are rounded to valid sizes.
-        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), already at the target size.
+        prompt (different sizes sample together as one packed batch); they are rounded to valid sizes. Left out
+        (None), they come from resolve_size: the checkpoint's default_size, with an image, video or connect the
+        input's aspect at the default's area, and with strength (SDEdit) the video's own length.
+        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), resized and centre-cropped to
+        the size sampled.
         output_type: "np" (uint8 frames), "pt" (float pixels) or "latent": the normalized latents (C, T', H', W') as
         sampled, undecoded, with any held conditioning frames (loop, connect, extend) still in them.
         guidance_parallel (None: the checkpoint's `default_guidance_parallel`): 1 is plain classifier-free guidance,
@@ -188,7 +211,11 @@ class VideoDiTPipeline(DiffusionPipeline):
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
                    progress=progress)
         per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
-        sizes = [self.valid_size(t, h, w) for t, h, w in zip(per(num_frames), per(height), per(width))]
+        ref = image if image is not None else video if video is not None else connect[0] if connect else None
+        if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
+            num_frames = self.geometry.frames(video.shape[1], video.shape[1])
+        like = tuple(ref.shape[-2:]) if ref is not None else None
+        sizes = [self.resolve_size(t, h, w, like) for t, h, w in zip(per(num_frames), per(height), per(width))]
         vae = self.video_vae
         C = vae.denoiser_channels
         if self.transformer.config.in_channels != C:

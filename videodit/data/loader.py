@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -227,6 +228,19 @@ def make_source(data, geom: Geometry):
     if data.source == "manifest":
         return ManifestSource(data.manifest, data.target_area, max(data.num_frames), data.fps, geom)
     return CacheSource(data.cache_dir)
+
+
+def trained_size(data) -> tuple[int, int, int]:
+    """The (T, H, W) pixels a model trained on this DataConfig's clips samples at by default: the shapes world's
+    first size; a manifest's longest frame count, square at data.target_area; a cache's most common clip."""
+    if data.source == "shapes":
+        return tuple(data.sizes[0])
+    if data.source == "manifest":
+        side = round(math.sqrt(data.target_area))
+        return max(data.num_frames), side, side
+    cache = CacheSource(data.cache_dir)
+    _, t, h, w = Counter(tuple(x["shape"]) for x in cache.items).most_common(1)[0][0]
+    return 1 + cache.ft * (t - 1), h * cache.fs, w * cache.fs
 
 
 # ---------------------------------------------------------------------------------------------------------------

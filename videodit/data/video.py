@@ -31,15 +31,17 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize uint8/float (T, H0, W0, 3) frames to cover (height, width) keeping the aspect, then centre-crop.
 
     Returns float (3, T, height, width) in [-1, 1]."""
-    x = frames.permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
-    h0, w0 = x.shape[-2:]
+    h0, w0 = frames.shape[1:3]
     scale = max(height / h0, width / w0)
     h1, w1 = max(height, round(h0 * scale)), max(width, round(w0 * scale))
-    if (h1, w1) != (h0, w0):
-        x = F.interpolate(x, size=(h1, w1), mode="bilinear", antialias=True, align_corners=False)
     top, left = (h1 - height) // 2, (w1 - width) // 2
-    x = x[:, :, top:top + height, left:left + width]
-    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
+    out = []
+    for chunk in frames.split(16):  # a few frames at a time in float: a long clip is held in full only as uint8
+        x = chunk.permute(0, 3, 1, 2).float()  # (t, 3, H0, W0)
+        if (h1, w1) != (h0, w0):
+            x = F.interpolate(x, size=(h1, w1), mode="bilinear", antialias=True, align_corners=False)
+        out.append((x[:, :, top:top + height, left:left + width] / 127.5 - 1.0).clamp(-1, 1))
+    return torch.cat(out).permute(1, 0, 2, 3).contiguous()
 
 
 def _short(e: Exception) -> str:

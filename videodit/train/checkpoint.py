@@ -133,10 +133,11 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
 
 def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> str:
     """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
-    with the run's text length, shift base and sampling defaults in model_index.json. `lean`: the denoiser in
-    float16 and no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
+    with the run's text length, shift base, sampling defaults, size and frame rate in model_index.json. `lean`: the
+    denoiser in float16 and no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from ..data.loader import trained_size
     from ..pipeline import VideoDiTPipeline
     from ..vae import PretrainedVideoVAE
 
@@ -145,7 +146,8 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> 
                             base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
                             default_guidance=cfg.sample.guidance,
                             default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
-                            shared_noise=cfg.flow.shared_noise)
+                            shared_noise=cfg.flow.shared_noise, default_size=cfg.sample.size or trained_size(cfg.data),
+                            default_fps=cfg.data.fps)
     if not lean:
         pipe.save_pretrained(out)
     elif cfg.text.encoder == "minilm" and not cfg.text.path:

@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from ..config import ConfigError
-from ..data.loader import CacheSource, Geometry, make_source
+from ..data.loader import CacheSource, Geometry, make_source, trained_size
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
 from ..flow import flow_loss, sample
@@ -116,11 +116,12 @@ class DiTTask:
 
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str):
-        """Videos of train.sample_prompts at data.sizes[0] (snapped to the VAE and patch), written to folder."""
+        """Videos of train.sample_prompts at sample.size (default: the data's; snapped to the VAE and patch), written
+        to folder."""
         cfg, s = self.cfg, self.cfg.sample
         if not cfg.train.sample_prompts:
             return
-        T, H, W = self.geom.snap(*cfg.data.sizes[0])
+        T, H, W = self.geom.snap(*(s.size or trained_size(cfg.data)))
         shape = (self.model_config["in_channels"], *self.geom.latent_shape(T, H, W))
         text, mask = self.text.encode(cfg.train.sample_prompts)
         null, null_mask = self.text.encode([s.negative_prompt])
