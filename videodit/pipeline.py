@@ -46,7 +46,7 @@ class VideoDiTPipeline(DiffusionPipeline):
     def __init__(self, vae, transformer, text_encoder, tokenizer, scheduler, max_text_length: int = 64,
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
                  default_guidance_parallel: float = 1.0, text_encoder_package: str | None = None,
-                 image_first: bool = False, shared_noise: float = 0.0, default_size: tuple = (17, 64, 64),
+                 image_first: bool = False, shared_noise: float = 0.0, default_size: list[int] | tuple = (17, 64, 64),
                  default_fps: float = 8.0):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,

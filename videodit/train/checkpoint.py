@@ -148,6 +148,7 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> 
                             default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
                             shared_noise=cfg.flow.shared_noise, default_size=cfg.sample.size or trained_size(cfg.data),
                             default_fps=cfg.data.fps)
+    pipe.register_to_config(default_size=list(pipe.resolve_size()))  # snapped to what the model takes
     if not lean:
         pipe.save_pretrained(out)
     elif cfg.text.encoder == "minilm" and not cfg.text.path:
