@@ -69,6 +69,17 @@ def test_sizes_left_out_come_from_the_checkpoint_and_the_input(tiny_pipe):
     assert tiny_pipe("a red circle", video=clip, strength=0.5, progress=False).sizes == [(9, 24, 24)]
 
 
+def test_a_generator_per_prompt_makes_each_video_independent_of_the_batch(tiny_pipe):
+    kw = dict(height=16, width=16, num_frames=5, output_type="pt", progress=False)
+    both = tiny_pipe(["a red circle moving left", "a blue square"], generator=[gen(5), gen(6)], **kw).frames
+    alone = tiny_pipe("a blue square", generator=[gen(6)], **kw).frames[0]
+    assert torch.allclose(both[1], alone, atol=1e-4)
+    assert not torch.allclose(both[0], tiny_pipe("a red circle moving left", generator=gen(6), **kw).frames[0],
+                              atol=1e-2)
+    with pytest.raises(ValueError, match="2 generators for 3 samples"):
+        tiny_pipe(["a", "b", "c"], generator=[gen(0), gen(1)], **kw)
+
+
 def test_image_is_the_first_frame(tiny_pipe):
     image = torch.rand(3, 1, 32, 32) * 2 - 1
     out = tiny_pipe("a red circle moving right", height=32, width=32, num_frames=9, image=image, output_type="pt",
@@ -189,6 +200,7 @@ def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
     rows = [json.loads(x) for x in (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == ["000.mp4", "001.mp4"] and rows[1]["prompt"] == "two blue squares moving up"
     assert rows[0]["seed"] == 3 and rows[0]["steps"] == 3 and (rows[0]["height"], rows[0]["width"]) == (16, 24)
+    assert rows[1]["seed"] == 4  # prompt i samples with seed + i
     assert (tmp_path / "out" / "001.mp4").stat().st_size > 0
     main(["--prompt", "a red circle", "--checkpoint", saved, "--num-frames", "1", "--output",
           str(tmp_path / "img.png"), "--height", "16", "--width", "16"])
@@ -196,6 +208,25 @@ def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
     main(["--prompt", "a red circle", "--checkpoint", saved, "--num-frames", "6", "--output",
           str(tmp_path / "r.mp4"), "--height", "15", "--width", "16"])
     assert "frames 6, height 15: not a size this model takes; using 5x16x16" in capsys.readouterr().out
+
+
+def test_sample_command_batches_prompts_and_each_image_is_its_own_seeds(saved, tmp_path):
+    from PIL import Image
+
+    (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares\na green triangle moving up\n")
+    images = []
+    for batch in ("1", "2", "3"):
+        out = tmp_path / f"b{batch}"
+        main(["--prompt-file", str(tmp_path / "prompts.txt"), "--checkpoint", saved, "--output-dir", str(out),
+              "--height", "16", "--width", "16", "--num-frames", "1", "--seed", "7", "--batch-size", batch])
+        rows = [json.loads(x) for x in (out / "prompts.jsonl").read_text().splitlines()]
+        assert [r["file"] for r in rows] == ["000.png", "001.png", "002.png"] and [r["seed"] for r in rows] == [7, 8, 9]
+        images.append([np.asarray(Image.open(out / r["file"])).astype(int) for r in rows])
+    for other in images[1:]:
+        assert all(np.abs(a - b).max() <= 1 for a, b in zip(images[0], other))
+    main(["--prompt", "two blue squares", "--checkpoint", saved, "--output", str(tmp_path / "alone.png"),
+          "--height", "16", "--width", "16", "--num-frames", "1", "--seed", "8"])  # prompt 1 again, alone
+    assert np.abs(np.asarray(Image.open(tmp_path / "alone.png")).astype(int) - images[0][1]).max() <= 1
 
 
 def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pipe, tmp_path):
@@ -235,6 +266,7 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     (["--prompt", "a", "--strength", "1.5", "--video", "{bad}"], ["(0, 1]"]),
     (["--prompt", "a", "--prompt-file", "/no/prompts.txt"], ["/no/prompts.txt"]),
     (["--prompt", "a", "--guidance-parallel", "2"], ["--guidance-parallel", "[0, 1]"]),
+    (["--prompt", "a", "--batch-size", "0"], ["--batch-size", "positive"]),
 ])
 def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words):
     bad = tmp_path / "bad.mp4"

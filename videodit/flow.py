@@ -67,9 +67,13 @@ def random_cond(num_frames: int, p: float, rng: random.Random, weights=None) -> 
 def draw_noise(shapes: list, shared: float = 0.0, generator=None, device=None) -> list:
     """Standard normal noise of each shape (C, T, H, W). shared: the share of its variance common to all T frames (the
     mixed noise of PYoCo, Ge et al. 2023): frames that start from alike noise start alike, so a clip's frames settle on
-    one layout; each element's variance stays 1. 0: independent frames."""
+    one layout; each element's variance stays 1. 0: independent frames. generator: one for all, or a list of one
+    per shape (each sample's noise then depends on its own generator alone, not on the batch)."""
+    gens = generator if isinstance(generator, (list, tuple)) else [generator] * len(shapes)
+    if len(gens) != len(shapes):
+        raise ValueError(f"{len(gens)} generators for {len(shapes)} samples; give one, or one per sample")
     out = []
-    for s in shapes:
+    for s, generator in zip(shapes, gens):
         z = torch.randn(tuple(s), generator=generator, device=device)
         if shared > 0 and s[1] > 1:
             common = torch.randn((s[0], 1, *s[2:]), generator=generator, device=device)

@@ -8,6 +8,7 @@ import sys
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-tiny")
 
@@ -33,7 +34,9 @@ def parse_args(argv=None):
                         "(keeps small objects at strong guidance; default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: resolution-dependent)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="prompt i (from 0) samples with seed + i: any video comes "
+                   "again alone with --prompt ... --seed SEED+i")
+    p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (one packed batch)")
     p.add_argument("--fps", type=float, help="frame rate of the output and of reading input videos (default: the "
                    "checkpoint's)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a pipeline folder (default: the shipped model)")
@@ -94,6 +97,8 @@ def check_args(a, prompts):
         raise UserError("--height, --width and --num-frames must be positive")
     if a.fps is not None and a.fps <= 0:
         raise UserError(f"--fps must be positive, got {a.fps}")
+    if a.batch_size < 1:
+        raise UserError(f"--batch-size must be positive, got {a.batch_size}")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps must be positive, got {a.steps}")
     if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
@@ -175,7 +180,7 @@ def run(a):
         from videodit.upsample import upsample_prompt
 
         prompts = [upsample_prompt(p, backend="lm" if a.upsampler_model else "shapes", model=a.upsampler_model,
-                                   seed=a.seed) for p in prompts]
+                                   seed=a.seed + i) for i, p in enumerate(prompts)]
         for p in prompts:
             print(f"prompt: {p}")
     a.fps = a.fps or pipe.config.get("default_fps", 8.0)
@@ -191,33 +196,40 @@ def run(a):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
-    out = pipe(prompts, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
-               guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel,
-               generator=torch.Generator(device).manual_seed(a.seed), sampler=a.sampler, shift=a.shift,
-               image_first=a.image_first, output_type="pt", **kwargs)
+    with tqdm(total=len(prompts), desc="videos", disable=len(prompts) <= a.batch_size) as bar:
+        for start in range(0, len(prompts), a.batch_size):
+            part = prompts[start:start + a.batch_size]
+            gens = [torch.Generator(device).manual_seed(a.seed + start + j) for j in range(len(part))]
+            out = pipe(part, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
+                       guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel, generator=gens,
+                       sampler=a.sampler, shift=a.shift, image_first=a.image_first, output_type="pt", **kwargs)
+            write_outputs(a, start, part, out, before, after)
+            bar.update(len(part))
     t2 = time.time()
-    write_outputs(a, prompts, out, before, after)
     if a.verbose:
         report(device, load=t1 - t0, sample=t2 - t1)
 
 
-def write_outputs(a, prompts, out, before, after):
+def write_outputs(a, start, prompts, out, before, after):
+    """Write one batch's videos (prompts start, start + 1, ...), joined with the input clips they continue; with
+    --output-dir, their rows go to prompts.jsonl (begun afresh by the first batch), so a stopped run lists what it
+    wrote."""
     from videodit.data.video import write_video
 
     if a.output_dir:
         os.makedirs(a.output_dir, exist_ok=True)
     rows = []
-    for i, (prompt, video) in enumerate(zip(prompts, out.frames)):
+    for i, (prompt, video) in enumerate(zip(prompts, out.frames), start):
         parts = [v.cpu() for v in (before, video, after) if v is not None]
         video = torch.cat(parts, dim=1)
         ext = ".png" if video.shape[1] == 1 else ".mp4"
         path = a.output if a.output else os.path.join(a.output_dir or ".", f"{i:03d}{ext}")
         write_video(path, video, fps=a.fps)
-        rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed, num_frames=video.shape[1],
+        rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed + i, num_frames=video.shape[1],
                          height=video.shape[2], width=video.shape[3], fps=a.fps, steps=a.steps))
-        print(path)
+        tqdm.write(path)
     if a.output_dir:
-        with open(os.path.join(a.output_dir, "prompts.jsonl"), "w", encoding="utf-8") as f:
+        with open(os.path.join(a.output_dir, "prompts.jsonl"), "a" if start else "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
 
 

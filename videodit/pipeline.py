@@ -190,7 +190,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         (None), they come from resolve_size: the checkpoint's default_size, with an image, video or connect the
         input's aspect at the default's area, and with strength (SDEdit) the video's own length.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), resized and centre-cropped to
-        the size sampled.
+        the size sampled. generator: one torch.Generator for the batch, or a list of one per prompt (each video then
+        depends on its own generator only, whatever else is in the batch).
         output_type: "np" (uint8 frames), "pt" (float pixels) or "latent": the normalized latents (C, T', H', W') as
         sampled, undecoded, with any held conditioning frames (loop, connect, extend) still in them.
         guidance_parallel (None: the checkpoint's `default_guidance_parallel`): 1 is plain classifier-free guidance,
