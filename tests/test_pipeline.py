@@ -131,13 +131,32 @@ def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
     clip = torch.rand(3, 9, 16, 16) * 2 - 1
     run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=9, output_type="pt",  # noqa: E731
                                  progress=False, **kw).frames[0]
-    assert run(video=clip, extend="forward").shape[1] == 4  # 9 frames: 5 of context, 4 new
+    assert run(video=clip, extend="forward").shape[1] == 9  # 9 new frames in either direction
     assert run(video=clip, extend="backward").shape[1] == 9
     assert run(connect=(clip, clip)).shape[1] == 8
     edited = run(video=clip, strength=0.5)
     assert edited.shape == clip.shape
     with pytest.raises(ValueError, match="one conditioning mode"):
         run(loop=True, image=clip[:, :1])
+
+
+def test_extending_forwards_continues_from_the_clips_last_frames(tiny_pipe, monkeypatch):
+    """num_frames new frames after the clip, from as many of its last frames as there are new ones (fewer when the
+    clip is shorter; whole latent frames of ft, the surplus trimmed)."""
+    import videodit.pipeline as P
+
+    captured, real = [], P.sample
+    monkeypatch.setattr(P, "sample", lambda *a, **kw: captured.append(kw) or real(*a, **kw))
+    clip = torch.rand(3, 21, 16, 16) * 2 - 1
+    for frames, short, context in ((5, False, 3), (9, False, 4), (9, True, 2)):  # context: latent frames held
+        video = clip[:, :5] if short else clip
+        out = tiny_pipe("a red circle", height=16, width=16, num_frames=frames, video=video, extend="forward",
+                        output_type="pt", generator=gen(0), progress=False).frames[0]
+        assert out.shape[1] == frames
+        z, mask = captured[-1]["cond_latents"][0], captured[-1]["cond_masks"][0]
+        assert mask.tolist() == [True] * context + [False] * (len(mask) - context)
+        held = tiny_pipe.encode_video(video[:, -(1 + 4 * (context - 1)):])  # the clip's end, encoded
+        assert torch.allclose(z[:, :context], held, atol=1e-5)
 
 
 def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):

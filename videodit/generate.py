@@ -25,8 +25,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="default: the checkpoint's; with --image, --video or --connect, the "
                    "input's aspect ratio at the checkpoint's area (one of --height, --width: the other follows it)")
     p.add_argument("--width", type=int)
-    p.add_argument("--num-frames", type=int, help="frames per video; 1 makes an image (default: the checkpoint's; "
-                   "SDEdit: the whole --video)")
+    p.add_argument("--num-frames", type=int, help="frames per video, 1 makes an image; with --extend, the frames "
+                   "added (default: the checkpoint's; SDEdit: the whole --video)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 turns it off")
     p.add_argument("--guidance-parallel", type=float, default=None,

@@ -6,7 +6,7 @@
 Modes, all from the one checkpoint trained with random frame conditioning (videodit.flow):
 - text to video (num_frames > 1) and text to image (num_frames = 1);
 - `image=`: animate an image from its first frame;
-- `video=, extend="forward"|"backward"`: continue a clip after its end, or lead into its start;
+- `video=, extend="forward"|"backward"`: num_frames new frames after a clip's end, or leading into its start;
 - `loop=True`: a clip whose last frame leads back into its first;
 - `video=, strength=s`: SDEdit, restyle a clip from its noised latents;
 - `connect=(video_a, video_b)`: a transition from the end of one clip to the start of the other.
@@ -238,6 +238,10 @@ class VideoDiTPipeline(DiffusionPipeline):
             mode = modes[0]
             if mode in ("loop", "connect") or extend == "backward":  # one more latent frame: the held one is trimmed
                 shapes = [(c, t + 1, h, w) for c, t, h, w in shapes]
+            if extend == "forward" and video is not None:  # after k latent frames of context, m new: T new frames
+                m = [-(-T // vae.ft) for T, _, _ in sizes]  # whole latent frames of ft; the surplus is trimmed
+                shapes = [(c, 1 + min(mi, (video.shape[1] - 1) // vae.ft) + mi, h, w)
+                          for (c, _, h, w), mi in zip(shapes, m)]
             if mode == "strength" and video is None:
                 raise ValueError("strength (SDEdit) needs a video to edit")
             if mode == "extend" and (video is None or extend not in ("forward", "backward")):
@@ -302,13 +306,11 @@ class VideoDiTPipeline(DiffusionPipeline):
             if mode == "image":  # the image is the first frame
                 z[:, :1] = self.encode_video(_fit(image[:, :1], H, W))
                 m, cut = cond_frames(Tl, "first"), (0, 0)
-            elif mode == "extend" and extend == "forward":  # the clip's last frames open the new one
-                k = max(1, (Tl - 1) // 2)
-                ctx = _fit(video, H, W)[:, -(1 + ft * k):]
-                if ctx.shape[1] < 1 + ft * k:
-                    raise ValueError(f"extending needs at least {1 + ft * k} frames of video, got {ctx.shape[1]}")
-                z[:, :k + 1] = self.encode_video(ctx)
-                m, cut = cond_frames(Tl, "first_k", k + 1), (1 + ft * k, 0)  # keep only the new frames
+            elif mode == "extend" and extend == "forward":  # the clip's last 1 + ft*k frames, then T new ones
+                new = -(-T // ft)
+                k = Tl - 1 - new  # as many frames of context as new ones, as far as the clip has them
+                z[:, :k + 1] = self.encode_video(_fit(video, H, W)[:, -(1 + ft * k):])
+                m, cut = cond_frames(Tl, "first_k", k + 1), (1 + ft * k, ft * new - T)  # keep only the new frames
             elif mode == "extend":  # backward: the new clip ends on the given clip's first frame
                 z[:, -1] = self.held_latent(_fit(video, H, W)[:, 0])
                 m, cut = cond_frames(Tl, "last"), (0, ft)
