@@ -30,6 +30,15 @@ def test_model_overrides_reach_the_denoiser():
     assert kw["pooled_text"] is False  # the tiny preset's True, overridden
 
 
+def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
+    """YAML 1.1 reads `no` as false: a choice named "no" still takes it, in a file and in --set."""
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    assert load_config(str(tmp_path / "c.yaml")).train.mixed_precision == "no"
+    assert load_config(None, ["train.mixed_precision=bf16", "train.mixed_precision=no"]).train.mixed_precision == "no"
+    with pytest.raises(ConfigError, match="train.mixed_precision = True is not one of 'no'"):
+        load_config(None, ["train.mixed_precision=yes"])
+
+
 def test_base_inheritance_and_overrides(tmp_path):
     base = write(tmp_path, "base.yaml", "train:\n  lr: 0.001\n  max_steps: 50\ndata:\n  max_tokens: 1000\n")
     (tmp_path / "stage").mkdir()

@@ -239,7 +239,7 @@ class SampleConfig:
     negative_prompt: str = ""
     seed: int = 0
     image_first: bool = False        # text-to-video draws the first frame, then animates it (VideoDiTPipeline)
-    # [T, H, W] of training samples and the exported pipeline's default; null: the data's (data.loader.trained_size)
+    # [T, H, W] of training samples and the exported pipeline's default; null: the data's most common clip size
     size: list[int] | None = None
 
     def check(self, bad):
@@ -302,6 +302,8 @@ def _convert(value, tp):
     """value as type tp, or raise TypeError."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
+        if isinstance(value, bool) and ("no", "yes")[value] in args:  # YAML 1.1 reads a bare no / yes as a bool
+            return ("no", "yes")[value]
         if value in args:
             return value
         raise TypeError
