@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from videodit.config import load_config
-from videodit.data.loader import (DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource, TrainData,
-                                  make_loader, pack_by_budget, trained_size)
+from videodit.data.loader import (CacheSource, DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource,
+                                  TrainData, make_loader, pack_by_budget)
 from videodit.data.shapes import make_clip
 from videodit.data.video import write_video
 
@@ -143,12 +143,15 @@ def test_loader_skips_and_counts_bad_files_in_workers(manifest):
             assert (v.shape[1] - 1) % 4 == 0 and v.shape[2] % 8 == 0 and v.shape[3] % 8 == 0
 
 
-def test_trained_size_is_the_datas_typical_clip(tmp_path):
-    from videodit.config import DataConfig
-
-    assert trained_size(DataConfig(sizes=[[9, 32, 64], [17, 64, 64]])) == (9, 32, 64)
-    manifest = DataConfig(source="manifest", manifest="m.jsonl", target_area=128 * 128, num_frames=[9, 33])
-    assert trained_size(manifest) == (33, 128, 128)
+def test_each_source_knows_its_most_common_clip_size(tmp_path):
+    """What a trained model samples at by default (the exported pipeline's default_size)."""
+    assert ShapesSource([[9, 32, 64], [17, 64, 64], [17, 64, 64]], 30, 0, GEOM).typical_size() == (17, 64, 64)
+    assert ShapesSource([[9, 32, 64], [17, 64, 64]], 30, 0, GEOM).typical_size() == (9, 32, 64)  # a tie: the first
+    rows = [dict(path=f"{i}.mp4", caption="c", num_frames=40, fps=8.0, height=h, width=w)  # metadata: no probing
+            for i, (h, w) in enumerate([(720, 1280), (1080, 1920), (480, 480), (720, 1280)])]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = ManifestSource(str(tmp_path / "m.jsonl"), target_area=64 * 64, max_frames=17, fps=8.0, geom=GEOM)
+    assert manifest.typical_size() == (17, *GEOM.resize(720, 1280, 64 * 64))  # 16:9, the most common aspect
     items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
     (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
-    assert trained_size(DataConfig(source="cache", cache_dir=str(tmp_path))) == (17, 64, 128)
+    assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)

@@ -128,6 +128,10 @@ class ShapesSource:
         idx = np.arange(self.length) % len(self.sizes)
         return per_size[idx, 0], per_size[idx, 1]
 
+    def typical_size(self) -> tuple[int, int, int]:
+        """The most common (T, H, W) of the items (the first of data.sizes on a tie)."""
+        return Counter(self.sizes).most_common(1)[0][0]
+
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         T, H, W = self.sizes[i % len(self.sizes)]
         clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T, self.only)
@@ -168,6 +172,10 @@ class ManifestSource:
         image = np.array([geom.tokens(1, H, W) for _, H, W, _, _ in self.plans])
         return video, image
 
+    def typical_size(self) -> tuple[int, int, int]:
+        """The most common (T, H, W) the clips are read at."""
+        return Counter(p[:3] for p in self.plans).most_common(1)[0][0]
+
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         row, (T, H, W, n, src_fps) = self.rows[i], self.plans[i]
         T = 1 if image else T
@@ -202,6 +210,11 @@ class CacheSource:
         image = np.array([(h // ph) * (w // pw) for _, _, h, w in (x["shape"] for x in self.items)])
         return video, image
 
+    def typical_size(self) -> tuple[int, int, int]:
+        """The most common (T, H, W) in pixels of the cached clips."""
+        _, t, h, w = Counter(tuple(x["shape"]) for x in self.items).most_common(1)[0][0]
+        return 1 + self.ft * (t - 1), h * self.fs, w * self.fs
+
     def null_text(self) -> torch.Tensor:
         """The empty prompt's embedding (L, D)."""
         if self._null is None:
@@ -228,19 +241,6 @@ def make_source(data, geom: Geometry):
     if data.source == "manifest":
         return ManifestSource(data.manifest, data.target_area, max(data.num_frames), data.fps, geom)
     return CacheSource(data.cache_dir)
-
-
-def trained_size(data) -> tuple[int, int, int]:
-    """The (T, H, W) pixels a model trained on this DataConfig's clips samples at by default: the shapes world's
-    first size; a manifest's longest frame count, square at data.target_area; a cache's most common clip."""
-    if data.source == "shapes":
-        return tuple(data.sizes[0])
-    if data.source == "manifest":
-        side = round(math.sqrt(data.target_area))
-        return max(data.num_frames), side, side
-    cache = CacheSource(data.cache_dir)
-    _, t, h, w = Counter(tuple(x["shape"]) for x in cache.items).most_common(1)[0][0]
-    return 1 + cache.ft * (t - 1), h * cache.fs, w * cache.fs
 
 
 # ---------------------------------------------------------------------------------------------------------------

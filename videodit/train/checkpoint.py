@@ -131,23 +131,26 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
     return out
 
 
-def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False) -> str:
+def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, size=None) -> str:
     """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
-    with the run's text length, shift base, sampling defaults, size and frame rate in model_index.json. `lean`: the
-    denoiser in float16 and no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
+    with the run's text length, shift base, sampling defaults, size and frame rate in model_index.json. size: the
+    default (T, H, W); None: sample.size, else the data's most common clip size. `lean`: the denoiser in float16 and
+    no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    from ..data.loader import trained_size
+    from ..data.loader import Geometry, make_source
     from ..pipeline import VideoDiTPipeline
     from ..vae import PretrainedVideoVAE
+
+    if size is None:
+        size = cfg.sample.size or make_source(cfg.data, Geometry(vae.ft, vae.fs, transformer.patch_size)).typical_size()
 
     pipe = VideoDiTPipeline(vae.model if isinstance(vae, PretrainedVideoVAE) else vae, transformer, text.model,
                             text.tokenizer, FlowMatchEulerDiscreteScheduler(), max_text_length=text.max_length,
                             base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
                             default_guidance=cfg.sample.guidance,
                             default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
-                            shared_noise=cfg.flow.shared_noise, default_size=cfg.sample.size or trained_size(cfg.data),
-                            default_fps=cfg.data.fps)
+                            shared_noise=cfg.flow.shared_noise, default_size=size, default_fps=cfg.data.fps)
     pipe.register_to_config(default_size=list(pipe.resolve_size()))  # snapped to what the model takes
     if not lean:
         pipe.save_pretrained(out)

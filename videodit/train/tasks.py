@@ -14,7 +14,7 @@ import torch
 from peft import PeftModel
 
 from ..config import ConfigError
-from ..data.loader import CacheSource, Geometry, make_source, trained_size
+from ..data.loader import CacheSource, Geometry, make_source
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
 from ..flow import flow_loss, sample
@@ -116,12 +116,12 @@ class DiTTask:
 
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str):
-        """Videos of train.sample_prompts at sample.size (default: the data's; snapped to the VAE and patch), written
-        to folder."""
+        """Videos of train.sample_prompts at sample.size (default: the data's most common clip size; snapped to the
+        VAE and patch), written to folder."""
         cfg, s = self.cfg, self.cfg.sample
         if not cfg.train.sample_prompts:
             return
-        T, H, W = self.geom.snap(*(s.size or trained_size(cfg.data)))
+        T, H, W = self.geom.snap(*(s.size or self.source.typical_size()))
         shape = (self.model_config["in_channels"], *self.geom.latent_shape(T, H, W))
         text, mask = self.text.encode(cfg.train.sample_prompts)
         null, null_mask = self.text.encode([s.negative_prompt])
@@ -141,7 +141,8 @@ class DiTTask:
             model.save_pretrained(os.path.join(folder, "lora"))
             model = model.merge_and_unload()
         self.vae, self.text = self.vae or self._vae(), self.text or self._text()
-        return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"))
+        size = self.cfg.sample.size or self.source.typical_size()
+        return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"), size=size)
 
 
 class VAETask:
