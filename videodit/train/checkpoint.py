@@ -131,19 +131,20 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
     return out
 
 
-def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, size=None) -> str:
+def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, source=None) -> str:
     """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
-    with the run's text length, shift base, sampling defaults, size and frame rate in model_index.json. size: the
-    default (T, H, W); None: sample.size, else the data's most common clip size. `lean`: the denoiser in float16 and
-    no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
+    with the run's text length, shift base, sampling defaults, size (sample.size, else the most common clip size of
+    `source`, the run's data source, built from cfg.data when None) and frame rate in model_index.json. `lean`: the
+    denoiser in float16 and no text encoder (the packaged MiniLM loads in its place): the form the repo ships."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     from ..data.loader import Geometry, make_source
     from ..pipeline import VideoDiTPipeline
     from ..vae import PretrainedVideoVAE
 
+    size = cfg.sample.size
     if size is None:
-        size = cfg.sample.size or make_source(cfg.data, Geometry(vae.ft, vae.fs, transformer.patch_size)).typical_size()
+        size = (source or make_source(cfg.data, Geometry(vae.ft, vae.fs, transformer.patch_size))).typical_size()
 
     pipe = VideoDiTPipeline(vae.model if isinstance(vae, PretrainedVideoVAE) else vae, transformer, text.model,
                             text.tokenizer, FlowMatchEulerDiscreteScheduler(), max_text_length=text.max_length,

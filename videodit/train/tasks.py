@@ -141,8 +141,7 @@ class DiTTask:
             model.save_pretrained(os.path.join(folder, "lora"))
             model = model.merge_and_unload()
         self.vae, self.text = self.vae or self._vae(), self.text or self._text()
-        size = self.cfg.sample.size or self.source.typical_size()
-        return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"), size=size)
+        return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"), source=self.source)
 
 
 class VAETask:
