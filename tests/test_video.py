@@ -32,6 +32,22 @@ def test_widths_decord_misreads_are_read_all_the_same(tmp_path, width):
     assert back.shape == (3, 9, 32, width) and np.abs(to_uint8(back).astype(int) - frames).mean() < 5
 
 
+def test_long_clips_read_a_chunk_at_a_time_by_decord_or_ffmpeg(tmp_path, monkeypatch):
+    """A clip longer than a chunk (16 frames), at a higher frame rate than its own (repeated frames): the same
+    frames whether decord reads it or ffmpeg streams it (decord's fallback), and in the frames' order."""
+    import videodit.data.video as V
+
+    frames = np.zeros((30, 32, 32, 3), np.uint8)
+    frames[:, :, :, 0] = (np.arange(30) * 8)[:, None, None]  # red channel encodes the frame index
+    path = write_video(str(tmp_path / "long.mp4"), frames, fps=8)
+    by_decord = read_video(path, fps=12)  # 44 frames, most of them repeated
+    assert by_decord.shape[1] == 44
+    red = to_uint8(by_decord)[:, 16, 16, 0].astype(int)
+    assert np.all(np.abs(red - np.round(np.arange(44) * 8 / 12) * 8) <= 6), red
+    monkeypatch.setattr(V._Reader, "chunks", lambda self, idx, size=16: self._ffmpeg(idx, size))
+    assert torch.allclose(read_video(path, fps=12), by_decord, atol=2 / 255)
+
+
 def test_frame_rate_and_start_select_frames(tmp_path):
     frames = np.zeros((16, 32, 32, 3), np.uint8)
     frames[:, :, :, 0] = (np.arange(16) * 16)[:, None, None]  # red channel encodes the frame index

@@ -31,17 +31,15 @@ def resize_crop(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
     """Resize uint8/float (T, H0, W0, 3) frames to cover (height, width) keeping the aspect, then centre-crop.
 
     Returns float (3, T, height, width) in [-1, 1]."""
-    h0, w0 = frames.shape[1:3]
+    x = frames.permute(0, 3, 1, 2).float()  # (T, 3, H0, W0)
+    h0, w0 = x.shape[-2:]
     scale = max(height / h0, width / w0)
     h1, w1 = max(height, round(h0 * scale)), max(width, round(w0 * scale))
+    if (h1, w1) != (h0, w0):
+        x = F.interpolate(x, size=(h1, w1), mode="bilinear", antialias=True, align_corners=False)
     top, left = (h1 - height) // 2, (w1 - width) // 2
-    out = []
-    for chunk in frames.split(16):  # a few frames at a time in float: a long clip is held in full only as uint8
-        x = chunk.permute(0, 3, 1, 2).float()  # (t, 3, H0, W0)
-        if (h1, w1) != (h0, w0):
-            x = F.interpolate(x, size=(h1, w1), mode="bilinear", antialias=True, align_corners=False)
-        out.append((x[:, :, top:top + height, left:left + width] / 127.5 - 1.0).clamp(-1, 1))
-    return torch.cat(out).permute(1, 0, 2, 3).contiguous()
+    x = x[:, :, top:top + height, left:left + width]
+    return (x / 127.5 - 1.0).clamp(-1, 1).permute(1, 0, 2, 3).contiguous()
 
 
 def _short(e: Exception) -> str:
@@ -69,25 +67,38 @@ class _Reader:
             self.n, self.fps = len(self._vr), float(self._vr.get_avg_fps()) or 1.0
             self.height, self.width = self._vr[0].shape[:2]
 
-    def get(self, idx: list) -> np.ndarray:
-        if hasattr(self, "_frames"):
-            return self._frames[idx]
-        try:
-            return self._vr.get_batch(idx).asnumpy()
-        except Exception:  # decord 0.6 fails on some frame widths (row padding); ffmpeg reads them in order
-            return self._ffmpeg(idx)
+    def chunks(self, idx: list, size: int = 16):
+        """The frames at idx (ascending, repeats allowed) as uint8 (t, H, W, 3) arrays of up to `size` frames each,
+        so that a long clip is never held whole at its source resolution."""
+        for i in range(0, len(idx), size):
+            if hasattr(self, "_frames"):
+                yield self._frames[idx[i:i + size]]
+                continue
+            try:
+                batch = self._vr.get_batch(idx[i:i + size]).asnumpy()
+            except Exception:  # decord 0.6 fails on some frame widths (row padding): ffmpeg reads the rest in order
+                yield from self._ffmpeg(idx[i:], size)
+                return
+            yield batch
 
-    def _ffmpeg(self, idx: list) -> np.ndarray:
+    def _ffmpeg(self, idx: list, size: int):
         import imageio.v2 as imageio
 
-        wanted, frames = set(idx), {}
+        pos, buf = 0, []
         with imageio.get_reader(self.path, format="ffmpeg") as r:
             for i, frame in enumerate(r):
-                if i in wanted:
-                    frames[i] = frame
-                if i >= max(idx):
+                while pos < len(idx) and idx[pos] == i:
+                    buf.append(frame)
+                    pos += 1
+                    if len(buf) == size:
+                        yield np.stack(buf)
+                        buf = []
+                if pos == len(idx):
                     break
-        return np.stack([frames[i] for i in idx])
+        if pos < len(idx):
+            raise ValueError(f"ffmpeg read {i + 1} frames, fewer than the {idx[-1] + 1} needed")
+        if buf:
+            yield np.stack(buf)
 
 
 def _open(path: str) -> _Reader:
@@ -136,11 +147,11 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
     if num_frames < 1 or idx[0] < 0 or idx[-1] >= r.n:
         raise VideoReadError(path, f"has {r.n} frames at {r.fps:g} fps; {num_frames} frames at {fps or r.fps:g} "
                                    f"fps from {start:g} s need {idx[-1] + 1}")
-    try:
-        frames = torch.from_numpy(r.get(idx))  # (T, H, W, 3) uint8
+    try:  # a chunk at a time: only the resized clip is held whole
+        return torch.cat([resize_crop(torch.from_numpy(c), height or r.height, width or r.width)
+                          for c in r.chunks(idx)], dim=1)
     except Exception as e:
         raise VideoReadError(path, f"cannot be decoded ({_short(e)})") from e
-    return resize_crop(frames, height or r.height, width or r.width)
 
 
 def from_uint8(frames: np.ndarray) -> torch.Tensor:
