@@ -196,7 +196,7 @@ def run(a):
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
-    with tqdm(total=len(prompts), desc="videos", disable=len(prompts) <= a.batch_size) as bar:
+    with tqdm(total=len(prompts), desc="videos", unit="video", disable=len(prompts) <= a.batch_size) as bar:
         for start in range(0, len(prompts), a.batch_size):
             part = prompts[start:start + a.batch_size]
             gens = [torch.Generator(device).manual_seed(a.seed + start + j) for j in range(len(part))]
