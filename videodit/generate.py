@@ -183,7 +183,7 @@ def run(a):
                                    seed=a.seed + i) for i, p in enumerate(prompts)]
         for p in prompts:
             print(f"prompt: {p}")
-    a.fps = a.fps or pipe.config.get("default_fps", 8.0)
+    a.fps = a.fps or pipe.config.default_fps
     size = pipe.resolve_size(a.num_frames, a.height, a.width, input_size(a))
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]

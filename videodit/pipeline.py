@@ -128,7 +128,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         """The valid (T, H, W) to sample: the values given, the rest from the checkpoint's default_size. With
         neither height nor width, the frame takes the aspect of `like` (an input image's or video's (h, w)) at the
         default's area, or is the default; with one of them, the other follows that aspect."""
-        T0, H0, W0 = self.config.get("default_size", (17, 64, 64))
+        T0, H0, W0 = self.config.default_size
         h, w = like or (H0, W0)
         if height is None and width is None:
             height, width = self.geometry.resize(h, w, H0 * W0) if like else (H0, W0)
