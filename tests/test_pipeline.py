@@ -248,7 +248,7 @@ def test_sample_command_batches_prompts_and_each_image_is_its_own_seeds(saved, t
     assert np.abs(np.asarray(Image.open(tmp_path / "alone.png")).astype(int) - images[0][1]).max() <= 1
 
 
-def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pipe, tmp_path):
+def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pipe, tmp_path, capsys):
     from PIL import Image
 
     from videodit.data.video import read_video, write_video
@@ -265,8 +265,9 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
 
     r = run()  # no size: the checkpoint's, at its frame rate
     assert (r["num_frames"], r["height"], r["width"], r["fps"]) == (5, 16, 32, 4.0)
-    r = run("--image", str(tmp_path / "wide.png"))  # 1:3 at about 512 pixels
+    r = run("--image", str(tmp_path / "wide.png"), "--verbose")  # 1:3 at about 512 pixels
     assert (r["num_frames"], r["height"], r["width"]) == (5, 16, 40)
+    assert "sampling 1 prompt(s) at 16x40, 5 frames, 4 fps, 3 steps, guidance 3" in capsys.readouterr().out
     assert read_video(str(out / "000.mp4")).shape == (3, 5, 16, 40)
     r = run("--video", str(tmp_path / "tall.mp4"), "--strength", "0.5")  # SDEdit: the whole clip, its aspect
     assert (r["num_frames"], r["height"], r["width"]) == (13, 40, 16)

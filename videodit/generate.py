@@ -192,7 +192,11 @@ def run(a):
               f"(frames x height x width)")
     kwargs, before, after = conditioning(a, size)
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
-    a.steps = pipe.sampling_defaults(a.steps)[0]  # written beside each video
+    a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
+    if a.verbose:
+        length = "the video's length" if frames is None else f"{frames} frames"
+        print(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
+              f"guidance {guidance:g} (parallel part {parallel:g}), seed {a.seed}")
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
