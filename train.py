@@ -12,6 +12,7 @@ import argparse
 import logging
 
 from videodit.config import ConfigError, load_config
+from videodit.data.manifest import ManifestError
 from videodit.train.loop import train
 
 
@@ -28,7 +29,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         print(train(cfg, args.resume))
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
 
 

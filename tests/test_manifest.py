@@ -63,3 +63,31 @@ def test_missing_empty_and_unknown_manifests(tmp_path):
     (tmp_path / "m.txt").write_text("x")
     with pytest.raises(ManifestError, match=".jsonl or .csv"):
         read_manifest(str(tmp_path / "m.txt"))
+
+
+@pytest.mark.parametrize("command", ["train.py", "cache", "caption", "vae stats"])
+def test_every_command_names_a_missing_manifest_in_one_line(tmp_path, command):
+    import importlib.util
+    import os
+
+    import yaml
+
+    from videodit import caption, vae
+    from videodit.data import cache
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    missing, shipped_vae = str(tmp_path / "nope.jsonl"), os.path.join(root, "models", "shapes-tiny", "vae")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(dict(model=dict(preset="tiny"), data=dict(source="manifest", manifest=missing),
+                                          train=dict(vae=shipped_vae, output_dir=str(tmp_path / "run")))))
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(root, "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    run = {"train.py": lambda: script.main(["--config", str(config)]),
+           "cache": lambda: cache.main(["--config", str(config), "--out", str(tmp_path / "cache")]),
+           "caption": lambda: caption.main(["--manifest", missing, "--out", str(tmp_path / "o.jsonl"),
+                                            "--backend", "shapes"]),
+           "vae stats": lambda: vae.stats_command([shipped_vae, "--manifest", missing])}[command]
+    with pytest.raises(SystemExit) as e:
+        run()
+    assert str(e.value.code) == f"error: {missing}: manifest not found"

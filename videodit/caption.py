@@ -34,7 +34,7 @@ from einops import rearrange
 from torch import nn
 
 from videodit.data import shapes
-from videodit.data.manifest import read_manifest, write_manifest
+from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -367,7 +367,10 @@ def main(argv=None):
         p.error("--backend vlm needs --model: a local folder or a hub id of a vision-language model")
     kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,
               dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
-    counts = caption_manifest(a.manifest, a.out, load_captioner(a.backend, a.model, **kw), a.frames, a.batch_size)
+    try:
+        counts = caption_manifest(a.manifest, a.out, load_captioner(a.backend, a.model, **kw), a.frames, a.batch_size)
+    except ManifestError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(counts))
 
 

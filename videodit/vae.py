@@ -621,7 +621,7 @@ def stats_command(argv=None):
 
     from tqdm import tqdm
 
-    from .data.manifest import read_manifest
+    from .data.manifest import ManifestError, read_manifest
     from .data.shapes import ShapesDataset
     from .data.video import VideoReadError, read_video
 
@@ -635,6 +635,10 @@ def stats_command(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--limit", type=int, default=256, help="at most this many manifest clips")
     a = p.parse_args(argv)
+    try:
+        rows = read_manifest(a.manifest)[:a.limit] if a.manifest else []
+    except ManifestError as e:
+        raise SystemExit(f"error: {e}") from None
     vae = CausalVideoVAE.from_pretrained(a.vae).eval()
     T, H, W = vae.valid_size(a.num_frames, a.height, a.width)
 
@@ -643,7 +647,7 @@ def stats_command(argv=None):
             ds = ShapesDataset(sizes=[(T, H, W)], length=a.shapes, seed=12345)
             yield from (ds[i]["video"][None] for i in range(len(ds)))
             return
-        for row in read_manifest(a.manifest)[:a.limit]:
+        for row in rows:
             try:
                 yield read_video(row.path, T, height=H, width=W)[None]
             except VideoReadError as e:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..config import ConfigError, load_config
 from .loader import Geometry, make_source
+from .manifest import ManifestError
 from .video import VideoReadError, read_video
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         index = build_cache(load_config(args.config, args.set), args.out, args.num, args.shard_size, args.device)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"cached {len(index['items'])} samples ({index['skipped']} skipped) in {args.out}")
 
