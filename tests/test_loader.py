@@ -155,3 +155,13 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
     (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
     assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)
+
+
+def test_a_manifest_of_only_unreadable_clips_fails_at_once(tmp_path):
+    from videodit.data.manifest import ManifestError
+
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 50)
+    rows = [dict(path="bad.mp4", caption="a"), dict(path="gone.mp4", caption="b")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ManifestError, match=r"m.jsonl: none of its 2 clips can be read \(the first: .*bad.mp4"):
+        ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from ..config import ConfigError
 from ..flow import drop_text, random_cond
 from ..text import choose_caption
-from .manifest import read_manifest
+from .manifest import ManifestError, read_manifest
 from .shapes import make_clip, parse_only
 from .video import from_uint8
 from .video import VideoReadError, is_image, probe, read_video
@@ -149,6 +149,7 @@ class ManifestSource:
         self.rows = read_manifest(manifest)
         self.fps = fps
         self.plans = []  # per row: (T, H, W, source frames, source fps)
+        unreadable = []
         for row in self.rows:
             n, src_fps, h, w = row.num_frames, row.fps, row.height, row.width
             if is_image(row.path):
@@ -160,9 +161,13 @@ class ManifestSource:
                 except VideoReadError as e:
                     logger.warning(f"cannot probe {e}; it will be skipped")
                     n, h, w = 1, 1, 1
+                    unreadable.append(e)
             available = n if not src_fps or n == 1 else int((n - 1) * fps / src_fps) + 1
             H, W = geom.resize(h, w, target_area)
             self.plans.append((geom.frames(available, max_frames), H, W, n, src_fps or fps))
+        if self.rows and len(unreadable) == len(self.rows):
+            raise ManifestError(f"{manifest}: none of its {len(self.rows)} clips can be read (the first: "
+                                f"{unreadable[0]})")
 
     def __len__(self):
         return len(self.rows)
