@@ -265,6 +265,13 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
 
     r = run()  # no size: the checkpoint's, at its frame rate
     assert (r["num_frames"], r["height"], r["width"], r["fps"]) == (5, 16, 32, 4.0)
+    with pytest.raises(SystemExit):  # the checkpoint's default is a video: a .png cannot hold it
+        main(["--prompt", "a", "--checkpoint", str(tmp_path / "pipe"), "--output", str(tmp_path / "x.png")])
+    assert "a .png holds one frame" in capsys.readouterr().err
+    tiny_pipe.register_to_config(default_size=[1, 16, 32])  # an image model: a .png by default
+    tiny_pipe.save_pretrained(tmp_path / "images")
+    main(["--prompt", "a", "--checkpoint", str(tmp_path / "images"), "--output", str(tmp_path / "x.png")])
+    assert (tmp_path / "x.png").is_file()
     r = run("--image", str(tmp_path / "wide.png"), "--verbose")  # 1:3 at about 512 pixels
     assert (r["num_frames"], r["height"], r["width"]) == (5, 16, 40)
     assert "sampling 1 prompt(s) at 16x40, 5 frames, 4 fps, 3 steps, guidance 3" in capsys.readouterr().out

@@ -17,6 +17,10 @@ class UserError(Exception):
     pass
 
 
+def png_error(path: str) -> UserError:
+    return UserError(f"--output {path}: a .png holds one frame; use --num-frames 1, or .mp4 / .gif")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description="Generate videos (or images) from text prompts.")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
@@ -112,8 +116,8 @@ def check_args(a, prompts):
         ext = os.path.splitext(a.output)[1].lower()
         if ext not in (".mp4", ".gif", ".png"):
             raise UserError(f"--output {a.output}: use .mp4, .gif, or .png")
-        if ext == ".png" and a.num_frames != 1:
-            raise UserError(f"--output {a.output}: a .png holds one frame; use --num-frames 1, or .mp4 / .gif")
+        if ext == ".png" and a.num_frames not in (None, 1):  # before any model loads; the default is checked later
+            raise png_error(a.output)
 
 
 def load_pipeline(path: str, device: str, offload: bool = False):
@@ -192,6 +196,8 @@ def run(a):
               f"(frames x height x width)")
     kwargs, before, after = conditioning(a, size)
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
+    if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
+        raise png_error(a.output)
     a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     if a.verbose:
         length = "the video's length" if frames is None else f"{frames} frames"
