@@ -310,6 +310,15 @@ def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words
         assert w in err
 
 
+def test_a_run_folder_as_checkpoint_points_to_its_pipeline(saved, tmp_path, capsys):
+    import shutil
+
+    shutil.copytree(saved, tmp_path / "run" / "pipeline")
+    with pytest.raises(SystemExit):
+        main(["--prompt", "a", "--checkpoint", str(tmp_path / "run")])
+    assert f"writes its pipeline to {tmp_path / 'run' / 'pipeline'}" in capsys.readouterr().err
+
+
 def test_missing_default_model_says_how_to_train(monkeypatch, tmp_path, capsys):
     import videodit.generate as G
 

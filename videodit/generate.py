@@ -126,8 +126,11 @@ def load_pipeline(path: str, device: str, offload: bool = False):
             raise UserError(f"the default model is missing: {path} holds no pipeline (model_index.json). Restore "
                             f"it (git checkout -- models), retrain it with the commands under 'Training' in "
                             f"README.md, or pass --checkpoint DIR")
+        inner = os.path.join(path, "pipeline")
+        hint = f"; a training run writes its pipeline to {inner}" if os.path.isfile(
+            os.path.join(inner, "model_index.json")) else ""
         raise UserError(f"--checkpoint {path}: not a pipeline folder (it needs model_index.json, as written by "
-                        f"VideoDiTPipeline.save_pretrained)")
+                        f"VideoDiTPipeline.save_pretrained){hint}")
     from videodit.pipeline import VideoDiTPipeline
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
