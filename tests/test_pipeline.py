@@ -109,6 +109,16 @@ def test_loop_starts_and_ends_on_one_frame(tiny_pipe, monkeypatch):
     assert mask.tolist() == cond_frames(z.shape[1], "first_last").tolist()
     assert torch.equal(z[:, :1], captured["first_pass"][0][0])  # the first pass's own latent, not re-encoded
     assert torch.allclose(z[:, -1], tiny_pipe.held_latent(first[:, 0]), atol=1e-5)  # it ends where it started
+    captured.clear()  # with an image: no first pass; the loop starts on the image and ends on it
+    image = torch.rand(3, 1, 16, 16) * 2 - 1
+    video = tiny_pipe("a red circle", height=16, width=16, num_frames=9, loop=True, image=image, output_type="pt",
+                      generator=gen(0), progress=False).frames[0]
+    (z,), (mask,) = captured.pop("cond")
+    assert not captured and video.shape == (3, 9, 16, 16)
+    assert mask.tolist() == cond_frames(z.shape[1], "first_last").tolist()
+    assert torch.allclose(z[:, :1], tiny_pipe.encode_video(image), atol=1e-5)
+    assert torch.allclose(z[:, -1], tiny_pipe.held_latent(image[:, 0]), atol=1e-5)
+    assert torch.allclose(video[:, 0], tiny_pipe.decode(tiny_pipe.encode_video(image))[:, 0], atol=1e-5)
 
 
 def test_image_first_animates_the_image_its_first_pass_draws(tiny_pipe):
@@ -137,7 +147,7 @@ def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
     edited = run(video=clip, strength=0.5)
     assert edited.shape == clip.shape
     with pytest.raises(ValueError, match="one conditioning mode"):
-        run(loop=True, image=clip[:, :1])
+        run(loop=True, video=clip, extend="forward")
 
 
 def test_extending_forwards_continues_from_the_clips_last_frames(tiny_pipe, monkeypatch):
@@ -286,7 +296,7 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     (["--prompt", "a", "--image", "/no/such.png"], ["--image /no/such.png", "no such file"]),
     (["--prompt", "a", "--video", "{bad}", "--extend", "forward"], ["--video", "bad.mp4", "cannot be opened"]),
     (["--prompt", "a", "--video", "{bad}"], ["--extend", "--strength"]),
-    (["--prompt", "a", "--loop", "--image", "{bad}"], ["one conditioning mode"]),
+    (["--prompt", "a", "--loop", "--connect", "{bad}", "{bad}"], ["one conditioning mode"]),
     (["--prompt", "a", "--prompt", "b", "--output", "x.mp4"], ["--output-dir"]),
     (["--prompt", "a", "--output", "x.avi"], [".mp4, .gif, or .png"]),
     (["--prompt", "a", "--output", "x.png"], ["--num-frames 1"]),

@@ -51,7 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--extend", choices=["forward", "backward"],
                    help="continue --video after its end or before its start")
     p.add_argument("--strength", type=float, help="SDEdit --video: 0 keeps it, 1 ignores it")
-    p.add_argument("--loop", action="store_true", help="make a seamless loop")
+    p.add_argument("--loop", action="store_true", help="make a seamless loop (with --image: through that image)")
     p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"),
                    help="a transition from VID_A's end to VID_B's start")
     p.add_argument("--image-first", action=argparse.BooleanOptionalAction, default=None,
@@ -79,8 +79,9 @@ def read_prompts(a) -> list[str]:
 
 
 def check_args(a, prompts):
-    modes = [name for name, on in (("--image", a.image), ("--extend", a.extend), ("--strength", a.strength is not None),
-                                   ("--loop", a.loop), ("--connect", a.connect)) if on]
+    modes = [name for name, on in (("--image", a.image and not a.loop), ("--extend", a.extend),
+                                   ("--strength", a.strength is not None), ("--loop", a.loop), ("--connect", a.connect))
+             if on]  # --loop --image: a loop through the image
     if len(modes) > 1:
         raise UserError(f"choose one conditioning mode at a time, got {' and '.join(modes)}")
     if (a.extend or a.strength is not None) and not a.video:
@@ -148,7 +149,7 @@ def conditioning(a, size):
     T, H, W = size
     try:
         if a.image:
-            return dict(image=read_image(a.image, H, W)), None, None
+            return dict(image=read_image(a.image, H, W), loop=a.loop), None, None
         if a.extend:
             clip = read_video(a.video, fps=a.fps, height=H, width=W)
             return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \

@@ -7,7 +7,7 @@ Modes, all from the one checkpoint trained with random frame conditioning (video
 - text to video (num_frames > 1) and text to image (num_frames = 1);
 - `image=`: animate an image from its first frame;
 - `video=, extend="forward"|"backward"`: num_frames new frames after a clip's end, or leading into its start;
-- `loop=True`: a clip whose last frame leads back into its first;
+- `loop=True`: a clip whose last frame leads back into its first (with `image=`, a loop through that image);
 - `video=, strength=s`: SDEdit, restyle a clip from its noised latents;
 - `connect=(video_a, video_b)`: a transition from the end of one clip to the start of the other.
 
@@ -228,6 +228,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         cond_latents, cond_masks, init, trim = None, None, None, [(0, 0)] * B
         modes = [m for m, on in (("image", image is not None), ("extend", extend is not None), ("loop", loop),
                                  ("strength", strength is not None), ("connect", connect is not None)) if on]
+        if loop and image is not None:  # a loop that starts and ends on the image
+            modes.remove("image")
         if len(modes) > 1:
             raise ValueError(f"choose one conditioning mode at a time, got {modes}")
         if image_first is None:
@@ -293,7 +295,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         from the decoded result; or, for SDEdit, the initial latents."""
         ft = self.video_vae.ft
         lat, masks, trim = [], [], []
-        if mode == "loop":  # a first pass draws each sample's first frame; the clip then ends on it again
+        if mode == "loop" and image is None:  # a first pass draws each sample's first frame; the clip ends on it
             firsts = self._draw_images(prompts, negative_prompt, sizes, run)
         for i, ((C, Tl, h, w), (T, H, W)) in enumerate(zip(shapes, sizes)):
             z = torch.zeros(C, Tl, h, w)
@@ -319,9 +321,10 @@ class VideoDiTPipeline(DiffusionPipeline):
                 z[:, :1] = self.encode_video(a[:, -1:])
                 z[:, -1] = self.held_latent(b[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (1, ft)
-            else:  # loop
-                z[:, :1] = firsts[i]
-                z[:, -1] = self.held_latent(self.decode(firsts[i])[:, 0])
+            else:  # loop, from the image or the drawn first frame back to it
+                frame = _fit(image[:, :1], H, W) if image is not None else self.decode(firsts[i])
+                z[:, :1] = self.encode_video(frame) if image is not None else firsts[i]
+                z[:, -1] = self.held_latent(frame[:, 0])
                 m, cut = cond_frames(Tl, "first_last"), (0, ft)
             lat.append(z)
             masks.append(m)
