@@ -78,7 +78,9 @@ def read_prompts(a) -> list[str]:
     return prompts
 
 
-def check_args(a, prompts):
+def check_args(a, prompts) -> tuple[int, int] | None:
+    """Refuse bad arguments before any model loads. Returns the (height, width) of the input image or video (the
+    first of --connect), whose aspect the output takes; None without one."""
     modes = [name for name, on in (("--image", a.image and not a.loop), ("--extend", a.extend),
                                    ("--strength", a.strength is not None), ("--loop", a.loop), ("--connect", a.connect))
              if on]  # --loop --image: a loop through the image
@@ -92,12 +94,14 @@ def check_args(a, prompts):
         raise UserError(f"--strength must be in (0, 1], got {a.strength}")
     from videodit.data.video import VideoReadError, probe
 
+    inputs = []
     for name, path in (("--image", a.image), ("--video", a.video), *((("--connect", v) for v in a.connect or ()))):
         if path:  # before any model loads: a bad input fails at once
             try:
-                probe(path)
+                info = probe(path)
             except VideoReadError as e:
                 raise UserError(f"{name} {e}") from None
+            inputs.append((info["height"], info["width"]))
     if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
         raise UserError("--height, --width and --num-frames must be positive")
     if a.fps is not None and a.fps <= 0:
@@ -119,6 +123,7 @@ def check_args(a, prompts):
             raise UserError(f"--output {a.output}: use .mp4, .gif, or .png")
         if ext == ".png" and a.num_frames not in (None, 1):  # before any model loads; the default is checked later
             raise png_error(a.output)
+    return inputs[0] if inputs else None
 
 
 def load_pipeline(path: str, device: str, offload: bool = False):
@@ -143,7 +148,8 @@ def load_pipeline(path: str, device: str, offload: bool = False):
 
 
 def conditioning(a, size):
-    """Pipeline keyword arguments for the chosen mode, and the input clips the output is joined with."""
+    """Pipeline keyword arguments for the chosen mode, and the input clips the output is joined with. size: (T, H, W)
+    sampled; T None: the whole clip (SDEdit)."""
     from videodit.data.video import VideoReadError, read_image, read_video
 
     T, H, W = size
@@ -155,7 +161,7 @@ def conditioning(a, size):
             return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \
                 clip if a.extend == "backward" else None
         if a.strength is not None:  # only the frames edited (the whole clip without --num-frames)
-            clip = read_video(a.video, None if a.num_frames is None else T, fps=a.fps, height=H, width=W)
+            clip = read_video(a.video, T, fps=a.fps, height=H, width=W)
             return dict(video=clip, strength=a.strength), None, None
         if a.connect:
             clips = [read_video(v, fps=a.fps, height=H, width=W) for v in a.connect]
@@ -165,20 +171,9 @@ def conditioning(a, size):
     return dict(loop=a.loop), None, None
 
 
-def input_size(a) -> tuple[int, int] | None:
-    """(height, width) of the input image or video (the first of --connect), whose aspect the output takes."""
-    from videodit.data.video import probe
-
-    path = a.image or a.video or (a.connect[0] if a.connect else None)
-    if path is None:
-        return None
-    info = probe(path)
-    return info["height"], info["width"]
-
-
 def run(a):
     prompts = read_prompts(a)
-    check_args(a, prompts)
+    like = check_args(a, prompts)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
     if a.offload and not device.startswith("cuda"):
         raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
@@ -192,14 +187,14 @@ def run(a):
         for p in prompts:
             print(f"prompt: {p}")
     a.fps = a.fps or pipe.config.default_fps
-    size = pipe.resolve_size(a.num_frames, a.height, a.width, input_size(a))
+    size = pipe.resolve_size(a.num_frames, a.height, a.width, like)
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
     if changed:
         print(f"note: {', '.join(changed)}: not a size this model takes; using {size[0]}x{size[1]}x{size[2]} "
               f"(frames x height x width)")
-    kwargs, before, after = conditioning(a, size)
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
+    kwargs, before, after = conditioning(a, (frames, *size[1:]))
     if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
         raise png_error(a.output)
     a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
