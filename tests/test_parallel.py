@@ -1,7 +1,7 @@
 """Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
-token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing); the
-trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint policies keep
-the gradients; offloaded sampling gives the same video."""
+token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
+local MLP); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint
+policies keep the gradients; offloaded sampling gives the same video."""
 
 import os
 import socket
@@ -31,9 +31,9 @@ CASES = {
 }
 
 
-def _model():
+def _model(local_mlp=False):
     torch.manual_seed(0)
-    model = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16)
+    model = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=4, text_dim=16, local_mlp=local_mlp)
     for p in model.parameters():  # random, not zero-initialized: outputs and every gradient depend on the inputs
         p.data.normal_(0, 0.1)
     return model
@@ -69,8 +69,10 @@ def _worker(rank, world, init_file):
         for name, shapes in CASES.items():
             # static: the blocks take segment offsets as ints, as compile_blocks(dynamic=False) traces them (a tensor
             # there would break each compiled block's graph at attention)
-            for policy, static in (("none", False), ("attention", False), ("none", True)):
-                model = _model()
+            # local: a Mix-FFN, whose convolution reaches tokens on the other rank
+            for policy, static, local in (("none", False, False), ("attention", False, False), ("none", True, False),
+                                          ("mlp", False, True)):
+                model = _model(local)
                 want_out, want_grad = _run(model, shapes)
                 model.set_sequence_parallel(group)
                 model.dynamic_blocks = not static
@@ -79,11 +81,11 @@ def _worker(rank, world, init_file):
                 got_out, got_grad = _run(model, shapes, policy)
                 assert all(isinstance(c, tuple if static else torch.Tensor) for c in seen) and seen
                 model.set_sequence_parallel(None)
-                torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{name}/{policy} output")
+                torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{name}/{policy}/{local} output")
                 for n, g in got_grad.items():
                     dist.all_reduce(g, group=group)  # the group's mean, as DDP takes it
                     torch.testing.assert_close(g / 2, want_grad[n], rtol=1e-5, atol=1e-6,
-                                               msg=f"{name}/{policy} grad {n}")
+                                               msg=f"{name}/{policy}/{local} grad {n}")
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -216,10 +216,15 @@ class Mlp(nn.Module):
         self.local = LocalMix(hidden) if local else None
         self.fc2 = nn.Linear(hidden, dim)
 
-    def forward(self, x, grids=None):
+    def forward(self, x, grids=None, shard=None):
+        """Sequence parallel (`shard`): x is this rank's slice of the tokens; the convolution needs its neighbours
+        on other ranks, so it runs on the gathered hidden features and keeps this rank's slice."""
         h = self.fc1(x.to(self.fc1.weight.dtype))
         if self.local is not None:
-            h = h + self.local(h, grids)
+            if shard is None:
+                h = h + self.local(h, grids)
+            else:
+                h = h + self.local(gather_tokens(h, shard), grids)[shard.start:shard.end]
         return self.fc2(F.gelu(h, approximate="tanh"))
 
 
@@ -248,7 +253,7 @@ class DiTBlock(nn.Module):
         x = recompute(gated_residual, x, attn, *m, 2)
         x = x + self.cross_attn(self.norm2(x), context, cu_seqlens, cu_seqlens_text, backend).float()
         h = recompute(modulated_norm, self.norm3, x, *m, 3)
-        return recompute(gated_residual, x, self._part("mlp", self.mlp, h, grids), *m, 5)
+        return recompute(gated_residual, x, self._part("mlp", self.mlp, h, grids, shard), *m, 5)
 
     def _part(self, name, fn, *args):
         if name in self.checkpoint_parts and torch.is_grad_enabled():
@@ -365,9 +370,6 @@ class VideoDiT(ModelMixin, ConfigMixin):
     def set_sequence_parallel(self, group):
         """Split every sequence over the ranks of `group` (Ulysses; see videodit.parallel); None turns it off.
         forward still takes the whole packed batch (the same on every rank of the group) and returns all tokens."""
-        if group is not None and self.config.local_mlp:
-            raise ValueError("sequence parallelism splits samples across ranks, which a local MLP (local_mlp=True) "
-                             "cannot convolve over; turn one of them off")
         if group is not None:
             check_heads(self.config.num_heads, torch.distributed.get_world_size(group))
         self.sequence_parallel_group = group
