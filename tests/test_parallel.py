@@ -1,7 +1,8 @@
 """Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
 token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
 local MLP); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint
-policies keep the gradients; offloaded sampling gives the same video."""
+policies keep the gradients; sample.py on two processes writes what one process writes; offloaded sampling gives
+the same video."""
 
 import os
 import socket
@@ -124,13 +125,13 @@ def test_checkpoint_policies_keep_gradients():
         model.set_checkpoint_policy("sometimes")
 
 
-def torchrun(config: str, processes: int):
-    """train.py on CPU processes (gloo)."""
+def torchrun(script: str, args: list, processes: int):
+    """A script of the repository on CPU processes (gloo)."""
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_port", port,
-           os.path.join(ROOT, "train.py"), "--config", config]
+           os.path.join(ROOT, script), *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -154,7 +155,7 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2"]),
                 config)
-    torchrun(config, processes=4)
+    torchrun("train.py", ["--config", config], processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
     torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
@@ -163,6 +164,27 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     a, b = (load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "sp"))
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_sample_command_on_two_processes_writes_what_one_process_writes(tiny_pipe, tmp_path):
+    """torchrun sample.py: two processes sharing out three prompts (data parallel), or splitting every video's
+    tokens (--sequence-parallel 2), write the videos and prompts.jsonl of one process."""
+    from videodit.data.video import read_video
+    from videodit.generate import main
+
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares moving up\na green triangle\n")
+    args = ["--prompt-file", str(tmp_path / "prompts.txt"), "--checkpoint", str(tmp_path / "pipe"), "--height", "16",
+            "--width", "24", "--num-frames", "9", "--seed", "3", "--batch-size", "2"]
+    main(args + ["--output-dir", str(tmp_path / "one")])
+    want = (tmp_path / "one" / "prompts.jsonl").read_text()
+    for S in (1, 2):
+        out = tmp_path / f"sp{S}"
+        torchrun("sample.py", args + ["--output-dir", str(out), "--sequence-parallel", str(S)], processes=2)
+        assert (out / "prompts.jsonl").read_text() == want
+        for i in range(3):
+            a, b = (read_video(str(d / f"{i:03d}.mp4")) for d in (tmp_path / "one", out))
+            assert (a - b).abs().mean() < 0.004, (S, i)  # equal here; float sums may differ by a level elsewhere
 
 
 def test_offloaded_pipeline_samples_the_same(tiny_pipe):

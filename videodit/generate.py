@@ -1,7 +1,13 @@
 """The main job: sample videos from prompts (`python sample.py ...`). Every user error ends in one clear line and a
-non-zero exit, never a traceback."""
+non-zero exit, never a traceback.
+
+Under torchrun (`torchrun --nproc_per_node N sample.py ...`) the processes split into groups of
+`--sequence-parallel` S ranks: each group samples its share of the prompts (data parallel), and within a group every
+video's tokens are split over the S ranks (Ulysses, videodit.parallel). The group's first rank decodes and writes.
+Prompt i samples with seed + i wherever it runs, so the videos are those of one process."""
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -62,8 +68,62 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--offload", action="store_true", help="keep the text encoder, denoiser and VAE in CPU memory, each "
                    "on the GPU only while it runs (less GPU memory, slower)")
+    p.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
+                   help="under torchrun: split each video's tokens over S processes (S divides the processes and the "
+                        "model's heads); groups of S processes share out the prompts")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
     return p.parse_args(argv)
+
+
+@dataclasses.dataclass
+class Ranks:
+    """This process's place in a run: one process alone, or one of torchrun's. Groups of `sequence_parallel`
+    ranks sample the same videos (`group`, None alone); group `dp_rank` of `dp_size` takes its share of the prompts."""
+    rank: int = 0
+    world: int = 1
+    group: object = None
+    dp_rank: int = 0
+    dp_size: int = 1
+
+    @property
+    def main(self) -> bool:  # prints notes, shows progress
+        return self.rank == 0
+
+    @property
+    def writer(self) -> bool:  # decodes and writes its group's videos
+        return self.rank % (self.world // self.dp_size) == 0
+
+    def share(self, n: int) -> range:
+        """The indices of this group's prompts out of n: contiguous, the groups' shares differing by at most one."""
+        return range(self.dp_rank * n // self.dp_size, (self.dp_rank + 1) * n // self.dp_size)
+
+
+def setup(a) -> tuple[str, Ranks]:
+    """The device, and under torchrun (WORLD_SIZE > 1) the process group (NCCL on GPUs, gloo on CPUs) and this
+    rank's groups. Each process takes the GPU of its LOCAL_RANK."""
+    world, S = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    if S < 1 or world % S:
+        options = [d for d in range(1, world + 1) if world % d == 0]
+        launch = "" if world > 1 else " (launch with torchrun --nproc_per_node N sample.py ...)"
+        raise UserError(f"--sequence-parallel {S} must divide the {world} process(es): use one of {options}{launch}")
+    if a.offload and not device.startswith("cuda"):
+        raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
+    if world == 1:
+        return device, Ranks()
+    import torch.distributed as dist
+    from videodit.parallel import sequence_parallel_groups
+
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    rank = dist.get_rank()
+    if S == 1:
+        return device, Ranks(rank, world, None, rank, world)
+    group, dp_rank, dp_size = sequence_parallel_groups(S)
+    return device, Ranks(rank, world, group, dp_rank, dp_size)
 
 
 def read_prompts(a) -> list[str]:
@@ -174,25 +234,40 @@ def conditioning(a, size):
 def run(a):
     prompts = read_prompts(a)
     like = check_args(a, prompts)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if a.offload and not device.startswith("cuda"):
-        raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
+    device, ranks = setup(a)
+    try:
+        sample_prompts(a, prompts, like, device, ranks)
+    finally:
+        if ranks.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def sample_prompts(a, prompts, like, device, ranks):
+    say = print if ranks.main else lambda *args: None  # noqa: E731
     t0 = time.time()
     pipe = load_pipeline(a.checkpoint, device, a.offload)
+    try:
+        pipe.transformer.set_sequence_parallel(ranks.group)
+    except ValueError as e:  # the model's heads do not split over the group
+        raise UserError(f"--sequence-parallel {a.sequence_parallel}: {e}") from None
+    mine = ranks.share(len(prompts))
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
 
-        prompts = [upsample_prompt(p, backend="lm" if a.upsampler_model else "shapes", model=a.upsampler_model,
-                                   seed=a.seed + i) for i, p in enumerate(prompts)]
-        for p in prompts:
-            print(f"prompt: {p}")
+        for i in mine:
+            prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
+                                         model=a.upsampler_model, seed=a.seed + i)
+            if ranks.writer:
+                print(f"prompt: {prompts[i]}")
     a.fps = a.fps or pipe.config.default_fps
     size = pipe.resolve_size(a.num_frames, a.height, a.width, like)
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
     if changed:
-        print(f"note: {', '.join(changed)}: not a size this model takes; using {size[0]}x{size[1]}x{size[2]} "
-              f"(frames x height x width)")
+        say(f"note: {', '.join(changed)}: not a size this model takes; using {size[0]}x{size[1]}x{size[2]} "
+            f"(frames x height x width)")
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
     if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
@@ -200,33 +275,51 @@ def run(a):
     a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     if a.verbose:
         length = "the video's length" if frames is None else f"{frames} frames"
-        print(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
-              f"guidance {guidance:g} (parallel part {parallel:g}), seed {a.seed}")
+        procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.world // ranks.dp_size})" \
+            if ranks.world > 1 else ""
+        say(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
+            f"guidance {guidance:g} (parallel part {parallel:g}), seed {a.seed}{procs}")
+    if a.output_dir and ranks.main:  # prompts.jsonl begins afresh; every writer appends its batches' rows
+        os.makedirs(a.output_dir, exist_ok=True)
+        open(os.path.join(a.output_dir, "prompts.jsonl"), "w").close()
+    barrier(ranks)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
-    with tqdm(total=len(prompts), desc="videos", unit="video", disable=len(prompts) <= a.batch_size) as bar:
-        for start in range(0, len(prompts), a.batch_size):
-            part = prompts[start:start + a.batch_size]
+    with tqdm(total=len(mine), desc="videos", unit="video", disable=not ranks.main or len(mine) <= a.batch_size) as bar:
+        for start in range(mine.start, mine.stop, a.batch_size):
+            part = prompts[start:min(start + a.batch_size, mine.stop)]
             gens = [torch.Generator(device).manual_seed(a.seed + start + j) for j in range(len(part))]
             out = pipe(part, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
                        guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel, generator=gens,
-                       sampler=a.sampler, shift=a.shift, image_first=a.image_first, output_type="pt", **kwargs)
-            write_outputs(a, start, part, out, before, after)
+                       sampler=a.sampler, shift=a.shift, image_first=a.image_first, progress=ranks.main,
+                       output_type="pt" if ranks.writer else "latent", **kwargs)
+            if ranks.writer:
+                write_outputs(a, start, part, out, before, after)
             bar.update(len(part))
-    t2 = time.time()
+    barrier(ranks)
+    if a.output_dir and ranks.main and ranks.dp_size > 1:  # the groups appended in any order: in file order
+        path = os.path.join(a.output_dir, "prompts.jsonl")
+        with open(path, encoding="utf-8") as f:
+            rows = sorted(f, key=lambda r: json.loads(r)["file"])
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(rows)
     if a.verbose:
-        report(device, load=t1 - t0, sample=t2 - t1)
+        report(device, load=t1 - t0, sample=time.time() - t1, rank=ranks.rank if ranks.world > 1 else None)
+
+
+def barrier(ranks):
+    if ranks.world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
 
 
 def write_outputs(a, start, prompts, out, before, after):
     """Write one batch's videos (prompts start, start + 1, ...), joined with the input clips they continue; with
-    --output-dir, their rows go to prompts.jsonl (begun afresh by the first batch), so a stopped run lists what it
-    wrote."""
+    --output-dir, their rows are appended to prompts.jsonl, so a stopped run lists what it wrote."""
     from videodit.data.video import write_video
 
-    if a.output_dir:
-        os.makedirs(a.output_dir, exist_ok=True)
     rows = []
     for i, (prompt, video) in enumerate(zip(prompts, out.frames), start):
         parts = [v.cpu() for v in (before, video, after) if v is not None]
@@ -237,18 +330,19 @@ def write_outputs(a, start, prompts, out, before, after):
         rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed + i, num_frames=video.shape[1],
                          height=video.shape[2], width=video.shape[3], fps=a.fps, steps=a.steps))
         tqdm.write(path)
-    if a.output_dir:
-        with open(os.path.join(a.output_dir, "prompts.jsonl"), "a" if start else "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r) + "\n" for r in rows)
+    if a.output_dir:  # one write: rows of other processes' batches never interleave with these
+        with open(os.path.join(a.output_dir, "prompts.jsonl"), "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def report(device, **seconds):
+def report(device, rank=None, **seconds):
     import resource
 
     peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     times = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
-    print(f"{times}; peak {'GPU' if device.startswith('cuda') else 'process'} memory {peak:.2f} GiB")
+    who = "" if rank is None else f"rank {rank}: "
+    print(f"{who}{times}; peak {'GPU' if device.startswith('cuda') else 'process'} memory {peak:.2f} GiB")
 
 
 def main(argv=None):
