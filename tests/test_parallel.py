@@ -1,7 +1,7 @@
 """Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
 token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
 local MLP); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint
-policies keep the gradients; sample.py on two processes writes what one process writes; offloaded sampling gives
+policies keep the gradients; sample.py on several processes writes what one process writes; offloaded sampling gives
 the same video."""
 
 import os
@@ -166,25 +166,28 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
-def test_sample_command_on_two_processes_writes_what_one_process_writes(tiny_pipe, tmp_path):
-    """torchrun sample.py: two processes sharing out three prompts (data parallel), or splitting every video's
-    tokens (--sequence-parallel 2), write the videos and prompts.jsonl of one process."""
+def test_sample_command_on_several_processes_writes_what_one_process_writes(tiny_pipe, tmp_path):
+    """torchrun sample.py: processes sharing out three prompts (data parallel), splitting every video's tokens
+    (--sequence-parallel 2) or guidance's two passes (--cfg-parallel), alone and together, write the videos and
+    prompts.jsonl of one process."""
     from videodit.data.video import read_video
     from videodit.generate import main
 
-    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    tiny_pipe.save_pretrained(tmp_path / "pipe")  # guidance 3: two passes a step
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares moving up\na green triangle\n")
     args = ["--prompt-file", str(tmp_path / "prompts.txt"), "--checkpoint", str(tmp_path / "pipe"), "--height", "16",
             "--width", "24", "--num-frames", "9", "--seed", "3", "--batch-size", "2"]
     main(args + ["--output-dir", str(tmp_path / "one")])
     want = (tmp_path / "one" / "prompts.jsonl").read_text()
-    for S in (1, 2):
-        out = tmp_path / f"sp{S}"
-        torchrun("sample.py", args + ["--output-dir", str(out), "--sequence-parallel", str(S)], processes=2)
-        assert (out / "prompts.jsonl").read_text() == want
+    runs = {"sp2": (2, ["--sequence-parallel", "2"]), "dp2_cfg": (4, ["--cfg-parallel"]),
+            "sp2_cfg": (4, ["--sequence-parallel", "2", "--cfg-parallel"])}
+    for name, (processes, extra) in runs.items():
+        out = tmp_path / name
+        torchrun("sample.py", args + ["--output-dir", str(out), *extra], processes)
+        assert (out / "prompts.jsonl").read_text() == want, name
         for i in range(3):
             a, b = (read_video(str(d / f"{i:03d}.mp4")) for d in (tmp_path / "one", out))
-            assert (a - b).abs().mean() < 0.004, (S, i)  # equal here; float sums may differ by a level elsewhere
+            assert (a - b).abs().mean() < 0.004, (name, i)  # equal here; float sums may differ by a level elsewhere
 
 
 def test_offloaded_pipeline_samples_the_same(tiny_pipe):

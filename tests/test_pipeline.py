@@ -304,7 +304,8 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     (["--prompt", "a", "--prompt-file", "/no/prompts.txt"], ["/no/prompts.txt"]),
     (["--prompt", "a", "--guidance-parallel", "2"], ["--guidance-parallel", "[0, 1]"]),
     (["--prompt", "a", "--batch-size", "0"], ["--batch-size", "positive"]),
-    (["--prompt", "a", "--sequence-parallel", "2"], ["--sequence-parallel 2", "1 process", "torchrun"]),
+    (["--prompt", "a", "--sequence-parallel", "2"], ["--sequence-parallel 2", "torchrun"]),
+    (["--prompt", "a", "--cfg-parallel"], ["--cfg-parallel", "torchrun"]),
 ])
 def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words):
     bad = tmp_path / "bad.mp4"

@@ -13,6 +13,7 @@ import math
 import random
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from .patchify import pack, unpack
@@ -166,14 +167,17 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
            guidance_parallel: float = 1.0, shared_noise: float = 0.0, steps: int = 30, shift: float | None = None,
            base_tokens: int = 256, sampler: str = "euler", cond_latents: list | None = None,
            cond_masks: list | None = None, init_latents: list | None = None, strength: float = 1.0, generator=None,
-           progress: bool = True) -> list:
+           progress: bool = True, cfg_group=None) -> list:
     """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch.
 
     text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
     guidance_parallel: the weight of the guidance term's part along the conditional clean estimate (1: plain
     classifier-free guidance; 0: projected guidance, see `guide`). shared_noise: as the model was trained (draw_noise).
     cond_latents/cond_masks: per sample, clean latents and a (T,) mask of frames held at them (None: nothing).
-    init_latents/strength: SDEdit, start from these latents noised to t = strength instead of pure noise."""
+    init_latents/strength: SDEdit, start from these latents noised to t = strength instead of pure noise.
+    cfg_group: a torch.distributed group of two ranks that share guidance's two passes (rank 0 of the group the
+    prompts, rank 1 the negative prompt) and exchange their velocities each step; both call with the same arguments.
+    Without it (or without guidance) both passes run here, as one packed batch."""
     device, dtype = text.device, torch.float32
     B = len(shapes)
     noise = draw_noise(shapes, shared_noise, generator, device)
@@ -202,7 +206,11 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     x = torch.where(clean[:, None], x_cond, x)
 
     use_cfg = guidance != 1.0 and null_text is not None
-    if use_cfg:  # conditional and unconditional in one packed batch of 2B samples
+    split = use_cfg and cfg_group is not None
+    if split:  # this rank's pass: the prompts or the negative prompt
+        txt, msk = (text, text_mask) if dist.get_rank(cfg_group) == 0 else \
+            (null_text.expand(B, -1, -1), null_mask.expand(B, -1))
+    elif use_cfg:  # conditional and unconditional in one packed batch of 2B samples
         both = pack(noise + noise, model.patch_size)
         L = max(text.shape[1], null_text.shape[1])
         txt = torch.cat([_pad_to(text, L), _pad_to(null_text.expand(B, -1, -1), L)])
@@ -211,7 +219,12 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
         t, t_next = ts[i], ts[i + 1]
         frame_t = [torch.where(m, 0.0, t) for m in masks]
-        if use_cfg:
+        if split:
+            v = model(packed.with_tokens(x), frame_t, txt, msk).float().contiguous()
+            v_c, v_u = torch.empty_like(v), torch.empty_like(v)
+            dist.all_gather([v_c, v_u], v, group=cfg_group)
+            v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean, B)
+        elif use_cfg:
             v = model(both.with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk)
             v_c, v_u = v.float().chunk(2)
             v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean, B)

@@ -1,10 +1,11 @@
 """The main job: sample videos from prompts (`python sample.py ...`). Every user error ends in one clear line and a
 non-zero exit, never a traceback.
 
-Under torchrun (`torchrun --nproc_per_node N sample.py ...`) the processes split into groups of
-`--sequence-parallel` S ranks: each group samples its share of the prompts (data parallel), and within a group every
-video's tokens are split over the S ranks (Ulysses, videodit.parallel). The group's first rank decodes and writes.
-Prompt i samples with seed + i wherever it runs, so the videos are those of one process."""
+Under torchrun (`torchrun --nproc_per_node N sample.py ...`) the processes split into blocks that each sample their
+share of the prompts (data parallel). Within a block every video's tokens are split over `--sequence-parallel` S
+ranks (Ulysses, videodit.parallel), and with `--cfg-parallel` guidance's two passes run on two such groups: S x 2
+ranks. The block's first rank decodes and writes. Prompt i samples with seed + i wherever it runs, so the videos are
+those of one process."""
 
 import argparse
 import dataclasses
@@ -14,6 +15,7 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 from tqdm.auto import tqdm
 
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-tiny")
@@ -71,47 +73,62 @@ def parse_args(argv=None):
     p.add_argument("--sequence-parallel", type=int, default=1, metavar="S",
                    help="under torchrun: split each video's tokens over S processes (S divides the processes and the "
                         "model's heads); groups of S processes share out the prompts")
+    p.add_argument("--cfg-parallel", action="store_true",
+                   help="under torchrun: guidance's two passes (prompt, negative prompt) on two processes")
     p.add_argument("--verbose", action="store_true", help="print timings and peak memory")
     return p.parse_args(argv)
 
 
 @dataclasses.dataclass
 class Ranks:
-    """This process's place in a run: one process alone, or one of torchrun's. Groups of `sequence_parallel`
-    ranks sample the same videos (`group`, None alone); group `dp_rank` of `dp_size` takes its share of the prompts."""
+    """This process's place in a run: one process alone, or one of torchrun's. Blocks of `per_group` consecutive
+    ranks sample the same videos, block `dp_rank` of `dp_size` its share of the prompts. Within a block, `group`
+    (None: none) is this rank's sequence-parallel group and `cfg_group` its partner in guidance's two passes."""
     rank: int = 0
     world: int = 1
+    per_group: int = 1
     group: object = None
-    dp_rank: int = 0
-    dp_size: int = 1
+    cfg_group: object = None
+
+    @property
+    def dp_rank(self) -> int:
+        return self.rank // self.per_group
+
+    @property
+    def dp_size(self) -> int:
+        return self.world // self.per_group
 
     @property
     def main(self) -> bool:  # prints notes, shows progress
         return self.rank == 0
 
     @property
-    def writer(self) -> bool:  # decodes and writes its group's videos
-        return self.rank % (self.world // self.dp_size) == 0
+    def writer(self) -> bool:  # decodes and writes its block's videos
+        return self.rank % self.per_group == 0
 
     def share(self, n: int) -> range:
-        """The indices of this group's prompts out of n: contiguous, the groups' shares differing by at most one."""
+        """The indices of this block's prompts out of n: contiguous, the blocks' shares differing by at most one."""
         return range(self.dp_rank * n // self.dp_size, (self.dp_rank + 1) * n // self.dp_size)
 
 
 def setup(a) -> tuple[str, Ranks]:
     """The device, and under torchrun (WORLD_SIZE > 1) the process group (NCCL on GPUs, gloo on CPUs) and this
-    rank's groups. Each process takes the GPU of its LOCAL_RANK."""
-    world, S = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel
+    rank's groups: blocks of S x 2 ranks (S x 1 without --cfg-parallel), a block's sequence-parallel groups its
+    consecutive runs of S ranks, and its guidance pairs ranks j and S + j. Each process takes the GPU of its
+    LOCAL_RANK."""
+    world, S, cfg = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel, 2 if a.cfg_parallel else 1
+    block = S * cfg
     device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    if S < 1 or world % S:
-        options = [d for d in range(1, world + 1) if world % d == 0]
-        launch = "" if world > 1 else " (launch with torchrun --nproc_per_node N sample.py ...)"
-        raise UserError(f"--sequence-parallel {S} must divide the {world} process(es): use one of {options}{launch}")
+    what = f"--sequence-parallel {S}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
+    if block > 1 and world == 1:
+        raise UserError(f"{what} runs on several processes: launch with torchrun --nproc_per_node N sample.py ...")
+    if S < 1 or world % block:
+        options = [d for d in range(1, world + 1) if world % (d * cfg) == 0]
+        raise UserError(f"{what} must divide the {world} processes: use --sequence-parallel in {options}")
     if a.offload and not device.startswith("cuda"):
         raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
     if world == 1:
         return device, Ranks()
-    import torch.distributed as dist
     from videodit.parallel import sequence_parallel_groups
 
     if device == "cuda":
@@ -120,10 +137,15 @@ def setup(a) -> tuple[str, Ranks]:
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     rank = dist.get_rank()
-    if S == 1:
-        return device, Ranks(rank, world, None, rank, world)
-    group, dp_rank, dp_size = sequence_parallel_groups(S)
-    return device, Ranks(rank, world, group, dp_rank, dp_size)
+    group = sequence_parallel_groups(S)[0] if S > 1 else None
+    cfg_group = None
+    if a.cfg_parallel:  # every rank creates every group, in one order
+        for first in range(0, world, block):
+            for j in range(S):
+                pair = dist.new_group([first + j, first + S + j])
+                if rank in (first + j, first + S + j):
+                    cfg_group = pair
+    return device, Ranks(rank, world, block, group, cfg_group)
 
 
 def read_prompts(a) -> list[str]:
@@ -239,8 +261,6 @@ def run(a):
         sample_prompts(a, prompts, like, device, ranks)
     finally:
         if ranks.world > 1:
-            import torch.distributed as dist
-
             dist.destroy_process_group()
 
 
@@ -252,6 +272,7 @@ def sample_prompts(a, prompts, like, device, ranks):
         pipe.transformer.set_sequence_parallel(ranks.group)
     except ValueError as e:  # the model's heads do not split over the group
         raise UserError(f"--sequence-parallel {a.sequence_parallel}: {e}") from None
+    pipe.set_cfg_parallel(ranks.cfg_group)
     mine = ranks.share(len(prompts))
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
@@ -275,8 +296,7 @@ def sample_prompts(a, prompts, like, device, ranks):
     a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     if a.verbose:
         length = "the video's length" if frames is None else f"{frames} frames"
-        procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.world // ranks.dp_size})" \
-            if ranks.world > 1 else ""
+        procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.per_group})" if ranks.world > 1 else ""
         say(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
             f"guidance {guidance:g} (parallel part {parallel:g}), seed {a.seed}{procs}")
     if a.output_dir and ranks.main:  # prompts.jsonl begins afresh; every writer appends its batches' rows
@@ -310,8 +330,6 @@ def sample_prompts(a, prompts, like, device, ranks):
 
 def barrier(ranks):
     if ranks.world > 1:
-        import torch.distributed as dist
-
         dist.barrier()
 
 

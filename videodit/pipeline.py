@@ -61,6 +61,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                                 text_encoder_package=text_encoder_package, image_first=image_first,
                                 shared_noise=shared_noise, default_size=list(default_size), default_fps=default_fps)
         self.offload_device = None  # see enable_offload
+        self.cfg_group = None  # see set_cfg_parallel
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
@@ -95,6 +96,14 @@ class VideoDiTPipeline(DiffusionPipeline):
         accelerator holds the largest part and its activations, never all three."""
         self.offload_device = torch.device(device)
         self.to("cpu")
+
+    def set_cfg_parallel(self, group):
+        """Share guidance's two passes with the other rank of `group` (two ranks, which call the pipeline with the
+        same arguments and generators): each runs the denoiser on half the samples. None turns it off."""
+        size = None if group is None else torch.distributed.get_world_size(group)
+        if size not in (None, 2):
+            raise ValueError(f"guidance's two passes go to a group of 2 ranks, got {size}")
+        self.cfg_group = group
 
     @contextlib.contextmanager
     def on_device(self, module):
@@ -261,7 +270,8 @@ class VideoDiTPipeline(DiffusionPipeline):
                              guidance_parallel=guidance_parallel, shared_noise=self.config.get("shared_noise", 0.0),
                              steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
                              sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
-                             generator=generator, progress=progress, strength=1.0 if strength is None else strength)
+                             generator=generator, progress=progress, strength=1.0 if strength is None else strength,
+                             cfg_group=self.cfg_group)
         if output_type == "latent":
             return VideoDiTOutput(frames=latents, sizes=sizes)
         videos = []
