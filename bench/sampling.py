@@ -1,5 +1,6 @@
 """Sampling on several processes: seconds to sample (denoise, decode, write) with sample.py on one process and under
-torchrun on two, sharing out the prompts (data parallel) or splitting every video's tokens (--sequence-parallel 2).
+torchrun on two, sharing out the prompts (data parallel), splitting every video's tokens (--sequence-parallel 2) or
+guidance's two passes (--cfg-parallel).
 
     python bench/sampling.py [--checkpoint models/shapes-tiny] [--repeats 2]
 
@@ -26,7 +27,8 @@ WORKLOADS = {"8 prompts, checkpoint's size": ["--batch-size", "4"] + [x for p in
                                           "--num-frames", "17"]}
 SETTINGS = {"1 process, 1 thread": (1, 1, []), "1 process, 2 threads": (1, 2, []),
             "2 processes, data parallel": (2, 1, []),
-            "2 processes, sequence parallel": (2, 1, ["--sequence-parallel", "2"])}
+            "2 processes, sequence parallel": (2, 1, ["--sequence-parallel", "2"]),
+            "2 processes, cfg parallel": (2, 1, ["--cfg-parallel"])}
 
 
 def seconds(processes: int, threads: int, args: list) -> float:

@@ -71,8 +71,8 @@ def _worker(rank, world, init_file):
             # static: the blocks take segment offsets as ints, as compile_blocks(dynamic=False) traces them (a tensor
             # there would break each compiled block's graph at attention)
             # local: a Mix-FFN, whose convolution reaches tokens on the other rank
-            for policy, static, local in (("none", False, False), ("attention", False, False), ("none", True, False),
-                                          ("mlp", False, True)):
+            cases = (("none", False, False), ("attention", False, False), ("none", True, False), ("mlp", False, True))
+            for policy, static, local in cases:
                 model = _model(local)
                 want_out, want_grad = _run(model, shapes)
                 model.set_sequence_parallel(group)
@@ -82,11 +82,12 @@ def _worker(rank, world, init_file):
                 got_out, got_grad = _run(model, shapes, policy)
                 assert all(isinstance(c, tuple if static else torch.Tensor) for c in seen) and seen
                 model.set_sequence_parallel(None)
-                torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{name}/{policy}/{local} output")
+                case = f"{name}/{policy}/{local}"
+                torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{case} output")
                 for n, g in got_grad.items():
                     dist.all_reduce(g, group=group)  # the group's mean, as DDP takes it
                     torch.testing.assert_close(g / 2, want_grad[n], rtol=1e-5, atol=1e-6,
-                                               msg=f"{name}/{policy}/{local} grad {n}")
+                                               msg=f"{case} grad {n}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
