@@ -111,11 +111,6 @@ def test_local_mlp_on_images_equals_the_spacetime_convolution():
         torch.testing.assert_close(mix(x, [(1, 3, 5)] * 2), want)
 
 
-def test_local_mlp_refuses_sequence_parallel():
-    with pytest.raises(ValueError, match="local MLP"):
-        random_model(local_mlp=True).set_sequence_parallel(object())
-
-
 def test_pooled_text_follows_each_sample_with_per_frame_timesteps():
     """Per-frame timestep rows take their own sample's pooled prompt: swapping two prompts swaps the outputs."""
     model = random_model(pooled_text=True)
