@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from videodit.attention import packed_attention
-from videodit.dit import PRESETS, VideoDiT
+from videodit.dit import PRESETS, StepCache, VideoDiT
 from videodit.flops import dit_paper_gmacs, flops_per_step, forward_macs, param_count
 from videodit.patchify import pack
 from videodit.rope import RoPE3D, apply_rope, rope_real
@@ -109,6 +109,26 @@ def test_local_mlp_on_images_equals_the_spacetime_convolution():
         space = space.permute(0, 3, 1, 2)  # (n, C, t=1, hw): the general path's layout
         want = (space + mix.time(space)).permute(0, 2, 3, 1).reshape(30, 4)
         torch.testing.assert_close(mix(x, [(1, 3, 5)] * 2), want)
+
+
+@pytest.mark.parametrize("local_mlp", [False, True])
+def test_step_cache_runs_every_block_until_the_first_settles_and_then_reuses_the_rest(local_mlp):
+    """A cache that never skips gives the uncached output; on an unchanged input a skip gives the full forward's
+    output; a new input whose first-block residual moves more than the threshold runs every block again."""
+    model = random_model(local_mlp=local_mlp)
+    latents, t, text, mask = mixed_batch()
+    packed = pack(latents)
+    full = model(packed, t, text, mask)
+    never = StepCache(0.0)
+    torch.testing.assert_close(model(packed, t, text, mask, cache=never), full)
+    assert never.skipped == 0
+    cache = StepCache(0.05)
+    model(packed, t, text, mask, cache=cache)
+    torch.testing.assert_close(model(packed, t, text, mask, cache=cache), full)  # same input: skipped
+    assert (cache.steps, cache.skipped) == (2, 1)
+    other = packed.with_tokens(torch.randn_like(packed.tokens))
+    torch.testing.assert_close(model(other, t, text, mask, cache=cache), model(other, t, text, mask))
+    assert (cache.steps, cache.skipped) == (3, 1)
 
 
 def test_pooled_text_follows_each_sample_with_per_frame_timesteps():

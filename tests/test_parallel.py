@@ -1,8 +1,8 @@
 """Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
 token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
-local MLP); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one process; checkpoint
-policies keep the gradients; sample.py on several processes writes what one process writes; offloaded sampling gives
-the same video."""
+local MLP, with the step cache); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one
+process; checkpoint policies keep the gradients; sample.py on several processes writes what one process writes;
+offloaded sampling gives the same video."""
 
 import os
 import socket
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from conftest import tiny_text
 from test_train import ROOT, TINY, log
 from videodit.config import load_config, save_config
-from videodit.dit import VideoDiT
+from videodit.dit import StepCache, VideoDiT
 from videodit.parallel import Shard, check_heads, sequence_parallel_groups
 from videodit.patchify import pack
 from videodit.train.loop import train
@@ -88,6 +88,20 @@ def _worker(rank, world, init_file):
                     dist.all_reduce(g, group=group)  # the group's mean, as DDP takes it
                     torch.testing.assert_close(g / 2, want_grad[n], rtol=1e-5, atol=1e-6,
                                                msg=f"{case} grad {n}")
+        # the step cache decides on the whole sequence: the ranks skip together, where one process skips
+        packed, frame_t, text, mask = _inputs(CASES["mixed"])
+        g = torch.Generator().manual_seed(3)
+        inputs = [packed.with_tokens(packed.tokens + s * torch.randn(packed.tokens.shape, generator=g))
+                  for s in (0.0, 0.01, 1.0)]  # a step, a nudge (skipped), a jump (every block again)
+        model = _model(local_mlp=True)
+        with torch.no_grad():
+            one = StepCache(0.1)
+            want = [model(p, frame_t, text, mask, cache=one) for p in inputs]
+            model.set_sequence_parallel(group)
+            two = StepCache(0.1)
+            got = [model(p, frame_t, text, mask, cache=two) for p in inputs]
+        assert (one.steps, one.skipped) == (two.steps, two.skipped) == (3, 1)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -181,11 +181,12 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
 
 def test_sampling_settings_reach_every_pass(tiny_pipe, monkeypatch):
     import videodit.pipeline as P
-    real, seen, noise = P.sample, [], []
+    real, seen, noise, caches = P.sample, [], [], []
 
     def spy(*args, **kw):
         seen.append(kw["guidance_parallel"])
         noise.append(kw["shared_noise"])
+        caches.append(kw["cache"])
         return real(*args, **kw)
 
     monkeypatch.setattr(P, "sample", spy)
@@ -204,6 +205,13 @@ def test_sampling_settings_reach_every_pass(tiny_pipe, monkeypatch):
     tiny_pipe.register_to_config(shared_noise=0.5)  # a model trained with shared noise samples from it
     run(image_first=True)
     assert noise[-2:] == [0.5, 0.5]
+    assert not any(caches)  # no step cache unless asked for; then a fresh one for each pass
+    out = tiny_pipe("a red circle", height=16, width=16, num_frames=9, generator=gen(0), progress=False,
+                    image_first=True, cache_threshold=1e9)
+    a, b = caches[-2:]
+    assert a is not b and (a.threshold, a.steps, a.skipped) == (1e9, 3, 2) and out.skipped_steps == b.skipped == 2
+    with pytest.raises(ValueError, match="cache_threshold"):
+        tiny_pipe("a", cache_threshold=-1)
 
 
 def test_save_load_gives_identical_samples(tiny_pipe, tmp_path):
@@ -304,6 +312,7 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     (["--prompt", "a", "--prompt-file", "/no/prompts.txt"], ["/no/prompts.txt"]),
     (["--prompt", "a", "--guidance-parallel", "2"], ["--guidance-parallel", "[0, 1]"]),
     (["--prompt", "a", "--batch-size", "0"], ["--batch-size", "positive"]),
+    (["--prompt", "a", "--cache-threshold", "-0.1"], ["--cache-threshold", ">= 0"]),
     (["--prompt", "a", "--sequence-parallel", "2"], ["--sequence-parallel 2", "torchrun"]),
     (["--prompt", "a", "--cfg-parallel"], ["--cfg-parallel", "torchrun"]),
 ])

@@ -275,6 +275,31 @@ class FinalLayer(nn.Module):
         return self.linear(h.to(self.linear.weight.dtype))
 
 
+class StepCache:
+    """First-block cache for sampling (ParaAttention's FBCache, as diffusers ships it): each step runs the first
+    block; where its residual differs from the one of the last step that ran every block by less than `threshold`
+    (mean absolute difference over mean absolute value), the other blocks are skipped and their residual of that step
+    is added instead. Neighbouring steps change the features little in the middle of sampling, where most skips
+    fall. One cache per sampling run (the same packed batch every step); `skipped` of `steps` counts the skips."""
+
+    def __init__(self, threshold: float):
+        self.threshold, self.first, self.rest, self.steps, self.skipped = threshold, None, None, 0, 0
+
+    def reuse(self, first: torch.Tensor, group=None) -> bool:
+        """first: the first block's residual this step (this rank's tokens; the ranks of a sequence-parallel `group`
+        decide together). True: skip the other blocks."""
+        self.steps += 1
+        if self.rest is not None:
+            diff = torch.stack([(first - self.first).abs().sum(), self.first.abs().sum()]).float()
+            if group is not None:
+                torch.distributed.all_reduce(diff, group=group)
+            if diff[0] < self.threshold * diff[1]:
+                self.skipped += 1
+                return True
+        self.first = first
+        return False
+
+
 class VideoDiT(ModelMixin, ConfigMixin):
     """Denoiser over packed spacetime patches; predicts the rectified-flow velocity of each token."""
 
@@ -399,10 +424,12 @@ class VideoDiT(ModelMixin, ConfigMixin):
         raise ValueError(f"timesteps must be a scalar, one per sample ({B}), one per token ({N}) or per latent "
                          f"frame (a list of (T_i,) tensors), got shape {tuple(t.shape)}")
 
-    def forward(self, packed, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, packed, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
+                cache: "StepCache | None" = None) -> torch.Tensor:
         """packed: Packed (or a tuple (tokens, coords, cu_seqlens, sample_idx)) with tokens (N, C*pt*ph*pw);
         timesteps in [0, 1]: (B,), (N,) or per latent frame; text: (B, L, text_dim) padded; text_mask: (B, L)
-        bool, True for real tokens (None: all real). Returns the velocity tokens (N, C*pt*ph*pw)."""
+        bool, True for real tokens (None: all real); cache: a StepCache carried across one sampling run's steps.
+        Returns the velocity tokens (N, C*pt*ph*pw)."""
         if not isinstance(packed, Packed):
             packed = packed_from_tuple(*packed)
         tokens, B = packed.tokens, len(packed.grids)
@@ -449,15 +476,25 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_features(packed.coords, grids).to(self.dtype)).float()
-        for i, block in enumerate(self.blocks):
-            args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard,
-                    packed.grids)
-            if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
-                x = self._gradient_checkpointing_func(block, *args)
-            else:
-                x = block(*args)
+        rest = range(len(self.blocks))
+        if cache is not None:  # the first block, then the others only where its residual changed enough
+            x0, x = x, self._block(0, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed)
+            rest = () if cache.reuse(x - x0, self.sequence_parallel_group) else range(1, len(self.blocks))
+            x1 = x
+            if not rest:
+                x = x + cache.rest
+        for i in rest:
+            x = self._block(i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed)
+        if cache is not None and rest:
+            cache.rest = x - x1
         out = self.final(x, temb, t_index)
         return out if shard is None else gather_tokens(out, shard)
+
+    def _block(self, i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed):
+        args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard, packed.grids)
+        if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
+            return self._gradient_checkpointing_func(self.blocks[i], *args)
+        return self.blocks[i](*args)
 
     def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
         """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""

@@ -167,7 +167,7 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
            guidance_parallel: float = 1.0, shared_noise: float = 0.0, steps: int = 30, shift: float | None = None,
            base_tokens: int = 256, sampler: str = "euler", cond_latents: list | None = None,
            cond_masks: list | None = None, init_latents: list | None = None, strength: float = 1.0, generator=None,
-           progress: bool = True, cfg_group=None) -> list:
+           progress: bool = True, cfg_group=None, cache=None) -> list:
     """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch.
 
     text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
@@ -177,7 +177,9 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     init_latents/strength: SDEdit, start from these latents noised to t = strength instead of pure noise.
     cfg_group: a torch.distributed group of two ranks that share guidance's two passes (rank 0 of the group the
     prompts, rank 1 the negative prompt) and exchange their velocities each step; both call with the same arguments.
-    Without it (or without guidance) both passes run here, as one packed batch."""
+    Without it (or without guidance) both passes run here, as one packed batch.
+    cache: a fresh videodit.dit.StepCache, to skip the denoiser's later blocks at steps where its first barely
+    changes (None: every block every step)."""
     device, dtype = text.device, torch.float32
     B = len(shapes)
     noise = draw_noise(shapes, shared_noise, generator, device)
@@ -216,20 +218,21 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
         txt = torch.cat([_pad_to(text, L), _pad_to(null_text.expand(B, -1, -1), L)])
         msk = torch.cat([_pad_to(text_mask, L), _pad_to(null_mask.expand(B, -1), L)])
     sch = make_scheduler(sampler, ts)
+    kw = {} if cache is None else dict(cache=cache)  # any velocity model works without a cache
     for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
         t, t_next = ts[i], ts[i + 1]
         frame_t = [torch.where(m, 0.0, t) for m in masks]
         if split:
-            v = model(packed.with_tokens(x), frame_t, txt, msk).float().contiguous()
+            v = model(packed.with_tokens(x), frame_t, txt, msk, **kw).float().contiguous()
             v_c, v_u = torch.empty_like(v), torch.empty_like(v)
             dist.all_gather([v_c, v_u], v, group=cfg_group)
             v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean, B)
         elif use_cfg:
-            v = model(both.with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk)
+            v = model(both.with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk, **kw)
             v_c, v_u = v.float().chunk(2)
             v = guide(v_c, v_u, x, t, guidance, guidance_parallel, packed.sample_idx, ~clean, B)
         else:
-            v = model(packed.with_tokens(x), frame_t, text, text_mask)
+            v = model(packed.with_tokens(x), frame_t, text, text_mask, **kw)
         v = v.float()
         if sch is None:
             x = x + (t_next - t) * v

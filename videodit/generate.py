@@ -46,6 +46,9 @@ def parse_args(argv=None):
                         "(keeps small objects at strong guidance; default: the checkpoint's)")
     p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
     p.add_argument("--shift", type=float, default=None, help="timestep shift (default: resolution-dependent)")
+    p.add_argument("--cache-threshold", type=float, default=0.0, metavar="T",
+                   help="skip the denoiser's later blocks at steps where its first block's output changed by less "
+                        "than T (first-block cache): faster, less faithful; 0 (default) runs every block")
     p.add_argument("--seed", type=int, default=0, help="prompt i (from 0) samples with seed + i: any video comes "
                    "again alone with --prompt ... --seed SEED+i")
     p.add_argument("--batch-size", type=int, default=4, help="prompts sampled together (one packed batch)")
@@ -190,6 +193,8 @@ def check_args(a, prompts) -> tuple[int, int] | None:
         raise UserError(f"--fps must be positive, got {a.fps}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {a.batch_size}")
+    if a.cache_threshold < 0:
+        raise UserError(f"--cache-threshold must be >= 0 (0: no cache), got {a.cache_threshold}")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps must be positive, got {a.steps}")
     if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
@@ -313,9 +318,12 @@ def sample_prompts(a, prompts, like, device, ranks):
             out = pipe(part, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
                        guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel, generator=gens,
                        sampler=a.sampler, shift=a.shift, image_first=a.image_first, progress=ranks.main,
+                       cache_threshold=a.cache_threshold,
                        output_type="pt" if ranks.writer else "latent", **kwargs)
             if ranks.writer:
                 write_outputs(a, start, part, out, before, after)
+            if a.verbose and a.cache_threshold and ranks.main:
+                tqdm.write(f"step cache: the later blocks were skipped at {out.skipped_steps} step(s)")
             bar.update(len(part))
     barrier(ranks)
     if a.output_dir and ranks.main and ranks.dp_size > 1:  # the groups appended in any order: in file order

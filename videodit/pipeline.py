@@ -27,7 +27,7 @@ from diffusers.utils import BaseOutput
 
 from .data.loader import Geometry
 from .data.video import resize_crop, to_uint8
-from .dit import VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing it registers the class)
+from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
 from .flow import cond_frames, sample
 from .text import encode_with, load_text_encoder
 from .vae import CausalVideoVAE, PretrainedVideoVAE
@@ -37,6 +37,7 @@ from .vae import CausalVideoVAE, PretrainedVideoVAE
 class VideoDiTOutput(BaseOutput):
     frames: list  # per prompt: uint8 (T, H, W, 3) ("np"), float (3, T, H, W) in [-1, 1] ("pt") or latents ("latent")
     sizes: list   # per prompt: (T, H, W) actually generated
+    skipped_steps: int = 0  # steps of the last pass whose later blocks the step cache skipped (cache_threshold)
 
 
 class VideoDiTPipeline(DiffusionPipeline):
@@ -192,7 +193,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                  guidance_parallel: float | None = None, generator=None, sampler: str = "euler",
                  shift: float | None = None, image: torch.Tensor | None = None, video: torch.Tensor | None = None,
                  extend: str | None = None, loop: bool = False, strength: float | None = None,
-                 connect: tuple | None = None, image_first: bool | None = None,
+                 connect: tuple | None = None, image_first: bool | None = None, cache_threshold: float = 0.0,
                  output_type: str = "np", progress: bool = True) -> VideoDiTOutput:
         """prompt: a string or a list (one video each). height, width, num_frames: one value for all, or a list per
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes. Left out
@@ -209,7 +210,10 @@ class VideoDiTPipeline(DiffusionPipeline):
         image_first (None: the checkpoint's `image_first`): text-to-video in two passes, as Emu Video factorizes it:
         the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). From a
         given first frame a model learns to follow the motion word far sooner than in one pass, where the layout
-        comes from the starting noise and the motion follows the layout (README, Training)."""
+        comes from the starting noise and the motion follows the layout (README, Training).
+        cache_threshold: 0 runs every block at every step; above 0, a first-block cache (videodit.dit.StepCache)
+        skips the denoiser's later blocks at steps where the first block's residual changed by less than this share
+        since the last full step: faster, at some cost in fidelity (README, Sampling)."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         B = len(prompts)
         if output_type not in ("np", "pt", "latent"):
@@ -219,7 +223,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
-                   progress=progress)
+                   cache_threshold=cache_threshold, progress=progress)
+        if cache_threshold < 0:
+            raise ValueError(f"cache_threshold must be >= 0 (0: no cache), got {cache_threshold}")
         per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
         ref = image if image is not None else video if video is not None else connect[0] if connect else None
         if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
@@ -265,15 +271,17 @@ class VideoDiTPipeline(DiffusionPipeline):
         if guidance_scale != 1.0:
             negs = per(negative_prompt or "")
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
+        cache = StepCache(cache_threshold) if cache_threshold > 0 else None
         with self.on_device(self.transformer):
             latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
                              guidance_parallel=guidance_parallel, shared_noise=self.config.get("shared_noise", 0.0),
                              steps=num_inference_steps, shift=shift, base_tokens=self.config.base_tokens,
                              sampler=sampler, cond_latents=cond_latents, cond_masks=cond_masks, init_latents=init,
                              generator=generator, progress=progress, strength=1.0 if strength is None else strength,
-                             cfg_group=self.cfg_group)
+                             cfg_group=self.cfg_group, cache=cache)
+        skipped = cache.skipped if cache else 0
         if output_type == "latent":
-            return VideoDiTOutput(frames=latents, sizes=sizes)
+            return VideoDiTOutput(frames=latents, sizes=sizes, skipped_steps=skipped)
         videos = []
         for z, (head, tail) in zip(latents, trim):
             v = self.decode(z)
@@ -281,7 +289,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         sizes = [(v.shape[1], *s[1:]) for v, s in zip(videos, sizes)]
         if output_type == "np":
             videos = [to_uint8(v) for v in videos]
-        return VideoDiTOutput(frames=videos, sizes=sizes)
+        return VideoDiTOutput(frames=videos, sizes=sizes, skipped_steps=skipped)
 
     def _first_frames(self, prompts, negative_prompt, sizes, shapes, run):
         """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first

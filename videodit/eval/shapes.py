@@ -148,7 +148,7 @@ def contact_sheet(results: list[dict], videos: list[np.ndarray], path: str, cell
 def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guidance: float | None = None,
              batch: int = 8, sizes=SIZES, shift: float | None = None, progress: bool = True,
              image_first: bool | None = None, upsample: bool = False,
-             guidance_parallel: float | None = None) -> tuple[list, list, dict]:
+             guidance_parallel: float | None = None, cache_threshold: float = 0.0) -> tuple[list, list, dict]:
     """Sample every case's prompt (with `upsample`, first rewritten as a detailed caption by the shapes upsampler, as
     `sample.py --upsample-prompt` does) and read the videos back. Returns results, videos and timing."""
     cases = make_cases(num, seed, sizes)
@@ -161,7 +161,7 @@ def evaluate(pipe, num: int = 24, seed: int = 0, steps: int | None = None, guida
         out = pipe(prompts, height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
                    num_inference_steps=steps, guidance_scale=guidance, guidance_parallel=guidance_parallel,
-                   shift=shift, image_first=image_first,
+                   shift=shift, image_first=image_first, cache_threshold=cache_threshold,
                    generator=torch.Generator().manual_seed(seed + start), progress=progress)
         timing.setdefault("seconds_per_video", []).append((time.perf_counter() - t0) / len(chunk))
         for c, v, sampled in zip(chunk, out.frames, prompts):
@@ -227,13 +227,15 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
     return {k: {t: float(np.mean(r)) for t, r in by_t.items()} for k, by_t in change.items()}
 
 
-def time_one(pipe, steps=None, repeats: int = 3, image_first: bool | None = None) -> float:
+def time_one(pipe, steps=None, repeats: int = 3, image_first: bool | None = None,
+             cache_threshold: float = 0.0) -> float:
     """Seconds to sample one 64x64, 17-frame video at the checkpoint's default steps, once loaded (median)."""
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         pipe("a red circle moving right", height=64, width=64, num_frames=17, num_inference_steps=steps,
-             image_first=image_first, generator=torch.Generator().manual_seed(i), progress=False)
+             image_first=image_first, cache_threshold=cache_threshold, generator=torch.Generator().manual_seed(i),
+             progress=False)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))  # the first call warms up
 
@@ -266,6 +268,7 @@ def main(argv=None):
                    help="draw each first frame, then animate it (default: the checkpoint's)")
     p.add_argument("--upsample-prompt", action="store_true",
                    help="rewrite each prompt as a detailed caption first (the shapes rules, as sample.py does)")
+    p.add_argument("--cache-threshold", type=float, default=0.0, help="first-block step cache (sample.py's)")
     p.add_argument("--batch", type=int, default=8, help="prompts sampled together as one packed batch")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--denoise", action="store_true", help="test the denoiser alone: one-step denoising of real "
@@ -297,12 +300,13 @@ def main(argv=None):
     a.steps, a.guidance, a.guidance_parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
                                        image_first=a.image_first, upsample=a.upsample_prompt,
-                                       guidance_parallel=a.guidance_parallel)
-    timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first)
+                                       guidance_parallel=a.guidance_parallel, cache_threshold=a.cache_threshold)
+    timing["seconds_one_64x64x17"] = time_one(pipe, a.steps, image_first=a.image_first,
+                                              cache_threshold=a.cache_threshold)
     counts, md_counts = confusion(results)
     md = _write(a.out, "results.json", "table.md", results, footer=md_counts, timing=timing, checkpoint=a.checkpoint,
                 steps=a.steps, guidance=a.guidance, guidance_parallel=a.guidance_parallel,
-                upsample_prompt=a.upsample_prompt, confusion=counts)
+                cache_threshold=a.cache_threshold, upsample_prompt=a.upsample_prompt, confusion=counts)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
     print(md_counts)
