@@ -66,8 +66,9 @@ def main():
             hits = [score(c, v)["hits"] for c, v in zip(cases, videos)]
             acc = " | ".join(f"{100 * np.mean([h[k] for h in hits]):.0f}%" for k in (*ATTRS, "all"))
             db = psnr(videos, base[0])
+            db = "-" if threshold == 0 else "identical" if db == float("inf") else f"{db:.1f} dB"
             print(f"| {steps} | {threshold:g} | {skipped:.1f} | {seconds:.1f} | {base[1] / seconds:.2f}x | "
-                  f"{'-' if threshold == 0 else f'{db:.1f} dB'} | {acc} |", flush=True)
+                  f"{db} | {acc} |", flush=True)
 
 
 if __name__ == "__main__":
