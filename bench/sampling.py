@@ -4,7 +4,7 @@ guidance's two passes (--cfg-parallel).
 
     python bench/sampling.py [--checkpoint models/shapes-tiny] [--repeats 2]
 
-Workloads: eight prompts at the checkpoint's size, and one large video (17 x 256 x 448: 4,480 tokens a step with
+Workloads: eight prompts at the checkpoint's size, and one larger video (17 x 128 x 224: 8,064 tokens a step with
 guidance on the default model). One process runs with 1 and with 2 threads, each of two processes with 1, so the
 rows with 2 threads and with 2 processes use the same cores. The time is the one sample.py --verbose prints (after
 loading, until the last process is done); best of --repeats.
@@ -23,7 +23,7 @@ PROMPTS = ["a red circle moving right", "two blue squares moving up on a gray ba
            "three small yellow circles moving left", "a large purple square on a white background",
            "an orange triangle moving down", "two cyan circles", "a pink square moving right on a black background"]
 WORKLOADS = {"8 prompts, checkpoint's size": ["--batch-size", "4"] + [x for p in PROMPTS for x in ("--prompt", p)],
-             "1 prompt, 17 x 256 x 448": ["--prompt", PROMPTS[0], "--height", "256", "--width", "448",
+             "1 prompt, 17 x 128 x 224": ["--prompt", PROMPTS[0], "--height", "128", "--width", "224",
                                           "--num-frames", "17"]}
 SETTINGS = {"1 process, 1 thread": (1, 1, []), "1 process, 2 threads": (1, 2, []),
             "2 processes, data parallel": (2, 1, []),
