@@ -19,15 +19,15 @@ from videodit.pipeline import VideoDiTPipeline
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(pipe, cases, steps, threshold, batch=8):
-    """The videos (uint8), seconds and skipped steps of sampling every case."""
+def run(pipe, cases, steps, batch=8, **settings):
+    """The videos (uint8), seconds and skipped steps of sampling every case with the pipeline settings given."""
     videos, seconds, skipped = [], 0.0, 0
     for start in range(0, len(cases), batch):
         chunk = cases[start:start + batch]
         tic = time.perf_counter()
         out = pipe([c["prompt"] for c in chunk], height=[c["size"][1] for c in chunk],
                    width=[c["size"][2] for c in chunk], num_frames=[c["size"][0] for c in chunk],
-                   num_inference_steps=steps, cache_threshold=threshold, progress=False,
+                   num_inference_steps=steps, progress=False, **settings,
                    generator=[torch.Generator().manual_seed(start + i) for i in range(len(chunk))])
         seconds += time.perf_counter() - tic
         videos += out.frames
@@ -60,7 +60,7 @@ def main():
     for steps in a.steps:
         base = None
         for threshold in a.thresholds:
-            videos, seconds, skipped = run(pipe, cases, steps, threshold)
+            videos, seconds, skipped = run(pipe, cases, steps, cache_threshold=threshold)
             if base is None:
                 base = videos, seconds
             hits = [score(c, v)["hits"] for c, v in zip(cases, videos)]

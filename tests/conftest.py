@@ -23,14 +23,22 @@ def tiny_text(tmp_path):
     return model.eval(), tok
 
 
+def random_dit(**kw) -> VideoDiT:
+    """A tiny denoiser (4 latent channels, text width 16) with random weights, not the zero-initialized ones, so that
+    its outputs depend on its inputs and weights."""
+    torch.manual_seed(0)
+    dit = VideoDiT(**{**dict(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16), **kw})
+    for p in dit.parameters():
+        p.data.normal_(0, 0.05)
+    return dit.eval()
+
+
 @pytest.fixture
 def tiny_pipe(tmp_path):
     torch.manual_seed(0)
     vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
                          temporal_factor=4, mid_attention=False)
-    dit = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16)
-    for p in dit.parameters():  # a random model, not the zero-initialized one, so outputs depend on inputs
-        p.data.normal_(0, 0.05)
+    dit = random_dit()
     text_encoder, tokenizer = tiny_text(tmp_path)
     return VideoDiTPipeline(vae.eval(), dit.eval(), text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(),
                             default_steps=3, default_guidance=3.0)

@@ -3,9 +3,12 @@ import random
 import pytest
 import torch
 
+from conftest import random_dit
 from videodit.dit import VideoDiT
-from videodit.flow import (cond_frames, draw_noise, drop_text, flow_loss, guide, random_cond, resolution_shift, sample,
-                           sample_t, schedule, time_shift)
+from videodit.flow import (cond_frames, distill_loss, draw_noise, drop_text, flow_loss, guide, random_cond,
+                           resolution_shift, sample, sample_t, schedule, time_shift)
+from videodit.patchify import pack
+from videodit.train.models import with_guidance_embedding
 
 MU, SD = 2.0, 0.5
 
@@ -194,3 +197,83 @@ def test_conditioning_frames_are_held():
                      progress=False)[0]
         assert torch.equal(out[:, 0], clean[:, 0]) and torch.equal(out[:, 2], clean[:, 2])
         assert not torch.allclose(out[:, 1], clean[:, 1])
+
+
+def test_a_guidance_student_starts_as_its_teacher_and_takes_a_scale_per_sample():
+    teacher = random_dit()
+    student = with_guidance_embedding(teacher)
+    packed = pack([torch.randn(4, 3, 4, 4), torch.randn(4, 1, 4, 8)], (1, 2, 2))
+    text, t, n0 = torch.randn(2, 3, 16), torch.tensor([0.3, 0.8]), 12
+    with torch.no_grad():
+        ref = teacher(packed, t, text)
+        for g in (1.0, 4.0, torch.tensor([2.0, 7.0])):  # the embedding starts at zero: the teacher's velocity
+            torch.testing.assert_close(student(packed, t, text, guidance=g), ref, rtol=0, atol=0)
+        student.g_embed.mlp[2].weight.data.normal_(0, 0.05)
+        a = student(packed, t, text, guidance=torch.tensor([2.0, 7.0]))
+        b = student(packed, t, text, guidance=torch.tensor([2.0, 3.0]))
+    torch.testing.assert_close(a[:n0], b[:n0], rtol=0, atol=1e-6)  # each sample sees its own scale only
+    assert not torch.allclose(a[n0:], b[n0:], atol=1e-4)
+    with pytest.raises(ValueError, match="pass guidance"):
+        student(packed, t, text)
+    with pytest.raises(ValueError, match="guidance-distilled models"):
+        teacher(packed, t, text, guidance=3.0)
+
+
+class PlainGuidance(torch.nn.Module):
+    """A 'student' that gives the teacher's guided velocity exactly, the plain way: the prompts' pass and the
+    negative prompt's pass as two calls, each token's timestep read off its frame."""
+
+    def __init__(self, teacher, null, null_mask, parallel, wrong_null=False):
+        super().__init__()
+        self.teacher, self.null, self.null_mask, self.parallel = teacher, null, null_mask, parallel
+        self.patch_size, self.wrong_null = teacher.patch_size, wrong_null
+
+    def forward(self, packed, frame_t, text, mask, guidance):
+        B = len(packed.grids)
+        v_c = self.teacher(packed, frame_t, text, mask)
+        null, null_mask = (text, mask) if self.wrong_null else (self.null.expand(B, -1, -1), self.null_mask.expand(B, -1))
+        v_u = self.teacher(packed, frame_t, null, null_mask)
+        frames = torch.cat(frame_t)
+        token_t = torch.cat([frames[sum(g[0] for g in packed.grids[:i]) + packed.coords[packed.sample_idx == i, 0]]
+                             for i in range(B)])
+        return guide(v_c, v_u, packed.tokens, token_t[:, None], guidance[packed.sample_idx, None], self.parallel,
+                     packed.sample_idx, token_t > 0, B)
+
+
+@pytest.mark.parametrize("parallel", [1.0, 0.5])
+def test_distill_loss_targets_the_teachers_guided_velocity(parallel):
+    teacher = random_dit(patch_size=(1, 2, 2))
+    latents = [torch.randn(4, 3, 4, 4), torch.randn(4, 1, 4, 8), torch.randn(4, 2, 8, 4)]
+    cond = [torch.tensor([True, False, False]), torch.tensor([False]), torch.tensor([False, False])]
+    text, mask = torch.randn(3, 5, 16), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]]).bool()
+    null, null_mask = torch.randn(1, 2, 16), torch.ones(1, 2, dtype=torch.bool)
+
+    def loss(student, guidance):
+        return distill_loss(student, teacher, latents, text, mask, null, null_mask, cond, guidance=guidance,
+                            guidance_parallel=parallel, generator=torch.Generator().manual_seed(0)).item()
+
+    with torch.no_grad():
+        assert loss(PlainGuidance(teacher, null, null_mask, parallel), (1.0, 8.0)) < 1e-10
+        assert loss(PlainGuidance(teacher, null, null_mask, parallel, wrong_null=True), (1.0, 8.0)) > 1e-6
+        student = with_guidance_embedding(teacher)  # gives the conditional velocity: right at scale 1 only
+        assert loss(student, (1.0, 1.0)) < 1e-10 and loss(student, (4.0, 4.0)) > 1e-6
+
+
+def test_a_distilled_model_samples_with_one_pass_a_step():
+    student = with_guidance_embedding(random_dit())
+    calls = []
+
+    class Counting(torch.nn.Module):
+        patch_size, config = student.patch_size, student.config
+
+        def forward(self, packed, frame_t, text, mask, guidance):
+            calls.append((len(packed.grids), guidance.tolist()))
+            return student(packed, frame_t, text, mask, guidance=guidance)
+
+    text, mask = torch.randn(2, 3, 16), torch.ones(2, 3, dtype=torch.bool)
+    null, null_mask = torch.randn(1, 1, 16), torch.ones(1, 1, dtype=torch.bool)
+    shapes = [(4, 2, 4, 4), (4, 1, 4, 8)]
+    sample(Counting(), shapes, text, mask, null, null_mask, guidance=4.0, steps=3, progress=False)
+    assert calls == [(2, [4.0, 4.0])] * 3
+    with pytest.raises(ValueError, match="nothing for a cfg group"):
+        sample(Counting(), shapes, text, mask, null, null_mask, guidance=4.0, steps=3, cfg_group=object())

@@ -400,3 +400,26 @@ def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path):
 def test_unknown_output_type_names_the_choices(tiny_pipe):
     with pytest.raises(ValueError, match="'np', 'pt' or 'latent', got 'pil'"):
         tiny_pipe("a red circle", output_type="pil", progress=False)
+
+
+def test_a_distilled_pipeline_samples_in_one_pass_and_refuses_what_it_cannot_change(tiny_pipe, tmp_path, capsys):
+    from videodit.train.models import with_guidance_embedding
+
+    run = dict(num_frames=5, height=16, width=16, output_type="latent")
+    plain = tiny_pipe("a red circle", guidance_scale=1.0, generator=gen(0), **run).frames[0]
+    tiny_pipe.register_modules(transformer=with_guidance_embedding(tiny_pipe.transformer).eval())
+    distilled = tiny_pipe("a red circle", guidance_scale=3.0, generator=gen(0), **run).frames[0]
+    torch.testing.assert_close(distilled, plain)  # a fresh student: the conditional velocity, at any scale
+    with pytest.raises(ValueError, match="takes no negative prompt"):
+        tiny_pipe("a red circle", negative_prompt="blue", **run)
+    with pytest.raises(ValueError, match="cannot change"):
+        tiny_pipe("a red circle", guidance_parallel=0.0, **run)
+    with pytest.raises(ValueError, match="nothing for --cfg-parallel"):
+        tiny_pipe.set_cfg_parallel(object())
+    tiny_pipe.save_pretrained(tmp_path / "distilled")
+    again = VideoDiTPipeline.from_pretrained(tmp_path / "distilled")
+    torch.testing.assert_close(again("a red circle", guidance_scale=3.0, generator=gen(0), **run).frames[0], plain)
+    with pytest.raises(SystemExit):
+        main(["--prompt", "a", "--checkpoint", str(tmp_path / "distilled"), "--negative-prompt", "blue"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error:") and "negative prompt" in err

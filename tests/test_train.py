@@ -11,7 +11,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from conftest import tiny_text
+from conftest import random_dit, tiny_text
 from videodit.config import load_config, save_config
 from videodit.data.cache import build_cache
 from videodit.dit import VideoDiT
@@ -200,10 +200,7 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
-    torch.manual_seed(0)
-    base = VideoDiT(in_channels=4, hidden_size=32, depth=2, num_heads=2, text_dim=16)
-    for p in base.parameters():  # a random "pretrained" model, so outputs depend on the weights
-        p.data.normal_(0, 0.05)
+    base = random_dit()  # a random "pretrained" model, so outputs depend on the weights
     base.save_pretrained(tmp_path / "base")
     run = tmp_path / "lora"
     train(load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=2", "train.lora_rank=2",
@@ -293,3 +290,23 @@ def test_lora_recipe_fine_tunes_the_default_model_on_a_manifest(tmp_path):
     assert changed and all(re.fullmatch(TARGET_MODULES + r"\.weight", k) for k in changed)  # only the adapted
     assert pipe.config.default_size == [17, 56, 80]  # the clips' most common size: 2:3 at about 64x64 pixels
     assert os.listdir(tmp_path / "run" / "lora")
+
+
+def test_guidance_distillation_starts_as_the_teacher_and_exports_a_one_pass_pipeline(assets, tmp_path):
+    from videodit.config import ConfigError
+    from videodit.flow import guidance_distilled
+    from videodit.pipeline import VideoDiTPipeline
+
+    random_dit().save_pretrained(tmp_path / "teacher")
+    common = assets["base"] + [f"distill.teacher={tmp_path / 'teacher'}", "train.max_steps=2", "train.ema_decay=0"]
+    for g in (1, 5):
+        train(load_config(None, common + [f"distill.guidance=[{g},{g}]", f"train.output_dir={tmp_path / f'g{g}'}"]))
+    # step 1's loss is the untrained student's: the teacher's conditional velocity, which is the target at scale 1
+    assert log(tmp_path / "g1")[0]["loss"] < 1e-10 and log(tmp_path / "g5")[0]["loss"] > 1e-7
+    pipe = VideoDiTPipeline.from_pretrained(str(tmp_path / "g5" / "pipeline"))
+    assert guidance_distilled(pipe.transformer) and pipe.transformer.g_embed.mlp[2].weight.abs().sum() > 0
+    for extra, words in ((["distill.teacher=" + str(tmp_path / "g5" / "pipeline")], "itself guidance-distilled"),
+                         ([f"train.init_from={tmp_path / 'teacher'}"], "has no guidance embedding"),
+                         (["train.task=vae"], "train.task: dit"), (["train.lora_rank=2"], "lora_rank=0")):
+        with pytest.raises(ConfigError, match=words):
+            train(load_config(None, common + extra + [f"train.output_dir={tmp_path / 'bad'}"]))

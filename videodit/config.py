@@ -2,10 +2,10 @@
 
     cfg = load_config("configs/shapes/tiny.yaml", ["train.max_steps=100", "model.preset=S"])
 
-A config file is a mapping of sections (model, vae, text, data, flow, train, sample, parallel) to keys. It may name
-`base: other.yaml` (relative to its own folder); its sections are merged key by key over the base's. Unknown keys,
-wrong types and impossible values fail at load time with a `ConfigError` that names the file, the key and what is
-allowed.
+A config file is a mapping of sections (model, vae, text, data, flow, train, sample, distill, parallel) to keys. It
+may name `base: other.yaml` (relative to its own folder); its sections are merged key by key over the base's. Unknown
+keys, wrong types and impossible values fail at load time with a `ConfigError` that names the file, the key and what
+is allowed.
 """
 
 import dataclasses
@@ -256,6 +256,19 @@ class SampleConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Guidance distillation (train.task: dit, videodit.flow.distill_loss): the denoiser learns to give in one pass
+    the guided velocity `teacher` gives in two, with sample.negative_prompt and sample.guidance_parallel. Without
+    train.init_from the student starts as the teacher, with a guidance embedding added."""
+    teacher: str | None = None       # a pipeline or model folder; set: distill its guidance into the run's denoiser
+    guidance: list[float] = field(default_factory=lambda: [1.0, 8.0])  # the range of scales drawn, one per sample
+
+    def check(self, bad):
+        if len(self.guidance) != 2 or not 0 <= self.guidance[0] <= self.guidance[1]:
+            bad("guidance", "[low, high] with 0 <= low <= high: the range of guidance scales distilled")
+
+
+@dataclass
 class ParallelConfig:
     sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence (divides the processes, heads)
 
@@ -273,6 +286,7 @@ class Config:
     flow: FlowConfig = field(default_factory=FlowConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def to_dict(self) -> dict:

@@ -324,6 +324,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
         pooled_text: bool = False,
         local_mlp: bool = False,
         abs_pos: bool = False,
+        guidance_embed: bool = False,
     ):
         super().__init__()
         if hidden_size % num_heads:
@@ -349,6 +350,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         # time embedding as SD3 and PixArt add pooled text: a whole-prompt signal beside cross-attention
         self.text_pool = nn.Sequential(nn.Linear(text_dim, hidden_size), nn.SiLU(),
                                        nn.Linear(hidden_size, hidden_size)) if pooled_text else None
+        # a guidance-distilled model (videodit.flow.distill_loss) takes the guidance scale as an input, embedded as
+        # the timestep is and added to the time embedding: one pass a sampling step gives the guided velocity
+        self.g_embed = TimestepEmbedder(hidden_size, freq_dim) if guidance_embed else None
         self.time_proj = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))  # shared by all blocks
         self.rope = RoPE3D(hidden_size // num_heads, rope_theta, rope_base_grid)
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm, eps, local_mlp)
@@ -363,6 +367,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
                 nn.init.zeros_(m.bias)
         for m in self.t_embed.mlp[0::2]:
             nn.init.normal_(m.weight, std=0.02)
+        if self.g_embed is not None:  # starts at zero: a student initialized from its teacher gives its velocities
+            nn.init.normal_(self.g_embed.mlp[0].weight, std=0.02)
+            nn.init.zeros_(self.g_embed.mlp[2].weight)
         # adaLN-Zero: zero modulation (so zero gates) and a zero output layer
         for p in (self.time_proj[1].weight, self.time_proj[1].bias, self.final.linear.weight, self.final.linear.bias):
             nn.init.zeros_(p)
@@ -425,10 +432,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
                          f"frame (a list of (T_i,) tensors), got shape {tuple(t.shape)}")
 
     def forward(self, packed, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
-                cache: "StepCache | None" = None) -> torch.Tensor:
+                cache: "StepCache | None" = None, guidance=None) -> torch.Tensor:
         """packed: Packed (or a tuple (tokens, coords, cu_seqlens, sample_idx)) with tokens (N, C*pt*ph*pw);
         timesteps in [0, 1]: (B,), (N,) or per latent frame; text: (B, L, text_dim) padded; text_mask: (B, L)
-        bool, True for real tokens (None: all real); cache: a StepCache carried across one sampling run's steps.
+        bool, True for real tokens (None: all real); cache: a StepCache carried across one sampling run's steps;
+        guidance: the guidance scale, a number or (B,), for a guidance-distilled model (config guidance_embed) only.
         Returns the velocity tokens (N, C*pt*ph*pw)."""
         if not isinstance(packed, Packed):
             packed = packed_from_tuple(*packed)
@@ -442,6 +450,10 @@ class VideoDiT(ModelMixin, ConfigMixin):
             text_mask = torch.ones(text.shape[:2], dtype=torch.bool, device=text.device)
         if text_mask.shape != text.shape[:2]:
             raise ValueError(f"text_mask must be (B, L) = {tuple(text.shape[:2])}, got {tuple(text_mask.shape)}")
+        if (guidance is None) != (self.g_embed is None):
+            raise ValueError("this model has guidance distilled into it: pass guidance= (the scale)" if guidance is None
+                             else "guidance= is for guidance-distilled models (guidance_embed); this one takes the "
+                                  "prompt and the negative prompt in two passes (videodit.flow.guide)")
 
         text_mask = text_mask.bool()
         cu_seqlens, cu_seqlens_text = packed.cu_seqlens.cpu(), F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0))
@@ -451,12 +463,16 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
+        if self.text_pool is not None or self.g_embed is not None:
+            row_sample = torch.zeros(len(temb), dtype=torch.long, device=temb.device)
+            row_sample = row_sample.scatter(0, t_index, packed.sample_idx)  # each row's sample
         if self.text_pool is not None:
             m = text_mask[..., None].to(self.dtype)
             pooled = (text.to(self.dtype) * m).sum(1) / m.sum(1).clamp(min=1)  # (B, text_dim); empty prompt: 0
-            row_sample = torch.zeros(len(temb), dtype=torch.long, device=temb.device)
-            row_sample = row_sample.scatter(0, t_index, packed.sample_idx)  # each row's sample
             temb = temb + self.text_pool(pooled).float()[row_sample]
+        if self.g_embed is not None:  # scales 1 .. 11 take the timestep's range [0, 1]
+            g = torch.as_tensor(guidance, dtype=torch.float32, device=temb.device).reshape(-1).expand(B)
+            temb = temb + self.g_embed((g - 1) / 10)[row_sample]
         mod = rearrange(self.time_proj(temb.to(self.dtype)).float(), "r (six d) -> r six d", six=6)  # (R, 6, D)
 
         shard = None

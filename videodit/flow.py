@@ -7,6 +7,8 @@ Training draws t from a logit-normal, shifted by resolution as in SD3 (`t' = s t
 trains every conditioning mode into one checkpoint: some samples keep clean latent frames (first, first k, last, or
 first and last) at timestep 0, with no loss on them. Sampling integrates the velocity from t = 1 to t = 0 with Euler
 or a diffusers flow-matching scheduler, with classifier-free guidance, re-imposing clean conditioning frames.
+Guidance distillation (`distill_loss`) trains a denoiser that takes the guidance scale as an input, so that
+sampling runs one pass a step instead of the prompt's and the negative prompt's.
 """
 
 import math
@@ -88,37 +90,69 @@ def drop_text(prompts: list[str], p: float, rng: random.Random) -> list[str]:
     return ["" if rng.random() < p else s for s in prompts]
 
 
-def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, mean=0.0, std=1.0,
-              shift: float | None = None, base_tokens: int = 256, generator=None,
-              image_mean: float | None = None, shared_noise: float = 0.0) -> torch.Tensor:
+def flow_loss(model, latents: list, text, text_mask, cond: list | None = None, **noising) -> torch.Tensor:
     """The rectified-flow loss on one packed batch.
 
     latents: list of clean (C, T_i, H_i, W_i); cond: list of (T_i,) bool masks of clean conditioning frames (no
     noise, timestep 0, no loss). The squared error is averaged over each sample's noisy tokens, then over samples,
-    so a long clip and an image weigh the same. image_mean: the logit mean of single frames (None: mean).
-    shared_noise: the share of each clip's noise common to its frames (draw_noise)."""
+    so a long clip and an image weigh the same. noising: how timesteps and noise are drawn (see `noised`)."""
+    packed, frame_t, token_t, x0, noise = noised(model.patch_size, latents, cond, **noising)
+    v = model(packed, frame_t, text, text_mask)
+    return _sample_mse(v, noise - x0, token_t, packed)
+
+
+def distill_loss(model, teacher, latents: list, text, text_mask, null_text, null_mask, cond: list | None = None,
+                 guidance=(1.0, 8.0), guidance_parallel: float = 1.0, **noising) -> torch.Tensor:
+    """Guidance distillation (Meng et al. 2023; how FLUX.1-dev was made): `model`, which takes the guidance scale
+    as an input (VideoDiT guidance_embed), learns to give in one pass the guided velocity that `teacher` gives in
+    two (prompt and negative prompt, `guide`), at scales drawn uniformly from the range `guidance` (one per sample).
+    Sampling then costs one denoiser pass a step instead of two. Timesteps, noise, conditioning frames and the
+    averaging are those of flow_loss; null_text/null_mask: (1, L', D) / (1, L') the negative prompt."""
+    packed, frame_t, token_t, x0, noise = noised(model.patch_size, latents, cond, **noising)
+    B, generator = len(latents), noising.get("generator")
+    lo, hi = guidance
+    g = lo + (hi - lo) * torch.rand(B, generator=generator, device=x0.device)
+    with torch.no_grad():
+        txt, msk = _with_null(text, text_mask, null_text, null_mask)
+        x = packed.tokens
+        v_c, v_u = teacher(packed.twice().with_tokens(torch.cat([x, x])), frame_t + frame_t, txt, msk).float().chunk(2)
+        target = guide(v_c, v_u, x.float(), token_t[:, None], g[packed.sample_idx, None], guidance_parallel,
+                       packed.sample_idx, token_t > 0, B)
+    v = model(packed, frame_t, text, text_mask, guidance=g)
+    return _sample_mse(v, target, token_t, packed)
+
+
+def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.0, shift: float | None = None,
+           base_tokens: int = 256, generator=None, image_mean: float | None = None, shared_noise: float = 0.0):
+    """A training batch's noisy input: the packed x_t, per-frame timesteps (list of (T_i,)), per-token timesteps
+    (N,), and the packed clean tokens and noise. t is drawn per sample (sample_t, with the resolution shift unless
+    `shift` fixes it); conditioning frames stay clean at t = 0. image_mean: the logit mean of single frames (None:
+    mean). shared_noise: the share of each clip's noise common to its frames (draw_noise)."""
     device = latents[0].device
     if image_mean is not None:
         mean = torch.tensor([image_mean if x.shape[1] == 1 else mean for x in latents], device=device)
     cond = cond or [torch.zeros(x.shape[1], dtype=torch.bool) for x in latents]
-    packed = pack(latents, model.patch_size)
-    seqlens = packed.seqlens
-    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in seqlens], device=device)
+    packed = pack(latents, patch_size)
+    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in packed.seqlens], device=device)
     t = sample_t(len(latents), mean, std, shifts, generator, device)  # (B,)
     frame_t = [torch.where(c.to(device), 0.0, t[i]).expand(x.shape[1]) for i, (x, c) in enumerate(zip(latents, cond))]
     x0 = packed.tokens
     if shared_noise > 0:
-        noise = pack(draw_noise([x.shape for x in latents], shared_noise, generator, device), model.patch_size).tokens
+        noise = pack(draw_noise([x.shape for x in latents], shared_noise, generator, device), patch_size).tokens
     else:
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    pt = model.patch_size[0]
-    token_t = torch.cat(frame_t)[_frame_index(packed, pt)]  # (N,)
+    token_t = torch.cat(frame_t)[_frame_index(packed, patch_size[0])]  # (N,)
     xt = (1 - token_t[:, None]) * x0 + token_t[:, None] * noise
-    v = model(packed.with_tokens(xt), frame_t, text, text_mask)
-    err = (v.float() - (noise - x0).float()).pow(2).mean(1)  # (N,)
+    return packed.with_tokens(xt), frame_t, token_t, x0, noise
+
+
+def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
+    """The squared error of v (N, D) against target, averaged over each sample's noisy tokens, then over samples."""
+    B = len(packed.grids)
+    err = (v.float() - target.float()).pow(2).mean(1)  # (N,)
     keep = (token_t > 0).float()
-    per_sample = torch.zeros(len(latents), device=device).index_add_(0, packed.sample_idx, err * keep)
-    count = torch.zeros(len(latents), device=device).index_add_(0, packed.sample_idx, keep)
+    per_sample = torch.zeros(B, device=v.device).index_add_(0, packed.sample_idx, err * keep)
+    count = torch.zeros(B, device=v.device).index_add_(0, packed.sample_idx, keep)
     valid = count > 0
     return (per_sample[valid] / count[valid]).mean()
 
@@ -207,18 +241,22 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     clean = torch.cat(masks)[fidx]
     x = torch.where(clean[:, None], x_cond, x)
 
-    use_cfg = guidance != 1.0 and null_text is not None
+    distilled = guidance_distilled(model)
+    if distilled and cfg_group is not None:
+        raise ValueError("this model has guidance distilled into it: one pass a step, nothing for a cfg group to "
+                         "share; sample without cfg_group (--cfg-parallel)")
+    use_cfg = guidance != 1.0 and null_text is not None and not distilled
     split = use_cfg and cfg_group is not None
     if split:  # this rank's pass: the prompts or the negative prompt
         txt, msk = (text, text_mask) if dist.get_rank(cfg_group) == 0 else \
             (null_text.expand(B, -1, -1), null_mask.expand(B, -1))
     elif use_cfg:  # conditional and unconditional in one packed batch of 2B samples
-        both = pack(noise + noise, model.patch_size)
-        L = max(text.shape[1], null_text.shape[1])
-        txt = torch.cat([_pad_to(text, L), _pad_to(null_text.expand(B, -1, -1), L)])
-        msk = torch.cat([_pad_to(text_mask, L), _pad_to(null_mask.expand(B, -1), L)])
+        both = packed.twice()
+        txt, msk = _with_null(text, text_mask, null_text, null_mask)
     sch = make_scheduler(sampler, ts)
     kw = {} if cache is None else dict(cache=cache)  # any velocity model works without a cache
+    if distilled:  # the guided velocity in one pass
+        kw["guidance"] = torch.full((B,), float(guidance), device=device)
     for i in tqdm(range(len(ts) - 1), desc="sampling", disable=not progress, leave=False):
         t, t_next = ts[i], ts[i + 1]
         frame_t = [torch.where(m, 0.0, t) for m in masks]
@@ -247,7 +285,8 @@ def guide(v_c, v_u, x, t, guidance: float, parallel: float, sample_idx, noisy, n
     parallel to the conditional clean estimate x0 = x - t v_c weighted by `parallel` (APG, Sadat et al. 2024, without
     its momentum and norm threshold). That part mostly scales the sample up and, at strong guidance, washes small
     objects out of the frame; the orthogonal part carries what the prompt changes. The projection is per sample,
-    over its noisy tokens (`noisy`, (N,) bool) only; `sample_idx` (N,) names each token's sample of `num_samples`."""
+    over its noisy tokens (`noisy`, (N,) bool) only; `sample_idx` (N,) names each token's sample of `num_samples`.
+    t and guidance: numbers, or (N, 1) one per token (guidance distillation draws a scale per sample)."""
     dv = v_c - v_u
     if parallel != 1.0:
         x0 = x - t * v_c
@@ -256,6 +295,18 @@ def guide(v_c, v_u, x, t, guidance: float, parallel: float, sample_idx, noisy, n
         norm = x0.new_zeros(num_samples).index_add_(0, sample_idx, (x0 * x0).sum(1) * keep)
         dv = dv - (1 - parallel) * (dot / norm.clamp_min(1e-12))[sample_idx, None] * x0
     return v_c + (guidance - 1) * dv
+
+
+def guidance_distilled(model) -> bool:
+    """Whether a denoiser takes the guidance scale as an input (distill_loss) rather than a negative prompt's pass."""
+    return bool(getattr(model, "config", {}).get("guidance_embed", False))
+
+
+def _with_null(text, text_mask, null_text, null_mask):
+    """(B, L, D) prompts and (1 or B, L', D) negative prompts -> (2B, max(L, L'), D) text and its (2B, ...) mask."""
+    B, L = text.shape[0], max(text.shape[1], null_text.shape[1])
+    txt = torch.cat([_pad_to(text, L), _pad_to(null_text.expand(B, -1, -1), L)])
+    return txt, torch.cat([_pad_to(text_mask, L), _pad_to(null_mask.expand(B, -1), L)])
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from videodit.flow import guidance_distilled
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-tiny")
 
 
@@ -277,7 +279,12 @@ def sample_prompts(a, prompts, like, device, ranks):
         pipe.transformer.set_sequence_parallel(ranks.group)
     except ValueError as e:  # the model's heads do not split over the group
         raise UserError(f"--sequence-parallel {a.sequence_parallel}: {e}") from None
-    pipe.set_cfg_parallel(ranks.cfg_group)
+    try:  # settings a guidance-distilled checkpoint cannot take
+        pipe.set_cfg_parallel(ranks.cfg_group)
+        a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel,
+                                                             a.negative_prompt)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     mine = ranks.share(len(prompts))
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
@@ -298,12 +305,12 @@ def sample_prompts(a, prompts, like, device, ranks):
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
     if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
         raise png_error(a.output)
-    a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
     if a.verbose:
         length = "the video's length" if frames is None else f"{frames} frames"
         procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.per_group})" if ranks.world > 1 else ""
+        distilled = "; distilled: one pass a step" if guidance_distilled(pipe.transformer) else ""
         say(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
-            f"guidance {guidance:g} (parallel part {parallel:g}), seed {a.seed}{procs}")
+            f"guidance {guidance:g} (parallel part {parallel:g}{distilled}), seed {a.seed}{procs}")
     if a.output_dir and ranks.main:  # prompts.jsonl begins afresh; every writer appends its batches' rows
         os.makedirs(a.output_dir, exist_ok=True)
         open(os.path.join(a.output_dir, "prompts.jsonl"), "w").close()

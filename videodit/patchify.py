@@ -43,6 +43,13 @@ class Packed:
             raise ValueError(f"expected {self.tokens.shape[0]} tokens, got {tokens.shape[0]}")
         return Packed(tokens, self.coords, self.cu_seqlens, self.sample_idx, self.grids)
 
+    def twice(self) -> "Packed":
+        """The batch followed by a copy of itself (2B samples): guidance's two passes in one call."""
+        n, B = self.tokens.shape[0], len(self.grids)
+        return Packed(torch.cat([self.tokens, self.tokens]), torch.cat([self.coords, self.coords]),
+                      torch.cat([self.cu_seqlens, self.cu_seqlens[1:] + n]),
+                      torch.cat([self.sample_idx, self.sample_idx + B]), self.grids * 2)
+
 
 def check_patchable(shape, patch_size=DEFAULT_PATCH) -> tuple[int, int, int]:
     """The patch grid of a latent of shape (C, T, H, W); a clear error when a dim is not divisible."""

@@ -28,7 +28,7 @@ from diffusers.utils import BaseOutput
 from .data.loader import Geometry
 from .data.video import resize_crop, to_uint8
 from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
-from .flow import cond_frames, sample
+from .flow import cond_frames, guidance_distilled, sample
 from .text import encode_with, load_text_encoder
 from .vae import CausalVideoVAE, PretrainedVideoVAE
 
@@ -101,6 +101,9 @@ class VideoDiTPipeline(DiffusionPipeline):
     def set_cfg_parallel(self, group):
         """Share guidance's two passes with the other rank of `group` (two ranks, which call the pipeline with the
         same arguments and generators): each runs the denoiser on half the samples. None turns it off."""
+        if group is not None and guidance_distilled(self.transformer):
+            raise ValueError("this checkpoint has guidance distilled into it: one denoiser pass a step, nothing for "
+                             "--cfg-parallel to share; leave it out")
         size = None if group is None else torch.distributed.get_world_size(group)
         if size not in (None, 2):
             raise ValueError(f"guidance's two passes go to a group of 2 ranks, got {size}")
@@ -176,8 +179,13 @@ class VideoDiTPipeline(DiffusionPipeline):
     # -- the call --------------------------------------------------------------------------------------------------
 
     def sampling_defaults(self, steps: int | None = None, guidance: float | None = None,
-                          guidance_parallel: float | None = None) -> tuple[int, float, float]:
-        """The steps, guidance scale and guidance_parallel a call runs with: those given, else the checkpoint's."""
+                          guidance_parallel: float | None = None, negative_prompt=None) -> tuple[int, float, float]:
+        """The steps, guidance scale and guidance_parallel a call runs with: those given, else the checkpoint's.
+        A guidance-distilled checkpoint refuses a negative prompt or another guidance_parallel than its own."""
+        negs = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt or [])
+        if any(negs) and guidance_distilled(self.transformer):
+            raise ValueError("this checkpoint has guidance distilled into it (one pass a step, steered away from the "
+                             "negative prompt it was distilled with); it takes no negative prompt")
         steps = steps or self.config.default_steps
         guidance = self.config.default_guidance if guidance is None else guidance
         if guidance_parallel is None:
@@ -185,6 +193,11 @@ class VideoDiTPipeline(DiffusionPipeline):
         if not 0 <= guidance_parallel <= 1:
             raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
                              f"got {guidance_parallel}")
+        if guidance_distilled(self.transformer) and guidance_parallel != self.config.get("default_guidance_parallel",
+                                                                                          1.0):
+            raise ValueError(f"this checkpoint has guidance distilled into it with guidance_parallel "
+                             f"{self.config.get('default_guidance_parallel', 1.0):g}, which sampling cannot change; "
+                             f"leave guidance_parallel out")
         return steps, guidance, guidance_parallel
 
     @torch.no_grad()
@@ -211,6 +224,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         the prompt's first frame is drawn as an image, then animated from it (image-to-video, same prompt). From a
         given first frame a model learns to follow the motion word far sooner than in one pass, where the layout
         comes from the starting noise and the motion follows the layout (README, Training).
+        A guidance-distilled checkpoint (train with distill.teacher, README Training) gives the guided velocity at
+        guidance_scale in one denoiser pass a step; its negative prompt and guidance_parallel are those it was
+        distilled with.
         cache_threshold: 0 runs every block at every step; above 0, a first-block cache (videodit.dit.StepCache)
         skips the denoiser's later blocks at steps where the first block's residual changed by less than this share
         since the last full step: faster, at some cost in fidelity (README, Sampling)."""
@@ -219,7 +235,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
         num_inference_steps, guidance_scale, guidance_parallel = self.sampling_defaults(
-            num_inference_steps, guidance_scale, guidance_parallel)
+            num_inference_steps, guidance_scale, guidance_parallel, negative_prompt)
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
@@ -268,7 +284,7 @@ class VideoDiTPipeline(DiffusionPipeline):
 
         text, mask = self.encode_prompt(prompts)
         null_text = null_mask = None
-        if guidance_scale != 1.0:
+        if guidance_scale != 1.0 and not guidance_distilled(self.transformer):
             negs = per(negative_prompt or "")
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
         cache = StepCache(cache_threshold) if cache_threshold > 0 else None

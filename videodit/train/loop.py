@@ -79,6 +79,8 @@ def train(cfg, resume: str | None = None) -> str:
                               f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
         group, dp_rank, dp_size = sequence_parallel_groups(S)
         task.model.set_sequence_parallel(group)
+        if getattr(task, "teacher", None) is not None:
+            task.teacher.set_sequence_parallel(group)
     if t.compile:  # the denoiser's blocks (one graph serves all), the VAE whole
         if hasattr(task.model, "compile_blocks"):
             task.model.compile_blocks(dynamic=True)

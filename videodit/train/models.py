@@ -4,6 +4,7 @@ import os
 
 from ..config import ConfigError
 from ..dit import PRESETS, VideoDiT
+from ..flow import guidance_distilled
 from ..vae import CausalVideoVAE, load_vae
 
 MODEL_OVERRIDES = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "rope_base_grid", "qk_norm",
@@ -20,18 +21,57 @@ def denoiser_kwargs(cfg, in_channels: int, text_dim: int) -> dict:
     return kwargs
 
 
-def build_denoiser(cfg, in_channels: int, text_dim: int) -> VideoDiT:
-    """A fresh VideoDiT, or the weights of `train.init_from` (a model folder or a pipeline with transformer/)."""
-    if not cfg.train.init_from:
-        return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
-    path = cfg.train.init_from
+def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | None = None) -> VideoDiT:
+    """A fresh VideoDiT, or the weights of `train.init_from` (a model folder or a pipeline with transformer/). A
+    guidance distillation (distill.teacher, loaded as `teacher`) without init_from starts from the teacher, with a
+    guidance embedding."""
+    distilling = cfg.distill.teacher is not None
+    if cfg.train.init_from:
+        model = load_denoiser(cfg.train.init_from, in_channels, text_dim, "train.init_from")
+        if guidance_distilled(model) != distilling:
+            raise ConfigError(f"train.init_from = {cfg.train.init_from} is guidance-distilled: train it on with "
+                              f"distill.teacher set" if not distilling else
+                              f"train.init_from = {cfg.train.init_from} has no guidance embedding, which a guidance "
+                              f"distillation trains; leave init_from out to start from distill.teacher")
+        return model
+    if distilling:
+        return with_guidance_embedding(teacher)
+    return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
+
+
+def load_denoiser(path: str, in_channels: int, text_dim: int, key: str) -> VideoDiT:
+    """The VideoDiT of a model folder or of a pipeline (its transformer/), checked against the run's VAE and text
+    encoder; `key` names the config key that gave the path, for errors."""
     sub = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else None
+    if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
+        raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder")
     model = VideoDiT.from_pretrained(path, subfolder=sub)
     got = (model.config.in_channels, model.config.text_dim)
     if got != (in_channels, text_dim):
-        raise ConfigError(f"train.init_from = {path}: the model takes (in_channels, text_dim) = {got}, but the VAE "
-                         f"and text encoder give {(in_channels, text_dim)}")
+        raise ConfigError(f"{key} = {path}: the model takes (in_channels, text_dim) = {got}, but the VAE and text "
+                          f"encoder give {(in_channels, text_dim)}")
     return model
+
+
+def load_teacher(cfg, in_channels: int, text_dim: int) -> VideoDiT:
+    """The frozen teacher of a guidance distillation (distill.teacher)."""
+    teacher = load_denoiser(cfg.distill.teacher, in_channels, text_dim, "distill.teacher")
+    if guidance_distilled(teacher):
+        raise ConfigError(f"distill.teacher = {cfg.distill.teacher} is itself guidance-distilled; distill from the "
+                          f"model it was distilled from, which samples with a negative prompt's pass")
+    return teacher.eval().requires_grad_(False)
+
+
+def with_guidance_embedding(teacher: VideoDiT) -> VideoDiT:
+    """A student for guidance distillation: the teacher's architecture and weights plus a guidance embedding, which
+    starts at zero (so the student starts giving the teacher's conditional velocity at every scale)."""
+    config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
+    student = VideoDiT(**{**config, "guidance_embed": True})
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("g_embed.") for k in missing):
+        raise ValueError(f"the teacher's weights do not fit its own architecture: missing {missing}, "
+                         f"unexpected {unexpected}")
+    return student
 
 
 def build_vae(cfg) -> CausalVideoVAE:

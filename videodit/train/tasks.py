@@ -1,4 +1,5 @@
-"""What a run trains: the denoiser on packed latents (`DiTTask`) or the causal VAE on pixels (`VAETask`).
+"""What a run trains: the denoiser on packed latents (`DiTTask`; with distill.teacher, its guidance distilled) or
+the causal VAE on pixels (`VAETask`).
 
 A task builds its model and data source from the config and gives the loop: `model` (to prepare),
 `loss(model, batch, generator, step)` on one micro-batch (with a dict of logs; "flops": its training FLOPs),
@@ -17,12 +18,12 @@ from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
-from ..flow import flow_loss, sample
+from ..flow import distill_loss, flow_loss, sample
 from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
 from .lora import add_lora
-from .models import build_denoiser, build_vae, load_trained_vae
+from .models import build_denoiser, build_vae, load_teacher, load_trained_vae
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +51,15 @@ class DiTTask:
         else:
             self.vae, self.text = self._vae(), self._text()
             ft, fs, channels, text_dim = self.vae.ft, self.vae.fs, self.vae.denoiser_channels, self.text.dim
-        model = build_denoiser(cfg, channels, text_dim)
+        if cfg.distill.teacher and cfg.train.lora_rank:
+            raise ConfigError("distill.teacher with train.lora_rank > 0: guidance distillation trains the whole "
+                              "denoiser (its new guidance embedding is no adapter); set train.lora_rank=0")
+        self.teacher = load_teacher(cfg, channels, text_dim).to(self.device) if cfg.distill.teacher else None
+        if self.teacher is not None:  # the negative prompt of the teacher's second pass, encoded once
+            self.text = self.text or self._text()
+            self.null = self.text.encode([cfg.sample.negative_prompt])
+        self.autocast = accelerator.autocast  # the teacher is not prepared: it runs under the run's precision here
+        model = build_denoiser(cfg, channels, text_dim, self.teacher)
         self.model_config = dict(model.config)
         self.geom = Geometry(ft, fs, tuple(model.patch_size))
         if cfg.data.source != "cache":
@@ -100,12 +109,20 @@ class DiTTask:
         latents, text, mask = [latents[i] for i in order], text[order], mask[order]
         cond = [batch["cond"][i] for i in order]
         f = self.cfg.flow
-        loss = flow_loss(model, latents, text, mask, cond, mean=f.logit_mean, std=f.logit_std,
-                         shift=f.shift, base_tokens=f.base_tokens, generator=generator,
-                         image_mean=f.image_logit_mean, shared_noise=f.shared_noise)
+        noising = dict(mean=f.logit_mean, std=f.logit_std, shift=f.shift, base_tokens=f.base_tokens,
+                       generator=generator, image_mean=f.image_logit_mean, shared_noise=f.shared_noise)
+        if self.teacher is None:
+            loss = flow_loss(model, latents, text, mask, cond, **noising)
+        else:
+            with self.autocast():
+                loss = distill_loss(model, self.teacher, latents, text, mask, *self.null, cond,
+                                    guidance=self.cfg.distill.guidance,
+                                    guidance_parallel=self.cfg.sample.guidance_parallel, **noising)
         pt, ph, pw = self.geom.patch
         seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
         flops = flops_per_step(self.model_config, seqlens, mask.sum(1).tolist()) * weight
+        if self.teacher is not None:  # the teacher's two forward passes: 2 more to the student's 3
+            flops = flops * 5 / 3
         return loss * weight, {"flops": flops}
 
     def extra_state(self) -> list:
@@ -149,6 +166,8 @@ class VAETask:
 
     def __init__(self, cfg, accelerator):
         v = cfg.vae
+        if cfg.distill.teacher:
+            raise ConfigError("distill.teacher distills a denoiser's guidance: it needs train.task: dit, not vae")
         if cfg.data.source == "cache":
             raise ConfigError("train.task: vae reads pixels; data.source must be 'shapes' or 'manifest', not 'cache'")
         if v.gan_weight > 0 and cfg.train.mixed_precision == "fp16":
