@@ -1,9 +1,11 @@
-"""Scale: sequence parallelism (Ulysses) on two gloo processes equals one process (outputs and gradients, for uneven
+"""Scale: sequence parallelism (Ulysses) on two (and four) gloo processes equals one process (outputs and gradients, for uneven
 token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
 local MLP, with the step cache); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one
 process; checkpoint policies keep the gradients; sample.py on several processes writes what one process writes;
 offloaded sampling gives the same video."""
 
+import itertools
+import math
 import os
 import socket
 import subprocess
@@ -19,7 +21,7 @@ from conftest import tiny_text
 from test_train import ROOT, TINY, log
 from videodit.config import load_config, save_config
 from videodit.dit import StepCache, VideoDiT
-from videodit.parallel import Shard, check_heads, sequence_parallel_groups
+from videodit.parallel import Shard, check_heads, frame_windows, sequence_parallel_groups
 from videodit.patchify import pack
 from videodit.train.loop import train
 from videodit.vae import CausalVideoVAE
@@ -65,14 +67,15 @@ def _worker(rank, world, init_file):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        group, dp_rank, dp_size = sequence_parallel_groups(2)
+        group, dp_rank, dp_size = sequence_parallel_groups(world)
         assert (dp_rank, dp_size) == (0, 1)
         for name, shapes in CASES.items():
             # static: the blocks take segment offsets as ints, as compile_blocks(dynamic=False) traces them (a tensor
             # there would break each compiled block's graph at attention)
-            # local: a Mix-FFN, whose convolution reaches tokens on the other rank
+            # local: a Mix-FFN, whose convolution reaches tokens on other ranks (on four, a rank's window of
+            # neighbouring frames spans three others)
             cases = (("none", False, False), ("attention", False, False), ("none", True, False), ("mlp", False, True))
-            for policy, static, local in cases:
+            for policy, static, local in cases if world == 2 else cases[-1:]:
                 model = _model(local)
                 want_out, want_grad = _run(model, shapes)
                 model.set_sequence_parallel(group)
@@ -86,8 +89,10 @@ def _worker(rank, world, init_file):
                 torch.testing.assert_close(got_out, want_out, rtol=1e-5, atol=1e-6, msg=f"{case} output")
                 for n, g in got_grad.items():
                     dist.all_reduce(g, group=group)  # the group's mean, as DDP takes it
-                    torch.testing.assert_close(g / 2, want_grad[n], rtol=1e-5, atol=1e-6,
+                    torch.testing.assert_close(g / world, want_grad[n], rtol=1e-5, atol=1e-6,
                                                msg=f"{case} grad {n}")
+        if world > 2:
+            return
         # the step cache decides on the whole sequence: the ranks skip together, where one process skips
         packed, frame_t, text, mask = _inputs(CASES["mixed"])
         g = torch.Generator().manual_seed(3)
@@ -107,9 +112,39 @@ def _worker(rank, world, init_file):
         dist.destroy_process_group()
 
 
-def test_sequence_parallel_two_processes_equal_one(tmp_path):
+@pytest.mark.parametrize("world", [2, 4])
+def test_sequence_parallel_processes_equal_one(tmp_path, world):
     os.environ["OMP_NUM_THREADS"] = "1"
-    mp.spawn(_worker, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+    mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+
+
+def test_frame_windows_hold_every_neighbour_a_slice_needs_and_little_more():
+    """Each rank's window holds, for every token of its slice, the 3x3x3 neighbourhood within its sample; it is
+    whole frames, at most two frames more on each side than the slice, and its grids describe it."""
+    packings = [[(3, 3, 3), (1, 2, 4), (2, 1, 3)], [(5, 2, 2)], [(1, 4, 4), (1, 4, 4), (9, 2, 3)], [(1, 1, 1)]]
+    for grids in packings:
+        sizes = [t * h * w for t, h, w in grids]
+        cu = torch.tensor([0] + sizes).cumsum(0)
+        for P in (1, 2, 3, 4, 8):
+            for rank in range(P):
+                shard = Shard(None, rank, P, cu)
+                windows, mine = frame_windows(shard, grids)
+                lo, hi = windows[rank]
+                assert windows == [frame_windows(Shard(None, q, P, cu), grids)[0][q] for q in range(P)][:P]
+                assert sum(t * h * w for t, h, w in mine) == hi - lo
+                if shard.start == shard.end:
+                    assert (lo, hi, mine) == (shard.start, shard.start, [])
+                    continue
+                for i in range(shard.start, shard.end):
+                    k = int(torch.searchsorted(cu, i, right=True)) - 1
+                    t, h, w = grids[k]
+                    f, y, x = (i - cu[k].item()) // (h * w), (i - cu[k].item()) // w % h, (i - cu[k].item()) % w
+                    for df, dy, dx in itertools.product((-1, 0, 1), repeat=3):
+                        if 0 <= f + df < t and 0 <= y + dy < h and 0 <= x + dx < w:
+                            assert lo <= cu[k].item() + ((f + df) * h + y + dy) * w + x + dx < hi
+                frame = lambda j: grids[int(torch.searchsorted(cu, j, right=True)) - 1][1:]  # noqa: E731
+                assert lo >= shard.start - 2 * math.prod(frame(shard.start))
+                assert hi <= shard.end + 2 * math.prod(frame(shard.end - 1))
 
 
 def test_shards_cover_any_length():

@@ -22,7 +22,8 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import packed_attention
-from .parallel import check_heads, gather_tokens, heads_to_sequence, make_shard, sequence_to_heads, shard_packed
+from .parallel import (check_heads, frame_windows, gather_tokens, gather_window, heads_to_sequence, make_shard,
+                       sequence_to_heads, shard_packed)
 from .patchify import Packed, pack, unpack
 from .rope import RoPE3D, apply_rope
 
@@ -217,14 +218,22 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x, grids=None, shard=None):
-        """Sequence parallel (`shard`): x is this rank's slice of the tokens; the convolution needs its neighbours
-        on other ranks, so it runs on the gathered hidden features and keeps this rank's slice."""
+        """Sequence parallel (`shard`): x is this rank's slice of the tokens; the convolution needs the frames next
+        to it, partly on other ranks, so it runs on a window of whole frames gathered around the slice (one frame
+        more on each side) and keeps the slice."""
         h = self.fc1(x.to(self.fc1.weight.dtype))
         if self.local is not None:
             if shard is None:
                 h = h + self.local(h, grids)
             else:
-                h = h + self.local(gather_tokens(h, shard), grids)[shard.start:shard.end]
+                windows, window_grids = frame_windows(shard, grids)
+                around = gather_window(h, shard, windows)
+                if window_grids:
+                    lo = windows[shard.rank][0]
+                    h = h + self.local(around, window_grids)[shard.start - lo:shard.end - lo]
+                else:  # no tokens here; one zero token keeps this rank in the backward's all-to-all and gives the
+                    # convolution's weights (zero) gradients, as data parallelism expects of every rank
+                    h = h + self.local(F.pad(around, (0, 0, 0, 1)), [(1, 1, 1)])[:0]
         return self.fc2(F.gelu(h, approximate="tanh"))
 
 

@@ -10,7 +10,8 @@ self-attention an all-to-all trades the slice of tokens for a slice of heads:
 
 Any N works with any P that divides the heads: slices are padded to ceil(N / P) rows inside the collectives and the
 padding is dropped after them. The collectives are autograd functions, so backward is exact. `gather_tokens` is
-the adjoint pair of slicing: its backward sums the gradient over the group. When every rank of the group computes
+the adjoint pair of slicing: its backward sums the gradient over the group; `gather_window` brings a rank only the
+rows next to its slice that a local convolution reaches (`frame_windows`). When every rank of the group computes
 the same loss from the gathered output, the mean of the ranks' parameter gradients is the one-process gradient,
 which is what DDP's mean over all ranks gives (data parallel over groups, sequence parallel within).
 
@@ -18,6 +19,8 @@ which is what DDP's mean over all ranks gives (data parallel over groups, sequen
     model.set_sequence_parallel(group)           # VideoDiT: forward takes the whole batch, returns all N tokens
 """
 
+import bisect
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -131,6 +134,72 @@ class _Gather(torch.autograd.Function):
 def _pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """Zero rows appended to x: (n, ...) -> (rows, ...)."""
     return F.pad(x, (0, 0) * (x.ndim - 1) + (0, rows - x.shape[0]))
+
+
+class _Window(torch.autograd.Function):
+    """This rank's slice (n, ...) -> rows [lo, hi) of the whole sequence, its window (`windows`: every rank's), from
+    the ranks that hold them (one all-to-all of uneven parts); backward sends each row's gradient back to the rank
+    that holds the row, which sums what it receives."""
+
+    @staticmethod
+    def forward(ctx, x, shard: Shard, windows: list):
+        slices = [dataclasses.replace(shard, rank=q) for q in range(shard.size)]
+        send = [_overlap(shard.start, shard.end, *w) for w in windows]  # our rows in rank q's window
+        recv = [_overlap(s.start, s.end, *windows[shard.rank]) for s in slices]  # rank q's rows in ours
+        ctx.shard, ctx.send, ctx.recv = shard, send, recv
+        parts = torch.cat([x[a - shard.start:b - shard.start] for a, b in send]).contiguous()
+        out = x.new_empty(sum(_sizes(recv)), *x.shape[1:])
+        dist.all_to_all_single(out, parts, _sizes(recv), _sizes(send), group=shard.group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, send = ctx.shard, ctx.send
+        back = grad.new_empty(sum(_sizes(send)), *grad.shape[1:])
+        dist.all_to_all_single(back, grad.contiguous(), _sizes(send), _sizes(ctx.recv), group=s.group)
+        out = grad.new_zeros(s.end - s.start, *grad.shape[1:])
+        for (a, b), part in zip(send, back.split(_sizes(send))):
+            out[a - s.start:b - s.start] += part
+        return out, None, None
+
+
+def _overlap(a: int, b: int, c: int, d: int) -> tuple[int, int]:
+    """[a, b) intersected with [c, d), as (start, end) with start <= end."""
+    lo = max(a, c)
+    return lo, max(lo, min(b, d))
+
+
+def _sizes(ranges) -> list[int]:
+    return [b - a for a, b in ranges]
+
+
+def frame_windows(shard: Shard, grids: list) -> tuple[list, list]:
+    """What a convolution over each sample's (t, h, w) token grid, reaching one frame back and forth, needs across
+    ranks: every rank's window [lo, hi) of the whole sequence (the frames its slice touches, whole, and one frame
+    more on each side within the sample), and this rank's window as the grids of the samples' frames in it."""
+    cu = [int(c) for c in shard.cu_seqlens]
+    frame = [h * w for _, h, w in grids]  # tokens per frame
+    windows, mine = [], []
+    for q in range(shard.size):
+        s = dataclasses.replace(shard, rank=q)
+        if s.start == s.end:  # a rank with no tokens needs none
+            windows.append((s.start, s.start))
+            continue
+        first, last = bisect.bisect_right(cu, s.start) - 1, bisect.bisect_right(cu, s.end - 1) - 1  # their samples
+        lo = cu[first] + max((s.start - cu[first]) // frame[first] - 1, 0) * frame[first]
+        hi = cu[last] + min((s.end - 1 - cu[last]) // frame[last] + 2, grids[last][0]) * frame[last]
+        windows.append((lo, hi))
+        if q == shard.rank:
+            for i in range(first, last + 1):
+                t0 = (lo - cu[i]) // frame[i] if i == first else 0
+                t1 = (hi - cu[i]) // frame[i] if i == last else grids[i][0]
+                mine.append((t1 - t0, *grids[i][1:]))
+    return windows, mine
+
+
+def gather_window(x: torch.Tensor, shard: Shard, windows: list) -> torch.Tensor:
+    """x: (n_local, ...) this rank's slice -> (hi - lo, ...): rows [lo, hi) = windows[rank] of the whole sequence."""
+    return _Window.apply(x, shard, windows)
 
 
 def gather_tokens(x: torch.Tensor, shard: Shard) -> torch.Tensor:
