@@ -24,6 +24,7 @@ from videodit.dit import StepCache, VideoDiT
 from videodit.parallel import Shard, check_heads, frame_windows, sequence_parallel_groups
 from videodit.patchify import pack
 from videodit.train.loop import train
+from videodit.train.models import with_guidance_embedding
 from videodit.vae import CausalVideoVAE
 
 CASES = {
@@ -175,8 +176,8 @@ def test_checkpoint_policies_keep_gradients():
         model.set_checkpoint_policy("sometimes")
 
 
-def torchrun(script: str, args: list, processes: int):
-    """A script of the repository on CPU processes (gloo)."""
+def torchrun(script: str, args: list, processes: int, fails: bool = False) -> str:
+    """A script of the repository on CPU processes (gloo); its stderr. fails: it is meant to exit with an error."""
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -184,7 +185,8 @@ def torchrun(script: str, args: list, processes: int):
            os.path.join(ROOT, script), *args]
     proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT), capture_output=True,
                           text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode != 0) == fails, proc.stderr[-3000:]
+    return proc.stderr
 
 
 def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path):
@@ -238,6 +240,13 @@ def test_sample_command_on_several_processes_writes_what_one_process_writes(tiny
         for i in range(3):
             a, b = (read_video(str(d / f"{i:03d}.mp4")) for d in (tmp_path / "one", out))
             assert (a - b).abs().mean() < 0.004, (name, i)  # equal here; float sums may differ by a level elsewhere
+    # an error every process meets (a guidance-distilled model has no second pass to share) is printed once
+    tiny_pipe.register_modules(transformer=with_guidance_embedding(tiny_pipe.transformer))
+    tiny_pipe.save_pretrained(tmp_path / "distilled")
+    err = torchrun("sample.py", [*args[:2], "--checkpoint", str(tmp_path / "distilled"), "--cfg-parallel"], 2, True)
+    assert [line for line in err.splitlines() if line.startswith("error:")] == [
+        "error: this checkpoint has guidance distilled into it: one denoiser pass a step, nothing for --cfg-parallel "
+        "to share; leave it out"]
 
 
 def test_offloaded_pipeline_samples_the_same(tiny_pipe):
