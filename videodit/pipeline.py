@@ -188,16 +188,14 @@ class VideoDiTPipeline(DiffusionPipeline):
                              "negative prompt it was distilled with); it takes no negative prompt")
         steps = steps or self.config.default_steps
         guidance = self.config.default_guidance if guidance is None else guidance
-        if guidance_parallel is None:
-            guidance_parallel = self.config.get("default_guidance_parallel", 1.0)
+        own = self.config.get("default_guidance_parallel", 1.0)
+        guidance_parallel = own if guidance_parallel is None else guidance_parallel
         if not 0 <= guidance_parallel <= 1:
             raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
                              f"got {guidance_parallel}")
-        if guidance_distilled(self.transformer) and guidance_parallel != self.config.get("default_guidance_parallel",
-                                                                                          1.0):
-            raise ValueError(f"this checkpoint has guidance distilled into it with guidance_parallel "
-                             f"{self.config.get('default_guidance_parallel', 1.0):g}, which sampling cannot change; "
-                             f"leave guidance_parallel out")
+        if guidance_distilled(self.transformer) and guidance_parallel != own:
+            raise ValueError(f"this checkpoint has guidance distilled into it with guidance_parallel {own:g}, which "
+                             f"sampling cannot change; leave guidance_parallel out")
         return steps, guidance, guidance_parallel
 
     @torch.no_grad()
