@@ -13,9 +13,9 @@ import os
 
 import numpy as np
 import torch
-from step_cache import psnr, run
+from step_cache import following, psnr, run
 
-from videodit.eval.shapes import ATTRS, make_cases, score
+from videodit.eval.shapes import ATTRS, make_cases
 from videodit.pipeline import VideoDiTPipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,8 +47,7 @@ def main():
     for name, pipe, passes, scale in rows:
         videos, seconds, _ = run(pipe, cases, steps, guidance_scale=scale)
         base = base or (videos, seconds)
-        hits = [score(c, v)["hits"] for c, v in zip(cases, videos)]
-        acc = " | ".join(f"{100 * np.mean([h[k] for h in hits]):.0f}%" for k in (*ATTRS, "all"))
+        acc = following(cases, videos)
         median = np.median([psnr([v], [w]) for v, w in zip(videos, base[0])])
         db = "-" if videos is base[0] else f"{psnr(videos, base[0]):.1f} dB, {median:.1f} dB"
         print(f"| {name} | {passes} | {scale:g} | {seconds:.1f} | {base[1] / seconds:.2f}x | {db} | {acc} |",

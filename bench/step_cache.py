@@ -35,6 +35,12 @@ def run(pipe, cases, steps, batch=8, **settings):
     return videos, seconds, skipped / -(-len(cases) // batch)
 
 
+def following(cases: list, videos: list) -> str:
+    """The share of videos whose each attribute, and all four, read back as asked: table cells."""
+    hits = [score(c, v)["hits"] for c, v in zip(cases, videos)]
+    return " | ".join(f"{100 * np.mean([h[k] for h in hits]):.0f}%" for k in (*ATTRS, "all"))
+
+
 def psnr(videos: list, reference: list) -> float:
     """Over all pixels of all videos together."""
     se = sum(float(((v.astype(np.float64) - w) ** 2).sum()) for v, w in zip(videos, reference))
@@ -63,8 +69,7 @@ def main():
             videos, seconds, skipped = run(pipe, cases, steps, cache_threshold=threshold)
             if base is None:
                 base = videos, seconds
-            hits = [score(c, v)["hits"] for c, v in zip(cases, videos)]
-            acc = " | ".join(f"{100 * np.mean([h[k] for h in hits]):.0f}%" for k in (*ATTRS, "all"))
+            acc = following(cases, videos)
             db = psnr(videos, base[0])
             db = "-" if threshold == 0 else "identical" if db == float("inf") else f"{db:.1f} dB"
             print(f"| {steps} | {threshold:g} | {skipped:.1f} | {seconds:.1f} | {base[1] / seconds:.2f}x | "
