@@ -189,10 +189,11 @@ def torchrun(script: str, args: list, processes: int, fails: bool = False) -> st
     return proc.stderr
 
 
-def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True])
+def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path, fsdp):
     """train.py with parallel.sequence_parallel: 2 on four gloo processes (two groups of two: data parallel over the
-    groups) takes the same steps as one process with grad_accum 2: the same global batches, losses and weights, up
-    to the order of float sums."""
+    groups, by DDP or by FSDP over all four) takes the same steps as one process with grad_accum 2: the same global
+    batches, losses and weights, up to the order of float sums."""
     model, tok = tiny_text(tmp_path)
     model.save_pretrained(tmp_path / "text")
     tok.save_pretrained(tmp_path / "text")
@@ -205,15 +206,16 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
                    "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # rank 0 samples alone
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
     config = str(tmp_path / "sp.yaml")
-    save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2"]),
-                config)
+    save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
+                                          f"parallel.fsdp={fsdp}"]), config)
     torchrun("train.py", ["--config", config], processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
     torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
     assert [r["flops_per_step"] for r in got] == [r["flops_per_step"] for r in want]  # a group's batch counts once
     assert all(0 < r["mfu"] < 1 for r in got)
-    a, b = (load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "sp"))
+    a, b = (load_file(tmp_path / run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+            for run in ("one", "sp"))
     for k, v in a.items():
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
 

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from conftest import random_dit, tiny_text
-from videodit.config import load_config, save_config
+from videodit.config import ConfigError, load_config, save_config
 from videodit.data.cache import build_cache
 from videodit.dit import VideoDiT
 from videodit.patchify import pack
@@ -137,6 +137,62 @@ def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, referenc
     with open(os.path.join(run, "checkpoints", "step_00000004", "state.json")) as f:
         state = json.load(f)
     assert state["world_size"] == 2 and state["data"]["batches"] == 8
+
+
+def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(assets, reference, tmp_path):
+    """parallel.fsdp on two processes (gloo) x grad_accum 1 takes the reference's steps (1 process x grad_accum 2):
+    the same losses, and its sharded checkpoint exports the same EMA weights. Resumed from its step-2 shards on one
+    process x grad_accum 2, it ends where the reference ends. Every rank samples; the main one writes."""
+    base = assets["base"] + ["train.max_steps=4", "train.checkpoint_every=2", "parallel.fsdp=true",
+                             "train.sample_every=4", "train.sample_prompts=['a red circle']", "sample.steps=2"]
+    config = str(tmp_path / "config.yaml")
+    save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'run'}", "train.grad_accum=1"]), config)
+    torchrun(config)
+    run = tmp_path / "run"
+    torch.testing.assert_close([r["loss"] for r in log(run)], [r["loss"] for r in log(reference)], rtol=1e-4,
+                               atol=1e-6)
+    assert os.listdir(run / "samples") == ["step_00000004_0.mp4"]
+    ckpt = run / "checkpoints" / "step_00000004"
+    assert (ckpt / "sharded").is_dir() and not (ckpt / "model.safetensors").exists()
+    want = export_ema(os.path.join(reference, "checkpoints", "step_00000004"), str(tmp_path / "want"))
+    got = export_ema(str(ckpt), str(tmp_path / "got"))
+    want, got = (VideoDiT.from_pretrained(d).state_dict() for d in (want, got))
+    final = VideoDiT.from_pretrained(run / "pipeline" / "transformer").state_dict()  # the run's own export
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-4, atol=1e-6, msg=k)
+        assert torch.equal(final[k], got[k]), k
+
+    shutil.copytree(run, tmp_path / "again", ignore=shutil.ignore_patterns("step_00000004", "pipeline"))
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'again'}", "train.grad_accum=2"]), "latest")
+    torch.testing.assert_close([r["loss"] for r in log(tmp_path / "again")], [r["loss"] for r in log(reference)],
+                               rtol=1e-4, atol=1e-6)
+    again = VideoDiT.from_pretrained(tmp_path / "again" / "pipeline" / "transformer").state_dict()
+    for k, v in want.items():
+        torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["train.task=vae"], ["train.task: vae", "parallel.fsdp false"]),
+    (["train.lora_rank=4"], ["train.lora_rank", "DDP"]),
+    (["train.mixed_precision=fp16"], ["fp16", "bf16"]),
+])
+def test_fsdp_refuses_what_it_does_not_shard(assets, tmp_path, overrides, words):
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp=true", *overrides])
+    with pytest.raises(ConfigError) as err:
+        train(cfg)
+    assert all(w in str(err.value) for w in words), err.value
+
+
+def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path):
+    ckpt = os.path.join(reference, "checkpoints", "step_00000002")
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp=true"])
+    with pytest.raises(ConfigError, match="parallel.fsdp = False.*--set parallel.fsdp=false"):
+        train(cfg, ckpt)
+    shutil.copytree(ckpt, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "sharded").mkdir()
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="parallel.fsdp = True.*--set parallel.fsdp=true"):
+        train(cfg, str(tmp_path / "ckpt"))
 
 
 def test_vae_with_gan_on_two_processes_matches_one(assets, tmp_path):

@@ -271,6 +271,7 @@ class DistillConfig:
 @dataclass
 class ParallelConfig:
     sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence (divides the processes, heads)
+    fsdp: bool = False               # shard weights, gradients, optimizer state and EMA over all processes (FSDP2)
 
     def check(self, bad):
         if self.sequence_parallel < 1:

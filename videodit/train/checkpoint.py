@@ -5,6 +5,9 @@ temporary folder and moved into place with os.replace, so a crash never leaves a
     <output_dir>/checkpoints/step_00001000/   model.safetensors optimizer.bin scheduler.bin random_states_<rank>.pkl
                                               custom_checkpoint_0.pkl (EMA) state.json config.yaml model_config.json
 
+A parallel.fsdp run's checkpoint holds sharded/ (model, optimizer and EMA shards, sharded.py) in place of the model,
+optimizer and EMA files.
+
 Export a checkpoint's EMA weights as a diffusers model folder (save_pretrained), or with --pipeline as a whole
 pipeline folder for sample.py:
 
@@ -20,6 +23,8 @@ import shutil
 
 import torch
 from safetensors.torch import load_file
+
+from .sharded import SHARDED, read_weights
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -45,8 +50,9 @@ def find_checkpoint(resume: str, output_dir: str) -> str | None:
 
 
 def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, model_config: dict,
-                    keep: int) -> str:
-    """Write checkpoint `step` on all ranks (collective), then keep the newest `keep`. Returns its folder."""
+                    keep: int, also=None) -> str:
+    """Write checkpoint `step` on all ranks (collective), then keep the newest `keep`. `also(folder)`: more to write
+    into it on all ranks (a sharded model's shards). Returns its folder."""
     from ..config import save_config
 
     root = os.path.join(output_dir, "checkpoints")
@@ -56,6 +62,8 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, m
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(tmp)
+    if also is not None:
+        also(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -97,7 +105,10 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
     model = cls.from_config(model_config)
     if cfg.train.lora_rank:
         model = add_lora(model, cfg.train.lora_rank)
-    model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
+    if os.path.isdir(os.path.join(checkpoint, SHARDED)):  # a parallel.fsdp run's: the EMA's weights if it kept one
+        read_weights(checkpoint, model)
+    else:
+        model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
     ema_file = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
     if os.path.isfile(ema_file):
         params = [p for p in model.parameters() if p.requires_grad]

@@ -1,5 +1,5 @@
-"""The training loop, on accelerate: one process on CPU, DDP or FSDP over processes and machines (chosen by the
-launcher: `torchrun`, or `accelerate launch` with its config / flags), bf16 / fp16 / fp32, gradient accumulation,
+"""The training loop, on accelerate: one process on CPU, DDP over processes and machines (launched by `torchrun` or
+`accelerate launch --multi_gpu`), or FSDP2 with `parallel.fsdp: true` (sharded.py), bf16 / fp16 / fp32, gradient accumulation,
 clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weights, activation checkpointing and
 torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE (`train.task: vae`).
 
@@ -15,7 +15,8 @@ run on W processes with grad_accum A sees the same global batches as one on W' p
 
 Sequence parallelism (`parallel.sequence_parallel: S`, dit only): consecutive groups of S ranks split each sequence
 (videodit.parallel); the W / S groups are the data-parallel ranks: the ranks of a group read the same batches and
-draw the same noise, and DDP's mean over all W ranks is the data-parallel mean of the groups' gradients.
+draw the same noise, and DDP's mean over all W ranks is the data-parallel mean of the groups' gradients. FSDP's
+mean is the same one, so sequence parallelism combines with either.
 """
 
 import contextlib
@@ -34,6 +35,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 from ..config import ConfigError, save_config
 from ..data.loader import DataPosition, make_loader
 from ..parallel import sequence_parallel_groups
+from . import sharded
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
 
@@ -60,15 +62,19 @@ def _truncate_log(path: str, step: int):
 def train(cfg, resume: str | None = None) -> str:
     """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder."""
     t, out = cfg.train, cfg.train.output_dir
+    _check_fsdp(cfg)
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
     set_seed(t.seed)  # the same initial weights on every rank
-    fsdp = acc.distributed_type == DistributedType.FSDP
-    if fsdp and (t.ema_decay > 0 or t.lora_rank):
-        raise ConfigError("FSDP runs need train.ema_decay=0 and train.lora_rank=0: the EMA and the LoRA export keep "
-                          "whole weights on one rank; use DDP (torchrun / accelerate launch --multi_gpu) for them")
+    fsdp = cfg.parallel.fsdp
+    if acc.distributed_type == DistributedType.FSDP:
+        raise ConfigError("accelerate's FSDP flags are not used by train.py: set parallel.fsdp: true (--set "
+                          "parallel.fsdp=true) and launch with torchrun or accelerate launch --multi_gpu")
     checkpoint = find_checkpoint(resume, out) if resume else None
+    if checkpoint and fsdp != os.path.isdir(os.path.join(checkpoint, sharded.SHARDED)):
+        raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with parallel.fsdp = {not fsdp}; "
+                          f"resume it with --set parallel.fsdp={str(not fsdp).lower()}")
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
@@ -86,21 +92,28 @@ def train(cfg, resume: str | None = None) -> str:
             task.model.compile_blocks(dynamic=True)
         else:
             task.model.compile(dynamic=True)
+    own_group = fsdp and sharded.shard(task.model, acc.device.type)  # before the optimizer: it takes the shards
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
-    model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
+    if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
+        model, scheduler = task.model, acc.prepare(make_schedule(optimizer, t))
+    else:
+        model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
     unwrapped = acc.unwrap_model(model)
     if hasattr(unwrapped, "patch_size"):
         model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
-    params = [p for p in unwrapped.parameters() if p.requires_grad]  # after prepare: FSDP replaces parameters
-    ema = EMAModel(params, decay=t.ema_decay, foreach=True) if t.ema_decay > 0 else None
-    for obj in ([ema] if ema else []) + task.extra_state():
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    # EMAModel's foreach ops have no sharded (DTensor) form: per tensor under FSDP
+    ema = EMAModel(params, decay=t.ema_decay, foreach=not fsdp) if t.ema_decay > 0 else None
+    for obj in ([ema] if ema and not fsdp else []) + task.extra_state():
         acc.register_for_checkpointing(obj)
 
     step, position, skipped_total = 0, DataPosition(), 0
     log_path = os.path.join(out, "log.jsonl")
     if checkpoint:
         state = load_checkpoint(acc, checkpoint)
+        if fsdp:
+            sharded.load(checkpoint, model, optimizer, ema)
         step, position, skipped_total = state["step"], DataPosition(**state["data"]), state["skipped"]
         if acc.is_main_process:
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
@@ -140,7 +153,9 @@ def train(cfg, resume: str | None = None) -> str:
             window["flops"] += logs.pop("flops", 0)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / A
-        grad_norm = acc.clip_grad_norm_(model.parameters(), t.grad_clip) if t.grad_clip > 0 else None
+        grad_norm = None
+        if t.grad_clip > 0:
+            grad_norm = sharded.grad_norm(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -166,7 +181,10 @@ def train(cfg, resume: str | None = None) -> str:
         bar.update(1)
 
         if t.sample_every and step % t.sample_every == 0:
-            if acc.is_main_process:  # one process samples: without its sequence-parallel group
+            if fsdp:  # a sharded model's forward is collective: every rank samples, in its group; the main one writes
+                with _ema_weights(ema, params), acc.autocast():
+                    task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
+            elif acc.is_main_process:  # one process samples: without its sequence-parallel group
                 if S > 1:
                     unwrapped.set_sequence_parallel(None)
                 with _ema_weights(ema, params), acc.autocast():
@@ -177,22 +195,41 @@ def train(cfg, resume: str | None = None) -> str:
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
                          world_size=W, grad_accum=A, sequence_parallel=S)
-            save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints)
+            save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
+                            (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
     bar.close()
 
     acc.wait_for_everyone()
-    final = unwrapped
-    if fsdp:  # gather the shards (collective), then export a whole model from the main process
-        full = acc.get_state_dict(model)
+    with _ema_weights(ema, params):
+        final = unwrapped
+        if fsdp:  # gather the shards (collective), then export a whole model from the main process
+            full = sharded.gather(model, acc.is_main_process)
+            if acc.is_main_process:
+                final = type(unwrapped).from_config(task.model_config)
+                final.load_state_dict(full)
         if acc.is_main_process:
-            final = type(unwrapped).from_config(task.model_config)
-            final.load_state_dict(full)
-    if acc.is_main_process:
-        with _ema_weights(ema, params):
             task.export(final, out)
     acc.wait_for_everyone()
     acc.end_training()
+    if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
+        torch.distributed.destroy_process_group()
     return out
+
+
+def _check_fsdp(cfg):
+    """What parallel.fsdp does not shard."""
+    t = cfg.train
+    if not cfg.parallel.fsdp:
+        return
+    if t.task != "dit":
+        raise ConfigError("parallel.fsdp shards the denoiser; train.task: vae trains a small VAE, which DDP "
+                          "replicates: leave parallel.fsdp false")
+    if t.lora_rank:
+        raise ConfigError("parallel.fsdp with train.lora_rank > 0: LoRA trains few weights, so shard nothing; use "
+                          "DDP (leave parallel.fsdp false)")
+    if t.mixed_precision == "fp16":
+        raise ConfigError("parallel.fsdp with train.mixed_precision: fp16 (its loss scaling does not unscale sharded "
+                          "gradients); use bf16")
 
 
 def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp: int, peak_tflops: float) -> dict:

@@ -58,7 +58,7 @@ class DiTTask:
         if self.teacher is not None:  # the negative prompt of the teacher's second pass, encoded once
             self.text = self.text or self._text()
             self.null = self.text.encode([cfg.sample.negative_prompt])
-        self.autocast = accelerator.autocast  # the teacher is not prepared: it runs under the run's precision here
+        self.autocast = accelerator.autocast
         model = build_denoiser(cfg, channels, text_dim, self.teacher)
         self.model_config = dict(model.config)
         self.geom = Geometry(ft, fs, tuple(model.patch_size))
@@ -111,10 +111,10 @@ class DiTTask:
         f = self.cfg.flow
         noising = dict(mean=f.logit_mean, std=f.logit_std, shift=f.shift, base_tokens=f.base_tokens,
                        generator=generator, image_mean=f.image_logit_mean, shared_noise=f.shared_noise)
-        if self.teacher is None:
-            loss = flow_loss(model, latents, text, mask, cond, **noising)
-        else:
-            with self.autocast():
+        with self.autocast():  # the run's precision for what accelerate did not prepare: a sharded model, a teacher
+            if self.teacher is None:
+                loss = flow_loss(model, latents, text, mask, cond, **noising)
+            else:
                 loss = distill_loss(model, self.teacher, latents, text, mask, *self.null, cond,
                                     guidance=self.cfg.distill.guidance,
                                     guidance_parallel=self.cfg.sample.guidance_parallel, **noising)
@@ -132,9 +132,9 @@ class DiTTask:
         pass
 
     @torch.no_grad()
-    def write_samples(self, model, step: int, folder: str):
+    def write_samples(self, model, step: int, folder: str | None):
         """Videos of train.sample_prompts at sample.size (default: the data's most common clip size; snapped to the
-        VAE and patch), written to folder."""
+        VAE and patch), written to folder (None: sampled, not written: the other ranks of a sharded model)."""
         cfg, s = self.cfg, self.cfg.sample
         if not cfg.train.sample_prompts:
             return
@@ -147,6 +147,8 @@ class DiTTask:
                          guidance=s.guidance, guidance_parallel=s.guidance_parallel,
                          shared_noise=cfg.flow.shared_noise, steps=s.steps, shift=s.shift,
                          base_tokens=cfg.flow.base_tokens, sampler=s.sampler, generator=gen, progress=False)
+        if folder is None:
+            return
         for i, z in enumerate(latents):
             video = self.vae.decode_latents(z[None].to(self.vae.dtype))[0]
             write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps)

@@ -1,0 +1,89 @@
+"""Fully sharded data parallelism (`parallel.fsdp: true`): the denoiser's weights, gradients, optimizer state and
+EMA split over all processes with torch's FSDP2 (`fully_shard`, one unit per block and one for the rest), so each
+process holds 1/W of the training state and gathers one block's weights at a time; the gradients are averaged as
+DDP averages them, so the steps are DDP's.
+
+Checkpoints are torch.distributed.checkpoint (DCP) folders, `<checkpoint>/sharded/`: every process writes its own
+shards of the model, the optimizer state and the EMA, and any number of processes reads them back (DCP reshards),
+one process without a process group too (`read_weights`, which export uses).
+"""
+
+import os
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+
+SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
+
+
+def shard(model, device_type: str) -> bool:
+    """Shard `model` (a VideoDiT) over all processes, each block a unit. One process without a process group (a
+    plain `python train.py`) gets a group of its own. Returns whether a group was created (to destroy at the end)."""
+    created = not dist.is_initialized()
+    if created:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    for block in model.blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return created
+
+
+def _ema_state(model, ema) -> dict:
+    """The EMA's shadow weights by parameter name (the trainable ones, in the order EMAModel keeps them)."""
+    if ema is None:
+        return {}
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    return {"ema": dict(zip(names, ema.shadow_params)), "ema_step": ema.optimization_step}
+
+
+def save(folder: str, model, optimizer, ema) -> None:
+    """Write this process's shards of the model, optimizer state and EMA to <folder>/sharded (collective)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optim_state, **_ema_state(model, ema)},
+             checkpoint_id=os.path.join(folder, SHARDED))
+
+
+def load(folder: str, model, optimizer, ema) -> None:
+    """Read <folder>/sharded into a sharded model, its optimizer and EMA, on any number of processes (collective)."""
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optim_state, **_ema_state(model, ema)}
+    dcp.load(state, checkpoint_id=os.path.join(folder, SHARDED))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+    if ema is not None:
+        ema.optimization_step = state["ema_step"]
+
+
+def gather(model, main: bool) -> dict | None:
+    """The whole weights, on the CPU of the main process (None elsewhere); collective."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return full if main else None
+
+
+def grad_norm(norm):
+    """clip_grad_norm_'s total norm, whole (it is a replicated DTensor for sharded gradients)."""
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def read_weights(folder: str, model) -> None:
+    """Load a sharded checkpoint's weights into a whole model in this one process: the EMA's where it has one."""
+    path = os.path.join(folder, SHARDED)
+    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    state = {"model": model.state_dict()}
+    if any(k.startswith("ema.") for k in keys):
+        state["ema"] = {n: torch.empty_like(p) for n, p in params.items()}
+    with warnings.catch_warnings():  # DCP warns that it loads in one process even when asked to
+        warnings.filterwarnings("ignore", "torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=path, no_dist=True)
+    with torch.no_grad():
+        for n, w in state.get("ema", {}).items():
+            params[n].copy_(w)
