@@ -1,0 +1,115 @@
+"""Training state per process, DDP against FSDP (`parallel.fsdp`), measured on CPU processes over gloo.
+
+    python bench/fsdp.py [--preset B] [--ranks 2] [--steps 3]
+
+Each setting runs in fresh processes: a VideoDiT preset, AdamW and an EMA of the weights, as train.py keeps them,
+trained a few steps on one random 64-token sample per rank (16 x 1 x 16 x 16 latents, 16 text tokens). Measured per
+process: the bytes of its weights, gradients, optimizer state and EMA (a sharded tensor counts its local shard), the
+peak resident memory (VmHWM, the interpreter and torch included) and the mean step time. Then, from the same
+accounting, what each preset's state would take per GPU at 8 and 64 GPUs.
+"""
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from diffusers.training_utils import EMAModel
+from torch.distributed.tensor import DTensor
+
+from videodit.dit import PRESETS, VideoDiT
+from videodit.flops import param_count
+from videodit.flow import flow_loss
+from videodit.train import sharded
+
+STATE = ("weights", "gradients", "optimizer", "ema")
+
+
+def _bytes(tensors) -> int:
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+def _peak_rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+def _worker(rank, world, init_file, preset, mode, steps, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = VideoDiT(**PRESETS[preset])
+        if mode == "fsdp":
+            sharded.shard(model, "cpu")
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(model)
+            model.patch_size = model.module.patch_size
+        params = list(model.parameters())
+        opt = torch.optim.AdamW(params, lr=1e-4)
+        ema = EMAModel(params, decay=0.999, foreach=mode != "fsdp")
+        gen = torch.Generator().manual_seed(rank)
+        latents = [torch.randn(16, 1, 16, 16, generator=gen)]
+        text = torch.randn(1, 16, PRESETS[preset]["text_dim"], generator=gen)
+        times = []
+        for _ in range(steps + 1):  # the first is a warm-up
+            tic = time.perf_counter()
+            flow_loss(model, latents, text, None, generator=gen).backward()
+            state = dict(weights=_bytes(params), gradients=_bytes(p.grad for p in params),
+                         optimizer=_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
+                         ema=_bytes(ema.shadow_params))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            ema.step(params)
+            times.append(time.perf_counter() - tic)
+        state["optimizer"] = _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+        results[rank] = dict(state, peak=_peak_rss(), step=sum(times[1:]) / steps)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(preset: str, mode: str, ranks: int, steps: int) -> dict:
+    """The largest value over the ranks of each measure."""
+    with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_worker, args=(ranks, os.path.join(d, "rendezvous"), preset, mode, steps, results), nprocs=ranks)
+        return {k: max(r[k] for r in results.values()) for k in (*STATE, "peak", "step")}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--preset", default="B", choices=list(PRESETS))
+    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    a = ap.parse_args()
+    got = {mode: run(a.preset, mode, a.ranks, a.steps) for mode in ("ddp", "fsdp")}
+    mb = 2 ** 20
+    print(f"VideoDiT {a.preset} ({param_count(PRESETS[a.preset]) / 1e6:.1f}M parameters), {a.ranks} CPU processes "
+          f"(gloo), AdamW + EMA, fp32 weights; the largest value over the processes\n")
+    print("| per process | DDP | FSDP | FSDP / DDP |")
+    print("|---|---|---|---|")
+    for k in (*STATE, "peak"):
+        name = {"peak": "peak resident memory (VmHWM)"}.get(k, k)
+        print(f"| {name} | {got['ddp'][k] / mb:,.0f} MB | {got['fsdp'][k] / mb:,.0f} MB | "
+              f"{got['fsdp'][k] / got['ddp'][k]:.2f}x |")
+    total = {m: sum(got[m][k] for k in STATE) for m in got}
+    print(f"| training state | {total['ddp'] / mb:,.0f} MB | {total['fsdp'] / mb:,.0f} MB | "
+          f"{total['fsdp'] / total['ddp']:.2f}x |")
+    print(f"| step time (64 tokens, 1 thread each) | {got['ddp']['step']:.2f} s | {got['fsdp']['step']:.2f} s | "
+          f"{got['fsdp']['step'] / got['ddp']['step']:.2f}x |")
+    per_param = total["ddp"] / param_count(PRESETS[a.preset])
+    print(f"\nTraining state per GPU at {per_param:.0f} bytes a parameter (as measured; activations not included):\n")
+    print("| preset | parameters | DDP | FSDP, 8 GPUs | FSDP, 64 GPUs |")
+    print("|---|---|---|---|---|")
+    for name, kw in PRESETS.items():
+        n = param_count(kw) * per_param / 2 ** 30
+        print(f"| {name} | {param_count(kw) / 1e6:,.1f}M | {n:.1f} GB | {n / 8:.2f} GB | {n / 64:.3f} GB |")
+
+
+if __name__ == "__main__":
+    main()
