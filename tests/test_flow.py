@@ -6,7 +6,7 @@ import torch
 from conftest import random_dit
 from videodit.dit import VideoDiT
 from videodit.flow import (cond_frames, distill_loss, draw_noise, drop_text, flow_loss, guide, random_cond,
-                           resolution_shift, sample, sample_t, schedule, time_shift)
+                           resolution_shift, sample, sample_t, schedule, time_shift, velocity_error)
 from videodit.patchify import pack
 from videodit.train.models import with_guidance_embedding
 
@@ -277,3 +277,30 @@ def test_a_distilled_model_samples_with_one_pass_a_step():
     assert calls == [(2, [4.0, 4.0])] * 3
     with pytest.raises(ValueError, match="nothing for a cfg group"):
         sample(Counting(), shapes, text, mask, null, null_mask, guidance=4.0, steps=3, cfg_group=object())
+
+
+class Echo(torch.nn.Module):
+    """Returns its noisy input as the velocity; keeps the per-frame timesteps it was given."""
+    patch_size = (1, 2, 2)
+
+    def forward(self, packed, frame_t, text, mask):
+        self.frame_t = frame_t
+        return packed.tokens * 1.0
+
+
+def test_velocity_error_noises_each_sample_at_its_own_timestep():
+    """Per sample: mean over its tokens (and values) of (x_t - (eps - x0))^2, x_t = (1 - t) x0 + t eps over every
+    frame, whatever the packing; computed here sample by sample without packing."""
+    g = torch.Generator().manual_seed(0)
+    latents = [torch.randn(3, 5, 4, 6, generator=g), torch.randn(3, 1, 8, 4, generator=g),
+               torch.randn(3, 2, 4, 4, generator=g)]
+    noise = [torch.randn(x.shape, generator=g) for x in latents]
+    t = torch.tensor([0.1, 0.5, 0.9])
+    model = Echo()
+    got = velocity_error(model, latents, noise, t, torch.zeros(3, 1, 4), torch.ones(3, 1, dtype=torch.bool))
+    want = torch.stack([((1 - ti) * x + ti * e - (e - x)).pow(2).mean() for x, e, ti in zip(latents, noise, t)])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert [f.tolist() for f in model.frame_t] == [[t[0].item()] * 5, [0.5], [t[2].item()] * 2]
+    alone = velocity_error(model, latents[1:2], noise[1:2], t[1:2], torch.zeros(1, 1, 4),
+                           torch.ones(1, 1, dtype=torch.bool))
+    torch.testing.assert_close(alone, got[1:2])  # a sample's error does not depend on its batch

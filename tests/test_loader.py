@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from videodit.config import load_config
+from videodit.config import ConfigError, load_config
 from videodit.data.loader import (CacheSource, DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource,
                                   TrainData, make_loader, pack_by_budget)
 from videodit.data.shapes import make_clip
@@ -65,6 +65,17 @@ def test_ranks_shard_the_stream_and_resume_on_another_world_size():
     saved = DataPosition(**json.loads(json.dumps(pos.to_dict())))
     three = [take(iter(sampler(r, 3, saved)), 15) for r in range(3)]
     assert [b for trio in zip(*three) for b in trio] == stream[44:89]
+
+
+def test_held_out_items_are_never_drawn():
+    cfg = load_config(None, ["data.sizes=[[5,16,16],[1,16,32]]", "data.shapes_count=30", "data.max_tokens=64",
+                             "data.num_workers=0"])
+    source = ShapesSource(cfg.data.sizes, 30, 0, GEOM)
+    sampler = make_loader(cfg, source, GEOM, holdout=6).batch_sampler
+    for epoch in range(3):
+        assert sorted(i for b in sampler.epoch(epoch) for i, _, _ in b) == list(range(24))  # 24-29 held out
+    with pytest.raises(ConfigError, match="eval_clips = 30 would hold out all 30 items"):
+        make_loader(cfg, source, GEOM, holdout=30)
 
 
 def test_shapes_source_items_and_determinism():

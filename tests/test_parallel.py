@@ -203,7 +203,8 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.max_steps=3",
                    "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
                    "train.checkpoint_policy=attention", "train.sample_every=3",
-                   "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # rank 0 samples alone
+                   "train.sample_prompts=['a red circle moving left']", "sample.steps=2",  # rank 0 samples alone
+                   "train.eval_every=2", "train.eval_clips=3"]  # 15 (clip, t) pairs in 3 batches: 2 + 1 at weight 0
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
@@ -211,7 +212,12 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     torchrun("train.py", ["--config", config], processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
-    torch.testing.assert_close([r["loss"] for r in got], [r["loss"] for r in want], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close([r.get("loss") for r in got], [r.get("loss") for r in want], rtol=1e-4, atol=1e-6)
+    for r, w in zip(got, want):  # the held-out loss, its batches shared out over the two groups
+        assert ("eval_loss" in r) == ("eval_loss" in w) == (r["step"] in (0, 2))
+        torch.testing.assert_close({k: v for k, v in r.items() if k.startswith("eval")},
+                                   {k: v for k, v in w.items() if k.startswith("eval")}, rtol=1e-4, atol=1e-6)
+    got, want = ([r for r in records if "loss" in r] for records in (got, want))  # not step 0's evaluation
     assert [r["flops_per_step"] for r in got] == [r["flops_per_step"] for r in want]  # a group's batch counts once
     assert all(0 < r["mfu"] < 1 for r in got)
     a, b = (load_file(tmp_path / run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")

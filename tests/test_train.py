@@ -195,6 +195,36 @@ def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path
         train(cfg, str(tmp_path / "ckpt"))
 
 
+def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, tmp_path):
+    """Evaluating every 2 or every 4 steps: the same training losses and weights (evaluation draws nothing training
+    draws and changes no weight) and the same held-out loss at step 4, which is the exported (EMA) denoiser's
+    velocity error on the data's last items at each timestep, with the noise fixed."""
+    from accelerate import Accelerator
+
+    from videodit.pipeline import VideoDiTPipeline
+    from videodit.train.tasks import DiTTask
+
+    base = assets["base"] + ["train.max_steps=4", "train.eval_clips=5", "train.eval_timesteps=[0.2,0.6,1.0]"]
+    for every in (2, 4):
+        train(load_config(None, base + [f"train.output_dir={tmp_path / str(every)}", f"train.eval_every={every}"]))
+    two, four = log(tmp_path / "2"), log(tmp_path / "4")
+    assert [r["loss"] for r in two[1:]] == [r["loss"] for r in four[1:]]
+    assert [r["step"] for r in two if "eval_loss" in r] == [0, 2, 4]
+    assert [r["step"] for r in four if "eval_loss" in r] == [0, 4] and "loss" not in four[0]  # 0: before training
+    per_t = [four[-1][f"eval_loss_t{t}"] for t in ("0.2", "0.6", "1")]
+    assert two[-1]["eval_loss"] == four[-1]["eval_loss"] == pytest.approx(sum(per_t) / 3)
+    assert two[0]["eval_loss"] == four[0]["eval_loss"] != two[2]["eval_loss"]
+
+    cfg = load_config(None, base + [f"train.output_dir={tmp_path / 'x'}"])
+    task = DiTTask(cfg, Accelerator())
+    model = VideoDiTPipeline.from_pretrained(tmp_path / "4" / "pipeline").transformer  # the EMA weights
+    sums = task.eval_loss(model, task.held_out(5), [0.2, 0.6, 1.0], 0, 1)
+    assert sums[1].tolist() == [5, 5, 5]
+    torch.testing.assert_close((sums[0] / sums[1]).tolist(), per_t, rtol=1e-5, atol=0)
+    with pytest.raises(ConfigError, match="train.eval_every measures the denoiser"):
+        train(load_config(None, base + [f"train.output_dir={tmp_path / 'v'}", "train.task=vae", "train.eval_every=2"]))
+
+
 def test_vae_with_gan_on_two_processes_matches_one(assets, tmp_path):
     """The discriminator is replicated and its gradients averaged by hand: 2 processes x grad_accum 1 must give the
     losses and weights of 1 process x grad_accum 2 (step 3 sees the discriminator step 2 trained)."""

@@ -205,6 +205,9 @@ class TrainConfig:
     vae: str | None = None           # dit task: folder of a trained VAE
     init_from: str | None = None     # start from these weights (a pipeline or model folder)
     lora_rank: int = 0               # > 0: train LoRA adapters only
+    eval_every: int = 0              # > 0: the held-out loss every this many steps (dit; log.jsonl eval_loss)
+    eval_clips: int = 32             # clips held out for it: the data source's last ones, never trained on
+    eval_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
 
     def check(self, bad):
         for k in ("max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -226,6 +229,11 @@ class TrainConfig:
             bad("checkpoint_policy", "all, attention, mlp or every_k (k a positive integer, e.g. every_2)")
         if self.peak_tflops <= 0:
             bad("peak_tflops", "a positive number")
+        if self.eval_every < 0 or self.eval_clips < 1:
+            bad("eval_every" if self.eval_every < 0 else "eval_clips",
+                "an integer >= 0 (0: no evaluation)" if self.eval_every < 0 else "a positive integer")
+        if not self.eval_timesteps or not all(0 < t <= 1 for t in self.eval_timesteps):
+            bad("eval_timesteps", "a list of timesteps in (0, 1]")
 
 
 @dataclass

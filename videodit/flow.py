@@ -122,6 +122,21 @@ def distill_loss(model, teacher, latents: list, text, text_mask, null_text, null
     return _sample_mse(v, target, token_t, packed)
 
 
+def velocity_error(model, latents: list, noise: list, t, text, text_mask) -> torch.Tensor:
+    """(B,) each sample's mean squared velocity error at its timestep t (B,), every frame noised with the noise given
+    (no conditioning frames): a held-out loss that changes between evaluations only as the model does. A
+    guidance-distilled model is asked for its unguided velocity (scale 1)."""
+    packed = pack(latents, model.patch_size)
+    x0, eps = packed.tokens, pack(noise, model.patch_size).tokens
+    token_t = t[packed.sample_idx][:, None]
+    frame_t = [t[i].expand(x.shape[1]) for i, x in enumerate(latents)]
+    kw = {"guidance": torch.ones_like(t)} if guidance_distilled(model) else {}
+    v = model(packed.with_tokens((1 - token_t) * x0 + token_t * eps), frame_t, text, text_mask, **kw)
+    err = (v.float() - (eps - x0).float()).pow(2).mean(1)
+    total = torch.zeros(len(latents), device=err.device).index_add_(0, packed.sample_idx, err)
+    return total / torch.tensor(packed.seqlens, device=err.device)
+
+
 def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.0, shift: float | None = None,
            base_tokens: int = 256, generator=None, image_mean: float | None = None, shared_noise: float = 0.0):
     """A training batch's noisy input: the packed x_t, per-frame timesteps (list of (T_i,)), per-token timesteps

@@ -365,8 +365,9 @@ def collate(items: list) -> dict:
 
 
 def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
-                start: DataPosition | None = None) -> torch.utils.data.DataLoader:
-    """This rank's endless DataLoader of packed batches, starting at `start` in the global stream."""
+                start: DataPosition | None = None, holdout: int = 0) -> torch.utils.data.DataLoader:
+    """This rank's endless DataLoader of packed batches, starting at `start` in the global stream. The source's last
+    `holdout` items are never drawn (they are held out for evaluation)."""
     d = cfg.data
     if geom.patch[0] != 1:
         raise ConfigError(f"model.patch_size {list(geom.patch)}: the loader makes images and 1 + ft*k frames, which "
@@ -375,6 +376,10 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
     if video.max() > d.max_tokens:
         raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({video.max()} latent "
                           f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
+    if holdout >= len(video):
+        raise ConfigError(f"train.eval_clips = {holdout} would hold out all {len(video)} items of the data for "
+                          f"evaluation; hold out fewer")
+    video, image = video[:len(video) - holdout], image[:len(image) - holdout]
     sampler = PackedBatchSampler(video, image, d.max_tokens, d.image_ratio, d.seed, rank, world_size, start)
     data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob,
                      cfg.flow.cond_weights, cfg.text.image_detailed_caption_prob)

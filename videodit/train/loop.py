@@ -1,12 +1,16 @@
 """The training loop, on accelerate: one process on CPU, DDP over processes and machines (launched by `torchrun` or
-`accelerate launch --multi_gpu`), or FSDP2 with `parallel.fsdp: true` (sharded.py), bf16 / fp16 / fp32, gradient accumulation,
-clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weights, activation checkpointing and
-torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE (`train.task: vae`).
+`accelerate launch --multi_gpu`) or FSDP2 (`parallel.fsdp: true`, sharded.py), bf16 / fp16 / fp32, gradient
+accumulation, clipping, AdamW with warmup and a cosine or constant schedule, EMA of the weights, activation
+checkpointing and torch.compile. `train(cfg, resume)` runs the denoiser (`train.task: dit`) or the VAE
+(`train.task: vae`).
 
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
 grad_norm, tokens/s, samples/s, steps/s, data_wait, skipped; denoiser: flops_per_step (3 x forward FLOPs from
-videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops)),
-tensorboard/, checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
+videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops);
+with train.eval_every, at step 0 and every eval_every steps, eval_loss and eval_loss_t<t>: the velocity error on
+the data's last train.eval_clips items, held out of training, at each of train.eval_timesteps, with noise fixed for
+the run and the EMA weights where there is an EMA, so the curve moves only as the model does), tensorboard/,
+checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
 VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
 Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
@@ -128,11 +132,18 @@ def train(cfg, resume: str | None = None) -> str:
             os.remove(log_path)
     acc.init_trackers("tensorboard")
 
-    loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position)
+    held = task.held_out(t.eval_clips) if t.eval_every else None
+    loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position, t.eval_clips if held else 0)
     batches = iter(loader)
     consumed = position.batches
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
+    if held is not None and step == 0:  # the held-out loss before training: a fine-tune's baseline
+        record = dict(step=0, **_evaluate(acc, task, unwrapped, held, t.eval_timesteps, dp_rank, dp_size))
+        if acc.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            acc.log({k: v for k, v in record.items() if k != "step"}, step=0)
     window = _window()
     model.train()
     while step < t.max_steps:
@@ -167,8 +178,13 @@ def train(cfg, resume: str | None = None) -> str:
         window["steps"] += 1
 
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
-        if step % t.log_every == 0 or checkpoint_now:  # a checkpoint's skipped count is then exact
+        evaluation = {}
+        if held is not None and step % t.eval_every == 0:
+            with _ema_weights(ema, params):
+                evaluation = _evaluate(acc, task, unwrapped, held, t.eval_timesteps, dp_rank, dp_size)
+        if step % t.log_every == 0 or checkpoint_now or evaluation:  # a checkpoint's skipped count is then exact
             record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
+            record.update(evaluation)
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
             if acc.is_main_process:
@@ -249,6 +265,13 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
                 data_wait=wait / W / elapsed, flops_per_step=flops / n, tflops_per_s=flops / elapsed / 1e12,
                 mfu=flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
+
+
+def _evaluate(acc, task, model, held: dict, timesteps: list, dp_rank: int, dp_size: int) -> dict:
+    """The held-out loss (collective): its mean over the timesteps, and at each."""
+    sums = acc.reduce(task.eval_loss(model, held, timesteps, dp_rank, dp_size), "sum")
+    per_t = (sums[0] / sums[1]).tolist()
+    return {"eval_loss": sum(per_t) / len(per_t), **{f"eval_loss_t{t:g}": v for t, v in zip(timesteps, per_t)}}
 
 
 def _window() -> dict:

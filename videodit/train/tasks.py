@@ -15,10 +15,10 @@ import torch
 from peft import PeftModel
 
 from ..config import ConfigError
-from ..data.loader import CacheSource, Geometry, make_source
+from ..data.loader import CacheSource, Geometry, make_source, pack_by_budget
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
-from ..flow import distill_loss, flow_loss, sample
+from ..flow import distill_loss, draw_noise, flow_loss, sample, velocity_error
 from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
@@ -131,6 +131,56 @@ class DiTTask:
     def after_step(self):
         pass
 
+    def held_out(self, count: int) -> dict:
+        """The source's last `count` items (the loader never draws them) as whole clips with their short captions,
+        on the device, each with noise of its own: the fixed set eval_loss measures."""
+        n, latents, texts, prompts = len(self.source), [], [], []
+        for i in range(max(n - count, 0), n):
+            try:
+                s = self.source.load(i, False, random.Random(i))
+            except VideoReadError as e:
+                logger.warning(f"held-out item {i} skipped: {e}")
+                continue
+            if "latent" in s:
+                latents.append(s["latent"].float().to(self.device))
+                texts.append(s["text"][s["caption"]])
+            else:
+                latents += self.latents([s["video"]])
+                prompts.append(s["caption"])
+        if not latents:
+            raise RuntimeError(f"none of the data's last {count} items (held out by train.eval_clips) could be read")
+        if texts:
+            text, mask = (x.to(self.device) for x in pad_rows(texts))
+        else:
+            text, mask = encode_with(self.text.model, self.text.tokenizer, prompts, self.text.max_length)
+        gens = [torch.Generator(self.device).manual_seed(j) for j in range(len(latents))]
+        noise = draw_noise([z.shape for z in latents], self.cfg.flow.shared_noise, gens, self.device)
+        return dict(latents=latents, text=text, mask=mask, noise=noise)
+
+    @torch.no_grad()
+    def eval_loss(self, model, held: dict, timesteps: list, rank: int, ranks: int) -> torch.Tensor:
+        """(2, K): this data-parallel rank's sums of the held-out velocity error at each of the K timesteps, and
+        their counts (the (clip, timestep) pairs are packed into batches of data.max_tokens, shared out over the
+        ranks). Every rank runs as many forward passes, the ones past its share at weight 0: a sharded or
+        sequence-parallel model's forward is collective."""
+        lat, pt, ph, pw = held["latents"], *self.geom.patch
+        pairs = [(j, k) for k in range(len(timesteps)) for j in range(len(lat))]
+        tokens = [-(-lat[j].shape[1] // pt) * (lat[j].shape[2] // ph) * (lat[j].shape[3] // pw) for j, _ in pairs]
+        batches = [[pairs[p] for p in b] for b in pack_by_budget(tokens, self.cfg.data.max_tokens)]
+        mine = batches[rank::ranks]
+        out = torch.zeros(2, len(timesteps), dtype=torch.float64, device=self.device)
+        for b in range(-(-len(batches) // ranks)):
+            batch, weight = (mine[b], 1.0) if b < len(mine) else (batches[0], 0.0)
+            j, k = (list(v) for v in zip(*batch))
+            t = torch.tensor([timesteps[x] for x in k], device=self.device)
+            with self.autocast():
+                err = velocity_error(model, [lat[x] for x in j], [held["noise"][x] for x in j], t, held["text"][j],
+                                     held["mask"][j])
+            k = torch.tensor(k, device=self.device)
+            out[0].index_add_(0, k, err.double() * weight)
+            out[1].index_add_(0, k, torch.full_like(err, weight, dtype=torch.float64))
+        return out
+
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str | None):
         """Videos of train.sample_prompts at sample.size (default: the data's most common clip size; snapped to the
@@ -168,6 +218,9 @@ class VAETask:
 
     def __init__(self, cfg, accelerator):
         v = cfg.vae
+        if cfg.train.eval_every:
+            raise ConfigError("train.eval_every measures the denoiser's held-out loss; a VAE run (train.task: vae) "
+                              "writes reconstructions instead (train.sample_every): set eval_every to 0")
         if cfg.distill.teacher:
             raise ConfigError("distill.teacher distills a denoiser's guidance: it needs train.task: dit, not vae")
         if cfg.data.source == "cache":
