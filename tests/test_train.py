@@ -218,11 +218,32 @@ def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, t
     cfg = load_config(None, base + [f"train.output_dir={tmp_path / 'x'}"])
     task = DiTTask(cfg, Accelerator())
     model = VideoDiTPipeline.from_pretrained(tmp_path / "4" / "pipeline").transformer  # the EMA weights
-    sums = task.eval_loss(model, task.held_out(5), [0.2, 0.6, 1.0], 0, 1)
-    assert sums[1].tolist() == [5, 5, 5]
-    torch.testing.assert_close((sums[0] / sums[1]).tolist(), per_t, rtol=1e-5, atol=0)
-    with pytest.raises(ConfigError, match="train.eval_every measures the denoiser"):
-        train(load_config(None, base + [f"train.output_dir={tmp_path / 'v'}", "train.task=vae", "train.eval_every=2"]))
+    sums = task.eval_sums(model, task.held_out(5), 0, 1)
+    assert [sums[f"eval_loss_t{t}"][1].item() for t in ("0.2", "0.6", "1")] == [5, 5, 5]
+    torch.testing.assert_close([(s / c).item() for s, c in sums.values()], [four[-1]["eval_loss"], *per_t], rtol=1e-5,
+                               atol=0)
+
+
+def test_vae_run_measures_held_out_reconstructions(assets, tmp_path):
+    """A VAE run's eval_psnr / eval_l1: at step 0 and every eval_every steps, by the EMA weights (the last one is
+    the exported VAE's PSNR on the data's last clips)."""
+    from videodit.data.loader import Geometry, make_source
+
+    cfg = load_config(None, assets["base"] + ["train.task=vae", f"train.output_dir={tmp_path}", "train.max_steps=2",
+                                              "train.eval_every=1", "train.eval_clips=3"])
+    train(cfg)
+    records = log(tmp_path)
+    assert [r["step"] for r in records if "eval_psnr" in r] == [0, 1, 2]
+    vae = CausalVideoVAE.from_pretrained(tmp_path / "vae")
+    source = make_source(cfg.data, Geometry(4, 4, (1, 2, 2)))
+    psnr = []
+    for i in range(29, 32):  # shapes_count 32: the last three
+        x = source.load(i, False, None)["video"][None]
+        with torch.no_grad():
+            recon = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+        psnr.append(10 * torch.log10(4 / (recon - x).pow(2).mean()).item())
+    assert records[-1]["eval_psnr"] == pytest.approx(sum(psnr) / 3, abs=1e-4)
+    assert records[0]["eval_psnr"] != records[-1]["eval_psnr"]
 
 
 def test_vae_with_gan_on_two_processes_matches_one(assets, tmp_path):

@@ -205,7 +205,7 @@ class TrainConfig:
     vae: str | None = None           # dit task: folder of a trained VAE
     init_from: str | None = None     # start from these weights (a pipeline or model folder)
     lora_rank: int = 0               # > 0: train LoRA adapters only
-    eval_every: int = 0              # > 0: the held-out loss every this many steps (dit; log.jsonl eval_loss)
+    eval_every: int = 0              # > 0: held-out measures every this many steps (log.jsonl eval_*)
     eval_clips: int = 32             # clips held out for it: the data source's last ones, never trained on
     eval_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
 

@@ -7,9 +7,10 @@ checkpointing and torch.compile. `train(cfg, resume)` runs the denoiser (`train.
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
 grad_norm, tokens/s, samples/s, steps/s, data_wait, skipped; denoiser: flops_per_step (3 x forward FLOPs from
 videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops);
-with train.eval_every, at step 0 and every eval_every steps, eval_loss and eval_loss_t<t>: the velocity error on
-the data's last train.eval_clips items, held out of training, at each of train.eval_timesteps, with noise fixed for
-the run and the EMA weights where there is an EMA, so the curve moves only as the model does), tensorboard/,
+with train.eval_every, at step 0 and every eval_every steps, measures on the data's last train.eval_clips items,
+held out of training, by the EMA weights where there is an EMA: denoiser runs eval_loss and eval_loss_t<t>, the
+velocity error at each of train.eval_timesteps with noise fixed for the run, so the curve moves only as the model
+does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/,
 checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
 VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
@@ -139,7 +140,7 @@ def train(cfg, resume: str | None = None) -> str:
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
     if held is not None and step == 0:  # the held-out loss before training: a fine-tune's baseline
-        record = dict(step=0, **_evaluate(acc, task, unwrapped, held, t.eval_timesteps, dp_rank, dp_size))
+        record = dict(step=0, **_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
         if acc.is_main_process:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -181,7 +182,7 @@ def train(cfg, resume: str | None = None) -> str:
         evaluation = {}
         if held is not None and step % t.eval_every == 0:
             with _ema_weights(ema, params):
-                evaluation = _evaluate(acc, task, unwrapped, held, t.eval_timesteps, dp_rank, dp_size)
+                evaluation = _evaluate(acc, task, unwrapped, held, dp_rank, dp_size)
         if step % t.log_every == 0 or checkpoint_now or evaluation:  # a checkpoint's skipped count is then exact
             record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
             record.update(evaluation)
@@ -267,11 +268,11 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
                 mfu=flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
 
 
-def _evaluate(acc, task, model, held: dict, timesteps: list, dp_rank: int, dp_size: int) -> dict:
-    """The held-out loss (collective): its mean over the timesteps, and at each."""
-    sums = acc.reduce(task.eval_loss(model, held, timesteps, dp_rank, dp_size), "sum")
-    per_t = (sums[0] / sums[1]).tolist()
-    return {"eval_loss": sum(per_t) / len(per_t), **{f"eval_loss_t{t:g}": v for t, v in zip(timesteps, per_t)}}
+def _evaluate(acc, task, model, held, dp_rank: int, dp_size: int) -> dict:
+    """The task's held-out measures, each a mean over all ranks' shares (collective)."""
+    sums = task.eval_sums(model, held, dp_rank, dp_size)
+    total = acc.reduce(torch.stack(list(sums.values()), 1), "sum")  # (2, measures): sums and counts
+    return dict(zip(sums, (total[0] / total[1]).tolist()))
 
 
 def _window() -> dict:

@@ -158,11 +158,12 @@ class DiTTask:
         return dict(latents=latents, text=text, mask=mask, noise=noise)
 
     @torch.no_grad()
-    def eval_loss(self, model, held: dict, timesteps: list, rank: int, ranks: int) -> torch.Tensor:
-        """(2, K): this data-parallel rank's sums of the held-out velocity error at each of the K timesteps, and
-        their counts (the (clip, timestep) pairs are packed into batches of data.max_tokens, shared out over the
-        ranks). Every rank runs as many forward passes, the ones past its share at weight 0: a sharded or
-        sequence-parallel model's forward is collective."""
+    def eval_sums(self, model, held: dict, rank: int, ranks: int) -> dict:
+        """{name: (sum, count)} over this data-parallel rank's share of the held-out (clip, timestep) pairs: the
+        velocity error at each of train.eval_timesteps (eval_loss_t<t>) and at all (eval_loss). The pairs are packed
+        into batches of data.max_tokens and shared out over the ranks; every rank runs as many forward passes, the
+        ones past its share at weight 0, since a sharded or sequence-parallel model's forward is collective."""
+        timesteps = self.cfg.train.eval_timesteps
         lat, pt, ph, pw = held["latents"], *self.geom.patch
         pairs = [(j, k) for k in range(len(timesteps)) for j in range(len(lat))]
         tokens = [-(-lat[j].shape[1] // pt) * (lat[j].shape[2] // ph) * (lat[j].shape[3] // pw) for j, _ in pairs]
@@ -179,7 +180,7 @@ class DiTTask:
             k = torch.tensor(k, device=self.device)
             out[0].index_add_(0, k, err.double() * weight)
             out[1].index_add_(0, k, torch.full_like(err, weight, dtype=torch.float64))
-        return out
+        return {"eval_loss": out.sum(1), **{f"eval_loss_t{t:g}": out[:, i] for i, t in enumerate(timesteps)}}
 
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str | None):
@@ -218,9 +219,6 @@ class VAETask:
 
     def __init__(self, cfg, accelerator):
         v = cfg.vae
-        if cfg.train.eval_every:
-            raise ConfigError("train.eval_every measures the denoiser's held-out loss; a VAE run (train.task: vae) "
-                              "writes reconstructions instead (train.sample_every): set eval_every to 0")
         if cfg.distill.teacher:
             raise ConfigError("distill.teacher distills a denoiser's guidance: it needs train.task: dit, not vae")
         if cfg.data.source == "cache":
@@ -281,9 +279,9 @@ class VAETask:
         self.disc_opt.step()
         self.disc_opt.zero_grad(set_to_none=True)
 
-    def clips(self, count: int):
-        """The source's first `count` readable clips, each (1, 3, T, H, W) on the device."""
-        for i in range(len(self.source)):
+    def clips(self, count: int, items=None):
+        """The first `count` readable clips of the source (or of its `items`), each (1, 3, T, H, W) on the device."""
+        for i in items or range(len(self.source)):
             if count == 0:
                 return
             try:
@@ -291,6 +289,26 @@ class VAETask:
                 count -= 1
             except VideoReadError:
                 continue
+
+    def held_out(self, count: int) -> list:
+        """The source's last `count` clips (the loader never draws them), on the device."""
+        n = len(self.source)
+        held = list(self.clips(count, range(max(n - count, 0), n)))
+        if not held:
+            raise RuntimeError(f"none of the data's last {count} items (held out by train.eval_clips) could be read")
+        return held
+
+    @torch.no_grad()
+    def eval_sums(self, model, held: list, rank: int, ranks: int) -> dict:
+        """{name: (sum, count)} over this rank's share of the held-out clips, reconstructed through the posterior
+        mean: PSNR (eval_psnr, pixels in [-1, 1], per clip) and mean absolute error (eval_l1)."""
+        out = torch.zeros(2, 2, dtype=torch.float64, device=self.device)
+        for x in held[rank::ranks]:
+            recon = model.decode(model.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+            mse = (recon - x).pow(2).mean().clamp_min(1e-12)
+            out[0] += torch.stack([10 * torch.log10(4 / mse), (recon - x).abs().mean()]).double()
+            out[1] += 1
+        return {"eval_psnr": out[:, 0], "eval_l1": out[:, 1]}
 
     @torch.no_grad()
     def write_samples(self, model, step: int, folder: str, count: int = 4):
