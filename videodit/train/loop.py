@@ -179,13 +179,12 @@ def train(cfg, resume: str | None = None) -> str:
         window["steps"] += 1
 
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
-        evaluation = {}
-        if held is not None and step % t.eval_every == 0:
-            with _ema_weights(ema, params):
-                evaluation = _evaluate(acc, task, unwrapped, held, dp_rank, dp_size)
-        if step % t.log_every == 0 or checkpoint_now or evaluation:  # a checkpoint's skipped count is then exact
+        eval_now = held is not None and step % t.eval_every == 0
+        if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact
             record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
-            record.update(evaluation)
+            if eval_now:  # after the rates are taken: they leave its time out
+                with _ema_weights(ema, params):
+                    record.update(_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
             if acc.is_main_process:
