@@ -294,15 +294,19 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
 
 
 def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
-    common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0"]
+    """The same step and the same held-out loss (before and after it) from cached latents and text as live."""
+    common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0",
+                               "train.eval_every=1", "train.eval_clips=3"]
     build_cache(load_config(None, common), str(tmp_path / "cache"))
-    losses = []
+    records = []
     cached = ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every=1",
               "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # samples from a cached run
     for name, extra in (("live", []), ("cached", cached)):
         train(load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"]))
-        losses.append(log(tmp_path / name)[0]["loss"])
-    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+        records.append(log(tmp_path / name))
+    live, cache = ([r.get(k) for r in run for k in ("loss", "eval_loss", "eval_loss_t0.5")] for run in records)
+    assert live[0] is cache[0] is None and None not in live[1:]  # step 0: the held-out loss alone
+    assert live[1:] == pytest.approx(cache[1:], rel=1e-4)
     assert os.listdir(tmp_path / "cached" / "samples") == ["step_00000001_0.mp4"]
 
 
