@@ -5,7 +5,7 @@
     python sample.py --checkpoint runs/shapes-tiny/pipeline --prompt "a red circle moving right" --output red.mp4
     python train.py --config CONFIG --resume latest                              # the run's newest checkpoint
     torchrun --nproc_per_node 8 train.py --config CONFIG                          # DDP (gloo on CPU, NCCL on GPU)
-    accelerate launch --config_file fsdp.yaml train.py --config CONFIG            # FSDP2 (accelerate's plugin)
+    torchrun --nproc_per_node 8 train.py --config CONFIG --set parallel.fsdp=true # FSDP2: sharded over the 8
 """
 
 import argparse

@@ -304,3 +304,16 @@ def test_velocity_error_noises_each_sample_at_its_own_timestep():
     alone = velocity_error(model, latents[1:2], noise[1:2], t[1:2], torch.zeros(1, 1, 4),
                            torch.ones(1, 1, dtype=torch.bool))
     torch.testing.assert_close(alone, got[1:2])  # a sample's error does not depend on its batch
+
+
+def test_velocity_error_asks_a_distilled_model_for_its_unguided_velocity():
+    class Distilled(Echo):
+        config = {"guidance_embed": True}
+
+        def forward(self, packed, frame_t, text, mask, guidance=None):
+            self.guidance = guidance
+            return super().forward(packed, frame_t, text, mask)
+
+    model, x = Distilled(), [torch.randn(3, 1, 4, 4), torch.randn(3, 2, 4, 4)]
+    velocity_error(model, x, x, torch.tensor([0.3, 0.8]), torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool))
+    assert model.guidance.tolist() == [1.0, 1.0]

@@ -169,6 +169,8 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(assets, reference,
     again = VideoDiT.from_pretrained(tmp_path / "again" / "pipeline" / "transformer").state_dict()
     for k, v in want.items():
         torch.testing.assert_close(again[k], v, rtol=1e-4, atol=1e-6, msg=k)
+    with pytest.raises(ConfigError, match="written with an EMA.*ema_decay > 0"):  # its shards hold one
+        train(load_config(None, base + [f"train.output_dir={tmp_path / 'again'}", "train.ema_decay=0"]), "latest")
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -198,17 +200,22 @@ def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path
 def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, tmp_path):
     """Evaluating every 2 or every 4 steps: the same training losses and weights (evaluation draws nothing training
     draws and changes no weight) and the same held-out loss at step 4, which is the exported (EMA) denoiser's
-    velocity error on the data's last items at each timestep, with the noise fixed."""
+    velocity error on the data's last items at each timestep, with the noise fixed. A resume evaluates as the
+    uninterrupted run; one that would hold out other items is refused."""
     from accelerate import Accelerator
 
     from videodit.pipeline import VideoDiTPipeline
     from videodit.train.tasks import DiTTask
 
-    base = assets["base"] + ["train.max_steps=4", "train.eval_clips=5", "train.eval_timesteps=[0.2,0.6,1.0]"]
+    base = assets["base"] + ["train.max_steps=4", "train.eval_clips=5", "train.eval_timesteps=[0.2,0.6,1.0]",
+                             "train.checkpoint_every=2"]
     for every in (2, 4):
         train(load_config(None, base + [f"train.output_dir={tmp_path / str(every)}", f"train.eval_every={every}"]))
     two, four = log(tmp_path / "2"), log(tmp_path / "4")
     assert [r["loss"] for r in two[1:]] == [r["loss"] for r in four[1:]]
+    weights = [load_file(tmp_path / run / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors")
+               for run in ("2", "4")]
+    assert all(torch.equal(v, weights[1][k]) for k, v in weights[0].items())
     assert [r["step"] for r in two if "eval_loss" in r] == [0, 2, 4]
     assert [r["step"] for r in four if "eval_loss" in r] == [0, 4] and "loss" not in four[0]  # 0: before training
     per_t = [four[-1][f"eval_loss_t{t}"] for t in ("0.2", "0.6", "1")]
@@ -222,6 +229,17 @@ def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, t
     assert [sums[f"eval_loss_t{t}"][1].item() for t in ("0.2", "0.6", "1")] == [5, 5, 5]
     torch.testing.assert_close([(s / c).item() for s, c in sums.values()], [four[-1]["eval_loss"], *per_t], rtol=1e-5,
                                atol=0)
+
+    shutil.copytree(tmp_path / "2", tmp_path / "again", ignore=shutil.ignore_patterns("step_00000004", "pipeline"))
+    again = base + [f"train.output_dir={tmp_path / 'again'}", "train.eval_every=2"]
+    train(load_config(None, again), "latest")
+    def exact(records):  # what does not depend on timing
+        return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm") or k.startswith("eval")}
+                for r in records]
+    assert exact(log(tmp_path / "again")) == exact(two)
+    for extra, fix in ((["train.eval_clips=4"], "eval_clips=5"), (["train.eval_every=0"], "eval_clips=5")):
+        with pytest.raises(ConfigError, match=f"held out 5 items.*{fix}"):
+            train(load_config(None, again + extra), "latest")
 
 
 def test_vae_run_measures_held_out_reconstructions(assets, tmp_path):

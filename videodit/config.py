@@ -232,8 +232,9 @@ class TrainConfig:
         if self.eval_every < 0 or self.eval_clips < 1:
             bad("eval_every" if self.eval_every < 0 else "eval_clips",
                 "an integer >= 0 (0: no evaluation)" if self.eval_every < 0 else "a positive integer")
-        if not self.eval_timesteps or not all(0 < t <= 1 for t in self.eval_timesteps):
-            bad("eval_timesteps", "a list of timesteps in (0, 1]")
+        if not self.eval_timesteps or not all(0 < t <= 1 for t in self.eval_timesteps) or \
+                len({f"{t:g}" for t in self.eval_timesteps}) < len(self.eval_timesteps):
+            bad("eval_timesteps", "a list of distinct timesteps in (0, 1]")
 
 
 @dataclass

@@ -62,7 +62,10 @@ class Geometry:
         return 1 + (T - 1) // self.ft, H // self.fs, W // self.fs
 
     def tokens(self, T: int, H: int, W: int) -> int:
-        t, h, w = self.latent_shape(T, H, W)
+        return self.latent_tokens(*self.latent_shape(T, H, W))
+
+    def latent_tokens(self, t: int, h: int, w: int) -> int:
+        """Patch tokens of a latent of t frames, h x w."""
         pt, ph, pw = self.patch
         return -(-t // pt) * (h // ph) * (w // pw)
 
@@ -350,9 +353,7 @@ class TrainData(torch.utils.data.Dataset):
             _, T, H, W = s["video"].shape
             T, h, w = self.geom.latent_shape(T, H, W)
             out = dict(video=s["video"], prompt=prompt)
-        pt, ph, pw = self.geom.patch
-        out.update(cond=random_cond(T, self.cond_prob, rng, self.cond_weights),
-                   tokens=-(-T // pt) * (h // ph) * (w // pw))
+        out.update(cond=random_cond(T, self.cond_prob, rng, self.cond_weights), tokens=self.geom.latent_tokens(T, h, w))
         return out
 
 

@@ -24,8 +24,6 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
-from .sharded import SHARDED, read_weights
-
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -97,6 +95,7 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
     from ..dit import VideoDiT
     from ..vae import CausalVideoVAE
     from .lora import add_lora
+    from .sharded import SHARDED, read_weights
 
     cfg = load_config(os.path.join(checkpoint, "config.yaml"))
     with open(os.path.join(checkpoint, "model_config.json")) as f:

@@ -7,7 +7,7 @@ checkpointing and torch.compile. `train(cfg, resume)` runs the denoiser (`train.
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
 grad_norm, tokens/s, samples/s, steps/s, data_wait, skipped; denoiser: flops_per_step (3 x forward FLOPs from
 videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops);
-with train.eval_every, at step 0 and every eval_every steps, measures on the data's last train.eval_clips items,
+with train.eval_every, at step 0 of a fresh run (a line of these alone) and every eval_every steps, measures on the data's last train.eval_clips items,
 held out of training, by the EMA weights where there is an EMA: denoiser runs eval_loss and eval_loss_t<t>, the
 velocity error at each of train.eval_timesteps with noise fixed for the run, so the curve moves only as the model
 does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/,
@@ -65,7 +65,17 @@ def _truncate_log(path: str, step: int):
 
 
 def train(cfg, resume: str | None = None) -> str:
-    """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder."""
+    """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder. A process
+    group the run started (accelerate's, or a sharded run's own on one process) ends with it, also on an error."""
+    had_group = torch.distributed.is_initialized()
+    try:
+        return _train(cfg, resume)
+    finally:
+        if not had_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _train(cfg, resume: str | None) -> str:
     t, out = cfg.train, cfg.train.output_dir
     _check_fsdp(cfg)
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
@@ -76,10 +86,10 @@ def train(cfg, resume: str | None = None) -> str:
     if acc.distributed_type == DistributedType.FSDP:
         raise ConfigError("accelerate's FSDP flags are not used by train.py: set parallel.fsdp: true (--set "
                           "parallel.fsdp=true) and launch with torchrun or accelerate launch --multi_gpu")
+    holdout = t.eval_clips if t.eval_every else 0  # items the loader leaves out, for evaluation
     checkpoint = find_checkpoint(resume, out) if resume else None
-    if checkpoint and fsdp != os.path.isdir(os.path.join(checkpoint, sharded.SHARDED)):
-        raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with parallel.fsdp = {not fsdp}; "
-                          f"resume it with --set parallel.fsdp={str(not fsdp).lower()}")
+    if checkpoint:
+        _check_resume(checkpoint, fsdp, holdout)
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
@@ -97,7 +107,8 @@ def train(cfg, resume: str | None = None) -> str:
             task.model.compile_blocks(dynamic=True)
         else:
             task.model.compile(dynamic=True)
-    own_group = fsdp and sharded.shard(task.model, acc.device.type)  # before the optimizer: it takes the shards
+    if fsdp:  # before the optimizer: it takes the shards
+        sharded.shard(task.model, acc.device.type)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
@@ -133,18 +144,14 @@ def train(cfg, resume: str | None = None) -> str:
             os.remove(log_path)
     acc.init_trackers("tensorboard")
 
-    held = task.held_out(t.eval_clips) if t.eval_every else None
-    loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position, t.eval_clips if held else 0)
+    loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position, holdout)
+    held = _held_out(acc, task, holdout) if t.eval_every else None
     batches = iter(loader)
     consumed = position.batches
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
-    if held is not None and step == 0:  # the held-out loss before training: a fine-tune's baseline
-        record = dict(step=0, **_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
-        if acc.is_main_process:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            acc.log({k: v for k, v in record.items() if k != "step"}, step=0)
+    if held is not None and step == 0:  # the held-out measures before training: a fine-tune's baseline
+        _write_record(acc, log_path, dict(step=0, **_evaluate(acc, task, unwrapped, held, dp_rank, dp_size)))
     window = _window()
     model.train()
     while step < t.max_steps:
@@ -154,6 +161,7 @@ def train(cfg, resume: str | None = None) -> str:
             batch = next(batches)
             window["wait"] += time.perf_counter() - tic
             generator.manual_seed(t.seed * 1_000_000_007 + consumed + m * dp_size + dp_rank)
+            # DDP syncs the last micro-batch only; FSDP reduce-scatters each (gradients stay sharded)
             sync = contextlib.nullcontext() if m == A - 1 else acc.no_sync(model)
             with sync:
                 loss, logs = task.loss(model, batch, generator, step)
@@ -187,10 +195,8 @@ def train(cfg, resume: str | None = None) -> str:
                     record.update(_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
+            _write_record(acc, log_path, record)
             if acc.is_main_process:
-                with open(log_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
-                acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
                 bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
             window = _window()
@@ -210,7 +216,7 @@ def train(cfg, resume: str | None = None) -> str:
             acc.wait_for_everyone()
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
-                         world_size=W, grad_accum=A, sequence_parallel=S)
+                         world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
     bar.close()
@@ -227,9 +233,21 @@ def train(cfg, resume: str | None = None) -> str:
             task.export(final, out)
     acc.wait_for_everyone()
     acc.end_training()
-    if own_group and torch.distributed.is_initialized():  # accelerate's end_training may have destroyed it
-        torch.distributed.destroy_process_group()
     return out
+
+
+def _check_resume(checkpoint: str, fsdp: bool, holdout: int):
+    """A checkpoint resumes only as it was sharded, and with the same items held out (the data stream depends on
+    them)."""
+    if fsdp != os.path.isdir(os.path.join(checkpoint, sharded.SHARDED)):
+        raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with parallel.fsdp = {not fsdp}; "
+                          f"resume it with --set parallel.fsdp={str(not fsdp).lower()}")
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        was = json.load(f).get("holdout", 0)
+    if was != holdout:
+        fix = "--set train.eval_every=0" if not was else f"--set train.eval_every=N train.eval_clips={was}"
+        raise ConfigError(f"--resume {checkpoint}: that run held out {was} items of the data for evaluation, this one "
+                          f"{holdout}, which would change the data it trains on; resume with {fix}")
 
 
 def _check_fsdp(cfg):
@@ -265,6 +283,26 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
                 data_wait=wait / W / elapsed, flops_per_step=flops / n, tflops_per_s=flops / elapsed / 1e12,
                 mfu=flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
+
+
+def _held_out(acc, task, count: int):
+    """The task's held-out set, the same on every rank (a rank that read fewer would run fewer collective forward
+    passes and hang the others)."""
+    held = task.held_out(count)
+    read = acc.gather(torch.tensor([len(held["items"])], device=acc.device))
+    if not held["items"] or read.min() != read.max():
+        raise RuntimeError(f"the data's last {count} items, held out by train.eval_clips, could not be read" if
+                           not held["items"] else f"the processes read {read.tolist()} of the {count} held-out items: "
+                           f"a file read failed on some of them only")
+    return held
+
+
+def _write_record(acc, path: str, record: dict):
+    """One line of log.jsonl and its scalars to TensorBoard, from the main process."""
+    if acc.is_main_process:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 
 def _evaluate(acc, task, model, held, dp_rank: int, dp_size: int) -> dict:

@@ -20,14 +20,15 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..config import ConfigError
+
 SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
-def shard(model, device_type: str) -> bool:
+def shard(model, device_type: str) -> None:
     """Shard `model` (a VideoDiT) over all processes, each block a unit. One process without a process group (a
-    plain `python train.py`) gets a group of its own. Returns whether a group was created (to destroy at the end)."""
-    created = not dist.is_initialized()
-    if created:
+    plain `python train.py`) gets a group of its own."""
+    if not dist.is_initialized():
         backend = "nccl" if device_type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     mesh = init_device_mesh(device_type, (dist.get_world_size(),))
@@ -36,7 +37,6 @@ def shard(model, device_type: str) -> bool:
     for block in model.blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    return created
 
 
 def _ema_state(model, ema) -> dict:
@@ -56,6 +56,10 @@ def save(folder: str, model, optimizer, ema) -> None:
 
 def load(folder: str, model, optimizer, ema) -> None:
     """Read <folder>/sharded into a sharded model, its optimizer and EMA, on any number of processes (collective)."""
+    if _has_ema(folder) != (ema is not None):
+        raise ConfigError(f"--resume {folder}: the checkpoint was written " + ("with" if ema is None else "without") +
+                          " an EMA of the weights; resume it with train.ema_decay " +
+                          ("> 0, as it ran" if ema is None else "= 0, or start the EMA in a new run"))
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, **_ema_state(model, ema)}
     dcp.load(state, checkpoint_id=os.path.join(folder, SHARDED))
@@ -75,13 +79,17 @@ def grad_norm(norm):
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
 
+def _has_ema(folder: str) -> bool:
+    keys = dcp.FileSystemReader(os.path.join(folder, SHARDED)).read_metadata().state_dict_metadata
+    return any(k.startswith("ema.") for k in keys)
+
+
 def read_weights(folder: str, model) -> None:
     """Load a sharded checkpoint's weights into a whole model in this one process: the EMA's where it has one."""
     path = os.path.join(folder, SHARDED)
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     state = {"model": model.state_dict()}
-    if any(k.startswith("ema.") for k in keys):
+    if _has_ema(folder):
         state["ema"] = {n: torch.empty_like(p) for n, p in params.items()}
     with warnings.catch_warnings():  # DCP warns that it loads in one process even when asked to
         warnings.filterwarnings("ignore", "torch.distributed is disabled")

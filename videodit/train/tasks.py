@@ -118,8 +118,7 @@ class DiTTask:
                 loss = distill_loss(model, self.teacher, latents, text, mask, *self.null, cond,
                                     guidance=self.cfg.distill.guidance,
                                     guidance_parallel=self.cfg.sample.guidance_parallel, **noising)
-        pt, ph, pw = self.geom.patch
-        seqlens = [-(-z.shape[1] // pt) * (z.shape[2] // ph) * (z.shape[3] // pw) for z in latents]
+        seqlens = [self.geom.latent_tokens(*z.shape[1:]) for z in latents]
         flops = flops_per_step(self.model_config, seqlens, mask.sum(1).tolist()) * weight
         if self.teacher is not None:  # the teacher's two forward passes: 2 more to the student's 3
             flops = flops * 5 / 3
@@ -133,29 +132,31 @@ class DiTTask:
 
     def held_out(self, count: int) -> dict:
         """The source's last `count` items (the loader never draws them) as whole clips with their short captions,
-        on the device, each with noise of its own: the fixed set eval_loss measures."""
-        n, latents, texts, prompts = len(self.source), [], [], []
+        on the device, each with noise of its own (seeded by its index): the fixed set eval_sums measures. `items`:
+        the indices read (an unreadable one is skipped)."""
+        n, items, latents, texts, prompts = len(self.source), [], [], [], []
         for i in range(max(n - count, 0), n):
             try:
                 s = self.source.load(i, False, random.Random(i))
             except VideoReadError as e:
                 logger.warning(f"held-out item {i} skipped: {e}")
                 continue
+            items.append(i)
             if "latent" in s:
                 latents.append(s["latent"].float().to(self.device))
                 texts.append(s["text"][s["caption"]])
             else:
                 latents += self.latents([s["video"]])
                 prompts.append(s["caption"])
-        if not latents:
-            raise RuntimeError(f"none of the data's last {count} items (held out by train.eval_clips) could be read")
+        if not items:
+            return dict(items=items)
         if texts:
             text, mask = (x.to(self.device) for x in pad_rows(texts))
         else:
             text, mask = encode_with(self.text.model, self.text.tokenizer, prompts, self.text.max_length)
-        gens = [torch.Generator(self.device).manual_seed(j) for j in range(len(latents))]
+        gens = [torch.Generator(self.device).manual_seed(i) for i in items]
         noise = draw_noise([z.shape for z in latents], self.cfg.flow.shared_noise, gens, self.device)
-        return dict(latents=latents, text=text, mask=mask, noise=noise)
+        return dict(items=items, latents=latents, text=text, mask=mask, noise=noise)
 
     @torch.no_grad()
     def eval_sums(self, model, held: dict, rank: int, ranks: int) -> dict:
@@ -163,10 +164,9 @@ class DiTTask:
         velocity error at each of train.eval_timesteps (eval_loss_t<t>) and at all (eval_loss). The pairs are packed
         into batches of data.max_tokens and shared out over the ranks; every rank runs as many forward passes, the
         ones past its share at weight 0, since a sharded or sequence-parallel model's forward is collective."""
-        timesteps = self.cfg.train.eval_timesteps
-        lat, pt, ph, pw = held["latents"], *self.geom.patch
+        timesteps, lat = self.cfg.train.eval_timesteps, held["latents"]
         pairs = [(j, k) for k in range(len(timesteps)) for j in range(len(lat))]
-        tokens = [-(-lat[j].shape[1] // pt) * (lat[j].shape[2] // ph) * (lat[j].shape[3] // pw) for j, _ in pairs]
+        tokens = [self.geom.latent_tokens(*lat[j].shape[1:]) for j, _ in pairs]
         batches = [[pairs[p] for p in b] for b in pack_by_budget(tokens, self.cfg.data.max_tokens)]
         mine = batches[rank::ranks]
         out = torch.zeros(2, len(timesteps), dtype=torch.float64, device=self.device)
@@ -279,9 +279,9 @@ class VAETask:
         self.disc_opt.step()
         self.disc_opt.zero_grad(set_to_none=True)
 
-    def clips(self, count: int, items=None):
-        """The first `count` readable clips of the source (or of its `items`), each (1, 3, T, H, W) on the device."""
-        for i in items or range(len(self.source)):
+    def clips(self, count: int):
+        """The source's first `count` readable clips, each (1, 3, T, H, W) on the device."""
+        for i in range(len(self.source)):
             if count == 0:
                 return
             try:
@@ -290,21 +290,27 @@ class VAETask:
             except VideoReadError:
                 continue
 
-    def held_out(self, count: int) -> list:
-        """The source's last `count` clips (the loader never draws them), on the device."""
-        n = len(self.source)
-        held = list(self.clips(count, range(max(n - count, 0), n)))
-        if not held:
-            raise RuntimeError(f"none of the data's last {count} items (held out by train.eval_clips) could be read")
-        return held
+    def held_out(self, count: int) -> dict:
+        """The source's last `count` clips (the loader never draws them), kept in CPU memory; `items`: the indices
+        read (an unreadable one is skipped)."""
+        n, items, clips = len(self.source), [], []
+        for i in range(max(n - count, 0), n):
+            try:
+                clips.append(self.source.load(i, False, random.Random(0))["video"][None])
+                items.append(i)
+            except VideoReadError as e:
+                logger.warning(f"held-out item {i} skipped: {e}")
+        return dict(items=items, clips=clips)
 
     @torch.no_grad()
-    def eval_sums(self, model, held: list, rank: int, ranks: int) -> dict:
+    def eval_sums(self, model, held: dict, rank: int, ranks: int) -> dict:
         """{name: (sum, count)} over this rank's share of the held-out clips, reconstructed through the posterior
         mean: PSNR (eval_psnr, pixels in [-1, 1], per clip) and mean absolute error (eval_l1)."""
         out = torch.zeros(2, 2, dtype=torch.float64, device=self.device)
-        for x in held[rank::ranks]:
-            recon = model.decode(model.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        for x in held["clips"][rank::ranks]:
+            x = x.to(self.device)
+            with self.acc.autocast():
+                recon = model.decode(model.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
             mse = (recon - x).pow(2).mean().clamp_min(1e-12)
             out[0] += torch.stack([10 * torch.log10(4 / mse), (recon - x).abs().mean()]).double()
             out[1] += 1
