@@ -382,9 +382,10 @@ def main(argv=None):
     a = parse_args(argv)
     try:
         run(a)
-    except UserError as e:
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun every process meets the same error: say it once
-            print(f"error: {e}", file=sys.stderr)
+    except UserError as e:  # under torchrun every process meets the same error: rank 0 says it and fails the job
+        if int(os.environ.get("RANK", "0")) != 0:
+            sys.exit(0)  # quietly: torchrun stops every worker once one fails, maybe rank 0 before it has printed
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
