@@ -237,8 +237,10 @@ def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, t
         return [{k: v for k, v in r.items() if k in ("step", "loss", "grad_norm") or k.startswith("eval")}
                 for r in records]
     assert exact(log(tmp_path / "again")) == exact(two)
-    for extra, fix in ((["train.eval_clips=4"], "eval_clips=5"), (["train.eval_every=0"], "eval_clips=5")):
-        with pytest.raises(ConfigError, match=f"held out 5 items.*{fix}"):
+    for extra, words in ((["train.eval_clips=4"], "held out 5 items.*eval_clips=5"),
+                         (["train.eval_every=0"], "held out 5 items.*eval_clips=5"),
+                         (["train.ema_decay=0"], "written with an EMA.*ema_decay > 0")):
+        with pytest.raises(ConfigError, match=words):
             train(load_config(None, again + extra), "latest")
 
 

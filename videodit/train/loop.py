@@ -89,7 +89,7 @@ def _train(cfg, resume: str | None) -> str:
     holdout = t.eval_clips if t.eval_every else 0  # items the loader leaves out, for evaluation
     checkpoint = find_checkpoint(resume, out) if resume else None
     if checkpoint:
-        _check_resume(checkpoint, fsdp, holdout)
+        _check_resume(checkpoint, fsdp, holdout, t.ema_decay > 0)
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
@@ -216,7 +216,7 @@ def _train(cfg, resume: str | None) -> str:
             acc.wait_for_everyone()
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
-                         world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout)
+                         world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
     bar.close()
@@ -236,14 +236,19 @@ def _train(cfg, resume: str | None) -> str:
     return out
 
 
-def _check_resume(checkpoint: str, fsdp: bool, holdout: int):
-    """A checkpoint resumes only as it was sharded, and with the same items held out (the data stream depends on
-    them)."""
+def _check_resume(checkpoint: str, fsdp: bool, holdout: int, ema: bool):
+    """A checkpoint resumes only as it was sharded, with an EMA if it kept one, and with the same items held out (the
+    data stream depends on them)."""
     if fsdp != os.path.isdir(os.path.join(checkpoint, sharded.SHARDED)):
         raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with parallel.fsdp = {not fsdp}; "
                           f"resume it with --set parallel.fsdp={str(not fsdp).lower()}")
     with open(os.path.join(checkpoint, "state.json")) as f:
-        was = json.load(f).get("holdout", 0)
+        state = json.load(f)
+    if state.get("ema", ema) != ema:
+        raise ConfigError(f"--resume {checkpoint}: the checkpoint was written " + ("without" if ema else "with") +
+                          " an EMA of the weights; resume it with train.ema_decay " +
+                          ("= 0, or start the EMA in a new run" if ema else "> 0, as it ran"))
+    was = state.get("holdout", 0)
     if was != holdout:
         fix = "--set train.eval_every=0" if not was else f"--set train.eval_every=N train.eval_clips={was}"
         raise ConfigError(f"--resume {checkpoint}: that run held out {was} items of the data for evaluation, this one "

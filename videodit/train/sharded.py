@@ -20,8 +20,6 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
-from ..config import ConfigError
-
 SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
@@ -56,10 +54,6 @@ def save(folder: str, model, optimizer, ema) -> None:
 
 def load(folder: str, model, optimizer, ema) -> None:
     """Read <folder>/sharded into a sharded model, its optimizer and EMA, on any number of processes (collective)."""
-    if _has_ema(folder) != (ema is not None):
-        raise ConfigError(f"--resume {folder}: the checkpoint was written " + ("with" if ema is None else "without") +
-                          " an EMA of the weights; resume it with train.ema_decay " +
-                          ("> 0, as it ran" if ema is None else "= 0, or start the EMA in a new run"))
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optim_state, **_ema_state(model, ema)}
     dcp.load(state, checkpoint_id=os.path.join(folder, SHARDED))
