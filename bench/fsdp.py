@@ -5,8 +5,9 @@
 Each setting runs in fresh processes: a VideoDiT preset, AdamW and an EMA of the weights, as train.py keeps them,
 trained a few steps on one random 64-token sample per rank (16 x 1 x 16 x 16 latents, 16 text tokens). Measured per
 process: the bytes of its weights, gradients, optimizer state and EMA (a sharded tensor counts its local shard), the
-peak resident memory (VmHWM, the interpreter and torch included) and the mean step time. Then, from the same
-accounting, what each preset's state would take per GPU at 8 and 64 GPUs.
+peak resident memory (VmHWM, the interpreter and torch included) and the mean time of a step and of its parts
+(forward + backward with their collectives, the optimizer step, the EMA update). Then, from the same accounting,
+what each preset's state would take per GPU at 8 and 64 GPUs.
 """
 
 import argparse
@@ -26,6 +27,7 @@ from videodit.flow import flow_loss
 from videodit.train import sharded
 
 STATE = ("weights", "gradients", "optimizer", "ema")
+TIMES = {"step": "step time", "fwd_bwd": "forward + backward", "opt": "optimizer step", "ema_s": "EMA update"}
 
 
 def _bytes(tensors) -> int:
@@ -57,17 +59,22 @@ def _worker(rank, world, init_file, preset, mode, steps, results):
         text = torch.randn(1, 16, PRESETS[preset]["text_dim"], generator=gen)
         times = []
         for _ in range(steps + 1):  # the first is a warm-up
-            tic = time.perf_counter()
+            tic = [time.perf_counter()]
             flow_loss(model, latents, text, None, generator=gen).backward()
+            tic.append(time.perf_counter())
             state = dict(weights=_bytes(params), gradients=_bytes(p.grad for p in params),
                          optimizer=_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
                          ema=_bytes(ema.shadow_params))
+            tic.append(time.perf_counter())  # the accounting above is left out
             opt.step()
             opt.zero_grad(set_to_none=True)
+            tic.append(time.perf_counter())
             ema.step(params)
-            times.append(time.perf_counter() - tic)
+            tic.append(time.perf_counter())
+            times.append([tic[1] - tic[0], tic[3] - tic[2], tic[4] - tic[3]])
         state["optimizer"] = _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
-        results[rank] = dict(state, peak=_peak_rss(), step=sum(times[1:]) / steps)
+        parts = [sum(t[i] for t in times[1:]) / steps for i in range(3)]
+        results[rank] = dict(state, peak=_peak_rss(), step=sum(parts), fwd_bwd=parts[0], opt=parts[1], ema_s=parts[2])
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -78,7 +85,7 @@ def run(preset: str, mode: str, ranks: int, steps: int) -> dict:
     with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(ranks, os.path.join(d, "rendezvous"), preset, mode, steps, results), nprocs=ranks)
-        return {k: max(r[k] for r in results.values()) for k in (*STATE, "peak", "step")}
+        return {k: max(r[k] for r in results.values()) for k in (*STATE, "peak", *TIMES)}
 
 
 def main():
@@ -100,8 +107,8 @@ def main():
     total = {m: sum(got[m][k] for k in STATE) for m in got}
     print(f"| training state | {total['ddp'] / mb:,.0f} MB | {total['fsdp'] / mb:,.0f} MB | "
           f"{total['fsdp'] / total['ddp']:.2f}x |")
-    print(f"| step time (64 tokens, 1 thread each) | {got['ddp']['step']:.2f} s | {got['fsdp']['step']:.2f} s | "
-          f"{got['fsdp']['step'] / got['ddp']['step']:.2f}x |")
+    for k, name in TIMES.items():  # 64 tokens a process, 1 thread each
+        print(f"| {name} | {got['ddp'][k]:.2f} s | {got['fsdp'][k]:.2f} s | {got['fsdp'][k] / got['ddp'][k]:.2f}x |")
     per_param = total["ddp"] / param_count(PRESETS[a.preset])
     print(f"\nTraining state per GPU at {per_param:.0f} bytes a parameter (as measured; activations not included):\n")
     print("| preset | parameters | DDP | FSDP, 8 GPUs | FSDP, 64 GPUs |")
