@@ -229,9 +229,10 @@ class TrainConfig:
             bad("checkpoint_policy", "all, attention, mlp or every_k (k a positive integer, e.g. every_2)")
         if self.peak_tflops <= 0:
             bad("peak_tflops", "a positive number")
-        if self.eval_every < 0 or self.eval_clips < 1:
-            bad("eval_every" if self.eval_every < 0 else "eval_clips",
-                "an integer >= 0 (0: no evaluation)" if self.eval_every < 0 else "a positive integer")
+        if self.eval_every < 0:
+            bad("eval_every", "an integer >= 0 (0: no evaluation)")
+        if self.eval_clips < 1:
+            bad("eval_clips", "a positive integer")
         if not self.eval_timesteps or not all(0 < t <= 1 for t in self.eval_timesteps) or \
                 len({f"{t:g}" for t in self.eval_timesteps}) < len(self.eval_timesteps):
             bad("eval_timesteps", "a list of distinct timesteps in (0, 1]")

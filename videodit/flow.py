@@ -132,9 +132,7 @@ def velocity_error(model, latents: list, noise: list, t, text, text_mask) -> tor
     frame_t = [t[i].expand(x.shape[1]) for i, x in enumerate(latents)]
     kw = {"guidance": torch.ones_like(t)} if guidance_distilled(model) else {}
     v = model(packed.with_tokens((1 - token_t) * x0 + token_t * eps), frame_t, text, text_mask, **kw)
-    err = (v.float() - (eps - x0).float()).pow(2).mean(1)
-    total = torch.zeros(len(latents), device=err.device).index_add_(0, packed.sample_idx, err)
-    return total / torch.tensor(packed.seqlens, device=err.device)
+    return _per_sample_mse(v, eps - x0, token_t[:, 0], packed)[0]
 
 
 def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.0, shift: float | None = None,
@@ -161,15 +159,21 @@ def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.
     return packed.with_tokens(xt), frame_t, token_t, x0, noise
 
 
-def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
-    """The squared error of v (N, D) against target, averaged over each sample's noisy tokens, then over samples."""
+def _per_sample_mse(v, target, token_t, packed) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B,) the squared error of v (N, D) against target averaged over each sample's noisy tokens (token_t > 0), and
+    (B,) whether the sample has any."""
     B = len(packed.grids)
     err = (v.float() - target.float()).pow(2).mean(1)  # (N,)
     keep = (token_t > 0).float()
-    per_sample = torch.zeros(B, device=v.device).index_add_(0, packed.sample_idx, err * keep)
+    total = torch.zeros(B, device=v.device).index_add_(0, packed.sample_idx, err * keep)
     count = torch.zeros(B, device=v.device).index_add_(0, packed.sample_idx, keep)
-    valid = count > 0
-    return (per_sample[valid] / count[valid]).mean()
+    return total / count.clamp_min(1), count > 0
+
+
+def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
+    """The squared error of v (N, D) against target, averaged over each sample's noisy tokens, then over samples."""
+    err, valid = _per_sample_mse(v, target, token_t, packed)
+    return err[valid].mean()
 
 
 def _frame_index(packed, pt: int) -> torch.Tensor:

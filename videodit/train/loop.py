@@ -7,10 +7,10 @@ checkpointing and torch.compile. `train(cfg, resume)` runs the denoiser (`train.
 The run folder (`train.output_dir`): config.yaml, log.jsonl (one JSON object per logged step: loss, lr,
 grad_norm, tokens/s, samples/s, steps/s, data_wait, skipped; denoiser: flops_per_step (3 x forward FLOPs from
 videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (processes x train.peak_tflops);
-with train.eval_every, at step 0 of a fresh run (a line of these alone) and every eval_every steps, measures on the data's last train.eval_clips items,
-held out of training, by the EMA weights where there is an EMA: denoiser runs eval_loss and eval_loss_t<t>, the
-velocity error at each of train.eval_timesteps with noise fixed for the run, so the curve moves only as the model
-does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/,
+with train.eval_every, at step 0 of a fresh run (a line of these alone) and every eval_every steps, measures on the
+data's last train.eval_clips items, held out of training, by the EMA weights where there is an EMA: denoiser runs
+eval_loss and eval_loss_t<t>, the velocity error at each of train.eval_timesteps with noise fixed for the run, so
+the curve moves only as the model does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/,
 checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
 VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
@@ -203,15 +203,15 @@ def _train(cfg, resume: str | None) -> str:
         bar.update(1)
 
         if t.sample_every and step % t.sample_every == 0:
-            if fsdp:  # a sharded model's forward is collective: every rank samples, in its group; the main one writes
-                with _ema_weights(ema, params), acc.autocast():
-                    task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
-            elif acc.is_main_process:  # one process samples: without its sequence-parallel group
-                if S > 1:
+            # a sharded model's forward is collective: every rank samples, in its group, and the main one writes;
+            # otherwise the main process samples alone, without its sequence-parallel group
+            if fsdp or acc.is_main_process:
+                alone = not fsdp and S > 1
+                if alone:
                     unwrapped.set_sequence_parallel(None)
                 with _ema_weights(ema, params), acc.autocast():
-                    task.write_samples(unwrapped, step, os.path.join(out, "samples"))
-                if S > 1:
+                    task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
+                if alone:
                     unwrapped.set_sequence_parallel(group)
             acc.wait_for_everyone()
         if checkpoint_now:
@@ -295,10 +295,11 @@ def _held_out(acc, task, count: int):
     passes and hang the others)."""
     held = task.held_out(count)
     read = acc.gather(torch.tensor([len(held["items"])], device=acc.device))
-    if not held["items"] or read.min() != read.max():
-        raise RuntimeError(f"the data's last {count} items, held out by train.eval_clips, could not be read" if
-                           not held["items"] else f"the processes read {read.tolist()} of the {count} held-out items: "
-                           f"a file read failed on some of them only")
+    if read.min() != read.max():
+        raise RuntimeError(f"the processes read {read.tolist()} of the {count} held-out items: a file read failed on "
+                           f"some of them only")
+    if not held["items"]:
+        raise RuntimeError(f"none of the data's last {count} items, held out by train.eval_clips, could be read")
     return held
 
 

@@ -28,6 +28,16 @@ from .models import build_denoiser, build_vae, load_teacher, load_trained_vae
 logger = logging.getLogger(__name__)
 
 
+def _last_items(source, count: int):
+    """(index, sample) of the source's last `count` items as whole clips; an unreadable one is warned about and
+    skipped."""
+    for i in range(max(len(source) - count, 0), len(source)):
+        try:
+            yield i, source.load(i, False, random.Random(i))
+        except VideoReadError as e:
+            logger.warning(f"held-out item {i} skipped: {e}")
+
+
 def _group_by_shape(tensors: list) -> dict:
     """{shape: [positions]} of a list of tensors."""
     groups = {}
@@ -134,13 +144,8 @@ class DiTTask:
         """The source's last `count` items (the loader never draws them) as whole clips with their short captions,
         on the device, each with noise of its own (seeded by its index): the fixed set eval_sums measures. `items`:
         the indices read (an unreadable one is skipped)."""
-        n, items, latents, texts, prompts = len(self.source), [], [], [], []
-        for i in range(max(n - count, 0), n):
-            try:
-                s = self.source.load(i, False, random.Random(i))
-            except VideoReadError as e:
-                logger.warning(f"held-out item {i} skipped: {e}")
-                continue
+        items, latents, texts, prompts = [], [], [], []
+        for i, s in _last_items(self.source, count):
             items.append(i)
             if "latent" in s:
                 latents.append(s["latent"].float().to(self.device))
@@ -293,14 +298,8 @@ class VAETask:
     def held_out(self, count: int) -> dict:
         """The source's last `count` clips (the loader never draws them), kept in CPU memory; `items`: the indices
         read (an unreadable one is skipped)."""
-        n, items, clips = len(self.source), [], []
-        for i in range(max(n - count, 0), n):
-            try:
-                clips.append(self.source.load(i, False, random.Random(0))["video"][None])
-                items.append(i)
-            except VideoReadError as e:
-                logger.warning(f"held-out item {i} skipped: {e}")
-        return dict(items=items, clips=clips)
+        read = list(_last_items(self.source, count))
+        return dict(items=[i for i, _ in read], clips=[s["video"][None] for _, s in read])
 
     @torch.no_grad()
     def eval_sums(self, model, held: dict, rank: int, ranks: int) -> dict:
