@@ -2,10 +2,12 @@
 
     python bench/fsdp.py [--preset B] [--ranks 2] [--steps 3]
 
-Each setting runs in fresh processes: a VideoDiT preset, AdamW and an EMA of the weights, as train.py keeps them,
+Each setting runs in fresh processes: a VideoDiT preset, AdamW and an EMA of the weights, as train.py keeps them
+(under FSDP process 0 builds the weights and the others only the architecture, on the meta device, as train.py does),
 trained a few steps on one random 64-token sample per rank (16 x 1 x 16 x 16 latents, 16 text tokens). Measured per
 process: the bytes of its weights, gradients, optimizer state and EMA (a sharded tensor counts its local shard), the
-peak resident memory (VmHWM, the interpreter and torch included) and the mean time of a step and of its parts
+peak resident memory (VmHWM, the interpreter and torch included) once the model is built and sharded and after the
+steps, and the mean time of a step and of its parts
 (forward + backward with their collectives, the optimizer step, the EMA update). Then, from the same accounting,
 what each preset's state would take per GPU at 8 and 64 GPUs.
 """
@@ -45,12 +47,14 @@ def _worker(rank, world, init_file, preset, mode, steps, results):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         torch.manual_seed(0)
-        model = VideoDiT(**PRESETS[preset])
+        with torch.device("meta" if mode == "fsdp" and rank > 0 else "cpu"):  # as train.py builds it
+            model = VideoDiT(**PRESETS[preset])
         if mode == "fsdp":
             sharded.shard(model, "cpu")
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
             model.patch_size = model.module.patch_size
+        built = _peak_rss()
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4)
         ema = EMAModel(params, decay=0.999, foreach=mode != "fsdp")
@@ -74,34 +78,42 @@ def _worker(rank, world, init_file, preset, mode, steps, results):
             times.append([tic[1] - tic[0], tic[3] - tic[2], tic[4] - tic[3]])
         state["optimizer"] = _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
         parts = [sum(t[i] for t in times[1:]) / steps for i in range(3)]
-        results[rank] = dict(state, peak=_peak_rss(), step=sum(parts), fwd_bwd=parts[0], opt=parts[1], ema_s=parts[2])
+        results[rank] = dict(state, built=built, peak=_peak_rss(), step=sum(parts), fwd_bwd=parts[0], opt=parts[1], ema_s=parts[2])
         dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
 def run(preset: str, mode: str, ranks: int, steps: int) -> dict:
-    """The largest value over the ranks of each measure."""
+    """The largest value over the ranks of each measure, and the peak memory of process 0 and of the others."""
     with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(ranks, os.path.join(d, "rendezvous"), preset, mode, steps, results), nprocs=ranks)
-        return {k: max(r[k] for r in results.values()) for k in (*STATE, "peak", *TIMES)}
+        got = {k: max(r[k] for r in results.values()) for k in (*STATE, *TIMES)}
+        for k in ("built", "peak"):
+            got[f"{k}_0"] = results[0][k]
+            got[f"{k}_others"] = max(results[r][k] for r in range(1, ranks))
+        return got
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="B", choices=list(PRESETS))
-    ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--ranks", type=int, default=2, help="processes, at least 2")
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
     got = {mode: run(a.preset, mode, a.ranks, a.steps) for mode in ("ddp", "fsdp")}
     mb = 2 ** 20
     print(f"VideoDiT {a.preset} ({param_count(PRESETS[a.preset]) / 1e6:.1f}M parameters), {a.ranks} CPU processes "
-          f"(gloo), AdamW + EMA, fp32 weights; the largest value over the processes\n")
+          f"(gloo), AdamW + EMA, fp32 weights; the largest value over the processes unless named\n")
     print("| per process | DDP | FSDP | FSDP / DDP |")
     print("|---|---|---|---|")
-    for k in (*STATE, "peak"):
-        name = {"peak": "peak resident memory (VmHWM)"}.get(k, k)
+    names = {"built_0": "peak resident memory (VmHWM) once the model is built and sharded, process 0",
+             "built_others": "the same, the other processes",
+             "peak_0": "peak resident memory (VmHWM) after the steps, process 0",
+             "peak_others": "the same, the other processes"}
+    for k in (*STATE, *names):
+        name = names.get(k, k)
         print(f"| {name} | {got['ddp'][k] / mb:,.0f} MB | {got['fsdp'][k] / mb:,.0f} MB | "
               f"{got['fsdp'][k] / got['ddp'][k]:.2f}x |")
     total = {m: sum(got[m][k] for k in STATE) for m in got}

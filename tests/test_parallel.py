@@ -23,6 +23,7 @@ from videodit.config import load_config, save_config
 from videodit.dit import StepCache, VideoDiT
 from videodit.parallel import Shard, check_heads, frame_windows, sequence_parallel_groups
 from videodit.patchify import pack
+from videodit.train import sharded
 from videodit.train.loop import train
 from videodit.train.models import with_guidance_embedding
 from videodit.vae import CausalVideoVAE
@@ -117,6 +118,57 @@ def _worker(rank, world, init_file):
 def test_sequence_parallel_processes_equal_one(tmp_path, world):
     os.environ["OMP_NUM_THREADS"] = "1"
     mp.spawn(_worker, args=(world, str(tmp_path / "rendezvous")), nprocs=world, join=True)
+
+
+def _sharded_worker(rank, world, init_file, results):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        shapes = CASES["mixed"]
+        exact = _run(_model(), shapes)  # fp32, one process
+        with torch.autocast("cpu", torch.bfloat16):
+            runs = {"autocast": _run(_model(), shapes)}
+            for dtype in ("fp32", "bf16"):
+                with torch.device("cpu" if rank == 0 else "meta"):  # as train.py builds it: weights on rank 0 only
+                    model = _model()
+                sharded.shard(model, "cpu", dtype)
+                seen = []
+                model.blocks[1].attn.register_forward_pre_hook(lambda m, args: seen.append(m.qkv.weight.dtype))
+                out, grads = _run(model, shapes)  # every rank the same batch: the mean gradient is one process's
+                assert seen == [torch.float32 if dtype == "fp32" else torch.bfloat16], seen
+                assert all(p.dtype == p.grad.dtype == torch.float32 for p in model.parameters())  # shards, fp32
+                runs[f"fsdp_{dtype}"] = out, {n: g.full_tensor() for n, g in grads.items()}
+        if rank == 0:
+            results.update(exact=exact, **runs)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_gathers_in_bf16_as_accurately_as_autocast(tmp_path):
+    """sharded.shard on two gloo processes, the second building the model on the meta device: gathered in fp32 under
+    bf16 autocast it gives one process's autocast outputs and gradients; gathered in bf16 (the blocks see bf16
+    weights, the shards and their gradients stay fp32) it is as close to the fp32 result as autocast is."""
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_sharded_worker, args=(2, str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
+        results = dict(results)
+    (exact_out, exact_grad), (auto_out, auto_grad) = results["exact"], results["autocast"]
+    out, grad = results["fsdp_fp32"]
+    torch.testing.assert_close(out, auto_out, rtol=1e-5, atol=1e-6)
+    for n, g in grad.items():
+        torch.testing.assert_close(g, auto_grad[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    def error(got, want):
+        return ((got - want).norm() / want.norm()).item()
+
+    out, grad = results["fsdp_bf16"]
+    assert 0 < error(auto_out, exact_out) < 0.02
+    assert error(out, exact_out) < 1.5 * error(auto_out, exact_out)
+    whole = [torch.cat([g.flatten() for g in grads.values()]) for grads in (grad, auto_grad, exact_grad)]
+    assert error(whole[0], whole[2]) < 1.25 * error(whole[1], whole[2])
+    for n, g in grad.items():  # a few tensors' gradients are rounded to bf16 on the way (the norms' weights)
+        assert error(g, exact_grad[n]) < 2.5 * error(auto_grad[n], exact_grad[n]) + 1e-3, n
 
 
 def test_frame_windows_hold_every_neighbour_a_slice_needs_and_little_more():

@@ -19,6 +19,7 @@ from videodit.patchify import pack
 from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoint
 from videodit.train.lora import load_lora
 from videodit.train.loop import train
+from videodit.train.models import build_denoiser
 from videodit.vae import CausalVideoVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -173,10 +174,30 @@ def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(assets, reference,
         train(load_config(None, base + [f"train.output_dir={tmp_path / 'again'}", "train.ema_decay=0"]), "latest")
 
 
+@pytest.mark.parametrize("source", ["fresh", "model folder", "pipeline", "distillation"])
+def test_sharded_processes_build_the_main_process_architecture_without_weights(tmp_path, source):
+    """A sharded run's other processes build on the meta device (no memory) what the main one builds with weights."""
+    teacher, overrides = None, []
+    if source in ("model folder", "pipeline"):
+        folder = tmp_path / ("pipe" if source == "pipeline" else "model")
+        random_dit(depth=3).save_pretrained(folder / "transformer" if source == "pipeline" else folder)
+        overrides = [f"train.init_from={folder}"]
+    elif source == "distillation":
+        teacher, overrides = random_dit(), [f"distill.teacher={tmp_path}"]
+    cfg = load_config(None, TINY + overrides)
+    main, other = (build_denoiser(cfg, 4, 16, teacher, meta) for meta in (False, True))
+    assert {k: v.shape for k, v in other.state_dict().items()} == {k: v.shape for k, v in main.state_dict().items()}
+    arch = [{k: v for k, v in m.config.items() if not k.startswith("_")} for m in (main, other)]
+    assert arch[0] == arch[1]
+    assert all(t.is_meta for t in [*other.parameters(), *other.buffers()])
+    assert not any(t.is_meta for t in [*main.parameters(), *main.buffers()])
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["train.task=vae"], ["train.task: vae", "parallel.fsdp false"]),
     (["train.lora_rank=4"], ["train.lora_rank", "DDP"]),
     (["train.mixed_precision=fp16"], ["fp16", "bf16"]),
+    (["parallel.fsdp_param_dtype=bf16"], ["fsdp_param_dtype", "train.mixed_precision: bf16"]),
 ])
 def test_fsdp_refuses_what_it_does_not_shard(assets, tmp_path, overrides, words):
     cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp=true", *overrides])

@@ -282,6 +282,7 @@ class DistillConfig:
 class ParallelConfig:
     sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence (divides the processes, heads)
     fsdp: bool = False               # shard weights, gradients, optimizer state and EMA over all processes (FSDP2)
+    fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"  # the gathered weights' dtype (bf16: half the traffic)
 
     def check(self, bad):
         if self.sequence_parallel < 1:

@@ -108,7 +108,7 @@ def _train(cfg, resume: str | None) -> str:
         else:
             task.model.compile(dynamic=True)
     if fsdp:  # before the optimizer: it takes the shards
-        sharded.shard(task.model, acc.device.type)
+        sharded.shard(task.model, acc.device, cfg.parallel.fsdp_param_dtype)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
@@ -256,9 +256,13 @@ def _check_resume(checkpoint: str, fsdp: bool, holdout: int, ema: bool):
 
 
 def _check_fsdp(cfg):
-    """What parallel.fsdp does not shard."""
-    t = cfg.train
-    if not cfg.parallel.fsdp:
+    """What parallel.fsdp does not shard, and the bf16 gather's precision."""
+    t, p = cfg.train, cfg.parallel
+    if p.fsdp_param_dtype == "bf16" and not (p.fsdp and t.mixed_precision == "bf16"):
+        raise ConfigError(f"parallel.fsdp_param_dtype: bf16 gathers sharded weights in bf16 for bf16 compute; it "
+                          f"needs parallel.fsdp: true and train.mixed_precision: bf16 (got fsdp {p.fsdp}, "
+                          f"mixed_precision {t.mixed_precision})")
+    if not p.fsdp:
         return
     if t.task != "dit":
         raise ConfigError("parallel.fsdp shards the denoiser; train.task: vae trains a small VAE, which DDP "

@@ -1,6 +1,9 @@
 """Building the models a run trains or uses, from its config: the denoiser, a fresh VAE, a trained VAE."""
 
+import contextlib
 import os
+
+import torch
 
 from ..config import ConfigError
 from ..dit import PRESETS, VideoDiT
@@ -21,13 +24,15 @@ def denoiser_kwargs(cfg, in_channels: int, text_dim: int) -> dict:
     return kwargs
 
 
-def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | None = None) -> VideoDiT:
+def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | None = None,
+                   meta: bool = False) -> VideoDiT:
     """A fresh VideoDiT, or the weights of `train.init_from` (a model folder or a pipeline with transformer/). A
     guidance distillation (distill.teacher, loaded as `teacher`) without init_from starts from the teacher, with a
-    guidance embedding."""
+    guidance embedding. With `meta`, the same architecture without weights, on the meta device: a sharded run's
+    other processes build that and receive their shards of the main process's weights."""
     distilling = cfg.distill.teacher is not None
     if cfg.train.init_from:
-        model = load_denoiser(cfg.train.init_from, in_channels, text_dim, "train.init_from")
+        model = load_denoiser(cfg.train.init_from, in_channels, text_dim, "train.init_from", meta)
         if guidance_distilled(model) != distilling:
             raise ConfigError(f"train.init_from = {cfg.train.init_from} is guidance-distilled: train it on with "
                               f"distill.teacher set" if not distilling else
@@ -35,17 +40,26 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
                               f"distillation trains; leave init_from out to start from distill.teacher")
         return model
     if distilling:
-        return with_guidance_embedding(teacher)
-    return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
+        return with_guidance_embedding(teacher, meta)
+    with _on_meta(meta):
+        return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
 
 
-def load_denoiser(path: str, in_channels: int, text_dim: int, key: str) -> VideoDiT:
+def _on_meta(meta: bool):
+    return torch.device("meta") if meta else contextlib.nullcontext()
+
+
+def load_denoiser(path: str, in_channels: int, text_dim: int, key: str, meta: bool = False) -> VideoDiT:
     """The VideoDiT of a model folder or of a pipeline (its transformer/), checked against the run's VAE and text
-    encoder; `key` names the config key that gave the path, for errors."""
+    encoder; `key` names the config key that gave the path, for errors. With `meta`, its architecture only."""
     sub = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else None
     if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
         raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder")
-    model = VideoDiT.from_pretrained(path, subfolder=sub)
+    if meta:
+        with _on_meta(meta):
+            model = VideoDiT.from_config(VideoDiT.load_config(path, subfolder=sub))
+    else:
+        model = VideoDiT.from_pretrained(path, subfolder=sub)
     got = (model.config.in_channels, model.config.text_dim)
     if got != (in_channels, text_dim):
         raise ConfigError(f"{key} = {path}: the model takes (in_channels, text_dim) = {got}, but the VAE and text "
@@ -62,11 +76,15 @@ def load_teacher(cfg, in_channels: int, text_dim: int) -> VideoDiT:
     return teacher.eval().requires_grad_(False)
 
 
-def with_guidance_embedding(teacher: VideoDiT) -> VideoDiT:
+def with_guidance_embedding(teacher: VideoDiT, meta: bool = False) -> VideoDiT:
     """A student for guidance distillation: the teacher's architecture and weights plus a guidance embedding, which
-    starts at zero (so the student starts giving the teacher's conditional velocity at every scale)."""
+    starts at zero (so the student starts giving the teacher's conditional velocity at every scale). With `meta`, the
+    architecture only."""
     config = {k: v for k, v in teacher.config.items() if not k.startswith("_")}
-    student = VideoDiT(**{**config, "guidance_embed": True})
+    with _on_meta(meta):
+        student = VideoDiT(**{**config, "guidance_embed": True})
+    if meta:
+        return student
     missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
     if unexpected or any(not k.startswith("g_embed.") for k in missing):
         raise ValueError(f"the teacher's weights do not fit its own architecture: missing {missing}, "

@@ -15,26 +15,43 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_state_dict)
+                                                     set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
-def shard(model, device_type: str) -> None:
-    """Shard `model` (a VideoDiT) over all processes, each block a unit. One process without a process group (a
-    plain `python train.py`) gets a group of its own."""
+def shard(model, device: torch.device, param_dtype: str = "fp32") -> None:
+    """Shard `model` (a VideoDiT) over all processes, each block a unit. Process 0 holds the weights; the others may
+    hold the architecture alone on the meta device (so no process but the first ever holds a whole model): each gets
+    its shards from process 0. One process without a process group (a plain `python train.py`) gets a group of its
+    own.
+
+    The shards stay fp32; `param_dtype` "bf16" gathers them in bf16 (half the traffic, and the matmuls need no
+    casts) and reduces the gradients in fp32. The blocks' inputs are left as they come: the residual stream stays
+    fp32."""
+    device = torch.device(device)
     if not dist.is_initialized():
-        backend = "nccl" if device_type == "cuda" else "gloo"
+        backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    whole = model.state_dict() if dist.get_rank() == 0 else {}  # sharding keeps only this process's part
     # a block returns a flattened view (gated_residual); nothing modifies it in place, which is what FSDP warns of
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPDiTBlock\) returned a view tensor")
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if param_dtype == "bf16" else MixedPrecisionPolicy()
     for block in model.blocks:
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    if dist.get_world_size() == 1:
+        return
+    if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
+        model.to_empty(device=device)  # memory for the architecture; the values come next
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # not sharded, and not all in the state dict (RoPE's frequencies)
+        dist.broadcast(buffer, 0)
 
 
 def _ema_state(model, ema) -> dict:

@@ -69,7 +69,9 @@ class DiTTask:
             self.text = self.text or self._text()
             self.null = self.text.encode([cfg.sample.negative_prompt])
         self.autocast = accelerator.autocast
-        model = build_denoiser(cfg, channels, text_dim, self.teacher)
+        # a sharded run's main process builds the weights and hands each process its shards (sharded.shard)
+        meta = cfg.parallel.fsdp and not accelerator.is_main_process
+        model = build_denoiser(cfg, channels, text_dim, self.teacher, meta)
         self.model_config = dict(model.config)
         self.geom = Geometry(ft, fs, tuple(model.patch_size))
         if cfg.data.source != "cache":
