@@ -9,7 +9,8 @@ process: the bytes of its weights, gradients, optimizer state and EMA (a sharded
 peak resident memory (VmHWM, the interpreter and torch included) once the model is built and sharded and after the
 steps, and the mean time of a step and of its parts
 (forward + backward with their collectives, the optimizer step, the EMA update). Then, from the same accounting,
-what each preset's state would take per GPU at 8 and 64 GPUs.
+what each preset's state would take per GPU at 8 and 64 GPUs; and FSDP's step under bf16 autocast with the weights
+gathered in fp32 against in bf16 (`parallel.fsdp_param_dtype`).
 """
 
 import argparse
@@ -42,29 +43,37 @@ def _peak_rss() -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
 
 
-def _worker(rank, world, init_file, preset, mode, steps, results):
+# name: (sharded, bf16 autocast, the dtype FSDP gathers the weights in)
+SETTINGS = {"ddp": (False, False, None), "fsdp": (True, False, "fp32"), "fsdp_autocast": (True, True, "fp32"),
+            "fsdp_autocast_bf16_gather": (True, True, "bf16")}
+
+
+def _worker(rank, world, init_file, preset, setting, steps, results):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    fsdp, autocast, gather = SETTINGS[setting]
     try:
         torch.manual_seed(0)
-        with torch.device("meta" if mode == "fsdp" and rank > 0 else "cpu"):  # as train.py builds it
+        with torch.device("meta" if fsdp and rank > 0 else "cpu"):  # as train.py builds it
             model = VideoDiT(**PRESETS[preset])
-        if mode == "fsdp":
-            sharded.shard(model, "cpu")
+        if fsdp:
+            sharded.shard(model, "cpu", gather)
         else:
             model = torch.nn.parallel.DistributedDataParallel(model)
             model.patch_size = model.module.patch_size
         built = _peak_rss()
         params = list(model.parameters())
         opt = torch.optim.AdamW(params, lr=1e-4)
-        ema = EMAModel(params, decay=0.999, foreach=mode != "fsdp")
+        ema = EMAModel(params, decay=0.999, foreach=not fsdp)
         gen = torch.Generator().manual_seed(rank)
         latents = [torch.randn(16, 1, 16, 16, generator=gen)]
         text = torch.randn(1, 16, PRESETS[preset]["text_dim"], generator=gen)
         times = []
         for _ in range(steps + 1):  # the first is a warm-up
             tic = [time.perf_counter()]
-            flow_loss(model, latents, text, None, generator=gen).backward()
+            with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+                loss = flow_loss(model, latents, text, None, generator=gen)
+            loss.backward()
             tic.append(time.perf_counter())
             state = dict(weights=_bytes(params), gradients=_bytes(p.grad for p in params),
                          optimizer=_bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v)),
@@ -84,11 +93,11 @@ def _worker(rank, world, init_file, preset, mode, steps, results):
         dist.destroy_process_group()
 
 
-def run(preset: str, mode: str, ranks: int, steps: int) -> dict:
+def run(preset: str, setting: str, ranks: int, steps: int) -> dict:
     """The largest value over the ranks of each measure, and the peak memory of process 0 and of the others."""
     with tempfile.TemporaryDirectory() as d, mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(ranks, os.path.join(d, "rendezvous"), preset, mode, steps, results), nprocs=ranks)
+        mp.spawn(_worker, args=(ranks, os.path.join(d, "rendezvous"), preset, setting, steps, results), nprocs=ranks)
         got = {k: max(r[k] for r in results.values()) for k in (*STATE, *TIMES)}
         for k in ("built", "peak"):
             got[f"{k}_0"] = results[0][k]
@@ -102,7 +111,7 @@ def main():
     ap.add_argument("--ranks", type=int, default=2, help="processes, at least 2")
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
-    got = {mode: run(a.preset, mode, a.ranks, a.steps) for mode in ("ddp", "fsdp")}
+    got = {setting: run(a.preset, setting, a.ranks, a.steps) for setting in SETTINGS}
     mb = 2 ** 20
     print(f"VideoDiT {a.preset} ({param_count(PRESETS[a.preset]) / 1e6:.1f}M parameters), {a.ranks} CPU processes "
           f"(gloo), AdamW + EMA, fp32 weights; the largest value over the processes unless named\n")
@@ -116,7 +125,7 @@ def main():
         name = names.get(k, k)
         print(f"| {name} | {got['ddp'][k] / mb:,.0f} MB | {got['fsdp'][k] / mb:,.0f} MB | "
               f"{got['fsdp'][k] / got['ddp'][k]:.2f}x |")
-    total = {m: sum(got[m][k] for k in STATE) for m in got}
+    total = {m: sum(got[m][k] for k in STATE) for m in ("ddp", "fsdp")}
     print(f"| training state | {total['ddp'] / mb:,.0f} MB | {total['fsdp'] / mb:,.0f} MB | "
           f"{total['fsdp'] / total['ddp']:.2f}x |")
     for k, name in TIMES.items():  # 64 tokens a process, 1 thread each
@@ -128,6 +137,15 @@ def main():
     for name, kw in PRESETS.items():
         n = param_count(kw) * per_param / 2 ** 30
         print(f"| {name} | {param_count(kw) / 1e6:,.1f}M | {n:.1f} GB | {n / 8:.2f} GB | {n / 64:.3f} GB |")
+    print("\nFSDP under bf16 autocast (train.mixed_precision: bf16), the weights gathered in fp32 or in bf16 "
+          "(parallel.fsdp_param_dtype):\n")
+    print("| per process | fp32 gather | bf16 gather | bf16 / fp32 |")
+    print("|---|---|---|---|")
+    a32, a16 = got["fsdp_autocast"], got["fsdp_autocast_bf16_gather"]
+    for k, name in TIMES.items():
+        print(f"| {name} | {a32[k]:.2f} s | {a16[k]:.2f} s | {a16[k] / a32[k]:.2f}x |")
+    for k in ("peak_0", "peak_others"):
+        print(f"| {names[k]} | {a32[k] / mb:,.0f} MB | {a16[k] / mb:,.0f} MB | {a16[k] / a32[k]:.2f}x |")
 
 
 if __name__ == "__main__":
