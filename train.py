@@ -6,6 +6,8 @@
     python train.py --config CONFIG --resume latest                              # the run's newest checkpoint
     torchrun --nproc_per_node 8 train.py --config CONFIG                          # DDP (gloo on CPU, NCCL on GPU)
     torchrun --nproc_per_node 8 train.py --config CONFIG --set parallel.fsdp=true # FSDP2: sharded over the 8
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_endpoint HOST:PORT train.py --config CONFIG \
+        --set parallel.fsdp=true parallel.fsdp_shard_size=8                    # HSDP: sharded within each machine
 """
 
 import argparse

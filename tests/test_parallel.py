@@ -14,6 +14,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
@@ -241,11 +242,13 @@ def torchrun(script: str, args: list, processes: int, fails: bool = False) -> st
     return proc.stderr
 
 
-@pytest.mark.parametrize("fsdp", [False, True])
-def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path, fsdp):
+@pytest.mark.parametrize("sharding", [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fsdp_shard_size=2"]],
+                         ids=["ddp", "fsdp", "hsdp"])
+def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path, sharding):
     """train.py with parallel.sequence_parallel: 2 on four gloo processes (two groups of two: data parallel over the
-    groups, by DDP or by FSDP over all four) takes the same steps as one process with grad_accum 2: the same global
-    batches, losses and weights, up to the order of float sums."""
+    groups, by DDP, by FSDP over all four, or by HSDP: sharded over pairs, replicated across them) takes the same
+    steps as one process with grad_accum 2: the same global batches, losses and weights, up to the order of float
+    sums."""
     model, tok = tiny_text(tmp_path)
     model.save_pretrained(tmp_path / "text")
     tok.save_pretrained(tmp_path / "text")
@@ -260,9 +263,13 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
-                                          f"parallel.fsdp={fsdp}"]), config)
+                                          *sharding]), config)
     torchrun("train.py", ["--config", config], processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
+    if sharding:  # a weight in 4 shards over all the processes, or in 2 (each pair holds the whole)
+        meta = dcp.FileSystemReader(str(tmp_path / "sp" / "checkpoints" / "step_00000003" / "sharded")).read_metadata()
+        chunks = meta.state_dict_metadata["model.blocks.0.attn.qkv.weight"].chunks
+        assert len(chunks) == (2 if "parallel.fsdp_shard_size=2" in sharding else 4)
     got, want = log(tmp_path / "sp"), log(tmp_path / "one")
     torch.testing.assert_close([r.get("loss") for r in got], [r.get("loss") for r in want], rtol=1e-4, atol=1e-6)
     for r, w in zip(got, want):  # the held-out loss, its batches shared out over the two groups

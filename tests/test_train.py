@@ -206,6 +206,16 @@ def test_fsdp_refuses_what_it_does_not_shard(assets, tmp_path, overrides, words)
     assert all(w in str(err.value) for w in words), err.value
 
 
+def test_sharding_settings_need_fsdp_and_a_group_size_that_divides_the_processes(assets, tmp_path):
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp_shard_size=2"])
+    with pytest.raises(ConfigError, match="fsdp_shard_size = 2.*needs parallel.fsdp: true"):
+        train(cfg)
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp_shard_size=2",
+                                              "parallel.fsdp=true"])
+    with pytest.raises(ConfigError, match="fsdp_shard_size = 2 does not divide the 1 processes.*divisor of 1"):
+        train(cfg)
+
+
 def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path):
     ckpt = os.path.join(reference, "checkpoints", "step_00000002")
     cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "parallel.fsdp=true"])

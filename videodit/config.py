@@ -283,10 +283,13 @@ class ParallelConfig:
     sequence_parallel: int = 1       # Ulysses degree: ranks that split one sequence (divides the processes, heads)
     fsdp: bool = False               # shard weights, gradients, optimizer state and EMA over all processes (FSDP2)
     fsdp_param_dtype: Literal["fp32", "bf16"] = "fp32"  # the gathered weights' dtype (bf16: half the traffic)
+    fsdp_shard_size: int = 0         # HSDP: processes that share one sharded copy (a machine's GPUs); 0: all of them
 
     def check(self, bad):
         if self.sequence_parallel < 1:
             bad("sequence_parallel", "a positive integer")
+        if self.fsdp_shard_size < 0:
+            bad("fsdp_shard_size", "0 (shard over all processes) or a positive number of processes")
 
 
 @dataclass

@@ -108,7 +108,7 @@ def _train(cfg, resume: str | None) -> str:
         else:
             task.model.compile(dynamic=True)
     if fsdp:  # before the optimizer: it takes the shards
-        sharded.shard(task.model, acc.device, cfg.parallel.fsdp_param_dtype)
+        sharded.shard(task.model, acc.device, cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_shard_size)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
@@ -258,6 +258,9 @@ def _check_resume(checkpoint: str, fsdp: bool, holdout: int, ema: bool):
 def _check_fsdp(cfg):
     """What parallel.fsdp does not shard, and the bf16 gather's precision."""
     t, p = cfg.train, cfg.parallel
+    if p.fsdp_shard_size and not p.fsdp:
+        raise ConfigError(f"parallel.fsdp_shard_size = {p.fsdp_shard_size} sets how FSDP shards; it needs "
+                          f"parallel.fsdp: true")
     if p.fsdp_param_dtype == "bf16" and not (p.fsdp and t.mixed_precision == "bf16"):
         raise ConfigError(f"parallel.fsdp_param_dtype: bf16 gathers sharded weights in bf16 for bf16 compute; it "
                           f"needs parallel.fsdp: true and train.mixed_precision: bf16 (got fsdp {p.fsdp}, "

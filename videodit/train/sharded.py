@@ -20,14 +20,17 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+from ..config import ConfigError
+
 SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
-def shard(model, device: torch.device, param_dtype: str = "fp32") -> None:
-    """Shard `model` (a VideoDiT) over all processes, each block a unit. Process 0 holds the weights; the others may
-    hold the architecture alone on the meta device (so no process but the first ever holds a whole model): each gets
-    its shards from process 0. One process without a process group (a plain `python train.py`) gets a group of its
-    own.
+def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: int = 0) -> None:
+    """Shard `model` (a VideoDiT) over all processes, each block a unit; with `shard_size` N, over each N consecutive
+    processes (a machine's GPUs) and replicated across those groups (HSDP: the gathers stay within a machine, only
+    the gradients cross machines). Process 0 holds the weights; the others may hold the architecture alone on the
+    meta device (so no process but the first ever holds a whole model): each gets its shards from process 0. One
+    process without a process group (a plain `python train.py`) gets a group of its own.
 
     The shards stay fp32; `param_dtype` "bf16" gathers them in bf16 (half the traffic, and the matmuls need no
     casts) and reduces the gradients in fp32. The blocks' inputs are left as they come: the residual stream stays
@@ -36,7 +39,14 @@ def shard(model, device: torch.device, param_dtype: str = "fp32") -> None:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    world = dist.get_world_size()
+    if shard_size in (0, world):
+        mesh = init_device_mesh(device.type, (world,))
+    elif world % shard_size:
+        raise ConfigError(f"parallel.fsdp_shard_size = {shard_size} does not divide the {world} processes; give a "
+                          f"divisor of {world} (the processes of one machine), or 0 to shard over all of them")
+    else:
+        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
     whole = model.state_dict() if dist.get_rank() == 0 else {}  # sharding keeps only this process's part
     # a block returns a flattened view (gated_residual); nothing modifies it in place, which is what FSDP warns of
     warnings.filterwarnings("ignore", r"FSDP2-wrapped module \(FSDPDiTBlock\) returned a view tensor")
@@ -45,7 +55,7 @@ def shard(model, device: torch.device, param_dtype: str = "fp32") -> None:
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    if dist.get_world_size() == 1:
+    if world == 1:
         return
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):
         model.to_empty(device=device)  # memory for the architecture; the values come next
