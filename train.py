@@ -12,10 +12,12 @@
 
 import argparse
 import logging
+import os
+import sys
 
 from videodit.config import ConfigError, load_config
 from videodit.data.manifest import ManifestError
-from videodit.train.loop import train
+from videodit.train.loop import Stopped, train
 
 
 def main(argv=None):
@@ -33,6 +35,10 @@ def main(argv=None):
         print(train(cfg, args.resume))
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
+    except Stopped as e:  # the exit status of a process ended by the signal: the job did not finish
+        if os.environ.get("RANK", "0") == "0":
+            print(e, file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
 
 
 if __name__ == "__main__":

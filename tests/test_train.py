@@ -2,9 +2,11 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -18,7 +20,8 @@ from videodit.dit import VideoDiT
 from videodit.patchify import pack
 from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoint
 from videodit.train.lora import load_lora
-from videodit.train.loop import train
+from videodit.train.loop import Stopped, train
+from videodit.train.tasks import DiTTask
 from videodit.train.models import build_denoiser
 from videodit.vae import CausalVideoVAE
 
@@ -106,6 +109,78 @@ def test_resume_latest_is_bit_exact(assets, reference, tmp_path):
         assert torch.equal(v, load_file(os.path.join(b, "model.safetensors"))[k]), k
     ema_a, ema_b = (torch.load(os.path.join(d, "custom_checkpoint_0.pkl"))["shadow_params"] for d in (a, b))
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b))
+
+
+def test_a_stop_signal_checkpoints_its_step_and_resume_repeats_the_run(assets, reference, tmp_path, monkeypatch):
+    """SIGTERM during step 2 ends the run after step 2 with that step's checkpoint and no export, the signal handlers
+    as they were; --resume latest then ends where the uninterrupted run ends."""
+    calls, before = [], signal.getsignal(signal.SIGTERM)
+
+    def after_step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(DiTTask, "after_step", after_step)
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=4",
+                                              "train.grad_accum=2", "train.checkpoint_every=3"])
+    with pytest.raises(Stopped, match="stopped by SIGTERM at step 2; .*--resume latest") as err:
+        train(cfg)
+    assert (err.value.signum, err.value.step) == (signal.SIGTERM, 2)
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step_00000002"]
+    assert not (tmp_path / "pipeline").exists() and signal.getsignal(signal.SIGTERM) == before
+    monkeypatch.undo()
+    train(cfg, "latest")
+    assert [r["loss"] for r in log(tmp_path)] == [r["loss"] for r in log(reference)]
+    a, b = (os.path.join(run, "checkpoints", "step_00000004", "model.safetensors") for run in (reference, tmp_path))
+    for k, v in load_file(a).items():
+        assert torch.equal(v, load_file(b)[k]), k
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    out = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def test_a_stop_signal_to_one_process_stops_all_at_one_step(assets, tmp_path):
+    """torchrun, two processes; SIGTERM to the second alone: both stop after the same step, whose checkpoint they
+    write together (both processes' RNG states), the log ends at it, and the message is printed once."""
+    run = tmp_path / "run"
+    config = str(tmp_path / "config.yaml")
+    save_config(load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=1000",
+                                                    "train.checkpoint_every=1000", "train.eval_every=0"]), config)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+           os.path.join(ROOT, "train.py"), "--config", config]
+    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not (run / "log.jsonl").exists() or len(log(run)) < 2:  # training: two steps logged
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.05)
+        second = [pid for pid in _children(proc.pid) if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
+        os.kill(second[0], signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0
+    (ckpt,) = checkpoint_dirs(str(run))
+    with open(os.path.join(ckpt, "state.json")) as f:
+        step = json.load(f)["step"]
+    assert 2 <= step < 1000 and log(run)[-1]["step"] == step
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(os.listdir(ckpt))
+    assert stderr.count(f"stopped by SIGTERM at step {step};") == 1, stderr[-3000:]
 
 
 def torchrun(config: str, *args):

@@ -18,6 +18,11 @@ Determinism: a step's data is fixed by the global batch index (see data/loader.p
 seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a
 run on W processes with grad_accum A sees the same global batches as one on W' processes with A' = W * A / W'.
 
+Stopping early: SIGTERM or SIGUSR1 (a scheduler's preemption or time-limit warning, e.g. SLURM's
+`--signal=USR1@120`; torchrun passes SIGTERM on to its processes) ends the run at the end of the step under way on
+every rank alike: it writes that step's checkpoint and raises Stopped, and `--resume latest` goes on from there as if
+nothing had happened.
+
 Sequence parallelism (`parallel.sequence_parallel: S`, dit only): consecutive groups of S ranks split each sequence
 (videodit.parallel); the W / S groups are the data-parallel ranks: the ranks of a group read the same batches and
 draw the same noise, and DDP's mean over all W ranks is the data-parallel mean of the groups' gradients. FSDP's
@@ -28,6 +33,8 @@ import contextlib
 import json
 import logging
 import os
+import signal
+import threading
 import time
 
 import torch
@@ -45,6 +52,17 @@ from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
 
 logger = logging.getLogger(__name__)
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class Stopped(Exception):
+    """A stop signal ended the run early, after the checkpoint of the step it stopped at."""
+
+    def __init__(self, signum: int, step: int, output_dir: str):
+        self.signum, self.step = signum, step
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; its checkpoint is in "
+                         f"{output_dir}/checkpoints: go on with --resume latest")
 
 
 def make_schedule(optimizer, t):
@@ -69,13 +87,30 @@ def train(cfg, resume: str | None = None) -> str:
     group the run started (accelerate's, or a sharded run's own on one process) ends with it, also on an error."""
     had_group = torch.distributed.is_initialized()
     try:
-        return _train(cfg, resume)
+        with _stop_signals() as received:
+            return _train(cfg, resume, received)
     finally:
         if not had_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-def _train(cfg, resume: str | None) -> str:
+@contextlib.contextmanager
+def _stop_signals():
+    """A list that gets each stop signal received while the block runs. Signals can only be caught in the main
+    thread: elsewhere they keep their usual effect."""
+    received = []
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    try:
+        yield received
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _train(cfg, resume: str | None, received: list) -> str:
     t, out = cfg.train, cfg.train.output_dir
     _check_fsdp(cfg)
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
@@ -110,7 +145,8 @@ def _train(cfg, resume: str | None) -> str:
     if fsdp:  # before the optimizer: it takes the shards
         sharded.shard(task.model, acc.device, cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_shard_size)
     trainable = [p for p in task.model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
+    # fused: one kernel over all tensors (on CPU 5x the default's speed for the B preset's 122M weights)
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
     if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
         model, scheduler = task.model, acc.prepare(make_schedule(optimizer, t))
     else:
@@ -186,7 +222,11 @@ def _train(cfg, resume: str | None) -> str:
         consumed += dp_size * A
         window["steps"] += 1
 
-        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps
+        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it
+        stop = received[0] if received else 0
+        if W > 1:
+            stop = int(acc.reduce(torch.tensor([stop], device=acc.device), "max").item())
+        checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps or stop
         eval_now = held is not None and step % t.eval_every == 0
         if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact
             record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
@@ -202,7 +242,7 @@ def _train(cfg, resume: str | None) -> str:
             window = _window()
         bar.update(1)
 
-        if t.sample_every and step % t.sample_every == 0:
+        if t.sample_every and step % t.sample_every == 0 and not stop:
             # a sharded model's forward is collective: every rank samples, in its group, and the main one writes;
             # otherwise the main process samples alone, without its sequence-parallel group
             if fsdp or acc.is_main_process:
@@ -219,6 +259,11 @@ def _train(cfg, resume: str | None) -> str:
                          world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
+        if stop:
+            bar.close()
+            acc.wait_for_everyone()
+            acc.end_training()
+            raise Stopped(stop, step, out)
     bar.close()
 
     acc.wait_for_everyone()

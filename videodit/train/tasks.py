@@ -243,7 +243,7 @@ class VAETask:
         self.disc = self.loss_fn.discriminator  # replicated on every rank; gradients averaged in after_step
         self.disc_opt = None
         if self.disc is not None:
-            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9))
+            self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9), fused=True)
 
     def extra_state(self) -> list:
         """Objects the checkpoint holds besides the model, optimizer and schedule."""
