@@ -218,16 +218,17 @@ def test_two_processes_match_one_and_resume_on_a_new_world_size(assets, referenc
 def test_fsdp_on_two_processes_matches_one_and_resumes_on_one(assets, reference, tmp_path):
     """parallel.fsdp on two processes (gloo) x grad_accum 1 takes the reference's steps (1 process x grad_accum 2):
     the same losses, and its sharded checkpoint exports the same EMA weights. Resumed from its step-2 shards on one
-    process x grad_accum 2, it ends where the reference ends. Every rank samples; the main one writes."""
+    process x grad_accum 2, it ends where the reference ends. Every rank samples, by the EMA weights, between steps
+    (which then go on with the trained weights); the main one writes."""
     base = assets["base"] + ["train.max_steps=4", "train.checkpoint_every=2", "parallel.fsdp=true",
-                             "train.sample_every=4", "train.sample_prompts=['a red circle']", "sample.steps=2"]
+                             "train.sample_every=3", "train.sample_prompts=['a red circle']", "sample.steps=2"]
     config = str(tmp_path / "config.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'run'}", "train.grad_accum=1"]), config)
     torchrun(config)
     run = tmp_path / "run"
     torch.testing.assert_close([r["loss"] for r in log(run)], [r["loss"] for r in log(reference)], rtol=1e-4,
                                atol=1e-6)
-    assert os.listdir(run / "samples") == ["step_00000004_0.mp4"]
+    assert os.listdir(run / "samples") == ["step_00000003_0.mp4"]
     ckpt = run / "checkpoints" / "step_00000004"
     assert (ckpt / "sharded").is_dir() and not (ckpt / "model.safetensors").exists()
     want = export_ema(os.path.join(reference, "checkpoints", "step_00000004"), str(tmp_path / "want"))

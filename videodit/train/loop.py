@@ -231,7 +231,7 @@ def _train(cfg, resume: str | None, received: list) -> str:
         if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact
             record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
             if eval_now:  # after the rates are taken: they leave its time out
-                with _ema_weights(ema, params):
+                with _ema_weights(ema, params, model):
                     record.update(_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
@@ -249,7 +249,7 @@ def _train(cfg, resume: str | None, received: list) -> str:
                 alone = not fsdp and S > 1
                 if alone:
                     unwrapped.set_sequence_parallel(None)
-                with _ema_weights(ema, params), acc.autocast():
+                with _ema_weights(ema, params, model), acc.autocast():
                     task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
                 if alone:
                     unwrapped.set_sequence_parallel(group)
@@ -267,7 +267,7 @@ def _train(cfg, resume: str | None, received: list) -> str:
     bar.close()
 
     acc.wait_for_everyone()
-    with _ema_weights(ema, params):
+    with _ema_weights(ema, params, model):
         final = unwrapped
         if fsdp:  # gather the shards (collective), then export a whole model from the main process
             full = sharded.gather(model, acc.is_main_process)
@@ -376,8 +376,9 @@ def _window() -> dict:
 
 
 @contextlib.contextmanager
-def _ema_weights(ema, params):
-    """Swap the EMA weights into `params` for the duration of the block."""
+def _ema_weights(ema, params, model):
+    """Swap the EMA weights into `params` for the duration of the block (a sharded `model` drops the EMA weights
+    its forward passes left gathered)."""
     if ema is None:
         yield
         return
@@ -386,4 +387,5 @@ def _ema_weights(ema, params):
     try:
         yield
     finally:
+        sharded.drop_gathered(model)
         ema.restore(params)

@@ -17,7 +17,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from ..config import ConfigError
@@ -62,6 +62,15 @@ def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: in
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     for buffer in model.buffers():  # not sharded, and not all in the state dict (RoPE's frequencies)
         dist.broadcast(buffer, 0)
+
+
+def drop_gathered(model) -> None:
+    """Free the weights that forward passes without a backward (sampling, evaluation) left gathered: FSDP keeps the
+    root unit's for the backward it expects, and the next forward would use them even after the shards changed (the
+    EMA's swapped back out). A no-op for a model that is not sharded."""
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def _ema_state(model, ema) -> dict:
