@@ -531,6 +531,8 @@ def test_lora_recipe_fine_tunes_the_default_model_on_a_manifest(tmp_path):
 
 
 def test_guidance_distillation_starts_as_the_teacher_and_exports_a_one_pass_pipeline(assets, tmp_path):
+    """Also sharded: FSDP on two processes, the teacher sharded as well (built by process 0 alone), takes the steps
+    of one process with grad_accum 2."""
     from videodit.config import ConfigError
     from videodit.flow import guidance_distilled
     from videodit.pipeline import VideoDiTPipeline
@@ -538,9 +540,16 @@ def test_guidance_distillation_starts_as_the_teacher_and_exports_a_one_pass_pipe
     random_dit().save_pretrained(tmp_path / "teacher")
     common = assets["base"] + [f"distill.teacher={tmp_path / 'teacher'}", "train.max_steps=2", "train.ema_decay=0"]
     for g in (1, 5):
-        train(load_config(None, common + [f"distill.guidance=[{g},{g}]", f"train.output_dir={tmp_path / f'g{g}'}"]))
+        train(load_config(None, common + [f"distill.guidance=[{g},{g}]", f"train.output_dir={tmp_path / f'g{g}'}",
+                                          "train.grad_accum=2"]))
     # step 1's loss is the untrained student's: the teacher's conditional velocity, which is the target at scale 1
     assert log(tmp_path / "g1")[0]["loss"] < 1e-10 and log(tmp_path / "g5")[0]["loss"] > 1e-7
+    config = str(tmp_path / "fsdp.yaml")
+    save_config(load_config(None, common + ["distill.guidance=[5,5]", f"train.output_dir={tmp_path / 'fsdp'}",
+                                            "parallel.fsdp=true"]), config)
+    torchrun(config)
+    torch.testing.assert_close([r["loss"] for r in log(tmp_path / "fsdp")], [r["loss"] for r in log(tmp_path / "g5")],
+                               rtol=1e-4, atol=1e-9)
     pipe = VideoDiTPipeline.from_pretrained(str(tmp_path / "g5" / "pipeline"))
     assert guidance_distilled(pipe.transformer) and pipe.transformer.g_embed.mlp[2].weight.abs().sum() > 0
     for extra, words in ((["distill.teacher=" + str(tmp_path / "g5" / "pipeline")], "itself guidance-distilled"),

@@ -67,9 +67,9 @@ def load_denoiser(path: str, in_channels: int, text_dim: int, key: str, meta: bo
     return model
 
 
-def load_teacher(cfg, in_channels: int, text_dim: int) -> VideoDiT:
-    """The frozen teacher of a guidance distillation (distill.teacher)."""
-    teacher = load_denoiser(cfg.distill.teacher, in_channels, text_dim, "distill.teacher")
+def load_teacher(cfg, in_channels: int, text_dim: int, meta: bool = False) -> VideoDiT:
+    """The frozen teacher of a guidance distillation (distill.teacher); with `meta`, its architecture only."""
+    teacher = load_denoiser(cfg.distill.teacher, in_channels, text_dim, "distill.teacher", meta)
     if guidance_distilled(teacher):
         raise ConfigError(f"distill.teacher = {cfg.distill.teacher} is itself guidance-distilled; distill from the "
                           f"model it was distilled from, which samples with a negative prompt's pass")

@@ -26,7 +26,7 @@ SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
 def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: int = 0) -> None:
-    """Shard `model` (a VideoDiT) over all processes, each block a unit; with `shard_size` N, over each N consecutive
+    """Shard `model` (a VideoDiT, trained or frozen) over all processes, each block a unit; with `shard_size` N, over each N consecutive
     processes (a machine's GPUs) and replicated across those groups (HSDP: the gathers stay within a machine, only
     the gradients cross machines). Process 0 holds the weights; the others may hold the architecture alone on the
     meta device (so no process but the first ever holds a whole model): each gets its shards from process 0. One
@@ -54,7 +54,9 @@ def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: in
         if param_dtype == "bf16" else MixedPrecisionPolicy()
     for block in model.blocks:
         fully_shard(block, mesh=mesh, mp_policy=policy)
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    # the root's weights stay gathered after the forward for the backward, but a frozen model has none
+    frozen = not any(p.requires_grad for p in model.parameters())
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=True if frozen else None)
     if world == 1:
         return
     if any(t.is_meta for t in [*model.parameters(), *model.buffers()]):

@@ -64,13 +64,17 @@ class DiTTask:
         if cfg.distill.teacher and cfg.train.lora_rank:
             raise ConfigError("distill.teacher with train.lora_rank > 0: guidance distillation trains the whole "
                               "denoiser (its new guidance embedding is no adapter); set train.lora_rank=0")
-        self.teacher = load_teacher(cfg, channels, text_dim).to(self.device) if cfg.distill.teacher else None
-        if self.teacher is not None:  # the negative prompt of the teacher's second pass, encoded once
-            self.text = self.text or self._text()
+        # a sharded run's main process builds the weights and hands each process its shards (sharded.shard), of the
+        # denoiser and of a distillation's teacher
+        meta = cfg.parallel.fsdp and not accelerator.is_main_process
+        self.teacher = None
+        if cfg.distill.teacher:
+            self.teacher = load_teacher(cfg, channels, text_dim, meta)
+            if not cfg.parallel.fsdp:
+                self.teacher.to(self.device)
+            self.text = self.text or self._text()  # the negative prompt of the teacher's second pass, encoded once
             self.null = self.text.encode([cfg.sample.negative_prompt])
         self.autocast = accelerator.autocast
-        # a sharded run's main process builds the weights and hands each process its shards (sharded.shard)
-        meta = cfg.parallel.fsdp and not accelerator.is_main_process
         model = build_denoiser(cfg, channels, text_dim, self.teacher, meta)
         self.model_config = dict(model.config)
         self.geom = Geometry(ft, fs, tuple(model.patch_size))
