@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -109,6 +110,51 @@ def test_resume_latest_is_bit_exact(assets, reference, tmp_path):
         assert torch.equal(v, load_file(os.path.join(b, "model.safetensors"))[k]), k
     ema_a, ema_b = (torch.load(os.path.join(d, "custom_checkpoint_0.pkl"))["shadow_params"] for d in (a, b))
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b))
+
+
+def test_trackers_tensorboard_wandb_or_none(assets, tmp_path, monkeypatch):
+    """train.report_to: [] writes log.jsonl alone; wandb (a stand-in module here) gets the run's config, named after
+    its folder, and every logged line, and a resumed run goes on in the same W&B run; without wandb installed it is
+    a ConfigError saying how to install it."""
+    from videodit.train import loop
+
+    base = assets["base"] + ["train.max_steps=2", "train.checkpoint_every=2", "train.eval_every=0"]
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'none'}", "train.report_to=[]"]))
+    assert (tmp_path / "none" / "log.jsonl").exists() and not (tmp_path / "none" / "tensorboard").exists()
+
+    runs = []
+
+    class Run:
+        def __init__(self, **kwargs):
+            self.kwargs, self.logged, self.finished = kwargs, [], False
+            runs.append(self)
+
+        def log(self, values, step=None, **kwargs):
+            self.logged.append((step, values))
+
+        def finish(self):
+            self.finished = True
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=Run))
+    monkeypatch.setattr(loop, "is_wandb_available", lambda: True)
+    out = tmp_path / "wb"
+    cfg = load_config(None, base + [f"train.output_dir={out}", "train.report_to=[wandb]", "train.wandb_project=p"])
+    train(cfg)
+    train(load_config(None, base + [f"train.output_dir={out}", "train.report_to=[wandb]", "train.wandb_project=p",
+                                    "train.max_steps=3"]), "latest")
+    assert len(runs) == 2 and all(r.finished for r in runs) and not (out / "tensorboard").exists()
+    first, again = (r.kwargs for r in runs)
+    assert (first["project"], first["name"], first["dir"]) == ("p", "wb", str(out))
+    assert first["config"]["train"]["wandb_project"] == "p" and first["resume"] == again["resume"] == "allow"
+    assert first["id"] == again["id"] == (out / "wandb_id").read_text()
+    assert [s for s, _ in runs[0].logged] == [1, 2] and [s for s, _ in runs[1].logged] == [3]
+    assert runs[0].logged[0][1]["loss"] == log(out)[0]["loss"]
+
+    monkeypatch.setattr(loop, "is_wandb_available", lambda: False)
+    with pytest.raises(ConfigError, match="wandb, which is not installed: pip install wandb"):
+        train(cfg)
+    with pytest.raises(ConfigError, match="report_to"):
+        load_config(None, base + ["train.report_to=[mlflow]"])
 
 
 def test_a_stop_signal_checkpoints_its_step_and_resume_repeats_the_run(assets, reference, tmp_path, monkeypatch):

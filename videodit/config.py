@@ -208,6 +208,8 @@ class TrainConfig:
     eval_every: int = 0              # > 0: held-out measures every this many steps (log.jsonl eval_*)
     eval_clips: int = 32             # clips held out for it: the data source's last ones, never trained on
     eval_timesteps: list[float] = field(default_factory=lambda: [0.1, 0.3, 0.5, 0.7, 0.9])
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])  # also wandb; [] for log.jsonl alone
+    wandb_project: str = "videodit"
 
     def check(self, bad):
         for k in ("max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
@@ -236,6 +238,8 @@ class TrainConfig:
         if not self.eval_timesteps or not all(0 < t <= 1 for t in self.eval_timesteps) or \
                 len({f"{t:g}" for t in self.eval_timesteps}) < len(self.eval_timesteps):
             bad("eval_timesteps", "a list of distinct timesteps in (0, 1]")
+        if not set(self.report_to) <= {"tensorboard", "wandb"}:
+            bad("report_to", "a list of tensorboard and wandb, or [] (log.jsonl alone)")
 
 
 @dataclass

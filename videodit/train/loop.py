@@ -10,9 +10,9 @@ videodit.flops, all ranks), tflops_per_s (all ranks) and mfu = tflops_per_s / (p
 with train.eval_every, at step 0 of a fresh run (a line of these alone) and every eval_every steps, measures on the
 data's last train.eval_clips items, held out of training, by the EMA weights where there is an EMA: denoiser runs
 eval_loss and eval_loss_t<t>, the velocity error at each of train.eval_timesteps with noise fixed for the run, so
-the curve moves only as the model does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/,
-checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights: pipeline/ (dit: a
-VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
+the curve moves only as the model does; VAE runs eval_psnr and eval_l1 of the reconstructions), tensorboard/ (and
+W&B, by train.report_to), checkpoints/step_*/ (see checkpoint.py), samples/, and at the end the EMA weights:
+pipeline/ (dit: a VideoDiTPipeline for sample.py; LoRA runs also lora/, the adapters alone) or vae/ (vae).
 
 Determinism: a step's data is fixed by the global batch index (see data/loader.py) and its noise by a generator
 seeded with (train.seed, global batch index), so a resumed run repeats the uninterrupted one exactly on CPU, and a
@@ -36,10 +36,12 @@ import os
 import signal
 import threading
 import time
+import uuid
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, ProjectConfiguration, set_seed
+from accelerate.tracking import TensorBoardTracker, WandBTracker
+from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
@@ -113,7 +115,8 @@ def _stop_signals():
 def _train(cfg, resume: str | None, received: list) -> str:
     t, out = cfg.train, cfg.train.output_dir
     _check_fsdp(cfg)
-    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with="tensorboard",
+    trackers = _trackers(t, out)
+    acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
     set_seed(t.seed)  # the same initial weights on every rank
@@ -180,7 +183,10 @@ def _train(cfg, resume: str | None, received: list) -> str:
             _truncate_log(log_path, step)
         elif os.path.exists(log_path):
             os.remove(log_path)
-    acc.init_trackers("tensorboard")
+    for tracker in trackers:
+        if isinstance(tracker, WandBTracker) and acc.is_main_process:  # a resumed run goes on in its W&B run
+            tracker.init_kwargs.update(id=_wandb_id(out, checkpoint is not None), resume="allow", config=cfg.to_dict())
+    acc.init_trackers(t.wandb_project)
 
     loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position, holdout)
     held = _held_out(acc, task, holdout) if t.eval_every else None
@@ -281,6 +287,30 @@ def _train(cfg, resume: str | None, received: list) -> str:
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _trackers(t, out: str) -> list:
+    """The experiment trackers train.report_to names (accelerate starts them on the main process alone): TensorBoard
+    in <out>/tensorboard, W&B in the project train.wandb_project, the run named after its folder."""
+    trackers = [TensorBoardTracker("tensorboard", out)] if "tensorboard" in t.report_to else []
+    if "wandb" in t.report_to:
+        if not is_wandb_available():
+            raise ConfigError("train.report_to has wandb, which is not installed: pip install wandb, then wandb login "
+                              "(or set WANDB_MODE=offline to keep the run in <output_dir>/wandb)")
+        trackers.append(WandBTracker(t.wandb_project, name=os.path.basename(os.path.abspath(out)), dir=out))
+    return trackers
+
+
+def _wandb_id(out: str, resumed: bool) -> str:
+    """The run's W&B id: kept in <out>/wandb_id for resumes, new for a fresh start."""
+    path = os.path.join(out, "wandb_id")
+    if resumed and os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
+    run_id = uuid.uuid4().hex[:12]
+    with open(path, "w") as f:
+        f.write(run_id)
+    return run_id
 
 
 def _check_resume(checkpoint: str, fsdp: bool, holdout: int, ema: bool):
