@@ -197,12 +197,14 @@ def _children(pid: int) -> list[int]:
 
 
 def test_a_stop_signal_to_one_process_stops_all_at_one_step(assets, tmp_path):
-    """torchrun, two processes; SIGTERM to the second alone: both stop after the same step, whose checkpoint they
-    write together (both processes' RNG states), the log ends at it, and the message is printed once."""
+    """torchrun, two processes with a data worker each; SIGTERM to the second and its worker (as a job-wide signal
+    reaches them): both stop after the same step, whose checkpoint they write together (both processes' RNG
+    states), the log ends at it, and the message is printed once."""
     run = tmp_path / "run"
     config = str(tmp_path / "config.yaml")
     save_config(load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=1000",
-                                                    "train.checkpoint_every=1000", "train.eval_every=0"]), config)
+                                                    "train.checkpoint_every=1000", "train.eval_every=0",
+                                                    "data.num_workers=1"]), config)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
@@ -215,8 +217,11 @@ def test_a_stop_signal_to_one_process_stops_all_at_one_step(assets, tmp_path):
         while not (run / "log.jsonl").exists() or len(log(run)) < 2:  # training: two steps logged
             assert proc.poll() is None and time.time() < deadline, proc.communicate()[1][-3000:]
             time.sleep(0.05)
-        second = [pid for pid in _children(proc.pid) if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
-        os.kill(second[0], signal.SIGTERM)
+        (second,) = [pid for pid in _children(proc.pid) if b"RANK=1\0" in open(f"/proc/{pid}/environ", "rb").read()]
+        workers = _children(second)
+        assert workers  # its data worker
+        for pid in [second, *workers]:
+            os.kill(pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=120)
     finally:
         proc.kill()

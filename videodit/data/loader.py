@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import random
+import signal
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -385,5 +386,13 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
     data = TrainData(source, geom, d.seed, cfg.text.detailed_caption_prob, cfg.flow.text_dropout, cfg.flow.cond_prob,
                      cfg.flow.cond_weights, cfg.text.image_detailed_caption_prob)
     return torch.utils.data.DataLoader(data, batch_sampler=sampler, collate_fn=collate, num_workers=d.num_workers,
-                                       prefetch_factor=4 if d.num_workers else None,
+                                       prefetch_factor=4 if d.num_workers else None, worker_init_fn=_worker_init,
                                        persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def _worker_init(_):
+    """Data workers leave the stop signals (SIGTERM, SIGUSR1: a preemption, sent to every process of a job) to the
+    training process, which ends the run with a checkpoint and then stops them; they would otherwise die first and
+    take the run down without one."""
+    for s in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(s, signal.SIG_IGN)
