@@ -87,7 +87,8 @@ def _worker(rank, world, init_file, preset, setting, steps, results):
             times.append([tic[1] - tic[0], tic[3] - tic[2], tic[4] - tic[3]])
         state["optimizer"] = _bytes(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
         parts = [sum(t[i] for t in times[1:]) / steps for i in range(3)]
-        results[rank] = dict(state, built=built, peak=_peak_rss(), step=sum(parts), fwd_bwd=parts[0], opt=parts[1], ema_s=parts[2])
+        results[rank] = dict(state, built=built, peak=_peak_rss(), step=sum(parts), fwd_bwd=parts[0], opt=parts[1],
+                             ema_s=parts[2])
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,8 +1,9 @@
-"""Scale: sequence parallelism (Ulysses) on two (and four) gloo processes equals one process (outputs and gradients, for uneven
-token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation checkpointing, with a
-local MLP, with the step cache); the trainer with sequence parallel 2 x data parallel 2 on four processes equals one
-process; checkpoint policies keep the gradients; sample.py on several processes writes what one process writes;
-offloaded sampling gives the same video."""
+"""Scale: sequence parallelism (Ulysses) on two (and four) gloo processes equals one process (outputs and
+gradients, for uneven token counts, a rank holding no tokens, a mixed batch of shapes, with selective activation
+checkpointing, with a local MLP, with the step cache); FSDP's bf16 gathers are as accurate as autocast; the trainer
+with sequence parallel 2 x data parallel 2 (DDP, FSDP or HSDP) on four processes equals one process; checkpoint
+policies keep the gradients; sample.py on several processes writes what one process writes; offloaded sampling
+gives the same video."""
 
 import itertools
 import math

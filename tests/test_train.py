@@ -205,13 +205,8 @@ def test_a_stop_signal_to_one_process_stops_all_at_one_step(assets, tmp_path):
     save_config(load_config(None, assets["base"] + [f"train.output_dir={run}", "train.max_steps=1000",
                                                     "train.checkpoint_every=1000", "train.eval_every=0",
                                                     "data.num_workers=1"]), config)
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-           os.path.join(ROOT, "train.py"), "--config", config]
-    proc = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cmd, env = _torchrun_cmd(config)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 120
         while not (run / "log.jsonl").exists() or len(log(run)) < 2:  # training: two steps logged
@@ -234,14 +229,19 @@ def test_a_stop_signal_to_one_process_stops_all_at_one_step(assets, tmp_path):
     assert stderr.count(f"stopped by SIGTERM at step {step};") == 1, stderr[-3000:]
 
 
-def torchrun(config: str, *args):
-    """train.py on two CPU processes (gloo)."""
+def _torchrun_cmd(config: str, *args) -> tuple[list, dict]:
+    """The command and environment that run train.py on two CPU processes (gloo)."""
     with socket.socket() as sock:  # a free port for the rendezvous
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
            os.path.join(ROOT, "train.py"), "--config", config, *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+
+
+def torchrun(config: str, *args):
+    """train.py on two CPU processes (gloo)."""
+    cmd, env = _torchrun_cmd(config, *args)
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
 
@@ -363,7 +363,6 @@ def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, t
     from accelerate import Accelerator
 
     from videodit.pipeline import VideoDiTPipeline
-    from videodit.train.tasks import DiTTask
 
     base = assets["base"] + ["train.max_steps=4", "train.eval_clips=5", "train.eval_timesteps=[0.2,0.6,1.0]",
                              "train.checkpoint_every=2"]

@@ -56,7 +56,7 @@ def load_denoiser(path: str, in_channels: int, text_dim: int, key: str, meta: bo
     if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
         raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder")
     if meta:
-        with _on_meta(meta):
+        with torch.device("meta"):
             model = VideoDiT.from_config(VideoDiT.load_config(path, subfolder=sub))
     else:
         model = VideoDiT.from_pretrained(path, subfolder=sub)

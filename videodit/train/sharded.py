@@ -26,11 +26,11 @@ SHARDED = "sharded"  # the folder of a checkpoint that holds the shards
 
 
 def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: int = 0) -> None:
-    """Shard `model` (a VideoDiT, trained or frozen) over all processes, each block a unit; with `shard_size` N, over each N consecutive
-    processes (a machine's GPUs) and replicated across those groups (HSDP: the gathers stay within a machine, only
-    the gradients cross machines). Process 0 holds the weights; the others may hold the architecture alone on the
-    meta device (so no process but the first ever holds a whole model): each gets its shards from process 0. One
-    process without a process group (a plain `python train.py`) gets a group of its own.
+    """Shard `model` (a VideoDiT, trained or frozen) over all processes, each block a unit; with `shard_size` N,
+    over each N consecutive processes (a machine's GPUs) and replicated across those groups (HSDP: the gathers stay
+    within a machine, only the gradients cross machines). Process 0 holds the weights; the others may hold the
+    architecture alone on the meta device (so no process but the first ever holds a whole model): each gets its
+    shards from process 0. One process without a process group (a plain `python train.py`) gets a group of its own.
 
     The shards stay fp32; `param_dtype` "bf16" gathers them in bf16 (half the traffic, and the matmuls need no
     casts) and reduces the gradients in fp32. The blocks' inputs are left as they come: the residual stream stays
