@@ -243,13 +243,14 @@ def torchrun(script: str, args: list, processes: int, fails: bool = False) -> st
     return proc.stderr
 
 
-@pytest.mark.parametrize("sharding", [[], ["parallel.fsdp=true"], ["parallel.fsdp=true", "parallel.fsdp_shard_size=2"]],
+@pytest.mark.parametrize("sharding,accum", [([], 1), (["parallel.fsdp=true"], 1),
+                                            (["parallel.fsdp=true", "parallel.fsdp_shard_size=2"], 2)],
                          ids=["ddp", "fsdp", "hsdp"])
-def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path, sharding):
+def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_path, sharding, accum):
     """train.py with parallel.sequence_parallel: 2 on four gloo processes (two groups of two: data parallel over the
-    groups, by DDP, by FSDP over all four, or by HSDP: sharded over pairs, replicated across them) takes the same
-    steps as one process with grad_accum 2: the same global batches, losses and weights, up to the order of float
-    sums."""
+    groups, by DDP, by FSDP over all four, or by HSDP: sharded over pairs, replicated across them, with grad_accum 2,
+    whose all-reduce across the pairs waits for a step's last micro-batch) takes the same steps as one process with
+    twice the grad_accum: the same global batches, losses and weights, up to the order of float sums."""
     model, tok = tiny_text(tmp_path)
     model.save_pretrained(tmp_path / "text")
     tok.save_pretrained(tmp_path / "text")
@@ -261,10 +262,10 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
                    "train.checkpoint_policy=attention", "train.sample_every=3",
                    "train.sample_prompts=['a red circle moving left']", "sample.steps=2",  # rank 0 samples alone
                    "train.eval_every=2", "train.eval_clips=3"]  # 15 (clip, t) pairs in 3 batches: 2 + 1 at weight 0
-    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", "train.grad_accum=2"]))
+    train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", f"train.grad_accum={2 * accum}"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
-                                          *sharding]), config)
+                                          f"train.grad_accum={accum}", *sharding]), config)
     torchrun("train.py", ["--config", config], processes=4)
     assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000003_0.mp4"]
     if sharding:  # a weight in 4 shards over all the processes, or in 2 (each pair holds the whole)

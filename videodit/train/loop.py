@@ -205,8 +205,11 @@ def _train(cfg, resume: str | None, received: list) -> str:
             batch = next(batches)
             window["wait"] += time.perf_counter() - tic
             generator.manual_seed(t.seed * 1_000_000_007 + consumed + m * dp_size + dp_rank)
-            # DDP syncs the last micro-batch only; FSDP reduce-scatters each (gradients stay sharded)
-            sync = contextlib.nullcontext() if m == A - 1 else acc.no_sync(model)
+            # DDP syncs the last micro-batch only; FSDP reduce-scatters each (gradients stay sharded), and HSDP
+            # all-reduces across its groups on the last only
+            sync = contextlib.nullcontext() if m == A - 1 or fsdp else acc.no_sync(model)
+            if fsdp:
+                sharded.sync_across_groups(model, m == A - 1)
             with sync:
                 loss, logs = task.loss(model, batch, generator, step)
                 acc.backward(loss / A)

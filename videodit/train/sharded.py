@@ -66,6 +66,13 @@ def shard(model, device: torch.device, param_dtype: str = "fp32", shard_size: in
         dist.broadcast(buffer, 0)
 
 
+def sync_across_groups(model, last: bool) -> None:
+    """Under HSDP, gradients are reduce-scattered within each group every micro-batch but all-reduced across the
+    groups (between machines) on a step's last micro-batch only; the groups' sums in between stay sharded. Plain FSDP
+    still reduce-scatters every micro-batch: holding whole gradients until the last would undo its memory saving."""
+    model.set_requires_all_reduce(last)
+
+
 def drop_gathered(model) -> None:
     """Free the weights that forward passes without a backward (sampling, evaluation) left gathered: FSDP keeps the
     root unit's for the backward it expects, and the next forward would use them even after the shards changed (the
