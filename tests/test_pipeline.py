@@ -3,7 +3,9 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import random_dit
 from diffusers import FlowMatchEulerDiscreteScheduler
+from PIL import Image
 
 from videodit.dit import VideoDiT
 from videodit.flow import cond_frames
@@ -248,8 +250,6 @@ def test_sample_command_writes_files_and_prompts(saved, tmp_path, capsys):
 
 
 def test_sample_command_batches_prompts_and_each_image_is_its_own_seeds(saved, tmp_path):
-    from PIL import Image
-
     (tmp_path / "prompts.txt").write_text("a red circle\ntwo blue squares\na green triangle moving up\n")
     images = []
     for batch in ("1", "2", "3"):
@@ -267,8 +267,6 @@ def test_sample_command_batches_prompts_and_each_image_is_its_own_seeds(saved, t
 
 
 def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pipe, tmp_path, capsys):
-    from PIL import Image
-
     from videodit.data.video import read_video, write_video
 
     tiny_pipe.register_to_config(default_size=[5, 16, 32], default_fps=4.0)
@@ -423,3 +421,52 @@ def test_a_distilled_pipeline_samples_in_one_pass_and_refuses_what_it_cannot_cha
         main(["--prompt", "a", "--checkpoint", str(tmp_path / "distilled"), "--negative-prompt", "blue"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error:") and "negative prompt" in err
+
+
+def test_lora_adapters_merge_at_a_scale_on_the_pipeline_and_the_command_line(tiny_pipe, tmp_path, capsys):
+    """Adapters saved by a LoRA run merge into a pipeline's denoiser: scale 1 gives the adapted model's weights (and
+    its samples), scale s moves each adapted weight s of the way, 0 leaves it; the command line takes them too."""
+    from videodit.train.lora import add_lora
+
+    base = {k: v.clone() for k, v in tiny_pipe.transformer.state_dict().items()}
+    adapted = add_lora(random_dit(), rank=2)
+    torch.manual_seed(1)
+    for n, p in adapted.named_parameters():
+        if "lora_B" in n:  # trained adapters: B is no longer zero
+            p.data.normal_(0, 0.1)
+    adapted.save_pretrained(tmp_path / "lora")
+    merged = adapted.merge_and_unload().state_dict()
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    delta = {k: merged[k] - v for k, v in base.items()}
+    assert sum(bool(d.abs().sum()) for d in delta.values()) == 2 * 7  # 7 projections in each of 2 blocks
+    for scale in (1.0, 0.5, 0.0, -1.0):
+        pipe = VideoDiTPipeline.from_pretrained(tmp_path / "pipe").load_lora(str(tmp_path / "lora"), scale)
+        for k, w in pipe.transformer.state_dict().items():
+            torch.testing.assert_close(w, base[k] + scale * delta[k], msg=k)
+    twice = VideoDiTPipeline.from_pretrained(tmp_path / "pipe").load_lora(str(tmp_path / "lora"), 0.5)
+    twice.load_lora(str(tmp_path / "lora"), 0.5)  # merged one after the other: the deltas add up
+    for k, w in twice.transformer.state_dict().items():
+        torch.testing.assert_close(w, merged[k], msg=k)
+
+    args = ["--prompt", "a red circle", "--checkpoint", str(tmp_path / "pipe"), "--num-frames", "1", "--height", "16",
+            "--width", "16", "--seed", "2"]
+    main(args + ["--output", str(tmp_path / "base.png")])
+    main(args + ["--output", str(tmp_path / "lora.png"), "--lora", str(tmp_path / "lora")])
+    main(args + ["--output", str(tmp_path / "zero.png"), "--lora", str(tmp_path / "lora"), "--lora-scale", "0"])
+    tiny_pipe.transformer.load_state_dict(merged)
+    want = tiny_pipe("a red circle", height=16, width=16, num_frames=1, generator=gen(2), progress=False).frames[0]
+    images = {name: np.asarray(Image.open(tmp_path / f"{name}.png")) for name in ("base", "lora", "zero")}
+    assert np.array_equal(images["lora"], want[0]) and np.array_equal(images["zero"], images["base"])
+    assert not np.array_equal(images["lora"], images["base"])
+
+    other = add_lora(random_dit(hidden_size=48), rank=2)  # adapters of another model's size
+    other.save_pretrained(tmp_path / "other")
+    for extra, words in ((["--lora", str(tmp_path / "other")], ["do not fit this denoiser"]),
+                         (["--lora", str(tmp_path)], ["not a LoRA adapter folder", "adapter_config.json"]),
+                         (["--lora", str(tmp_path / "lora"), "--lora-scale", "1", "--lora-scale", "2"],
+                          ["2 --lora-scale values for 1 --lora"])):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            main(args + ["--output", str(tmp_path / "x.png")] + extra)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error:") and all(w in err for w in words), err

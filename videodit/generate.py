@@ -57,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--fps", type=float, help="frame rate of the output and of reading input videos (default: the "
                    "checkpoint's)")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="a pipeline folder (default: the shipped model)")
+    p.add_argument("--lora", action="append", default=[], metavar="DIR",
+                   help="LoRA adapters (a LoRA run's <output_dir>/lora) merged into the checkpoint's denoiser; "
+                        "repeat for several")
+    p.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
+                   help="strength of each --lora, in their order (one value: all; default 1)")
     p.add_argument("--output", help="output file for one prompt: .mp4, .gif, or .png when --num-frames 1")
     p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl")
     p.add_argument("--image", help="animate this image from its first frame")
@@ -202,6 +207,13 @@ def check_args(a, prompts) -> tuple[int, int] | None:
     if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
         raise UserError(f"--guidance-parallel must be in [0, 1] (1 plain guidance, 0 projected), "
                         f"got {a.guidance_parallel}")
+    if len(a.lora_scale) > 1 and len(a.lora_scale) != len(a.lora):
+        raise UserError(f"{len(a.lora_scale)} --lora-scale values for {len(a.lora)} --lora folders: give one for each, "
+                        f"or one for all")
+    for path in a.lora:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise UserError(f"--lora {path}: not a LoRA adapter folder (it needs adapter_config.json, as a LoRA run "
+                            f"writes to <output_dir>/lora)")
     if a.output and a.output_dir:
         raise UserError("give --output FILE (one prompt) or --output-dir DIR, not both")
     if len(prompts) > 1 and a.output:
@@ -215,7 +227,7 @@ def check_args(a, prompts) -> tuple[int, int] | None:
     return inputs[0] if inputs else None
 
 
-def load_pipeline(path: str, device: str, offload: bool = False):
+def load_pipeline(path: str, device: str, offload: bool = False, loras=(), scales=()):
     if not os.path.isfile(os.path.join(path, "model_index.json")):
         if os.path.abspath(path) == DEFAULT_CHECKPOINT:
             raise UserError(f"the default model is missing: {path} holds no pipeline (model_index.json). Restore "
@@ -230,6 +242,11 @@ def load_pipeline(path: str, device: str, offload: bool = False):
 
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     pipe = VideoDiTPipeline.from_pretrained(path, dtype=dtype)
+    for lora, scale in zip(loras, scales if len(scales) > 1 else list(scales or [1.0]) * len(loras)):
+        try:
+            pipe.load_lora(lora, scale)
+        except ValueError as e:
+            raise UserError(f"--lora {e}") from None
     if offload:
         pipe.enable_offload(device)
         return pipe
@@ -274,7 +291,7 @@ def run(a):
 def sample_prompts(a, prompts, like, device, ranks):
     say = print if ranks.main else lambda *args: None  # noqa: E731
     t0 = time.time()
-    pipe = load_pipeline(a.checkpoint, device, a.offload)
+    pipe = load_pipeline(a.checkpoint, device, a.offload, a.lora, a.lora_scale)
     try:
         pipe.transformer.set_sequence_parallel(ranks.group)
     except ValueError as e:  # the model's heads do not split over the group

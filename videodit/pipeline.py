@@ -92,6 +92,14 @@ class VideoDiTPipeline(DiffusionPipeline):
             self.transformer.to(dtype_before)
             self.register_modules(**parts)
 
+    def load_lora(self, path: str, scale: float = 1.0):
+        """Merge the LoRA adapters in `path` (a LoRA run's <output_dir>/lora) into the denoiser at `scale` times the
+        strength they trained at; call again for more. The adapters must come from a run on this denoiser."""
+        from .train.lora import merge_lora
+
+        self.register_modules(transformer=merge_lora(self.transformer, path, scale))
+        return self
+
     def enable_offload(self, device="cuda"):
         """Keep the text encoder, denoiser and VAE in CPU memory and move each to `device` only while it runs: the
         accelerator holds the largest part and its activations, never all three."""

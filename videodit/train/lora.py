@@ -4,9 +4,13 @@
     model.save_pretrained("adapter")                             # the adapters alone (adapter_model.safetensors)
     model = load_lora(VideoDiT.from_pretrained(base), "adapter") # base + adapters
     plain = model.merge_and_unload()                             # a VideoDiT with the adapters merged in
+    plain = merge_lora(VideoDiT.from_pretrained(base), "adapter", scale=0.5)  # at half strength
 """
 
+import os
+
 from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
 
 # self-attention qkv/proj, cross-attention q/kv/proj, MLP fc1/fc2 of every block (regex over module names)
 TARGET_MODULES = r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
@@ -21,3 +25,20 @@ def add_lora(model, rank: int, alpha: float | None = None) -> PeftModel:
 def load_lora(model, adapter_dir: str, trainable: bool = False) -> PeftModel:
     """A VideoDiT with the adapters saved in `adapter_dir` (by PeftModel.save_pretrained)."""
     return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+
+
+def merge_lora(model, adapter_dir: str, scale: float = 1.0):
+    """`model` (a VideoDiT) with the adapters of `adapter_dir` merged into its weights at `scale` times the strength
+    they trained at (0 leaves the model as it was, negative steers away). Merge several by calling it again."""
+    if not os.path.isfile(os.path.join(adapter_dir, "adapter_config.json")):
+        raise ValueError(f"{adapter_dir}: not a LoRA adapter folder (it needs adapter_config.json, as a LoRA run "
+                         f"writes to <output_dir>/lora)")
+    try:
+        adapted = load_lora(model, adapter_dir)
+    except RuntimeError as e:  # a weight of another shape: the adapters belong to another model
+        raise ValueError(f"{adapter_dir}: these adapters do not fit this denoiser, they were trained on a model of "
+                         f"another size ({str(e).splitlines()[-1].strip()})") from None
+    for module in adapted.modules():
+        if isinstance(module, LoraLayer):
+            module.scale_layer(scale)
+    return adapted.merge_and_unload()
