@@ -168,6 +168,30 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)
 
 
+def test_a_row_without_its_frame_rate_is_probed_for_it(tmp_path):
+    """num_frames, height and width given, fps not: the clip's own rate decides how many frames it has at data.fps
+    (31 frames at 30 fps are 9 at 8 fps), and every draw reads."""
+    write_video(str(tmp_path / "a.mp4"), make_clip(0, 32, 32, 31)["frames"], fps=30)
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(path="a.mp4", caption="c", num_frames=31, height=32,
+                                                      width=32)) + "\n")
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=17, fps=8.0, geom=GEOM)
+    assert src.plans[0][0] == 9 and src.plans[0][4] == 30
+    data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
+    assert all(data[(0, False, epoch)]["video"].shape[1] == 9 for epoch in range(8))
+
+
+def test_the_most_common_size_is_a_readable_videos(tmp_path):
+    """Images and rows that cannot be read do not decide the size a trained model samples at by default."""
+    write_video(str(tmp_path / "a.mp4"), make_clip(0, 32, 64, 9)["frames"], fps=8)
+    for i in range(3):
+        write_video(str(tmp_path / f"{i}.png"), make_clip(i, 32, 32, 1)["frames"])
+    rows = [dict(path="a.mp4", caption="c")] + [dict(path=f"{i}.png", caption="c") for i in range(3)] + \
+        [dict(path=f"gone{i}.mp4", caption="c") for i in range(3)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 64, max_frames=9, fps=8.0, geom=GEOM)
+    assert src.typical_size() == (9, 32, 64)
+
+
 def test_a_manifest_of_only_unreadable_clips_fails_at_once(tmp_path):
     from videodit.data.manifest import ManifestError
 

@@ -17,6 +17,15 @@ def test_jsonl_and_csv_rows(tmp_path):
     assert (rows[0].caption, rows[0].height, rows[0].width) == ("a, b", 64, 128) and rows[1].height is None
 
 
+def test_a_byte_order_mark_is_read_as_none(tmp_path):
+    """Spreadsheets save "CSV UTF-8" with a byte-order mark; some editors do so for JSONL."""
+    (tmp_path / "m.csv").write_bytes("path,caption\nc.mp4,é\n".encode("utf-8-sig"))
+    (tmp_path / "m.jsonl").write_bytes(json.dumps({"path": "c.mp4", "caption": "é"}).encode("utf-8-sig"))
+    for name in ("m.csv", "m.jsonl"):
+        [row] = read_manifest(str(tmp_path / name))
+        assert (row.path, row.caption) == (str(tmp_path / "c.mp4"), "é")
+
+
 def test_write_read_round_trip(tmp_path):
     for name in ("out.jsonl", "out.csv"):
         rows = [dict(path=str(tmp_path / "a.mp4"), caption="one", num_frames=9)]
@@ -31,6 +40,7 @@ def test_write_read_round_trip(tmp_path):
     (['{"path": "a.mp4", "caption": "ok", "num_frames": 4.5}'], 1, ["num_frames", "integer"]),
     (['{"path": "a.mp4", "caption": "ok", "fps": -3}'], 1, ["fps", "positive"]),
     (['{"path": "a.mp4", "caption": "ok"}', '', '{"path": "a.mp4", "caption": 5}'], 3, ["caption", "string"]),
+    (['{"path": "a.mp4", "caption": "ok"}', '{"path": "b.mp4", "caption": ""}'], 2, ["caption", "non-empty"]),
     (['{"path": "a.mp4", "caption": "ok"}', '{not json'], 2, ["JSON"]),
     (['["a.mp4", "x"]'], 1, ["object"]),
 ])

@@ -70,6 +70,21 @@ def test_gif_and_png(tmp_path):
         write_video(str(tmp_path / "b.avi2"), frames)
 
 
+def test_sixteen_bit_and_rotated_images_read_as_they_look(tmp_path):
+    from PIL import Image
+
+    grey = np.tile(np.linspace(0, 65535, 24).astype(np.uint16), (8, 1))  # a 16-bit ramp
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    x = to_uint8(read_image(str(tmp_path / "g.png")))[0, ..., 0].astype(float)
+    assert np.abs(x - grey / 257).max() <= 1
+    photo = Image.fromarray(np.zeros((20, 40, 3), np.uint8))  # stored landscape, shown portrait (EXIF 6: rotate)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.save(tmp_path / "r.jpg", exif=exif)
+    assert read_image(str(tmp_path / "r.jpg")).shape == (3, 1, 40, 20)
+    assert probe(str(tmp_path / "r.jpg"))["height"] == 40
+
+
 def test_resize_and_crop_keep_aspect():
     # a centred disc in a wide frame stays round when resized to a square, a tall or a wide target
     h, w = 60, 120

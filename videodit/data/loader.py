@@ -146,26 +146,29 @@ class ShapesSource:
 class ManifestSource:
     """Rows of a manifest read by decord, at native aspect resized to about `target_area` pixels (multiples of
     fs*ph), with the longest 1 + ft*k frames at `fps` the clip allows up to max(num_frames). Rows without
-    num_frames/height/width are probed once here (put them in the manifest to skip that); a row that cannot be
+    num_frames/fps/height/width are probed once here (put them in the manifest to skip that); a row that cannot be
     probed is planned as one frame and skipped when read."""
 
     def __init__(self, manifest: str, target_area: int, max_frames: int, fps: float, geom: Geometry):
         self.rows = read_manifest(manifest)
         self.fps = fps
         self.plans = []  # per row: (T, H, W, source frames, source fps)
-        unreadable = []
+        self.readable = []  # per row: False where probing failed
+        unreadable = []  # messages: an exception's traceback would keep its callers' frames alive
         for row in self.rows:
             n, src_fps, h, w = row.num_frames, row.fps, row.height, row.width
             if is_image(row.path):
-                n = 1
-            if n is None or h is None or w is None:
+                n = src_fps = 1
+            ok = True
+            if n is None or src_fps is None or h is None or w is None:
                 try:
                     info = probe(row.path)
                     n, h, w, src_fps = info["num_frames"], info["height"], info["width"], src_fps or info["fps"]
                 except VideoReadError as e:
                     logger.warning(f"cannot probe {e}; it will be skipped")
-                    n, h, w = 1, 1, 1
-                    unreadable.append(e)
+                    n, h, w, ok = 1, 1, 1, False
+                    unreadable.append(str(e))
+            self.readable.append(ok)
             available = n if not src_fps or n == 1 else int((n - 1) * fps / src_fps) + 1
             H, W = geom.resize(h, w, target_area)
             self.plans.append((geom.frames(available, max_frames), H, W, n, src_fps or fps))
@@ -182,8 +185,11 @@ class ManifestSource:
         return video, image
 
     def typical_size(self) -> tuple[int, int, int]:
-        """The most common (T, H, W) the clips are read at."""
-        return Counter(p[:3] for p in self.plans).most_common(1)[0][0]
+        """The most common (T, H, W) the readable videos are read at (images and unreadable rows left out, unless
+        the data has no readable video)."""
+        readable = [p[:3] for p, ok in zip(self.plans, self.readable) if ok]
+        videos = [p for p in readable if p[0] > 1]
+        return Counter(videos or readable).most_common(1)[0][0]
 
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         row, (T, H, W, n, src_fps) = self.rows[i], self.plans[i]

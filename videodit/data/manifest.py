@@ -57,14 +57,14 @@ def parse_row(raw: dict, where: str, root: str) -> Row:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: a row must be an object with 'path' and 'caption', got {type(raw).__name__}")
     for key in REQUIRED:
-        if key not in raw or raw[key] in (None, ""):
+        if key not in raw or raw[key] is None:
             raise ManifestError(f"{where}: missing required field {key!r} (rows need 'path' and 'caption')")
     values, extra = {}, {}
     for key, value in raw.items():
         kind = REQUIRED.get(key) or OPTIONAL.get(key)
         if kind is None:
             extra[key] = value
-        elif value not in (None, ""):  # an empty optional CSV cell means absent
+        elif key in REQUIRED or value not in (None, ""):  # an empty optional CSV cell means absent
             values[key] = _coerce(value, kind, where, key)
     path = values["path"]
     values["path"] = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
@@ -78,7 +78,7 @@ def read_manifest(path: str) -> list[Row]:
     root = os.path.dirname(os.path.abspath(path))
     ext = os.path.splitext(path)[1].lower()
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: as spreadsheets save "CSV UTF-8"
         if ext == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():

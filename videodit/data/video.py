@@ -10,7 +10,7 @@ import os
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageSequence
+from PIL import Image, ImageOps, ImageSequence
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 
@@ -119,11 +119,16 @@ def probe(path: str) -> dict:
 
 
 def read_image(path: str, height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """An image as a one-frame clip (3, 1, H, W) in [-1, 1]."""
+    """An image as a one-frame clip (3, 1, H, W) in [-1, 1], upright as its EXIF orientation says."""
     if not os.path.isfile(path):
         raise VideoReadError(path, "no such file")
     try:
         with Image.open(path) as im:
+            im = ImageOps.exif_transpose(im)
+            if im.mode.startswith("I"):  # 16-bit (or integer) grey: convert("RGB") would clip it at 255
+                grey = np.array(im, dtype=np.float64)
+                scale = 257 if im.mode.startswith("I;16") or grey.max() > 255 else 1
+                im = Image.fromarray((grey / scale).clip(0, 255).astype(np.uint8))
             arr = np.array(im.convert("RGB"))
     except Exception as e:
         raise VideoReadError(path, f"cannot be read as an image ({_short(e)})") from e
