@@ -108,6 +108,7 @@ def test_circular_base(tmp_path):
     ("sample.guidance_parallel=-1", ["sample.guidance_parallel", "a number in [0, 1]"]),
     ("flow.shared_noise=1.0", ["flow.shared_noise", "a number in [0, 1)"]),
     ("sample.size=[17,64]", ["sample.size", "[T, H, W]"]),
+    ("train.output_dir=", ["train.output_dir", "a folder for the run"]),
     ("train.eval_timesteps=[0.5,0.5]", ["train.eval_timesteps", "distinct timesteps in (0, 1]"]),
     ("train.eval_timesteps=[0]", ["train.eval_timesteps", "distinct timesteps in (0, 1]"]),
     ("train.eval_clips=0", ["train.eval_clips", "a positive integer"]),

@@ -355,6 +355,30 @@ def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path
         train(cfg, str(tmp_path / "ckpt"))
 
 
+def test_a_checkpoint_resumes_only_as_the_task_and_lora_rank_it_trained(assets, reference, tmp_path):
+    ckpt = os.path.join(reference, "checkpoints", "step_00000002")
+    for override, words in (("train.lora_rank=4", "train.lora_rank = 0, this run has 4.*--set train.lora_rank=0"),
+                            ("train.task=vae", "train.task = dit, this run has vae.*--set train.task=dit")):
+        cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", override])
+        with pytest.raises(ConfigError, match=words):
+            train(cfg, ckpt)
+
+
+def test_data_workers_stop_when_a_run_fails(assets, tmp_path, monkeypatch):
+    """A run that raises leaves no data worker behind, even while its traceback (which holds the loader) is kept:
+    the workers ignore SIGTERM, so one left over would hang the interpreter's exit."""
+    import multiprocessing
+
+    def fail(self, model, batch, generator, step):
+        raise ValueError("a failing step")
+
+    monkeypatch.setattr(DiTTask, "loss", fail)
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "data.num_workers=1"])
+    with pytest.raises(ValueError, match="a failing step") as kept:
+        train(cfg)
+    assert kept.traceback and not multiprocessing.active_children()
+
+
 def test_held_out_loss_takes_the_ema_weights_and_leaves_training_alone(assets, tmp_path):
     """Evaluating every 2 or every 4 steps: the same training losses and weights (evaluation draws nothing training
     draws and changes no weight) and the same held-out loss at step 4, which is the exported (EMA) denoiser's
@@ -536,6 +560,32 @@ def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
     records = log(run)
     assert records[-1]["skipped"] == 2  # all four fit one batch: each step is an epoch and meets the bad file once
     assert all(r["samples_per_s"] > 0 for r in records)
+
+
+@pytest.mark.parametrize("task", ["dit", "vae"])
+def test_a_batch_of_unreadable_files_is_skipped_from_the_first_step_on(assets, tmp_path, task):
+    """One readable clip and two broken files, a batch each: a batch that fails to load whole, even the first, runs
+    at weight 0 (loss 0, counted as skipped) and the run goes on."""
+    from videodit.data.loader import PackedBatchSampler
+    from videodit.data.shapes import make_clip
+    from videodit.data.video import write_video
+
+    clip = make_clip(0, 32, 32, 8)
+    write_video(str(tmp_path / "good.mp4"), clip["frames"], fps=8)
+    (tmp_path / "bad.mp4").write_bytes(b"not a video" * 100)
+    rows = [dict(path="good.mp4", caption=clip["caption"])] + \
+        [dict(path="bad.mp4", caption="a broken file", num_frames=8, fps=8.0, height=16, width=16)] * 2
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    # a data order whose first batch is a broken file (each sample is 8 tokens, a batch's budget)
+    seed = next(s for s in range(100) if PackedBatchSampler([8] * 3, [4] * 3, 8, 0.0, s).epoch(0)[0][0][0] != 0)
+    run = tmp_path / "run"
+    train(load_config(None, assets["base"] + [
+        "data.source=manifest", f"data.manifest={tmp_path / 'data.jsonl'}", "data.target_area=256",
+        "data.num_frames=[5]", "data.image_ratio=0", "data.max_tokens=8", f"data.seed={seed}", f"train.task={task}",
+        f"train.output_dir={run}", "train.max_steps=3", "train.sample_every=0"]))
+    records = log(run)
+    assert [r["skipped"] for r in records][-1] == 2 and records[0]["skipped"] == 1 and records[0]["loss"] == 0
+    assert sum(r["loss"] > 0 for r in records) == 1
 
 
 def test_stage_recipes_chain_their_models():

@@ -212,6 +212,8 @@ class TrainConfig:
     wandb_project: str = "videodit"
 
     def check(self, bad):
+        if not self.output_dir.strip():
+            bad("output_dir", "a folder for the run (it writes config.yaml, checkpoints/, log.jsonl there)")
         for k in ("max_steps", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, k) < 1:
                 bad(k, "a positive integer")

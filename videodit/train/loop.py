@@ -89,11 +89,24 @@ def train(cfg, resume: str | None = None) -> str:
     group the run started (accelerate's, or a sharded run's own on one process) ends with it, also on an error."""
     had_group = torch.distributed.is_initialized()
     try:
-        with _stop_signals() as received:
-            return _train(cfg, resume, received)
+        with _stop_signals() as received, contextlib.ExitStack() as closing:
+            return _train(cfg, resume, received, closing)
     finally:
         if not had_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _batches(loader):
+    """Iterate over the loader; its data workers stop when the block ends, on an error too. Left to the garbage
+    collector, they would outlive a run whose traceback is kept (it holds the iterator), and Python's exit would wait
+    for them forever: they ignore SIGTERM (_worker_init)."""
+    batches = iter(loader)
+    try:
+        yield batches
+    finally:
+        if hasattr(batches, "_shutdown_workers"):  # torch's multi-process iterator
+            batches._shutdown_workers()
 
 
 @contextlib.contextmanager
@@ -112,7 +125,7 @@ def _stop_signals():
             signal.signal(s, handler)
 
 
-def _train(cfg, resume: str | None, received: list) -> str:
+def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStack) -> str:
     t, out = cfg.train, cfg.train.output_dir
     _check_fsdp(cfg)
     trackers = _trackers(t, out)
@@ -127,7 +140,7 @@ def _train(cfg, resume: str | None, received: list) -> str:
     holdout = t.eval_clips if t.eval_every else 0  # items the loader leaves out, for evaluation
     checkpoint = find_checkpoint(resume, out) if resume else None
     if checkpoint:
-        _check_resume(checkpoint, fsdp, holdout, t.ema_decay > 0)
+        _check_resume(checkpoint, t, fsdp, holdout)
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
@@ -190,7 +203,7 @@ def _train(cfg, resume: str | None, received: list) -> str:
 
     loader = make_loader(cfg, task.source, task.geom, dp_rank, dp_size, position, holdout)
     held = _held_out(acc, task, holdout) if t.eval_every else None
-    batches = iter(loader)
+    batches = closing.enter_context(_batches(loader))
     consumed = position.batches
     generator = torch.Generator(acc.device)
     bar = tqdm(total=t.max_steps, initial=step, disable=not acc.is_main_process, desc=t.task)
@@ -267,7 +280,8 @@ def _train(cfg, resume: str | None, received: list) -> str:
             acc.wait_for_everyone()
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
-                         world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None)
+                         world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None,
+                         task=t.task, lora_rank=t.lora_rank)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
         if stop:
@@ -316,14 +330,20 @@ def _wandb_id(out: str, resumed: bool) -> str:
     return run_id
 
 
-def _check_resume(checkpoint: str, fsdp: bool, holdout: int, ema: bool):
-    """A checkpoint resumes only as it was sharded, with an EMA if it kept one, and with the same items held out (the
-    data stream depends on them)."""
+def _check_resume(checkpoint: str, t, fsdp: bool, holdout: int):
+    """A checkpoint resumes only as the run it came from trained (the task, LoRA or not, at its rank), sharded as
+    it was, with an EMA if it kept one, and with the same items held out (the data stream depends on them)."""
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        state = json.load(f)
+    for key in ("task", "lora_rank"):  # recorded since these checks exist
+        if key in state and state[key] != getattr(t, key):
+            raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with train.{key} = {state[key]}, "
+                              f"this run has {getattr(t, key)}; resume with --set train.{key}={state[key]}, or start "
+                              f"a new run in another train.output_dir")
     if fsdp != os.path.isdir(os.path.join(checkpoint, sharded.SHARDED)):
         raise ConfigError(f"--resume {checkpoint}: the checkpoint was written with parallel.fsdp = {not fsdp}; "
                           f"resume it with --set parallel.fsdp={str(not fsdp).lower()}")
-    with open(os.path.join(checkpoint, "state.json")) as f:
-        state = json.load(f)
+    ema = t.ema_decay > 0
     if state.get("ema", ema) != ema:
         raise ConfigError(f"--resume {checkpoint}: the checkpoint was written " + ("without" if ema else "with") +
                           " an EMA of the weights; resume it with train.ema_decay " +
@@ -386,7 +406,8 @@ def _held_out(acc, task, count: int):
         raise RuntimeError(f"the processes read {read.tolist()} of the {count} held-out items: a file read failed on "
                            f"some of them only")
     if not held["items"]:
-        raise RuntimeError(f"none of the data's last {count} items, held out by train.eval_clips, could be read")
+        raise ConfigError(f"none of the data's last {count} items, held out by train.eval_clips, could be read; "
+                          f"fix or remove those rows, or hold out more items (train.eval_clips)")
     return held
 
 

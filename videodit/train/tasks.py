@@ -38,6 +38,20 @@ def _last_items(source, count: int):
             logger.warning(f"held-out item {i} skipped: {e}")
 
 
+def _stand_in(source) -> dict:
+    """A batch of the source's first readable item as an image and an empty prompt: what a rank runs, at weight 0,
+    when every sample of its first batch failed to load (its passes keep the ranks' collectives in step)."""
+    for i in range(len(source)):
+        try:
+            s = source.load(i, True, random.Random(i))
+        except VideoReadError:
+            continue
+        one = dict(latent=[s["latent"]], text=[source.null_text()]) if "latent" in s else \
+            dict(video=[s["video"]], prompt=[""])
+        return dict(one, cond=[torch.zeros(1, dtype=torch.bool)])
+    raise RuntimeError("no item of the data can be read; check the data source")
+
+
 def _group_by_shape(tensors: list) -> dict:
     """{shape: [positions]} of a list of tensors."""
     groups = {}
@@ -109,9 +123,7 @@ class DiTTask:
     def loss(self, model, batch: dict, generator, step: int) -> tuple[torch.Tensor, dict]:
         weight = 1.0
         if batch["size"] == 0:  # every sample failed to load: run the last batch at weight 0 (ranks stay in step)
-            if self.last_batch is None:
-                raise RuntimeError("every sample of the first batch failed to load; check the data source")
-            batch, weight = self.last_batch, 0.0
+            batch, weight = self.last_batch or _stand_in(self.source), 0.0
         self.last_batch = batch
         if "latent" in batch:
             latents = [z.to(self.device) for z in batch["latent"]]
@@ -254,9 +266,10 @@ class VAETask:
         return [self.disc, self.disc_opt] if self.disc is not None else []
 
     def loss(self, model, batch: dict, generator, step: int) -> tuple[torch.Tensor, dict]:
+        weight = 1.0
+        if batch["size"] == 0:  # every sample failed to load: one at weight 0 (ranks stay in step)
+            batch, weight = _stand_in(self.source), 0.0
         videos = batch["video"]
-        if not videos:
-            raise RuntimeError("every sample of a batch failed to load; check the data source")
         last_layer = self.acc.unwrap_model(model).decoder.conv_out.conv.weight
         total, logs = 0.0, {}
         for idx in _group_by_shape(videos).values():
@@ -277,8 +290,8 @@ class VAETask:
             for k, v in g_logs.items():
                 if k == "loss":
                     continue
-                logs[k] = logs.get(k, 0.0) + share * float(v)
-        return total, logs
+                logs[k] = logs.get(k, 0.0) + share * weight * float(v)
+        return total * weight, logs
 
     def after_step(self):
         """Average the discriminator's gradients over ranks and step it."""
