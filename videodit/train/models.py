@@ -45,6 +45,11 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
         return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
 
 
+def _relative(path: str) -> str:
+    """For errors about a missing folder: where a relative path was looked for."""
+    return "" if os.path.isabs(path) else f" (a relative path is read from the current folder, {os.getcwd()})"
+
+
 def _on_meta(meta: bool):
     return torch.device("meta") if meta else contextlib.nullcontext()
 
@@ -54,7 +59,8 @@ def load_denoiser(path: str, in_channels: int, text_dim: int, key: str, meta: bo
     encoder; `key` names the config key that gave the path, for errors. With `meta`, its architecture only."""
     sub = "transformer" if os.path.isdir(os.path.join(path, "transformer")) else None
     if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
-        raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder")
+        raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder"
+                          f"{_relative(path)}")
     if meta:
         with torch.device("meta"):
             model = VideoDiT.from_config(VideoDiT.load_config(path, subfolder=sub))
@@ -118,7 +124,8 @@ def load_trained_vae(cfg):
                          "    python train.py --config configs/shapes/vae.yaml\n"
                          "then pass --set train.vae=runs/shapes-vae/vae (the run's exported vae/ folder)")
     if v.kind == "causal" and not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"train.vae = {path} is not a VAE folder (no config.json); a VAE run exports one to "
+        raise FileNotFoundError(f"train.vae = {path} is not a VAE folder (no config.json){_relative(path)}; a VAE "
+                                f"run exports one to "
                                 f"<output_dir>/vae, e.g. runs/shapes-vae/vae after "
                                 f"python train.py --config configs/shapes/vae.yaml")
     sub = "vae" if v.kind != "causal" and os.path.isdir(os.path.join(path, "vae")) else None
