@@ -199,6 +199,37 @@ def test_conditioning_frames_are_held():
         assert not torch.allclose(out[:, 1], clean[:, 1])
 
 
+class ZeroVelocity(torch.nn.Module):
+    """A velocity of 0: sampling returns the starting point unchanged."""
+    patch_size = (1, 2, 2)
+
+    def forward(self, packed, frame_t, text, mask):
+        return torch.zeros_like(packed.tokens)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "unipc"])
+def test_sdedit_starts_at_t_equal_to_the_strength(sampler):
+    """SDEdit starts from the input noised to exactly t = strength, whatever times the schedule has (here 4 steps,
+    shifted towards noise), so the change grows with the strength from nothing; strength 1 is text-to-video from the
+    same noise."""
+    text, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
+    x0 = torch.randn(4, 3, 4, 4)
+    gen = lambda: torch.Generator().manual_seed(2)  # noqa: E731
+    noise = draw_noise([x0.shape], generator=gen())[0]
+    run = lambda m, s: sample(m, [x0.shape], text, mask, steps=4, shift=3.0, sampler=sampler,  # noqa: E731
+                              init_latents=[x0], strength=s, generator=gen(), progress=False)[0]
+    for s in (0.01, 0.2, 0.6, 1.0):
+        torch.testing.assert_close(run(ZeroVelocity(), s), (1 - s) * x0 + s * noise)
+    m = tiny_model()
+    change = [(run(m, s) - x0).abs().mean().item() for s in (0.01, 0.1, 0.3, 0.6, 1.0)]
+    assert change[0] < 0.05 and all(a < b for a, b in zip(change, change[1:])), change
+    plain = sample(m, [x0.shape], text, mask, steps=4, shift=3.0, sampler=sampler, generator=gen(), progress=False)[0]
+    torch.testing.assert_close(run(m, 1.0), plain)
+    for s in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match=r"strength must be in \(0, 1\]"):
+            run(m, s)
+
+
 def test_a_guidance_student_starts_as_its_teacher_and_takes_a_scale_per_sample():
     teacher = random_dit()
     student = with_guidance_embedding(teacher)

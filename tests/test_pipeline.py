@@ -65,6 +65,8 @@ def test_sizes_left_out_come_from_the_checkpoint_and_the_input(tiny_pipe):
     assert tiny_pipe.resolve_size(like=(90, 30)) == (5, 40, 16)
     assert tiny_pipe.resolve_size(9, 32, None, like=(20, 60)) == (9, 32, 96)  # one side given: the other follows
     assert tiny_pipe.resolve_size(None, None, 16) == (5, 8, 16)  # no input: the default's aspect
+    # a thin input: the short side clamped at 8, the long side keeps the area
+    assert tiny_pipe.resolve_size(like=(2, 4000)) == (5, 8, 64) and tiny_pipe.resolve_size(like=(4000, 2)) == (5, 64, 8)
     wide = torch.rand(3, 1, 20, 60) * 2 - 1
     assert tiny_pipe("a red circle", image=wide, progress=False).sizes == [(5, 16, 40)]
     clip = torch.rand(3, 11, 16, 16) * 2 - 1  # SDEdit keeps the clip's length: the longest 1 + 4k frames of it
@@ -145,11 +147,21 @@ def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
                                  progress=False, **kw).frames[0]
     assert run(video=clip, extend="forward").shape[1] == 9  # 9 new frames in either direction
     assert run(video=clip, extend="backward").shape[1] == 9
-    assert run(connect=(clip, clip)).shape[1] == 8
+    assert run(connect=(clip, clip)).shape[1] == 8  # whole latent frames of 4 between the clips
     edited = run(video=clip, strength=0.5)
     assert edited.shape == clip.shape
     with pytest.raises(ValueError, match="one conditioning mode"):
         run(loop=True, video=clip, extend="forward")
+
+
+def test_connect_makes_the_new_frames_asked_in_whole_latent_frames(tiny_pipe):
+    """connect puts num_frames new frames between the clips, rounded to whole latent frames of ft = 4, never none."""
+    clip = torch.rand(3, 5, 16, 16) * 2 - 1
+    for asked, made in ((1, 4), (4, 4), (5, 4), (7, 8), (9, 8)):
+        assert tiny_pipe.resolve_size(asked, 16, 16, connect=True) == (made, 16, 16)
+        out = tiny_pipe("a red circle", height=16, width=16, num_frames=asked, connect=(clip, clip), output_type="pt",
+                        generator=gen(0), progress=False)
+        assert out.frames[0].shape[1] == made and out.sizes == [(made, 16, 16)]
 
 
 def test_extending_forwards_continues_from_the_clips_last_frames(tiny_pipe, monkeypatch):
@@ -169,6 +181,46 @@ def test_extending_forwards_continues_from_the_clips_last_frames(tiny_pipe, monk
         assert mask.tolist() == [True] * context + [False] * (len(mask) - context)
         held = tiny_pipe.encode_video(video[:, -(1 + 4 * (context - 1)):])  # the clip's end, encoded
         assert torch.allclose(z[:, :context], held, atol=1e-5)
+
+
+CLIP = torch.zeros(3, 5, 16, 16)
+
+
+@pytest.mark.parametrize("kw,words", [
+    (dict(prompt=[]), "non-empty list"),
+    (dict(prompt=None), "non-empty list"),
+    (dict(prompt=["a", "b"], num_frames=[5]), "num_frames has 1 values for 2 prompts"),
+    (dict(prompt=["a", "b"], height=[16, 16, 16]), "height has 3 values for 2 prompts"),
+    (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 values"),
+    (dict(height=0), "height must be positive"),
+    (dict(num_frames=-3), "num_frames must be positive"),
+    (dict(num_inference_steps=0), "num_inference_steps"),
+    (dict(num_inference_steps=-1), "num_inference_steps"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite"),
+    (dict(guidance_scale=float("inf")), "guidance_scale must be a finite"),
+    (dict(shift=0.0), "shift must be a positive finite"),
+    (dict(shift=float("nan")), "shift must be a positive finite"),
+    (dict(video=CLIP, strength=0.0), r"strength must be in \(0, 1\]"),
+    (dict(video=CLIP, strength=1.5), r"strength must be in \(0, 1\]"),
+    (dict(video=CLIP), "video needs extend"),
+    (dict(connect=(CLIP,)), "connect takes two videos"),
+    (dict(image=torch.zeros(16, 16, 3)), r"image must be pixels \(3, T, H, W\) or \(3, H, W\)"),
+    (dict(image=torch.zeros(3, 16)), r"image must be pixels"),
+    (dict(image=np.zeros((16, 16), np.float32)), r"image must be pixels"),
+])
+def test_bad_calls_say_what_is_wrong(tiny_pipe, kw, words):
+    kw = {"prompt": "a red circle", "height": 16, "width": 16, "num_frames": 5, "progress": False, **kw}
+    with pytest.raises(ValueError, match=words):
+        tiny_pipe(**kw)
+
+
+def test_an_image_may_be_a_3d_tensor_a_pil_image_or_uint8_frames(tiny_pipe):
+    pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    run = lambda image: tiny_pipe("a red circle", height=16, width=16, num_frames=5, image=image,  # noqa: E731
+                                  output_type="pt", generator=gen(0), progress=False).frames[0]
+    want = run(torch.from_numpy(pixels).permute(2, 0, 1)[:, None].float() / 127.5 - 1)
+    for image in (torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1, Image.fromarray(pixels), pixels):
+        torch.testing.assert_close(run(image), want)
 
 
 def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
@@ -296,6 +348,31 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     assert (r["num_frames"], r["height"], r["width"]) == (13, 40, 16)
 
 
+def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
+    """--connect adds the frames asked (rounded to whole latent frames, with a note), SDEdit notes the frames it
+    leaves out, an image without an extension is an image, and a UTF-8 prompt file may open with a byte-order mark."""
+    from videodit.data.video import read_video, write_video
+    from videodit.generate import parse_args, read_prompts
+
+    write_video(str(tmp_path / "a.mp4"), torch.zeros(3, 5, 16, 16), fps=8.0)
+    write_video(str(tmp_path / "b.mp4"), torch.zeros(3, 6, 16, 16), fps=8.0)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "noext", format="JPEG")
+    run = lambda *args: main(["--prompt", "a red circle", "--checkpoint", saved, "--output",  # noqa: E731
+                              str(tmp_path / "o.mp4"), "--height", "16", "--width", "16", *args])
+    run("--connect", str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4"), "--num-frames", "1")
+    assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5 + 4 + 6  # a, 4 new frames (one latent frame), b
+    assert "note: frames 1: not a size this model takes; using 4x16x16" in capsys.readouterr().out
+    run("--video", str(tmp_path / "b.mp4"), "--strength", "0.5")
+    assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
+    assert "note: --video has 6 frames at 8 fps; SDEdit takes 1 + 4*k frames: using its first 5" in \
+        capsys.readouterr().out
+    run("--image", str(tmp_path / "noext"), "--num-frames", "5")
+    assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
+    (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\ntwo blue squares\n".encode("utf-8"))
+    assert read_prompts(parse_args(["--prompt-file", str(tmp_path / "bom.txt")])) == ["a red circle",
+                                                                                      "two blue squares"]
+
+
 @pytest.mark.parametrize("args,words", [
     ([], ["no prompt"]),
     (["--prompt", "a", "--checkpoint", "/nonexistent"], ["/nonexistent", "model_index.json"]),
@@ -313,11 +390,43 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     (["--prompt", "a", "--cache-threshold", "-0.1"], ["--cache-threshold", ">= 0"]),
     (["--prompt", "a", "--sequence-parallel", "2"], ["--sequence-parallel 2", "torchrun"]),
     (["--prompt", "a", "--cfg-parallel"], ["--cfg-parallel", "torchrun"]),
+    (["--prompt", "a", "--strength", "0", "--video", "{bad}"], ["(0, 1]"]),
+    (["--prompt", "a", "--strength", "nan", "--video", "{bad}"], ["(0, 1]"]),
+    (["--prompt", "a", "--guidance", "nan"], ["--guidance", "finite"]),
+    (["--prompt", "a", "--guidance", "inf"], ["--guidance", "finite"]),
+    (["--prompt", "a", "--shift", "0"], ["--shift", "positive finite"]),
+    (["--prompt", "a", "--shift", "nan"], ["--shift", "positive finite"]),
+    (["--prompt", "a", "--fps", "nan"], ["--fps", "positive finite"]),
+    (["--prompt", "a", "--fps", "inf"], ["--fps", "positive finite"]),
+    (["--prompt", "a", "--cache-threshold", "nan"], ["--cache-threshold"]),
+    (["--prompt", "a", "--seed", str(2 ** 64)], ["--seed", "2**64"]),
+    (["--prompt", "a", "--prompt", "b", "--seed", str(2 ** 64 - 1)], ["--seed", "2**64 - 2"]),  # seed + 1 overflows
+    (["--prompt", "a", "--seed", str(-2 ** 63 - 1)], ["--seed", "-2**63"]),
+    (["--prompt", "a", "--output-dir", "{bad}"], ["--output-dir", "is a file, not a folder"]),
+    (["--prompt", "a", "--output-dir", "{bad}/sub"], ["--output-dir", "is a file, not a folder"]),
+    (["--prompt", "a", "--output", "{bad}/x.mp4"], ["--output", "is a file, not a folder"]),
+    (["--prompt", "a", "--output", "{tmp}/d.mp4"], ["--output", "is a folder"]),
+    (["--prompt-file", "{tmp}"], ["--prompt-file", "is a folder"]),
+    (["--prompt-file", "{latin1}"], ["--prompt-file", "not UTF-8"]),
+    (["--prompt", "a", "--upsample-prompt", "--upsampler-model", "/nonexistent"],
+     ["--upsampler-model /nonexistent: not a folder"]),
+    (["--prompt", "a", "--device", "gpu0"], ["--device gpu0", "cpu", "cuda"]),
+    (["--prompt", "a", "--device", "cuda:99"], ["--device cuda:99"]),
+    (["--prompt", "a", "--video", "{clip}", "--extend", "forward", "--num-frames", "1", "--output", "x.png"],
+     ["a .png holds one frame", "the input clip and the new frames", ".mp4 or .gif"]),
+    (["--prompt", "a", "--image", "{clip}"], ["--image", "takes an image file"]),
 ])
 def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words):
     bad = tmp_path / "bad.mp4"
     bad.write_bytes(b"not a video" * 20)
-    args = [x.replace("{bad}", str(bad)) for x in args]
+    (tmp_path / "d.mp4").mkdir()
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    if "{clip}" in args:
+        from videodit.data.video import write_video
+
+        write_video(str(tmp_path / "clip.mp4"), torch.zeros(3, 5, 16, 16))
+    paths = dict(bad=bad, tmp=tmp_path, latin1=tmp_path / "latin1.txt", clip=tmp_path / "clip.mp4")
+    args = [x.format(**paths) if "{" in x else x for x in args]
     if "--checkpoint" not in args:
         args += ["--checkpoint", saved]
     with pytest.raises(SystemExit) as e:

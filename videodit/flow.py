@@ -242,9 +242,11 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     if shift is None:
         shift = resolution_shift(max(packed.seqlens), base_tokens)
     ts = schedule(steps, shift).to(device)
-    if init_latents is not None:  # SDEdit: keep the part of the schedule below t = strength
-        start = int(torch.searchsorted(-ts, torch.tensor(-float(strength), device=device)))
-        ts = ts[min(start, steps - 1):]
+    if init_latents is not None:  # SDEdit: start at t = strength, then the schedule's times below it
+        if not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (near 0 keeps the video, 1 ignores it), got {strength}")
+        rest = ts[1:]
+        ts = torch.cat([ts[:1] if strength == 1 else ts.new_tensor([float(strength)]), rest[rest < strength]])
         x0 = pack([z.to(device, dtype) for z in init_latents], model.patch_size).tokens
         x = (1 - ts[0]) * x0 + ts[0] * packed.tokens
     else:

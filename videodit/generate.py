@@ -10,6 +10,7 @@ those of one process."""
 import argparse
 import dataclasses
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +28,11 @@ class UserError(Exception):
     pass
 
 
-def png_error(path: str) -> UserError:
+def png_error(path: str, frames: int | None = None, clip: bool = False) -> UserError:
+    if clip:  # --extend, --connect: the input clip(s) are written with the new frames
+        held = f"{frames} frames" if frames else "several frames"
+        return UserError(f"--output {path}: a .png holds one frame, but the result has {held} (the input clip and the "
+                         f"new frames); use .mp4 or .gif")
     return UserError(f"--output {path}: a .png holds one frame; use --num-frames 1, or .mp4 / .gif")
 
 
@@ -39,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--height", type=int, help="default: the checkpoint's; with --image, --video or --connect, the "
                    "input's aspect ratio at the checkpoint's area (one of --height, --width: the other follows it)")
     p.add_argument("--width", type=int)
-    p.add_argument("--num-frames", type=int, help="frames per video, 1 makes an image; with --extend, the frames "
-                   "added (default: the checkpoint's; SDEdit: the whole --video)")
+    p.add_argument("--num-frames", type=int, help="frames per video, 1 makes an image; with --extend or --connect, "
+                   "the frames added (default: the checkpoint's; SDEdit: the whole --video)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale; 1 turns it off")
     p.add_argument("--guidance-parallel", type=float, default=None,
@@ -68,7 +73,7 @@ def parse_args(argv=None):
     p.add_argument("--video", help="a video to extend (--extend) or edit (--strength)")
     p.add_argument("--extend", choices=["forward", "backward"],
                    help="continue --video after its end or before its start")
-    p.add_argument("--strength", type=float, help="SDEdit --video: 0 keeps it, 1 ignores it")
+    p.add_argument("--strength", type=float, help="SDEdit --video, in (0, 1]: near 0 keeps it, 1 ignores it")
     p.add_argument("--loop", action="store_true", help="make a seamless loop (with --image: through that image)")
     p.add_argument("--connect", nargs=2, metavar=("VID_A", "VID_B"),
                    help="a transition from VID_A's end to VID_B's start")
@@ -128,7 +133,7 @@ def setup(a) -> tuple[str, Ranks]:
     LOCAL_RANK."""
     world, S, cfg = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel, 2 if a.cfg_parallel else 1
     block = S * cfg
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else check_device(a.device)
     what = f"--sequence-parallel {S}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
     if block > 1 and world == 1:
         raise UserError(f"{what} runs on several processes: launch with torchrun --nproc_per_node N sample.py ...")
@@ -158,13 +163,33 @@ def setup(a) -> tuple[str, Ranks]:
     return device, Ranks(rank, world, block, group, cfg_group)
 
 
+def check_device(name: str) -> str:
+    choices = "auto, cpu, cuda or cuda:N"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name}: not a device; use {choices}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA GPU(s); use cuda:0 .. "
+                        f"cuda:{torch.cuda.device_count() - 1}")
+    return name
+
+
 def read_prompts(a) -> list[str]:
     prompts = list(a.prompt)
     if a.prompt_file:
+        if os.path.isdir(a.prompt_file):
+            raise UserError(f"--prompt-file {a.prompt_file}: is a folder; give a text file with one prompt a line")
         if not os.path.isfile(a.prompt_file):
             raise UserError(f"--prompt-file {a.prompt_file}: no such file")
-        with open(a.prompt_file, encoding="utf-8") as f:
-            prompts += [line.strip() for line in f if line.strip()]
+        try:
+            with open(a.prompt_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no part of a prompt
+                prompts += [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {a.prompt_file}: not UTF-8 text (byte {e.start}); save it as UTF-8") \
+                from None
     if not prompts:
         raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
@@ -183,24 +208,36 @@ def check_args(a, prompts) -> tuple[int, int] | None:
     if a.video and not (a.extend or a.strength is not None):
         raise UserError("--video needs --extend forward|backward or --strength S")
     if a.strength is not None and not 0 < a.strength <= 1:
-        raise UserError(f"--strength must be in (0, 1], got {a.strength}")
-    from videodit.data.video import VideoReadError, probe
+        raise UserError(f"--strength must be in (0, 1] (near 0 keeps the video, 1 ignores it), got {a.strength}")
+    from videodit.data.video import VideoReadError, probe, read_image
 
     inputs = []
     for name, path in (("--image", a.image), ("--video", a.video), *((("--connect", v) for v in a.connect or ()))):
         if path:  # before any model loads: a bad input fails at once
             try:
-                info = probe(path)
+                info = probe(path) if name != "--image" else dict(zip(("height", "width"),
+                                                                      read_image(path).shape[-2:]))
             except VideoReadError as e:
+                if name == "--image" and os.path.isfile(path):  # PIL knows images by their content, not their name
+                    raise UserError(f"--image {e}; --image takes an image file (.png, .jpg, ...); to continue a "
+                                    f"video use --video VID --extend") from None
                 raise UserError(f"{name} {e}") from None
             inputs.append((info["height"], info["width"]))
     if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
         raise UserError("--height, --width and --num-frames must be positive")
-    if a.fps is not None and a.fps <= 0:
-        raise UserError(f"--fps must be positive, got {a.fps}")
+    if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
+        raise UserError(f"--fps must be a positive finite number, got {a.fps}")
+    if a.guidance is not None and not math.isfinite(a.guidance):
+        raise UserError(f"--guidance must be a finite number (1 turns guidance off), got {a.guidance}")
+    if a.shift is not None and not (math.isfinite(a.shift) and a.shift > 0):
+        raise UserError(f"--shift must be a positive finite number (1: no shift; default: by resolution), "
+                        f"got {a.shift}")
+    if not -2 ** 63 <= a.seed <= 2 ** 64 - len(prompts):  # torch.Generator's range; prompt i samples with seed + i
+        raise UserError(f"--seed must be in [-2**63, 2**64 - {len(prompts)}] ({len(prompts)} prompt(s), seed + i "
+                        f"each), got {a.seed}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {a.batch_size}")
-    if a.cache_threshold < 0:
+    if not a.cache_threshold >= 0:
         raise UserError(f"--cache-threshold must be >= 0 (0: no cache), got {a.cache_threshold}")
     if a.steps is not None and a.steps < 1:
         raise UserError(f"--steps must be positive, got {a.steps}")
@@ -222,9 +259,32 @@ def check_args(a, prompts) -> tuple[int, int] | None:
         ext = os.path.splitext(a.output)[1].lower()
         if ext not in (".mp4", ".gif", ".png"):
             raise UserError(f"--output {a.output}: use .mp4, .gif, or .png")
+        if ext == ".png" and (a.extend or a.connect):
+            raise png_error(a.output, clip=True)
         if ext == ".png" and a.num_frames not in (None, 1):  # before any model loads; the default is checked later
             raise png_error(a.output)
+        if os.path.isdir(a.output):
+            raise UserError(f"--output {a.output}: is a folder; give a file name (or use --output-dir for a folder)")
+        check_folder("--output", os.path.dirname(os.path.abspath(a.output)), a.output)
+    if a.output_dir:
+        check_folder("--output-dir", a.output_dir, a.output_dir)
+    if a.upsample_prompt and a.upsampler_model:
+        from videodit.upsample import check_lm
+
+        try:
+            check_lm(a.upsampler_model)
+        except FileNotFoundError as e:
+            raise UserError(f"--upsampler-model {e}") from None
     return inputs[0] if inputs else None
+
+
+def check_folder(flag: str, folder: str, given: str):
+    """Refuse a folder to write into that a file is in the way of: it, or the nearest of its parents that exists."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise UserError(f"{flag} {given}: {path} is a file, not a folder; choose a path whose folders can be created")
 
 
 def load_pipeline(path: str, device: str, offload: bool = False, loras=(), scales=()):
@@ -302,17 +362,25 @@ def sample_prompts(a, prompts, like, device, ranks):
                                                              a.negative_prompt)
     except ValueError as e:
         raise UserError(str(e)) from None
+    if a.negative_prompt and guidance == 1 and not guidance_distilled(pipe.transformer):
+        say("note: guidance 1 turns guidance off: --negative-prompt has no effect (give --guidance above 1)")
+    if a.image_first and (a.image or a.video or a.connect or a.loop):
+        say("note: --image-first draws the first frame of text-to-video only; the chosen mode ignores it")
     mine = ranks.share(len(prompts))
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
 
         for i in mine:
-            prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
-                                         model=a.upsampler_model, seed=a.seed + i)
+            try:
+                prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
+                                             model=a.upsampler_model, seed=a.seed + i)
+            except OSError as e:  # a hub id that cannot be fetched, a folder without the files
+                raise UserError(f"--upsampler-model {a.upsampler_model}: cannot be loaded "
+                                f"({str(e).strip().splitlines()[0][:200]})") from None
             if ranks.writer:
                 print(f"prompt: {prompts[i]}")
     a.fps = a.fps or pipe.config.default_fps
-    size = pipe.resolve_size(a.num_frames, a.height, a.width, like)
+    size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect))
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
     if changed:
@@ -320,10 +388,17 @@ def sample_prompts(a, prompts, like, device, ranks):
             f"(frames x height x width)")
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
+    if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip
+        n = kwargs["video"].shape[1]
+        frames = pipe.geometry.frames(n, n)
+        if frames != n:
+            say(f"note: --video has {n} frames at {a.fps:g} fps; SDEdit takes 1 + {pipe.geometry.ft}*k frames: "
+                f"using its first {frames}")
     if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
-        raise png_error(a.output)
+        clips = sum(v.shape[1] for v in (before, after) if v is not None)
+        raise png_error(a.output, clips + frames, clip=bool(clips))
     if a.verbose:
-        length = "the video's length" if frames is None else f"{frames} frames"
+        length = f"{frames} {'new ' if a.extend or a.connect else ''}frames"
         procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.per_group})" if ranks.world > 1 else ""
         distilled = "; distilled: one pass a step" if guidance_distilled(pipe.transformer) else ""
         say(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "

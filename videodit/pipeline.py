@@ -9,7 +9,8 @@ Modes, all from the one checkpoint trained with random frame conditioning (video
 - `video=, extend="forward"|"backward"`: num_frames new frames after a clip's end, or leading into its start;
 - `loop=True`: a clip whose last frame leads back into its first (with `image=`, a loop through that image);
 - `video=, strength=s`: SDEdit, restyle a clip from its noised latents;
-- `connect=(video_a, video_b)`: a transition from the end of one clip to the start of the other.
+- `connect=(video_a, video_b)`: a transition of num_frames new frames (whole latent frames of ft) from the end of
+  one clip to the start of the other.
 
 The causal VAE encodes a clip's first frame alone, so a clean first latent frame is exactly an image. A clean *last*
 latent frame stands for a group of ft frames; to end on a given frame the pipeline conditions on the latent of that
@@ -19,14 +20,16 @@ frame held still for ft frames, and trims the held frames from the result.
 import contextlib
 import dataclasses
 import json
+import math
 import os
 
+import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .data.loader import Geometry
-from .data.video import resize_crop, to_uint8
+from .data.video import from_uint8, resize_crop, to_uint8
 from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
 from .flow import cond_frames, guidance_distilled, sample
 from .text import encode_with, load_text_encoder
@@ -145,10 +148,11 @@ class VideoDiTPipeline(DiffusionPipeline):
         return self.geometry.snap(*self.video_vae.valid_size(T, H, W))
 
     def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                     like: tuple[int, int] | None = None) -> tuple[int, int, int]:
+                     like: tuple[int, int] | None = None, connect: bool = False) -> tuple[int, int, int]:
         """The valid (T, H, W) to sample: the values given, the rest from the checkpoint's default_size. With
         neither height nor width, the frame takes the aspect of `like` (an input image's or video's (h, w)) at the
-        default's area, or is the default; with one of them, the other follows that aspect."""
+        default's area, or is the default; with one of them, the other follows that aspect. connect: T counts the
+        new frames between the two clips, whole latent frames of ft (at least one)."""
         T0, H0, W0 = self.config.default_size
         h, w = like or (H0, W0)
         if height is None and width is None:
@@ -157,7 +161,11 @@ class VideoDiTPipeline(DiffusionPipeline):
             height = round(width * h / w)
         elif width is None:
             width = round(height * w / h)
-        return self.valid_size(T0 if num_frames is None else num_frames, height, width)
+        T = T0 if num_frames is None else num_frames
+        if connect:
+            ft = self.video_vae.ft
+            return (ft * max(1, round(T / ft)), *self.valid_size(1, height, width)[1:])
+        return self.valid_size(T, height, width)
 
     def encode_prompt(self, prompts: list[str]):
         device = self.offload_device or self.transformer.device
@@ -194,8 +202,12 @@ class VideoDiTPipeline(DiffusionPipeline):
         if any(negs) and guidance_distilled(self.transformer):
             raise ValueError("this checkpoint has guidance distilled into it (one pass a step, steered away from the "
                              "negative prompt it was distilled with); it takes no negative prompt")
-        steps = steps or self.config.default_steps
+        steps = self.config.default_steps if steps is None else steps
         guidance = self.config.default_guidance if guidance is None else guidance
+        if steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive number of steps, got {steps}")
+        if not math.isfinite(guidance):
+            raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance}")
         own = self.config.get("default_guidance_parallel", 1.0)
         guidance_parallel = own if guidance_parallel is None else guidance_parallel
         if not 0 <= guidance_parallel <= 1:
@@ -218,9 +230,10 @@ class VideoDiTPipeline(DiffusionPipeline):
         prompt (different sizes sample together as one packed batch); they are rounded to valid sizes. Left out
         (None), they come from resolve_size: the checkpoint's default_size, with an image, video or connect the
         input's aspect at the default's area, and with strength (SDEdit) the video's own length.
-        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1), resized and centre-cropped to
-        the size sampled. generator: one torch.Generator for the batch, or a list of one per prompt (each video then
-        depends on its own generator only, whatever else is in the batch).
+        image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1; (3, H, W), a PIL image or uint8
+        frames (H, W, 3) / (T, H, W, 3) are taken too), resized and centre-cropped to the size sampled.
+        generator: one torch.Generator for the batch, or a list of one per prompt (each video then depends on its own
+        generator only, whatever else is in the batch).
         output_type: "np" (uint8 frames), "pt" (float pixels) or "latent": the normalized latents (C, T', H', W') as
         sampled, undecoded, with any held conditioning frames (loop, connect, extend) still in them.
         guidance_parallel (None: the checkpoint's `default_guidance_parallel`): 1 is plain classifier-free guidance,
@@ -236,24 +249,50 @@ class VideoDiTPipeline(DiffusionPipeline):
         cache_threshold: 0 runs every block at every step; above 0, a first-block cache (videodit.dit.StepCache)
         skips the denoiser's later blocks at steps where the first block's residual changed by less than this share
         since the last full step: faster, at some cost in fidelity (README, Sampling)."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         B = len(prompts)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
+
+        def per(v, name):  # one value for all prompts, or a list of one per prompt
+            if not isinstance(v, (list, tuple)):
+                return [v] * B
+            if len(v) != B:
+                raise ValueError(f"{name} has {len(v)} values for {B} prompts; give one value, or one per prompt")
+            return list(v)
+
+        for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
+            if any(x is not None and x < 1 for x in per(v, name)):
+                raise ValueError(f"{name} must be positive, got {v}")
+        per(negative_prompt, "negative_prompt")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
+        if cache_threshold < 0:
+            raise ValueError(f"cache_threshold must be >= 0 (0: no cache), got {cache_threshold}")
+        if shift is not None and not (math.isfinite(shift) and shift > 0):
+            raise ValueError(f"shift must be a positive finite number (None: by resolution), got {shift}")
+        if strength is not None and not 0 < strength <= 1:
+            raise ValueError(f"strength must be in (0, 1] (near 0 keeps the video, 1 ignores it), got {strength}")
+        if video is not None and extend is None and strength is None:
+            raise ValueError("video needs extend='forward' or 'backward' (extend it) or strength= (SDEdit)")
+        if connect is not None and (not isinstance(connect, (list, tuple)) or len(connect) != 2):
+            got = len(connect) if isinstance(connect, (list, tuple)) else type(connect).__name__
+            raise ValueError(f"connect takes two videos (video_a, video_b), got {got}")
+        image = None if image is None else _as_clip(image, "image")
+        video = None if video is None else _as_clip(video, "video")
+        connect = None if connect is None else tuple(_as_clip(v, "connect") for v in connect)
         num_inference_steps, guidance_scale, guidance_parallel = self.sampling_defaults(
             num_inference_steps, guidance_scale, guidance_parallel, negative_prompt)
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
                    cache_threshold=cache_threshold, progress=progress)
-        if cache_threshold < 0:
-            raise ValueError(f"cache_threshold must be >= 0 (0: no cache), got {cache_threshold}")
-        per = lambda v: list(v) if isinstance(v, (list, tuple)) else [v] * B  # noqa: E731
         ref = image if image is not None else video if video is not None else connect[0] if connect else None
         if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
             num_frames = self.geometry.frames(video.shape[1], video.shape[1])
         like = tuple(ref.shape[-2:]) if ref is not None else None
-        sizes = [self.resolve_size(t, h, w, like) for t, h, w in zip(per(num_frames), per(height), per(width))]
+        sizes = [self.resolve_size(t, h, w, like, connect is not None)
+                 for t, h, w in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"))]
         vae = self.video_vae
         C = vae.denoiser_channels
         if self.transformer.config.in_channels != C:
@@ -275,8 +314,10 @@ class VideoDiTPipeline(DiffusionPipeline):
             cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, run)
         if modes:
             mode = modes[0]
-            if mode in ("loop", "connect") or extend == "backward":  # one more latent frame: the held one is trimmed
+            if mode == "loop" or extend == "backward":  # one more latent frame: the held one is trimmed
                 shapes = [(c, t + 1, h, w) for c, t, h, w in shapes]
+            if mode == "connect":  # a's last frame, T / ft new latent frames, b's first frame held (both trimmed)
+                shapes = [(c, T // vae.ft + 2, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
             if extend == "forward" and video is not None:  # after k latent frames of context, m new: T new frames
                 m = [-(-T // vae.ft) for T, _, _ in sizes]  # whole latent frames of ft; the surplus is trimmed
                 shapes = [(c, 1 + min(mi, (video.shape[1] - 1) // vae.ft) + mi, h, w)
@@ -291,7 +332,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         text, mask = self.encode_prompt(prompts)
         null_text = null_mask = None
         if guidance_scale != 1.0 and not guidance_distilled(self.transformer):
-            negs = per(negative_prompt or "")
+            negs = per(negative_prompt or "", "negative_prompt")
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
         cache = StepCache(cache_threshold) if cache_threshold > 0 else None
         with self.on_device(self.transformer):
@@ -372,6 +413,20 @@ class VideoDiTPipeline(DiffusionPipeline):
         if mode == "strength":
             return None, None, lat, [(0, 0)] * len(shapes)
         return lat, masks, None, trim
+
+
+def _as_clip(x, name: str) -> torch.Tensor:
+    """An image or video input as pixels (3, T, H, W) in [-1, 1]: such a tensor, a (3, H, W) tensor, a PIL image, or
+    uint8 frames (H, W, 3) or (T, H, W, 3)."""
+    if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
+        x = np.array(x.convert("RGB"))
+    if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3 and x.size:
+        return from_uint8(x if x.ndim == 4 else x[None])
+    if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[0] == 3 and x.numel():
+        return x if x.ndim == 4 else x[:, None]
+    got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+    raise ValueError(f"{name} must be pixels (3, T, H, W) or (3, H, W) as a tensor in [-1, 1], a PIL image, or uint8 "
+                     f"frames (H, W, 3) / (T, H, W, 3); got {got}")
 
 
 def _fit(video: torch.Tensor, H: int, W: int) -> torch.Tensor:

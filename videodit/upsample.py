@@ -162,15 +162,20 @@ LM_INSTRUCTION = (
 _LMS: dict = {}  # model path/id -> (tokenizer, model): load once per process
 
 
+def check_lm(model: str):
+    """Raise FileNotFoundError if `model` is a local path (absolute, or starting with '.') without a saved model."""
+    import os
+
+    if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise FileNotFoundError(f"{model}: not a folder with config.json, weights and tokenizer files (a "
+                                f"transformers save_pretrained folder of a causal LM) for the prompt upsampler")
+
+
 def _load_lm(model: str):
     if model not in _LMS:
-        import os
-
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
-            raise FileNotFoundError(f"prompt upsampler model {model} is not a folder with config.json, weights and "
-                                    f"tokenizer files (a transformers save_pretrained folder of a causal LM)")
+        check_lm(model)
         _LMS[model] = (AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval())
     return _LMS[model]
 

@@ -71,9 +71,12 @@ class Geometry:
         return -(-t // pt) * (h // ph) * (w // pw)
 
     def resize(self, height: int, width: int, area: int) -> tuple[int, int]:
-        """A size of about `area` pixels at the aspect of height x width, both multiples of `multiple`."""
+        """A size of about `area` pixels at the aspect of height x width, both multiples of `multiple`; where a thin
+        frame's short side is held at `multiple`, the long side shrinks to keep the area."""
         m, s = self.multiple, math.sqrt(area / (height * width))
-        return max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+        h, w = max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
+        long = max(m, round(area / m / m) * m)
+        return (h, min(w, long)) if h == m else (min(h, long), w) if w == m else (h, w)
 
     def snap(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """The nearest size this geometry takes: T = 1 + ft*k with k a multiple of pt (or T = 1), H and W multiples
