@@ -36,9 +36,10 @@ def encode_with(model, tokenizer, prompts: list[str], max_length: int, device=No
     Warns, naming the prompt and the limit, when a prompt has more than `max_length` tokens and is truncated."""
     if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
         raise TypeError(f"prompts must be a list of strings, got {prompts!r:.200}")
-    for p, ids in zip(prompts, tokenizer(list(prompts))["input_ids"]):
+    for p, ids in zip(prompts, tokenizer(list(prompts), verbose=False)["input_ids"]):  # (no tokenizer warning)
         if len(ids) > max_length:
-            warnings.warn(f"prompt truncated to {max_length} tokens (it has {len(ids)}): {p!r}", stacklevel=3)
+            shown = p if len(p) <= 80 else p[:77] + "..."
+            warnings.warn(f"prompt truncated to {max_length} tokens (it has {len(ids)}): {shown!r}", stacklevel=3)
     tok = tokenizer(list(prompts), padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     device = device if device is not None else next(model.parameters()).device
     ids, mask = tok["input_ids"].to(device), tok["attention_mask"].to(device)
