@@ -579,3 +579,11 @@ def test_lora_adapters_merge_at_a_scale_on_the_pipeline_and_the_command_line(tin
             main(args + ["--output", str(tmp_path / "x.png")] + extra)
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith("error:") and all(w in err for w in words), err
+
+
+def test_sample_command_notes_settings_that_have_no_effect(saved, tmp_path, capsys):
+    main(["--prompt", "a red circle", "--checkpoint", saved, "--output", str(tmp_path / "o.png"), "--num-frames", "1",
+          "--height", "16", "--width", "16", "--guidance", "1", "--negative-prompt", "blue",
+          "--upsampler-model", "some/model"])
+    out = capsys.readouterr().out
+    assert "--negative-prompt has no effect" in out and "--upsampler-model rewrites prompts only with" in out

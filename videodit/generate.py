@@ -364,6 +364,8 @@ def sample_prompts(a, prompts, like, device, ranks):
         raise UserError(str(e)) from None
     if a.negative_prompt and guidance == 1 and not guidance_distilled(pipe.transformer):
         say("note: guidance 1 turns guidance off: --negative-prompt has no effect (give --guidance above 1)")
+    if a.upsampler_model and not a.upsample_prompt:
+        say("note: --upsampler-model rewrites prompts only with --upsample-prompt; the prompts are used as given")
     if a.image_first and (a.image or a.video or a.connect or a.loop):
         say("note: --image-first draws the first frame of text-to-video only; the chosen mode ignores it")
     mine = ranks.share(len(prompts))
