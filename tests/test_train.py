@@ -494,6 +494,25 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
         export_ema(ckpt, str(tmp_path / "lean"), pipeline=True, lean=True)
 
 
+@pytest.mark.parametrize("args,words", [
+    (["{tmp}", "--out", "{tmp}/o"], "is not a training checkpoint"),
+    (["{dit}", "--out", "{file}"], "is a file; give a folder"),
+    (["{dit}", "--out", "{tmp}/o", "--lean"], "add --pipeline"),
+    (["{dit}", "--out", "{tmp}/o", "--no-merge"], "trained the whole model"),
+    (["{vae}", "--out", "{tmp}/o", "--pipeline"], "VAE run's checkpoint"),
+])
+def test_export_command_refuses_what_it_cannot_do_in_one_line(assets, reference, tmp_path, capsys, args, words):
+    from videodit.train.checkpoint import main
+
+    (tmp_path / "f").write_text("x")
+    paths = dict(tmp=str(tmp_path), file=str(tmp_path / "f"), dit=checkpoint_dirs(reference)[-1],
+                 vae=checkpoint_dirs(assets["vae_run"])[-1])
+    with pytest.raises(SystemExit) as e:
+        main([a.format(**paths) for a in args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and "error:" in err and words in err
+
+
 def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
     """The same step and the same held-out loss (before and after it) from cached latents and text as live."""
     common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0",

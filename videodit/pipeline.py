@@ -22,6 +22,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 
 import numpy as np
 import torch
@@ -94,6 +95,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         finally:
             self.transformer.to(dtype_before)
             self.register_modules(**parts)
+        for name in parts:  # an earlier whole save's: loading would take them for parts the index leaves out
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
     def load_lora(self, path: str, scale: float = 1.0):
         """Merge the LoRA adapters in `path` (a LoRA run's <output_dir>/lora) into the denoiser at `scale` times the

@@ -183,7 +183,26 @@ def main(argv=None):
     p.add_argument("--lean", action="store_true", help="with --pipeline: float16 denoiser, no text encoder (the "
                    "packaged MiniLM loads in its place); how models/shapes-tiny ships")
     args = p.parse_args(argv)
-    print(export_ema(args.checkpoint, args.out, not args.no_merge, args.pipeline, args.lean))
+    if not all(os.path.isfile(os.path.join(args.checkpoint, f)) for f in ("config.yaml", "model_config.json")):
+        p.error(f"{args.checkpoint} is not a training checkpoint (it needs config.yaml and model_config.json): give "
+                f"a folder <output_dir>/checkpoints/step_*")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        p.error(f"--out {args.out} is a file; give a folder to write the model to")
+    if args.lean and not args.pipeline:
+        p.error("--lean is a form of --pipeline: add --pipeline")
+    from ..config import load_config
+
+    t = load_config(os.path.join(args.checkpoint, "config.yaml")).train
+    if args.pipeline and t.task == "vae":
+        p.error("--pipeline writes a denoiser with its VAE and text encoder; this is a VAE run's checkpoint: leave "
+                "--pipeline out")
+    if args.no_merge and (not t.lora_rank or args.pipeline):
+        p.error("--no-merge writes a LoRA run's adapters alone, without --pipeline (which merges them)"
+                + ("" if t.lora_rank else "; this run trained the whole model"))
+    try:
+        print(export_ema(args.checkpoint, args.out, not args.no_merge, args.pipeline, args.lean))
+    except (OSError, ValueError) as e:  # a truncated or foreign weights file, a lean form it cannot take
+        p.error(f"{args.checkpoint}: {str(e).splitlines()[0]}")
 
 
 if __name__ == "__main__":
