@@ -11,6 +11,7 @@ The video is OpenCV's sample vtest.avi (768x576, 795 frames):
     python bench/vae.py --video /tmp/usr/share/doc/opencv-doc/examples/data/vtest.avi
 """
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,7 +21,6 @@ import time
 import numpy as np
 import torch
 from diffusers import AutoencoderKLWan
-from skimage.metrics import structural_similarity
 
 from videodit.data.video import from_uint8
 from videodit.vae import VAE_PRESETS, CausalVideoVAE
@@ -85,6 +85,8 @@ def train(name, video, args):
 
 @torch.no_grad()
 def evaluate(name, model, video, T):
+    from skimage.metrics import structural_similarity  # checked in main
+
     # held-out full frames, non-overlapping T-frame clips; PSNR and SSIM per clip, averaged
     psnrs, ssims = [], []
     for t in range(0, video.shape[1] - T + 1, T):
@@ -145,6 +147,8 @@ def main():
     p.add_argument("--skip-train", action="store_true", help="only memory and throughput")
     p.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.skip_train and importlib.util.find_spec("skimage") is None:
+        sys.exit("bench/vae.py measures SSIM with scikit-image: pip install scikit-image (or --skip-train)")
     if args.memory_case:
         return memory_case(args.memory_case, 128)
     torch.set_num_threads(args.threads)

@@ -164,6 +164,8 @@ def test_latent_stats_leave_out_the_channels_the_decoder_ignores():
         assert torch.allclose(vae.decode_latents(z), vae.decode(vae.encode(x).latent_dist.mode()).sample, atol=1e-5)
         with pytest.raises(ValueError, match=r"\(B, 3, T, h, w\)"):
             vae.decode_latents(torch.zeros(1, 6, *z.shape[2:]))
+    flat = torch.full_like(x[:1], 0.5)  # a clip of one colour last: its colour channels hardly vary within it
+    assert min(compute_latent_stats(vae, [x, flat])[1][:3]) > 0  # judged at the data's mean, not the clip's own
     plain = make_vae(TINY8)
     assert min(compute_latent_stats(plain, [x])[1]) > 0  # a decoder that reads every channel keeps all
     assert plain.denoiser_channels == plain.latent_channels == 4
@@ -309,3 +311,8 @@ def test_stats_command_normalizes_the_latents(tmp_path):
         z = loaded.encode_latents(x)
     per_channel = z.transpose(0, 1).reshape(4, -1)
     assert per_channel.mean(1).abs().max() < 1e-3 and (per_channel.std(1) - 1).abs().max() < 1e-2
+    (tmp_path / "not_vae").mkdir()
+    for args, words in (([str(tmp_path / "vae"), "--shapes", "0"], "--shapes must be a positive integer"),
+                        ([str(tmp_path / "not_vae"), "--shapes", "2"], "is not a CausalVideoVAE folder")):
+        r = subprocess.run([sys.executable, "-m", "videodit.vae", "stats", *args], capture_output=True, text=True)
+        assert r.returncode == 2 and words in r.stderr.strip().splitlines()[-1], r.stderr[-1500:]

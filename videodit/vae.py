@@ -492,7 +492,8 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
     """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
     VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
 
-    A channel the decoder does not use (`unused_channels`, tested on the last batch) gets std 0: encode_latents leaves
+    A channel the decoder does not use (`unused_channels`: tested on the last batch, set to the channel's mean over
+    all of them, as decode_latents puts it back) gets std 0: encode_latents leaves
     it out rather than blowing its leftovers up to unit variance for a denoiser to learn and carry (the shapes VAE's
     decoder reads only the three shortcut colour channels of its eight)."""
     total = total_sq = None
@@ -507,21 +508,22 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
         raise ValueError("compute_latent_stats got no batches")
     mean = total / count
     std = (total_sq / count - mean ** 2).clamp(min=1e-12).sqrt()
-    for c in unused_channels(vae, raw):
+    for c in unused_channels(vae, raw, mean.tolist()):
         std[c] = 0.0
     vae.register_to_config(latents_mean=mean.tolist(), latents_std=std.tolist())
     return mean.tolist(), std.tolist()
 
 
 @torch.no_grad()
-def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, tol: float = 1e-3) -> list[int]:
-    """The channels of raw latents (B, C, T, h, w) whose replacement by their mean changes the decoded pixels (in
-    [-1, 1]) by less than `tol` on average: the decoder ignores them."""
+def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, means: list | None = None, tol: float = 1e-3) -> list[int]:
+    """The channels of raw latents (B, C, T, h, w) whose replacement by their mean (`means`, the data's; by default
+    these latents') changes the decoded pixels (in [-1, 1]) by less than `tol` on average: the decoder ignores
+    them. (A flat clip's colour channel is constant, so its own mean alone would call it unused.)"""
     ref = vae.decode(raw).sample
     unused = []
     for c in range(raw.shape[1]):
         flat = raw.clone()
-        flat[:, c] = raw[:, c].mean()
+        flat[:, c] = raw[:, c].mean() if means is None else means[c]
         if (vae.decode(flat).sample - ref).abs().mean() < tol:
             unused.append(c)
     return unused
@@ -618,6 +620,8 @@ def stats_command(argv=None):
     """python -m videodit.vae stats VAE_DIR (--manifest M | --shapes N) [--num-frames T --height H --width W]:
     compute the per-channel latent mean and std over a data set and write them into VAE_DIR/config.json."""
     import argparse
+    import json
+    import os
 
     from tqdm import tqdm
 
@@ -635,6 +639,16 @@ def stats_command(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--limit", type=int, default=256, help="at most this many manifest clips")
     a = p.parse_args(argv)
+    for name in ("shapes", "num_frames", "height", "width", "limit"):
+        if getattr(a, name) is not None and getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(a, name)}")
+    config, kind = os.path.join(a.vae, "config.json"), None
+    if os.path.isfile(config):
+        with open(config) as f:
+            kind = json.load(f).get("_class_name")
+    if kind != "CausalVideoVAE":
+        p.error(f"{a.vae} is not a CausalVideoVAE folder (its config.json names the class); give one, e.g. a VAE "
+                f"run's <output_dir>/vae or a pipeline's vae/")
     try:
         rows = read_manifest(a.manifest)[:a.limit] if a.manifest else []
     except ManifestError as e:
@@ -653,7 +667,14 @@ def stats_command(argv=None):
             except VideoReadError as e:
                 print(f"skipped: {e}")
 
-    mean, std = compute_latent_stats(vae, tqdm(clips(), desc="encoding", unit="clip"))
+    try:
+        mean, std = compute_latent_stats(vae, tqdm(clips(), desc="encoding", unit="clip"))
+    except ValueError:
+        raise SystemExit("error: no clip could be read; the statistics need clips the VAE can encode") from None
+    counted = a.shapes or len(rows)
+    if counted < 16:
+        print(f"warning: statistics of {counted} clip(s) only; use 16 or more varied clips (a flat or still clip "
+              f"says little about the channels)")
     vae.save_config(a.vae)
     print(f"latents_mean {[round(m, 4) for m in mean]}\nlatents_std {[round(s, 4) for s in std]}\nwrote {a.vae}")
 
