@@ -55,6 +55,9 @@ def main():
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     a = ap.parse_args()
+    if min(a.thresholds) < 0:
+        ap.error("--thresholds must be >= 0")
+    a.thresholds = [0.0] + sorted(set(a.thresholds) - {0.0})  # the uncached run first: the reference
     pipe = VideoDiTPipeline.from_pretrained(a.checkpoint)
     cases = make_cases(a.num, 0, sizes=[(17, 64, 64), (1, 64, 64)])
     pipe(["warm-up"], num_inference_steps=2, progress=False)

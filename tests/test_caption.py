@@ -1,6 +1,7 @@
 import json
 import os
 import random
+import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -122,6 +123,54 @@ def test_shapes_backend_command(clips, tmp_path):
         truth, said = r.extra["attributes"], parse_shapes_prompt(r.detailed_caption)
         agree += [said[k] == truth[k] for k in caption.HEADS]
     assert np.mean(agree) >= 0.8
+
+
+def test_shapes_captioner_works_on_large_frames_at_its_own_size(monkeypatch):
+    seen = []
+    read_frame = shapes.read_frame
+    monkeypatch.setattr(shapes, "read_frame", lambda f: seen.append(f.shape) or read_frame(f))
+    cap = caption.ShapesCaptioner()
+    clip = shapes.make_clip(5, 480, 640, 1)  # a large image: read at native size this took seconds
+    said = parse_shapes_prompt(cap([from_uint8(clip["frames"])])[0])
+    assert seen == [(64, 85, 3)]  # downscaled to a short side of twice the net's working size
+    truth = asdict(clip["attributes"])
+    assert all(said[k] == truth[k] for k in ("count", "color", "shape", "background"))
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--out", "{tmp}"], "is a folder"),
+    (["--backend", "shapes", "--model", "{tmp}/nope.safetensors"], "not found"),
+    (["--backend", "shapes", "--model", "{tmp}/bad.safetensors"], "not shapes captioner weights"),
+    (["--manifest", "{tmp}/broken.jsonl"], "none of the 1 clips"),
+    (["train-shapes", "--out", "{tmp}", "--num", "0"], "--num and --steps"),
+    (["train-shapes", "--out", "{tmp}", "--steps", "0"], "--num and --steps"),
+    (["eval-shapes", "--num", "0"], "--num must be >= 1"),
+])
+def test_command_refuses_bad_input_in_one_line(clips, tmp_path, capsys, args, message):
+    (tmp_path / "bad.safetensors").write_text("not weights")
+    write_manifest(str(tmp_path / "broken.jsonl"), [dict(path="broken.mp4", caption="x")])
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    args = [x.replace("{tmp}", str(tmp_path)) for x in args]
+    if args[0] not in ("train-shapes", "eval-shapes"):
+        args = ["--manifest", clips, "--out", str(tmp_path / "out.jsonl"), "--backend", "shapes", *args]
+    with pytest.raises(SystemExit) as e, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        caption.main(args)
+    text = str(e.value.code) if e.value.code != 2 else capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in text and "\n" not in text.strip()
+    assert not os.path.exists(tmp_path / "out.jsonl")
+
+
+def test_command_creates_the_output_folder_and_help_names_subcommands(clips, tmp_path, capsys):
+    out = tmp_path / "new" / "dir" / "out.jsonl"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        caption.main(["--manifest", clips, "--out", str(out), "--backend", "shapes"])
+    assert len(read_manifest(str(out))) == 5
+    with pytest.raises(SystemExit):
+        caption.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "train-shapes" in help_text and "eval-shapes" in help_text
 
 
 def test_shipped_shapes_captioner_beats_chance_on_unseen_clips():

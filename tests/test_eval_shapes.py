@@ -78,6 +78,18 @@ def test_command_refuses_a_missing_checkpoint(tmp_path, capsys):
     assert e.value.code == 2 and "model_index.json" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("args", [["--num", "0"], ["--num", "-1"], ["--batch", "0"], ["--steps", "0"],
+                                  ["--shift", "-1"], ["--cache-threshold", "-1"], ["--denoise", "--num", "0"],
+                                  ["--words", "--num", "0"], ["--out", "{file}"]])
+def test_command_refuses_bad_settings_in_one_line(tmp_path, capsys, args):
+    (tmp_path / "f").write_text("")
+    args = [x.replace("{file}", str(tmp_path / "f")) for x in args]
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and "error: --" in err[-1] and "model_index.json" not in err[-1]
+
+
 class PixelPipe:
     """Latents are the pixels themselves. The denoiser either knows the clean clips it was shown (an oracle) or
     predicts zero velocity (it leaves the noise in)."""

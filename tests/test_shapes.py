@@ -8,7 +8,8 @@ import pytest
 from videodit.data.manifest import read_manifest
 from videodit.data.shapes import (COLORS, SIZES, ShapesDataset, displacement, make_clip, parse_only, read_back,
                                   read_frame, short_caption)
-from videodit.data.video import read_video, to_uint8
+from videodit.data.shapes import main as shapes_main
+from videodit.data.video import probe, read_video, to_uint8
 
 FRAMES = [(17, 64, 64), (9, 64, 128), (17, 128, 64), (1, 64, 64), (5, 48, 80)]
 
@@ -96,3 +97,33 @@ def test_command_writes_clips_and_manifest(tmp_path):
         got = read_back(to_uint8(v))
         assert got["color"] == r.extra["attributes"]["color"] and got["count"] == r.extra["attributes"]["count"]
     assert json.loads((out / "manifest.jsonl").read_text().splitlines()[0])["caption"] == rows[0].caption
+
+
+def test_command_accepts_a_float_fps_and_records_it(tmp_path):
+    shapes_main(["--out", str(tmp_path), "--num", "1", "--num-frames", "5", "--fps", "7.5", "--height", "32",
+                 "--width", "32"])
+    row = read_manifest(str(tmp_path / "manifest.jsonl"))[0]
+    assert row.fps == 7.5 and abs(probe(row.path)["fps"] - 7.5) < 0.01
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--height", "37", "--width", "50", "--num-frames", "6"], "even sides"),
+    (["--fps", "0"], "--fps must be > 0"),
+    (["--fps", "-5"], "--fps must be > 0"),
+    (["--out", "{file}"], "is a file"),
+    (["--out", "{file}/sub"], "cannot create"),
+])
+def test_command_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
+    (tmp_path / "f").write_text("")
+    args = [x.replace("{file}", str(tmp_path / "f")) for x in args]
+    with pytest.raises(SystemExit):
+        shapes_main(["--out", str(tmp_path / "out"), "--num", "1", *args])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert message in err[-1] and err[-1].startswith("python -m videodit.data.shapes: error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_odd_sized_images_are_fine(tmp_path):
+    shapes_main(["--out", str(tmp_path), "--num", "1", "--num-frames", "1", "--height", "37", "--width", "50"])
+    row = read_manifest(str(tmp_path / "manifest.jsonl"))[0]
+    assert read_video(row.path).shape == (3, 1, 37, 50) and (row.height, row.width) == (37, 50)

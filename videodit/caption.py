@@ -43,13 +43,29 @@ VLM_PROMPT = ("Describe this video in detail in one or two sentences: how many o
               "color and shape, how they move, the background, and where they start.")
 
 
-def sample_frames(path: str, k: int) -> torch.Tensor:
+def sample_frames(path: str, k: int, short_side: int | None = None) -> torch.Tensor:
     """K frames spread evenly from the first to the last frame of a video: (3, K, H, W) in [-1, 1]. An image
-    gives one frame."""
+    gives one frame. With `short_side`, frames larger than that are downscaled (aspect kept) so that their short
+    side is `short_side`."""
     info = probe(path)
+    size = {}
+    if short_side and min(info["height"], info["width"]) > short_side:
+        scale = short_side / min(info["height"], info["width"])
+        size = dict(height=max(1, round(info["height"] * scale)), width=max(1, round(info["width"] * scale)))
     if info["num_frames"] <= 1 or k == 1:
-        return read_video(path, num_frames=1)
-    return read_video(path, num_frames=k, fps=info["fps"] * (k - 1) / (info["num_frames"] - 1))
+        return read_video(path, num_frames=1, **size)
+    return read_video(path, num_frames=k, fps=info["fps"] * (k - 1) / (info["num_frames"] - 1), **size)
+
+
+def downscale(video: torch.Tensor, short_side: int) -> torch.Tensor:
+    """(3, T, H, W) -> the same clip with its short side at most `short_side` (aspect kept; never upscaled)."""
+    h, w = video.shape[-2:]
+    if min(h, w) <= short_side:
+        return video
+    scale = short_side / min(h, w)
+    size = (max(1, round(h * scale)), max(1, round(w * scale)))
+    x = F.interpolate(video.transpose(0, 1).float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+    return x.transpose(0, 1).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -128,8 +144,11 @@ class ShapesNet(nn.Module):
         if not os.path.isfile(path):
             raise FileNotFoundError(f"shapes captioner weights not found: {path} (expected a .safetensors file "
                                     f"written by `python -m videodit.caption train-shapes`)")
-        with safe_open(path, "pt") as f:
-            meta = f.metadata() or {}
+        try:
+            with safe_open(path, "pt") as f:
+                meta = f.metadata() or {}
+        except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
+            raise ValueError(f"{path}: not shapes captioner weights (cannot be read as safetensors: {e})") from None
         if "config" not in meta or json.loads(meta.get("heads", "{}")) != json.loads(json.dumps(HEADS)):
             raise ValueError(f"{path}: not shapes captioner weights (its metadata lacks the config or the heads "
                              f"differ from {list(HEADS)})")
@@ -228,15 +247,21 @@ def format_accuracy(result: dict) -> str:
 
 
 class ShapesCaptioner:
-    """Clips -> detailed captions through the shapes-world templates, from ShapesNet's predicted attributes."""
+    """Clips -> detailed captions through the shapes-world templates, from ShapesNet's predicted attributes.
+
+    Clips are first downscaled to a short side of `short_side` pixels (twice the net's working size, enough for
+    `read_frame` to find small objects): captions name only relative positions, so nothing is lost, and large
+    frames cost no more than small ones."""
 
     def __init__(self, weights: str | None = None, seed: int = 0):
         self.net = ShapesNet.load(weights or SHAPES_WEIGHTS)
+        self.short_side = 2 * self.net.config["side"]
         self.rng = np.random.default_rng(seed)  # picks the template wording
         self.model_id = f"shapes:{os.path.basename(weights or SHAPES_WEIGHTS)}"
 
     def __call__(self, videos: list[torch.Tensor]) -> list[str]:
         captions = []
+        videos = [downscale(v, self.short_side) for v in videos]
         for v, a in zip(videos, self.net.predict(videos)):
             h, w = v.shape[-2:]
             first = to_uint8(v[:, :1])[0]  # (H, W, 3)
@@ -309,11 +334,14 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
         keep = [result[r.path] for r in rows if r.path in result]  # IN's order
         write_manifest(out, [{**r.to_dict(), "path": os.path.relpath(r.path, out_dir)} for r in keep])
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=len(rows), initial=counts["kept"], desc="captioning", unit="clip")
     for start in range(0, len(todo), batch_size):
         batch, videos = [], []
         for r in todo[start:start + batch_size]:
             try:
-                videos.append(sample_frames(r.path, frames))
+                videos.append(sample_frames(r.path, frames, getattr(captioner, "short_side", None)))
                 batch.append(r)
             except VideoReadError as e:
                 counts["skipped"] += 1
@@ -324,8 +352,10 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
                 result[r.path] = r
             counts["captioned"] += len(batch)
             write()
+        bar.update(len(todo[start:start + batch_size]))
         log(f"{counts['kept'] + counts['captioned'] + counts['skipped']}/{len(rows)} rows "
             f"({counts['captioned']} captioned, {counts['kept']} kept, {counts['skipped']} skipped)")
+    bar.close()
     return counts
 
 
@@ -338,6 +368,8 @@ def main(argv=None):
         p.add_argument("--steps", type=int, default=4000)
         p.add_argument("--seed", type=int, default=0)
         a = p.parse_args(argv[1:])
+        if a.num < 1 or a.steps < 1:
+            p.error("--num and --steps must be >= 1")
         path = train_shapes(a.out, a.num, a.steps, seed=a.seed)
         print(format_accuracy(evaluate_shapes(ShapesNet.load(path))))
         print(path)
@@ -348,9 +380,18 @@ def main(argv=None):
         p.add_argument("--num", type=int, default=200, help="fresh clips per size")
         p.add_argument("--seed", type=int, default=123)
         a = p.parse_args(argv[1:])
-        print(format_accuracy(evaluate_shapes(ShapesNet.load(a.model), a.num, a.seed)))
+        if a.num < 1:
+            p.error("--num must be >= 1")
+        try:
+            net = ShapesNet.load(a.model)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}") from None
+        print(format_accuracy(evaluate_shapes(net, a.num, a.seed)))
         return
-    p = argparse.ArgumentParser(prog="python -m videodit.caption", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m videodit.caption", description=__doc__.split("\n\n")[0],
+                                epilog="subcommands: `train-shapes --out DIR [--num N] [--steps S]` trains the "
+                                       "shapes-world captioner; `eval-shapes [--model WEIGHTS] [--num N]` prints its "
+                                       "accuracy on unseen clips (each has its own --help)")
     p.add_argument("--manifest", required=True, help="input manifest (.jsonl or .csv)")
     p.add_argument("--out", required=True, help="output manifest; rows already captioned there are kept")
     p.add_argument("--model", default=None, help="vlm: a folder or hub id; shapes: weights (default: shipped)")
@@ -365,12 +406,22 @@ def main(argv=None):
         p.error("--frames and --batch-size must be >= 1")
     if a.backend == "vlm" and not a.model:
         p.error("--backend vlm needs --model: a local folder or a hub id of a vision-language model")
+    if os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a folder; give the path of the output manifest (.jsonl or .csv)")
     kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,
               dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
     try:
-        counts = caption_manifest(a.manifest, a.out, load_captioner(a.backend, a.model, **kw), a.frames, a.batch_size)
+        captioner = load_captioner(a.backend, a.model, **kw)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}") from None
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    try:
+        counts = caption_manifest(a.manifest, a.out, captioner, a.frames, a.batch_size)
     except ManifestError as e:
         raise SystemExit(f"error: {e}") from None
+    if counts["skipped"] and not counts["captioned"] and not counts["kept"]:
+        raise SystemExit(f"error: none of the {counts['skipped']} clips of {a.manifest} could be read (see the "
+                         f"warnings above); no output written")
     print(json.dumps(counts))
 
 

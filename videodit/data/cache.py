@@ -53,39 +53,43 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    items, shard, skipped, shard_id = [], {}, 0, 0
+    try:  # a failed run leaves no temporary folder behind
+        items, shard, skipped, shard_id = [], {}, 0, 0
 
-    def embed(prompt):  # (L, D): real tokens only
-        emb, mask = text.encode([prompt])
-        return emb[0][mask[0]].float().cpu().contiguous()
+        def embed(prompt):  # (L, D): real tokens only
+            emb, mask = text.encode([prompt])
+            return emb[0][mask[0]].float().cpu().contiguous()
 
-    for i in tqdm(range(count), desc="caching"):
-        try:
-            s = source.load(i, False, random.Random(0)) if data.source == "shapes" else _load_from_start(source, i)
-        except VideoReadError as e:
-            logger.warning(f"skipping a sample: {e}")
-            skipped += 1
-            continue
-        latent = vae.encode_latents(s["video"][None].to(device, vae.dtype))[0].float().cpu().contiguous()
-        key, name = str(len(items)), f"shard_{shard_id:05d}.safetensors"
-        shard[f"latent.{key}"] = latent
-        shard[f"text.{key}"] = embed(s["caption"])
-        if s.get("detailed_caption"):
-            shard[f"detailed.{key}"] = embed(s["detailed_caption"])
-        items.append(dict(shard=name, key=key, shape=list(latent.shape), source_index=i, caption=s["caption"],
-                          detailed_caption=s.get("detailed_caption")))
-        if len(items) % shard_size == 0 or i == count - 1:
-            save_file(shard, os.path.join(tmp, name))
-            shard, shard_id = {}, shard_id + 1
-    if shard:
-        save_file(shard, os.path.join(tmp, f"shard_{shard_id:05d}.safetensors"))
-    save_file({"text": embed("")}, os.path.join(tmp, "null.safetensors"))
-    index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
-                 text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped)
-    with open(os.path.join(tmp, "index.json"), "w") as f:
-        json.dump(index, f)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+        for i in tqdm(range(count), desc="caching"):
+            try:
+                s = source.load(i, False, random.Random(0)) if data.source == "shapes" else _load_from_start(source, i)
+            except VideoReadError as e:
+                logger.warning(f"skipping a sample: {e}")
+                skipped += 1
+                continue
+            latent = vae.encode_latents(s["video"][None].to(device, vae.dtype))[0].float().cpu().contiguous()
+            key, name = str(len(items)), f"shard_{shard_id:05d}.safetensors"
+            shard[f"latent.{key}"] = latent
+            shard[f"text.{key}"] = embed(s["caption"])
+            if s.get("detailed_caption"):
+                shard[f"detailed.{key}"] = embed(s["detailed_caption"])
+            items.append(dict(shard=name, key=key, shape=list(latent.shape), source_index=i, caption=s["caption"],
+                              detailed_caption=s.get("detailed_caption")))
+            if len(items) % shard_size == 0 or i == count - 1:
+                save_file(shard, os.path.join(tmp, name))
+                shard, shard_id = {}, shard_id + 1
+        if shard:
+            save_file(shard, os.path.join(tmp, f"shard_{shard_id:05d}.safetensors"))
+        save_file({"text": embed("")}, os.path.join(tmp, "null.safetensors"))
+        index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
+                     text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped)
+        with open(os.path.join(tmp, "index.json"), "w") as f:
+            json.dump(index, f)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if skipped:
         logger.warning(f"{skipped} unreadable samples were skipped")
     return index
@@ -103,12 +107,22 @@ def main(argv=None):
                                             "embeddings (safetensors shards).")
     p.add_argument("--config", required=True, help="a training config: its data, vae (train.vae) and text sections")
     p.add_argument("--out", required=True, help="the cache folder to write")
-    p.add_argument("--num", type=int, default=None, help="shapes world: how many clips (default data.shapes_count)")
+    p.add_argument("--num", type=int, default=None,
+                   help="how many samples to cache (default: the shapes world's data.shapes_count, a manifest's "
+                        "every row); a manifest gives at most its rows")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides")
     args = p.parse_args(argv)
+    if (args.num is not None and args.num < 1) or args.shard_size < 1:
+        p.error("--num and --shard-size must be >= 1")
+    try:
+        dev = torch.device(args.device)
+    except RuntimeError:
+        p.error(f"--device {args.device!r} is not a torch device; expected e.g. cpu, cuda or cuda:0")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         index = build_cache(load_config(args.config, args.set), args.out, args.num, args.shard_size, args.device)

@@ -366,7 +366,7 @@ def read_back(frames: np.ndarray) -> dict:
 # Command line
 
 
-def write_dataset(out: str, num: int, height: int, width: int, num_frames: int, seed: int, fps: int = FPS) -> str:
+def write_dataset(out: str, num: int, height: int, width: int, num_frames: int, seed: int, fps: float = FPS) -> str:
     from tqdm import tqdm
 
     from videodit.data.manifest import write_manifest
@@ -393,10 +393,24 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--num-frames", type=int, default=17, help="frames per clip; 1 writes png images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=FPS)
+    p.add_argument("--fps", type=float, default=FPS, help="frame rate of the mp4 clips (> 0)")
     a = p.parse_args(argv)
     if a.num < 1 or a.height < 16 or a.width < 16 or a.num_frames < 1:
         p.error("need --num >= 1, --height and --width >= 16, --num-frames >= 1")
+    if a.num_frames > 1 and (a.height % 2 or a.width % 2):
+        p.error(f"--height {a.height} --width {a.width}: mp4 (h264) clips need even sides; use even sizes, or "
+                f"--num-frames 1 for png images of any size")
+    if not a.fps > 0:
+        p.error(f"--fps must be > 0, got {a.fps:g}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; give a folder for the clips and manifest.jsonl")
+    try:
+        os.makedirs(a.out, exist_ok=True)
+    except OSError as e:
+        p.error(f"--out {a.out}: cannot create the folder ({e.strerror})")
+    if not os.access(a.out, os.W_OK):
+        p.error(f"--out {a.out}: the folder is not writable")
+    a.fps = int(a.fps) if a.fps == int(a.fps) else a.fps  # the manifest records 8, not 8.0
     print(write_dataset(a.out, a.num, a.height, a.width, a.num_frames, a.seed, a.fps))
 
 

@@ -207,7 +207,7 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
     rng, g = np.random.default_rng(seed), torch.Generator().manual_seed(seed)
     model, data = pipe.transformer, ShapesDataset([size], num, seed)
     change = {k: {t: [] for t in levels} for k in (*WORDS, "all")}
-    for i in range(num):
+    for i in tqdm(range(num), desc="word swaps", unit="clip"):
         clip = data[i]
         a = {k: clip["attributes"][k] for k in WORDS}
         prompts = [short_caption(**a)]
@@ -276,6 +276,12 @@ def main(argv=None):
     p.add_argument("--words", action="store_true", help="test whether the denoiser listens to each attribute word: "
                    "the velocity's change when one word of the caption is swapped (writes words.json)")
     a = p.parse_args(argv)
+    if a.num < 1 or a.batch < 1 or (a.steps is not None and a.steps < 1):
+        p.error("--num, --batch and --steps must be >= 1")
+    if (a.shift is not None and a.shift <= 0) or a.cache_threshold < 0:
+        p.error("--shift must be > 0 and --cache-threshold >= 0")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        p.error(f"--out {a.out} is a file; give a folder for the results")
     if not os.path.isfile(os.path.join(a.checkpoint, "model_index.json")):
         p.exit(2, f"error: {a.checkpoint} is not a pipeline folder (no model_index.json)\n")
     pipe = VideoDiTPipeline.from_pretrained(a.checkpoint)
@@ -298,6 +304,8 @@ def main(argv=None):
         return
     # the checkpoint's sampling defaults where none were given, so that results.json says what was run
     a.steps, a.guidance, a.guidance_parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel)
+    if a.image_first is None:
+        a.image_first = bool(pipe.config.get("image_first", False))  # shift None: the checkpoint's, by size
     results, videos, timing = evaluate(pipe, a.num, a.seed, a.steps, a.guidance, a.batch, shift=a.shift,
                                        image_first=a.image_first, upsample=a.upsample_prompt,
                                        guidance_parallel=a.guidance_parallel, cache_threshold=a.cache_threshold)
@@ -306,7 +314,8 @@ def main(argv=None):
     counts, md_counts = confusion(results)
     md = _write(a.out, "results.json", "table.md", results, footer=md_counts, timing=timing, checkpoint=a.checkpoint,
                 steps=a.steps, guidance=a.guidance, guidance_parallel=a.guidance_parallel,
-                cache_threshold=a.cache_threshold, upsample_prompt=a.upsample_prompt, confusion=counts)
+                cache_threshold=a.cache_threshold, upsample_prompt=a.upsample_prompt, shift=a.shift,
+                image_first=a.image_first, seed=a.seed, num=a.num, batch=a.batch, confusion=counts)
     contact_sheet(results, videos, os.path.join(a.out, "contact_sheet.png"))
     print(md)
     print(md_counts)
