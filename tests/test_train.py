@@ -513,7 +513,7 @@ def test_export_command_refuses_what_it_cannot_do_in_one_line(assets, reference,
     assert e.value.code == 2 and "error:" in err and words in err
 
 
-def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
+def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatch):
     """The same step and the same held-out loss (before and after it) from cached latents and text as live."""
     common = assets["base"] + ["data.shapes_count=8", "train.max_steps=1", "train.ema_decay=0",
                                "train.eval_every=1", "train.eval_clips=3"]
@@ -528,6 +528,15 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path):
     assert live[0] is cache[0] is None and None not in live[1:]  # step 0: the held-out loss alone
     assert live[1:] == pytest.approx(cache[1:], rel=1e-4)
     assert os.listdir(tmp_path / "cached" / "samples") == ["step_00000001_0.mp4"]
+    import videodit.data.cache as cache_module
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cache_module, "save_file", fail)  # a failed rebuild: the old cache stays, no leftovers
+    with pytest.raises(OSError, match="disk full"):
+        build_cache(load_config(None, common), str(tmp_path / "cache"))
+    assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live"] and os.listdir(tmp_path / "cache")
 
 
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):

@@ -53,46 +53,53 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     tmp = out.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    try:  # a failed run leaves no temporary folder behind
-        items, shard, skipped, shard_id = [], {}, 0, 0
-
-        def embed(prompt):  # (L, D): real tokens only
-            emb, mask = text.encode([prompt])
-            return emb[0][mask[0]].float().cpu().contiguous()
-
-        for i in tqdm(range(count), desc="caching"):
-            try:
-                s = source.load(i, False, random.Random(0)) if data.source == "shapes" else _load_from_start(source, i)
-            except VideoReadError as e:
-                logger.warning(f"skipping a sample: {e}")
-                skipped += 1
-                continue
-            latent = vae.encode_latents(s["video"][None].to(device, vae.dtype))[0].float().cpu().contiguous()
-            key, name = str(len(items)), f"shard_{shard_id:05d}.safetensors"
-            shard[f"latent.{key}"] = latent
-            shard[f"text.{key}"] = embed(s["caption"])
-            if s.get("detailed_caption"):
-                shard[f"detailed.{key}"] = embed(s["detailed_caption"])
-            items.append(dict(shard=name, key=key, shape=list(latent.shape), source_index=i, caption=s["caption"],
-                              detailed_caption=s.get("detailed_caption")))
-            if len(items) % shard_size == 0 or i == count - 1:
-                save_file(shard, os.path.join(tmp, name))
-                shard, shard_id = {}, shard_id + 1
-        if shard:
-            save_file(shard, os.path.join(tmp, f"shard_{shard_id:05d}.safetensors"))
-        save_file({"text": embed("")}, os.path.join(tmp, "null.safetensors"))
-        index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
-                     text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped)
-        with open(os.path.join(tmp, "index.json"), "w") as f:
-            json.dump(index, f)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
-    except BaseException:
+    try:
+        items, skipped = _write_shards(tmp, source, count, vae, text, shard_size, device, data.source == "shapes")
+    except BaseException:  # a failed run leaves no temporary folder behind
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
+                 text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped)
+    with open(os.path.join(tmp, "index.json"), "w") as f:
+        json.dump(index, f)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
     if skipped:
         logger.warning(f"{skipped} unreadable samples were skipped")
     return index
+
+
+def _write_shards(tmp: str, source, count: int, vae, text, shard_size: int, device, shapes: bool):
+    """Encode the source's first `count` items into safetensors shards in `tmp`, and the empty prompt into
+    null.safetensors. Returns the index's items and the number of unreadable items skipped."""
+    items, shard, skipped, shard_id = [], {}, 0, 0
+
+    def embed(prompt):  # (L, D): real tokens only
+        emb, mask = text.encode([prompt])
+        return emb[0][mask[0]].float().cpu().contiguous()
+
+    for i in tqdm(range(count), desc="caching"):
+        try:
+            s = source.load(i, False, random.Random(0)) if shapes else _load_from_start(source, i)
+        except VideoReadError as e:
+            logger.warning(f"skipping a sample: {e}")
+            skipped += 1
+            continue
+        latent = vae.encode_latents(s["video"][None].to(device, vae.dtype))[0].float().cpu().contiguous()
+        key, name = str(len(items)), f"shard_{shard_id:05d}.safetensors"
+        shard[f"latent.{key}"] = latent
+        shard[f"text.{key}"] = embed(s["caption"])
+        if s.get("detailed_caption"):
+            shard[f"detailed.{key}"] = embed(s["detailed_caption"])
+        items.append(dict(shard=name, key=key, shape=list(latent.shape), source_index=i, caption=s["caption"],
+                          detailed_caption=s.get("detailed_caption")))
+        if len(items) % shard_size == 0 or i == count - 1:
+            save_file(shard, os.path.join(tmp, name))
+            shard, shard_id = {}, shard_id + 1
+    if shard:
+        save_file(shard, os.path.join(tmp, f"shard_{shard_id:05d}.safetensors"))
+    save_file({"text": embed("")}, os.path.join(tmp, "null.safetensors"))
+    return items, skipped
 
 
 def _load_from_start(source, i: int) -> dict:
