@@ -16,6 +16,7 @@ import torch
 from step_cache import following, psnr, run
 
 from videodit.eval.shapes import ATTRS, make_cases
+from videodit.flow import guidance_distilled
 from videodit.pipeline import VideoDiTPipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -31,7 +32,13 @@ def main():
     ap.add_argument("--student-scales", type=float, nargs="+", default=None,
                     help="the student's scales to compare (default: the teacher's guidance)")
     a = ap.parse_args()
+    for path in (a.teacher, a.student):
+        if not os.path.isfile(os.path.join(path, "model_index.json")):
+            ap.error(f"{path} is not a pipeline folder (no model_index.json)")
     teacher, student = (VideoDiTPipeline.from_pretrained(p) for p in (a.teacher, a.student))
+    if not guidance_distilled(student.transformer) or guidance_distilled(teacher.transformer):
+        ap.error("--student must be a guidance-distilled pipeline (train with distill.teacher) and --teacher one "
+                 "that samples with guidance's two passes")
     steps, g, _ = teacher.sampling_defaults(a.steps, a.guidance)
     cases = make_cases(a.num, 0, sizes=[(17, 64, 64), (1, 64, 64)])
     for pipe in (teacher, student):
