@@ -48,10 +48,8 @@ def sample_frames(path: str, k: int, short_side: int | None = None) -> torch.Ten
     gives one frame. With `short_side`, frames larger than that are downscaled (aspect kept) so that their short
     side is `short_side`."""
     info = probe(path)
-    size = {}
-    if short_side and min(info["height"], info["width"]) > short_side:
-        scale = short_side / min(info["height"], info["width"])
-        size = dict(height=max(1, round(info["height"] * scale)), width=max(1, round(info["width"] * scale)))
+    size = _shrunk(info["height"], info["width"], short_side)
+    size = dict(zip(("height", "width"), size)) if size else {}
     if info["num_frames"] <= 1 or k == 1:
         return read_video(path, num_frames=1, **size)
     return read_video(path, num_frames=k, fps=info["fps"] * (k - 1) / (info["num_frames"] - 1), **size)
@@ -59,13 +57,19 @@ def sample_frames(path: str, k: int, short_side: int | None = None) -> torch.Ten
 
 def downscale(video: torch.Tensor, short_side: int) -> torch.Tensor:
     """(3, T, H, W) -> the same clip with its short side at most `short_side` (aspect kept; never upscaled)."""
-    h, w = video.shape[-2:]
-    if min(h, w) <= short_side:
+    size = _shrunk(*video.shape[-2:], short_side)
+    if size is None:
         return video
-    scale = short_side / min(h, w)
-    size = (max(1, round(h * scale)), max(1, round(w * scale)))
     x = F.interpolate(video.transpose(0, 1).float(), size=size, mode="bilinear", antialias=True, align_corners=False)
     return x.transpose(0, 1).contiguous()
+
+
+def _shrunk(h: int, w: int, short_side: int | None) -> tuple[int, int] | None:
+    """(h, w) scaled so that the short side is `short_side`, or None where it is already no larger."""
+    if not short_side or min(h, w) <= short_side:
+        return None
+    scale = short_side / min(h, w)
+    return max(1, round(h * scale)), max(1, round(w * scale))
 
 
 # ---------------------------------------------------------------------------------------------------------------
