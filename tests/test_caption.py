@@ -1,6 +1,9 @@
+import io
 import json
 import os
 import random
+import subprocess
+import sys
 import warnings
 from dataclasses import asdict
 
@@ -17,6 +20,7 @@ from videodit.data.manifest import read_manifest, write_manifest
 from videodit.data.video import from_uint8
 from videodit.upsample import (SHAPE_WORDS, SIZE_WORDS, color_by_name, parse_shapes_prompt,
                                upsample_prompt)
+from videodit.upsample import main as upsample_main
 
 WORDS = "describe this video in detail a red circle moving left on gray background two blue squares".split()
 CHAT = ("{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c is string %}{{ c }}"
@@ -285,3 +289,23 @@ def test_lm_upsampler(tmp_path, chat):
     assert sampled[0] == sampled[1] != sampled[2] and all(w in WORDS for w in sampled[0].split())
     with pytest.raises(FileNotFoundError, match="nope"):
         upsample_prompt("a red circle", backend="lm", model=str(tmp_path / "nope"))
+    if chat:  # the command line gives the function's rewrites, one a line
+        run = subprocess.run([sys.executable, "-m", "videodit.upsample", "--model", str(tmp_path), "--seed", "3",
+                              "--temperature", "1", "a red circle", "a red circle moving left"],
+                             capture_output=True, text=True, check=True)
+        assert run.stdout.splitlines() == [sampled[0], upsample_prompt("a red circle moving left", backend="lm",
+                                                                       model=str(tmp_path), seed=3, temperature=1.0)]
+
+
+def test_upsample_command_reads_prompts_from_arguments_or_lines(capsys, monkeypatch):
+    upsample_main(["two navy squares moving up", "a red circle", "--seed", "2"])
+    assert capsys.readouterr().out.splitlines() == [upsample_prompt(q, seed=2) for q in
+                                                    ("two navy squares moving up", "a red circle")]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("a red circle\n\n  a green triangle  \n"))
+    upsample_main([])
+    assert capsys.readouterr().out.splitlines() == [upsample_prompt(q) for q in ("a red circle", "a green triangle")]
+    for args, message in ((["--model", "./nope", "x"], "--model ./nope: not a folder"), ([""], "non-empty prompts"),
+                          (["--temperature", "-1", "x"], "--temperature must be >= 0")):
+        with pytest.raises(SystemExit):
+            upsample_main(args)
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -104,6 +105,15 @@ def test_command_accepts_a_float_fps_and_records_it(tmp_path):
                  "--width", "32"])
     row = read_manifest(str(tmp_path / "manifest.jsonl"))[0]
     assert row.fps == 7.5 and abs(probe(row.path)["fps"] - 7.5) < 0.01
+
+
+def test_rerunning_the_command_into_a_folder_leaves_only_its_clips(tmp_path):
+    """A second, smaller run of other-format clips into the same folder removes the first run's clips, and nothing
+    else there."""
+    (tmp_path / "notes.txt").write_text("mine")
+    shapes_main(["--out", str(tmp_path), "--num", "3", "--num-frames", "5", "--height", "32", "--width", "32"])
+    shapes_main(["--out", str(tmp_path), "--num", "2", "--num-frames", "1", "--height", "32", "--width", "32"])
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png", "manifest.jsonl", "notes.txt"]
 
 
 @pytest.mark.parametrize("args,message", [

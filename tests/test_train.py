@@ -22,7 +22,7 @@ from videodit.patchify import pack
 from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoint
 from videodit.train.lora import load_lora
 from videodit.train.loop import Stopped, train
-from videodit.train.tasks import DiTTask
+from videodit.train.tasks import DiTTask, VAETask
 from videodit.train.models import build_denoiser
 from videodit.vae import CausalVideoVAE
 
@@ -320,6 +320,28 @@ def test_sharded_processes_build_the_main_process_architecture_without_weights(t
     assert not any(t.is_meta for t in [*main.parameters(), *main.buffers()])
 
 
+def test_init_from_names_the_architecture_keys_it_overrides(tmp_path, caplog):
+    """train.init_from's weights decide the architecture: the config's model.* and vae.* keys that differ are named
+    in a warning, the matching ones are not, and a VAE run takes its factors from the weights."""
+    from videodit.vae import CausalVideoVAE
+
+    random_dit(depth=3).save_pretrained(tmp_path / "dit")
+    with caplog.at_level("WARNING"):
+        model = build_denoiser(load_config(None, TINY + [f"train.init_from={tmp_path / 'dit'}"]), 4, 16)
+    assert model.config.depth == 3 and "model.depth = 2 (the model's: 3)" in caplog.text
+    assert "hidden_size" not in caplog.text and "num_heads" not in caplog.text
+    caplog.clear()
+    CausalVideoVAE(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, temporal_factor=2,
+                   spatial_factor=2, mid_attention=False).save_pretrained(tmp_path / "vae")
+    cfg = load_config(None, TINY + [f"train.init_from={tmp_path / 'vae'}", "train.task=vae",
+                                    f"train.output_dir={tmp_path / 'run'}"])
+    with caplog.at_level("WARNING"):
+        task = VAETask(cfg, types.SimpleNamespace(device=torch.device("cpu")))
+    assert "vae.fs = 4 (the model's: 2)" in caplog.text and "vae.ft = 4 (the model's: 2)" in caplog.text
+    assert "latent_channels" not in caplog.text
+    assert task.geom.latent_shape(5, 16, 16) == (3, 8, 8)
+
+
 @pytest.mark.parametrize("overrides, words", [
     (["train.task=vae"], ["train.task: vae", "parallel.fsdp false"]),
     (["train.lora_rank=4"], ["train.lora_rank", "DDP"]),
@@ -593,7 +615,8 @@ def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
 @pytest.mark.parametrize("task", ["dit", "vae"])
 def test_a_batch_of_unreadable_files_is_skipped_from_the_first_step_on(assets, tmp_path, task):
     """One readable clip and two broken files, a batch each: a batch that fails to load whole, even the first, runs
-    at weight 0 (loss 0, counted as skipped) and the run goes on."""
+    at weight 0 (loss 0, counted as skipped), leaves the weights and AdamW's state as they were, and the run goes
+    on."""
     from videodit.data.loader import PackedBatchSampler
     from videodit.data.shapes import make_clip
     from videodit.data.video import write_video
@@ -610,10 +633,15 @@ def test_a_batch_of_unreadable_files_is_skipped_from_the_first_step_on(assets, t
     train(load_config(None, assets["base"] + [
         "data.source=manifest", f"data.manifest={tmp_path / 'data.jsonl'}", "data.target_area=256",
         "data.num_frames=[5]", "data.image_ratio=0", "data.max_tokens=8", f"data.seed={seed}", f"train.task={task}",
-        f"train.output_dir={run}", "train.max_steps=3", "train.sample_every=0"]))
+        f"train.output_dir={run}", "train.max_steps=3", "train.sample_every=0", "train.checkpoint_every=1",
+        "train.keep_checkpoints=3"]))
     records = log(run)
     assert [r["skipped"] for r in records][-1] == 2 and records[0]["skipped"] == 1 and records[0]["loss"] == 0
     assert sum(r["loss"] > 0 for r in records) == 1
+    # AdamW keeps no state until its first step: only the readable batch's step made one
+    first = next(i for i, r in enumerate(records) if r["loss"] > 0)
+    stepped = [bool(torch.load(os.path.join(c, "optimizer.bin"))["state"]) for c in checkpoint_dirs(str(run))]
+    assert stepped == [i >= first for i in range(3)]
 
 
 def test_stage_recipes_chain_their_models():

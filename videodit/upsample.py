@@ -3,6 +3,9 @@
     upsample_prompt("two blue squares moving up")                      # rule-based, shapes world
     upsample_prompt("a cat surfing", backend="lm", model="Qwen/Qwen2.5-1.5B-Instruct", seed=0)
 
+    python -m videodit.upsample "two blue squares moving up" "a red circle"     # one caption a line
+    python -m videodit.upsample --model Qwen/Qwen2.5-1.5B-Instruct < prompts.txt
+
 Backends:
 - 'shapes': parses the prompt with `parse_shapes_prompt` (count, size, color, shape, motion, background; any word
   order; the synonyms of the tables below, and for a color any of the XKCD color survey's names, mapped to the
@@ -15,10 +18,12 @@ Backends:
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
 """
 
+import argparse
 import functools
 import json
 import os
 import re
+import sys
 import warnings
 
 import numpy as np
@@ -212,3 +217,29 @@ def upsample_prompt(prompt: str, backend: str = "shapes", model: str | None = No
             raise ValueError("the 'lm' prompt upsampler needs model=: a local folder or a hub id of a causal LM")
         return upsample_lm(prompt, model, seed, temperature)
     raise ValueError(f"unknown prompt upsampler {backend!r}; expected 'shapes' or 'lm'")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m videodit.upsample",
+                                description="Rewrite short prompts as detailed captions, one a line.")
+    p.add_argument("prompts", nargs="*", help="the prompts (default: one a line from standard input)")
+    p.add_argument("--model", help="a causal LM (folder or hub id) to rewrite with; default: the shapes rules")
+    p.add_argument("--seed", type=int, default=0, help="draws what the prompt leaves out (rules) or samples (LM)")
+    p.add_argument("--temperature", type=float, default=0.0, help="the LM's sampling temperature (0: greedy)")
+    a = p.parse_args(argv)
+    if a.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {a.temperature:g}")
+    if a.model:
+        try:
+            check_lm(a.model)
+        except FileNotFoundError as e:
+            p.error(f"--model {e}")
+    prompts = a.prompts or [line.strip() for line in sys.stdin if line.strip()]
+    if not prompts or not all(q.strip() for q in prompts):
+        p.error("give one or more non-empty prompts, as arguments or one a line on standard input")
+    for q in prompts:
+        print(upsample_prompt(q, "lm" if a.model else "shapes", a.model, a.seed, a.temperature), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ ground-truth attributes. `read_back` reads any video by the contract's rules, so
 
 import argparse
 import os
+import re
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -382,6 +383,10 @@ def write_dataset(out: str, num: int, height: int, width: int, num_frames: int, 
         rows.append(dict(path=name, caption=clip["caption"], detailed_caption=clip["detailed_caption"],
                          num_frames=num_frames, fps=fps, height=height, width=width,
                          attributes=asdict(clip["attributes"])))
+    written = {r["path"] for r in rows}
+    for name in os.listdir(out):  # clips of an earlier, larger or other-format run into the folder
+        if re.fullmatch(r"\d{6}\.(mp4|png)", name) and name not in written:
+            os.remove(os.path.join(out, name))
     return write_manifest(os.path.join(out, "manifest.jsonl"), rows)
 
 

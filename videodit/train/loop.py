@@ -212,7 +212,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
     window = _window()
     model.train()
     while step < t.max_steps:
-        extra = {}
+        extra, live = {}, 0
         for m in range(A):
             tic = time.perf_counter()
             batch = next(batches)
@@ -230,26 +230,30 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             window["tokens"] += batch["tokens"]
             window["samples"] += batch["size"]
             window["skipped"] += batch["skipped"]
+            live += batch["size"]
             window["flops"] += logs.pop("flops", 0)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / A
+        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it.
+        # A step whose every micro-batch, on every rank, failed to load leaves the weights, AdamW's moments, the LR
+        # schedule and the EMA as they were (a zero gradient would still move the weights: momentum, weight decay)
+        stop = received[0] if received else 0
+        if W > 1:
+            stop, live = (int(v) for v in acc.reduce(torch.tensor([stop, live], device=acc.device), "max").tolist())
         grad_norm = None
-        if t.grad_clip > 0:
-            grad_norm = sharded.grad_norm(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
-        optimizer.step()
-        scheduler.step()
+        if live:
+            if t.grad_clip > 0:
+                grad_norm = sharded.grad_norm(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
+            optimizer.step()
+            scheduler.step()
+            task.after_step()
+            if ema:
+                ema.step(params)
         optimizer.zero_grad(set_to_none=True)
-        task.after_step()
-        if ema:
-            ema.step(params)
         step += 1
         consumed += dp_size * A
         window["steps"] += 1
 
-        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it
-        stop = received[0] if received else 0
-        if W > 1:
-            stop = int(acc.reduce(torch.tensor([stop], device=acc.device), "max").item())
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps or stop
         eval_now = held is not None and step % t.eval_every == 0
         if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact

@@ -1,6 +1,7 @@
 """Building the models a run trains or uses, from its config: the denoiser, a fresh VAE, a trained VAE."""
 
 import contextlib
+import logging
 import os
 
 import torch
@@ -9,6 +10,8 @@ from ..config import ConfigError
 from ..dit import PRESETS, VideoDiT
 from ..flow import guidance_distilled
 from ..vae import CausalVideoVAE, load_vae
+
+logger = logging.getLogger(__name__)
 
 MODEL_OVERRIDES = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "rope_base_grid", "qk_norm",
                    "local_mlp", "pooled_text", "abs_pos")
@@ -38,11 +41,22 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
                               f"distill.teacher set" if not distilling else
                               f"train.init_from = {cfg.train.init_from} has no guidance embedding, which a guidance "
                               f"distillation trains; leave init_from out to start from distill.teacher")
+        _warn_ignored({k: getattr(cfg.model, k) for k in MODEL_OVERRIDES if getattr(cfg.model, k) is not None},
+                      {k: model.config[k] for k in MODEL_OVERRIDES}, cfg.train.init_from, "model.")
         return model
     if distilling:
         return with_guidance_embedding(teacher, meta)
     with _on_meta(meta):
         return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
+
+
+def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = ""):
+    """Warn of the config's architecture keys that train.init_from's weights override (their config decides)."""
+    ignored = [f"{prefix}{k} = {v} (the model's: {got[k]})" for k, v in asked.items()
+               if (list(v) if isinstance(v, (list, tuple)) else v) !=
+               (list(got[k]) if isinstance(got[k], (list, tuple)) else got[k])]
+    if ignored:
+        logger.warning(f"train.init_from = {path} decides the architecture; ignored: {'; '.join(ignored)}")
 
 
 def _relative(path: str) -> str:
@@ -105,7 +119,15 @@ def build_vae(cfg) -> CausalVideoVAE:
         raise ConfigError(f"train.task: vae trains our causal VAE; vae.kind = {v.kind!r} is a pretrained VAE "
                          f"(use it with train.vae instead)")
     if cfg.train.init_from:
-        return CausalVideoVAE.from_pretrained(cfg.train.init_from)
+        vae = CausalVideoVAE.from_pretrained(cfg.train.init_from)
+        c = vae.config
+        _warn_ignored(dict(ft=v.ft, fs=v.fs, latent_channels=v.latent_channels, num_res_blocks=v.num_res_blocks,
+                           mid_attention=v.mid_attention, shortcut=v.shortcut,
+                           channels=[v.base_channels * m for m in v.channel_mults]),
+                      dict(ft=c.temporal_factor, fs=c.spatial_factor, latent_channels=c.latent_channels,
+                           num_res_blocks=c.layers_per_block, mid_attention=c.mid_attention, shortcut=c.shortcut,
+                           channels=list(c.block_out_channels)), cfg.train.init_from, "vae.")
+        return vae
     levels = len(v.channel_mults)
     if 2 ** (levels - 1) != v.fs:
         raise ConfigError(f"vae.channel_mults has {levels} levels, which downsample by {2 ** (levels - 1)}, but "

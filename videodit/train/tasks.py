@@ -252,12 +252,13 @@ class VAETask:
         self.cfg, self.acc, self.device = cfg, accelerator, accelerator.device
         self.model = build_vae(cfg)
         self.model_config = dict(self.model.config)
-        self.geom = Geometry(v.ft, v.fs, tuple(cfg.model.patch_size or (1, 2, 2)))
+        c = self.model.config  # train.init_from's weights decide the factors
+        self.geom = Geometry(c.temporal_factor, c.spatial_factor, tuple(cfg.model.patch_size or (1, 2, 2)))
         self.source = make_source(cfg.data, self.geom)
         self.loss_fn = VAELoss(ssim_weight=v.perceptual_weight, kl_weight=v.kl_weight, fg_weight=v.foreground_weight,
                                disc_weight=v.gan_weight, disc_start=v.gan_start).to(self.device)
         self.disc = self.loss_fn.discriminator  # replicated on every rank; gradients averaged in after_step
-        self.disc_opt = None
+        self.disc_opt, self.last_batch = None, None
         if self.disc is not None:
             self.disc_opt = torch.optim.AdamW(self.disc.parameters(), lr=cfg.train.lr, betas=(0.5, 0.9), fused=True)
 
@@ -267,8 +268,9 @@ class VAETask:
 
     def loss(self, model, batch: dict, generator, step: int) -> tuple[torch.Tensor, dict]:
         weight = 1.0
-        if batch["size"] == 0:  # every sample failed to load: one at weight 0 (ranks stay in step)
-            batch, weight = _stand_in(self.source), 0.0
+        if batch["size"] == 0:  # every sample failed to load: run the last batch at weight 0 (ranks stay in step)
+            batch, weight = self.last_batch or _stand_in(self.source), 0.0
+        self.last_batch = batch
         videos = batch["video"]
         last_layer = self.acc.unwrap_model(model).decoder.conv_out.conv.weight
         total, logs = 0.0, {}
