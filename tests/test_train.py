@@ -561,6 +561,22 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live"] and os.listdir(tmp_path / "cache")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--device", "gpu0"], "--device gpu0: not a device; use auto, cpu"),
+    (["--device", "cuda:99"], "--device cuda:99"),
+    (["--num", "0"], "--num and --shard-size must be >= 1"),
+])
+def test_cache_command_refuses_bad_arguments_in_one_line(tmp_path, capsys, args, message):
+    from videodit.data.cache import main as cache_main
+
+    with pytest.raises(SystemExit):
+        cache_main(["--config", os.path.join(ROOT, "configs", "shapes", "tiny.yaml"), "--out", str(tmp_path / "c"),
+                    *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("python -m videodit.data.cache: error:") and message in err
+    assert not (tmp_path / "c").exists()
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
     base = random_dit()  # a random "pretrained" model, so outputs depend on the weights
     base.save_pretrained(tmp_path / "base")

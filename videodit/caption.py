@@ -323,7 +323,7 @@ def load_captioner(backend: str, model: str | None = None, **kw):
 # Captioning a manifest
 
 
-def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_size: int = 8, log=print) -> dict:
+def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_size: int = 8) -> dict:
     """Caption every row of `manifest` not yet in `out`; returns counts {captioned, kept, skipped}."""
     rows = read_manifest(manifest)
     done = {}
@@ -356,9 +356,8 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
                 result[r.path] = r
             counts["captioned"] += len(batch)
             write()
+        bar.set_postfix(counts, refresh=False)
         bar.update(len(todo[start:start + batch_size]))
-        log(f"{counts['kept'] + counts['captioned'] + counts['skipped']}/{len(rows)} rows "
-            f"({counts['captioned']} captioned, {counts['kept']} kept, {counts['skipped']} skipped)")
     bar.close()
     return counts
 

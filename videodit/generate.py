@@ -133,7 +133,7 @@ def setup(a) -> tuple[str, Ranks]:
     LOCAL_RANK."""
     world, S, cfg = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel, 2 if a.cfg_parallel else 1
     block = S * cfg
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else check_device(a.device)
+    device = check_device(a.device)
     what = f"--sequence-parallel {S}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
     if block > 1 and world == 1:
         raise UserError(f"{what} runs on several processes: launch with torchrun --nproc_per_node N sample.py ...")
@@ -164,6 +164,9 @@ def setup(a) -> tuple[str, Ranks]:
 
 
 def check_device(name: str) -> str:
+    """A --device value, checked against this machine: 'auto' is cuda when torch sees a GPU, else cpu."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
     choices = "auto, cpu, cuda or cuda:N"
     try:
         device = torch.device(name)

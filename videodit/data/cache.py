@@ -110,26 +110,26 @@ def _load_from_start(source, i: int) -> dict:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Encode a data set once into a cache of VAE latents and text "
-                                            "embeddings (safetensors shards).")
+    p = argparse.ArgumentParser(prog="python -m videodit.data.cache", description="Encode a data set once into a "
+                                "cache of VAE latents and text embeddings (safetensors shards).")
     p.add_argument("--config", required=True, help="a training config: its data, vae (train.vae) and text sections")
     p.add_argument("--out", required=True, help="the cache folder to write")
     p.add_argument("--num", type=int, default=None,
                    help="how many samples to cache (default: the shapes world's data.shapes_count, a manifest's "
                         "every row); a manifest gives at most its rows")
     p.add_argument("--shard-size", type=int, default=256, help="samples per shard")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     p.add_argument("--set", nargs="*", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                    help="config overrides")
     args = p.parse_args(argv)
     if (args.num is not None and args.num < 1) or args.shard_size < 1:
         p.error("--num and --shard-size must be >= 1")
+    from ..generate import UserError, check_device
+
     try:
-        dev = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a torch device; expected e.g. cpu, cuda or cuda:0")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
+        args.device = check_device(args.device)
+    except UserError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     try:
         index = build_cache(load_config(args.config, args.set), args.out, args.num, args.shard_size, args.device)
