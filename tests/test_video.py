@@ -62,6 +62,11 @@ def test_frame_rate_and_start_select_frames(tmp_path):
 def test_gif_and_png(tmp_path):
     frames = moving_clip(9, 32, 48)
     assert read_video(write_video(str(tmp_path / "a.gif"), frames), height=32, width=48).shape == (3, 9, 32, 48)
+    for fps in (8, 12.5, 30):  # whole-centisecond frame times, varied so the rate holds; still frames merged
+        held = np.concatenate([frames[:1].repeat(4, 0), frames[1:]])
+        path = write_video(str(tmp_path / f"{fps}.gif"), held, fps=fps)
+        assert probe(path)["num_frames"] == 12 and abs(probe(path)["fps"] - fps) < 0.02 * fps
+        assert np.array_equal(to_uint8(read_video(path, fps=fps)), held)  # gifs are lossless at these colours
     png = write_video(str(tmp_path / "a.png"), frames[:1])
     assert np.array_equal(to_uint8(read_image(png)), frames[:1])  # png is lossless
     with pytest.raises(ValueError, match="one frame"):

@@ -6,6 +6,7 @@ Every failure to read a file raises `VideoReadError`, which names the file, so a
 """
 
 import os
+from collections import Counter
 
 import numpy as np
 import torch
@@ -56,9 +57,9 @@ class _Reader:
             with Image.open(path) as im:  # gif writers merge repeated frames into longer ones: expand them
                 frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125)
                           for f in ImageSequence.Iterator(im)]
-            base = min(d for _, d in frames)
-            self.fps = 1000.0 / base
+            base = Counter(d for _, d in frames).most_common(1)[0][0]  # one frame's time; merged ones are multiples
             self._frames = np.stack([f for f, d in frames for _ in range(max(1, round(d / base)))])
+            self.fps = 1000.0 * len(self._frames) / sum(d for _, d in frames)  # durations are whole centiseconds
             self.n, (self.height, self.width) = len(self._frames), self._frames.shape[1:3]
         else:
             import decord
@@ -185,7 +186,10 @@ def write_video(path: str, video, fps: float = 8) -> str:
         Image.fromarray(frames[0]).save(path)
     elif ext == ".gif":
         ims = [Image.fromarray(f) for f in frames]
-        ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(round(1000 / fps)), loop=0)
+        # a gif times frames in whole centiseconds: vary them (8 fps: 13, 12, 13, 12, ...) so the rate is exact
+        ends = [max(i, int(100 * i / fps + 0.5)) for i in range(len(ims) + 1)]
+        ims[0].save(path, save_all=True, append_images=ims[1:], loop=0,
+                    duration=[10 * (b - a) for a, b in zip(ends, ends[1:])])
     elif ext == ".mp4":
         import imageio.v2 as imageio
 
