@@ -82,6 +82,15 @@ def test_a_generator_per_prompt_makes_each_video_independent_of_the_batch(tiny_p
                               atol=1e-2)
     with pytest.raises(ValueError, match="2 generators for 3 samples"):
         tiny_pipe(["a", "b", "c"], generator=[gen(0), gen(1)], **kw)
+    # of other sizes too (each samples at its own resolution shift), with negative prompts of their own
+    kw = dict(output_type="pt", progress=False, guidance_scale=3.0)
+    both = tiny_pipe(["a red circle moving left", "a blue square"], height=[16, 32], width=[16, 24], num_frames=[1, 5],
+                     negative_prompt=["red", "blue"], generator=[gen(5), gen(6)], **kw).frames
+    for i, (prompt, negative, size) in enumerate([("a red circle moving left", "red", (1, 16, 16)),
+                                                  ("a blue square", "blue", (5, 32, 24))]):
+        alone = tiny_pipe(prompt, num_frames=size[0], height=size[1], width=size[2], negative_prompt=negative,
+                          generator=[gen(5 + i)], **kw).frames[0]
+        assert torch.allclose(both[i], alone, atol=1e-4)
 
 
 def test_image_is_the_first_frame(tiny_pipe):

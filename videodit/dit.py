@@ -294,6 +294,10 @@ class StepCache:
     def __init__(self, threshold: float):
         self.threshold, self.first, self.rest, self.steps, self.skipped = threshold, None, None, 0, 0
 
+    def restart(self):
+        """Another batch follows: its first step runs every block."""
+        self.first = self.rest = None
+
     def reuse(self, first: torch.Tensor, group=None) -> bool:
         """first: the first block's residual this step (this rank's tokens; the ranks of a sequence-parallel `group`
         decide together). True: skip the other blocks."""

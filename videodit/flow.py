@@ -220,8 +220,9 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
            guidance_parallel: float = 1.0, shared_noise: float = 0.0, steps: int = 30, shift: float | None = None,
            base_tokens: int = 256, sampler: str = "euler", cond_latents: list | None = None,
            cond_masks: list | None = None, init_latents: list | None = None, strength: float = 1.0, generator=None,
-           progress: bool = True, cfg_group=None, cache=None) -> list:
-    """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch.
+           progress: bool = True, cfg_group=None, cache=None, noise: list | None = None) -> list:
+    """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch; with `shift` None each size
+    samples at its own resolution shift, so samples of different token counts run as one packed batch a size.
 
     text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
     guidance_parallel: the weight of the guidance term's part along the conditional clean estimate (1: plain
@@ -232,15 +233,31 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
     prompts, rank 1 the negative prompt) and exchange their velocities each step; both call with the same arguments.
     Without it (or without guidance) both passes run here, as one packed batch.
     cache: a fresh videodit.dit.StepCache, to skip the denoiser's later blocks at steps where its first barely
-    changes (None: every block every step)."""
+    changes (None: every block every step). noise: the starting noise (default: drawn from `generator`)."""
     device, dtype = text.device, torch.float32
     B = len(shapes)
-    noise = draw_noise(shapes, shared_noise, generator, device)
+    if noise is None:
+        noise = draw_noise(shapes, shared_noise, generator, device)
     packed = pack(noise, model.patch_size)
+    if shift is None and len(set(packed.seqlens)) > 1:  # a video's schedule must not depend on the rest of its batch
+        out = [None] * B
+        for n in dict.fromkeys(packed.seqlens):
+            idx = [i for i, m in enumerate(packed.seqlens) if m == n]
+            pick = lambda xs: None if xs is None else [xs[i] for i in idx]  # noqa: E731
+            rows = lambda x: x if x is None or len(x) == 1 else x[idx]  # noqa: E731
+            if cache is not None:
+                cache.restart()
+            group = sample(model, pick(shapes), text[idx], text_mask[idx], rows(null_text), rows(null_mask), guidance,
+                           guidance_parallel, shared_noise, steps, resolution_shift(n, base_tokens), base_tokens,
+                           sampler, pick(cond_latents), pick(cond_masks), pick(init_latents), strength, None,
+                           progress, cfg_group, cache, pick(noise))
+            for i, z in zip(idx, group):
+                out[i] = z
+        return out
     pt = model.patch_size[0]
     fidx = _frame_index(packed, pt)
     if shift is None:
-        shift = resolution_shift(max(packed.seqlens), base_tokens)
+        shift = resolution_shift(packed.seqlens[0], base_tokens)
     ts = schedule(steps, shift).to(device)
     if init_latents is not None:  # SDEdit: start at t = strength, then the schedule's times below it
         if not 0 < strength <= 1:
