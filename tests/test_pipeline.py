@@ -152,10 +152,11 @@ def test_image_first_animates_the_image_its_first_pass_draws(tiny_pipe):
 
 def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
     clip = torch.rand(3, 9, 16, 16) * 2 - 1
-    run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=9, output_type="pt",  # noqa: E731
-                                 progress=False, **kw).frames[0]
-    assert run(video=clip, extend="forward").shape[1] == 9  # 9 new frames in either direction
-    assert run(video=clip, extend="backward").shape[1] == 9
+    run = lambda num_frames=9, **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=num_frames,  # noqa
+                                               output_type="pt", progress=False, **kw).frames[0]
+    for frames in (1, 2, 4, 8, 9):  # num_frames new frames in either direction, any number
+        for extend in ("forward", "backward"):
+            assert run(video=clip, extend=extend, num_frames=frames).shape[1] == frames
     assert run(connect=(clip, clip)).shape[1] == 8  # whole latent frames of 4 between the clips
     edited = run(video=clip, strength=0.5)
     assert edited.shape == clip.shape
@@ -207,6 +208,13 @@ CLIP = torch.zeros(3, 5, 16, 16)
     (dict(num_inference_steps=-1), "num_inference_steps"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite"),
     (dict(guidance_scale=float("inf")), "guidance_scale must be a finite"),
+    (dict(guidance_scale=-3), "guidance_scale must be a finite number >= 0"),
+    (dict(num_inference_steps=2.5), "num_inference_steps must be a positive whole number"),
+    (dict(negative_prompt=3), "negative_prompt must be a string"),
+    (dict(generator=0), "generator must be a torch.Generator"),
+    (dict(cache_threshold=None), "cache_threshold must be a number"),
+    (dict(image=torch.full((3, 16, 16), 255.0)), r"image: pixels must lie in \[-1, 1\], got values from 255"),
+    (dict(image=torch.zeros(3, 16, 16, dtype=torch.int64)), "pixels are floats in"),
     (dict(shift=0.0), "shift must be a positive finite"),
     (dict(shift=float("nan")), "shift must be a positive finite"),
     (dict(video=CLIP, strength=0.0), r"strength must be in \(0, 1\]"),
@@ -223,13 +231,16 @@ def test_bad_calls_say_what_is_wrong(tiny_pipe, kw, words):
         tiny_pipe(**kw)
 
 
-def test_an_image_may_be_a_3d_tensor_a_pil_image_or_uint8_frames(tiny_pipe):
+def test_an_image_may_be_a_3d_tensor_a_pil_image_or_uint8_frames_or_tensor(tiny_pipe):
     pixels = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
     run = lambda image: tiny_pipe("a red circle", height=16, width=16, num_frames=5, image=image,  # noqa: E731
                                   output_type="pt", generator=gen(0), progress=False).frames[0]
     want = run(torch.from_numpy(pixels).permute(2, 0, 1)[:, None].float() / 127.5 - 1)
-    for image in (torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1, Image.fromarray(pixels), pixels):
+    for image in (torch.from_numpy(pixels).permute(2, 0, 1).float() / 127.5 - 1, Image.fromarray(pixels), pixels,
+                  torch.from_numpy(pixels), torch.from_numpy(pixels).permute(2, 0, 1)):  # uint8 tensors: 0..255
         torch.testing.assert_close(run(image), want)
+    with pytest.warns(UserWarning, match=r"every pixel is in \[0, 1\]"):
+        run(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
 
 
 def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
@@ -285,6 +296,9 @@ def test_save_load_gives_identical_samples(tiny_pipe, tmp_path):
     a = tiny_pipe("two green triangles moving up", **{**kw, "generator": gen(4)}).frames[0]
     b = loaded("two green triangles moving up", **{**kw, "generator": gen(4)}).frames[0]
     assert np.array_equal(a, b)
+    for key in ("dtype", "torch_dtype"):  # diffusers' name and its older one
+        assert VideoDiTPipeline.from_pretrained(tmp_path / "pipe", **{key: torch.bfloat16}).transformer.dtype == \
+            torch.bfloat16
 
 
 @pytest.fixture

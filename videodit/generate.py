@@ -385,7 +385,7 @@ def sample_prompts(a, prompts, like, device, ranks):
             if ranks.writer:
                 print(f"prompt: {prompts[i]}")
     a.fps = a.fps or pipe.config.default_fps
-    size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect))
+    size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect), extend=bool(a.extend))
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
     if changed:

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -79,7 +80,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         if package and not os.path.isdir(os.path.join(path, "text_encoder")) and "text_encoder" not in kwargs:
             enc = load_text_encoder(package)
             kwargs.update(text_encoder=enc.model, tokenizer=enc.tokenizer)
-        kwargs.setdefault("dtype", torch.float32)
+        if "torch_dtype" not in kwargs:  # diffusers' older name for it
+            kwargs.setdefault("dtype", torch.float32)
         return super().from_pretrained(path, **kwargs)
 
     def save_lean(self, out: str, package: str = "minilm", dtype=torch.float16):
@@ -151,11 +153,13 @@ class VideoDiTPipeline(DiffusionPipeline):
         return self.geometry.snap(*self.video_vae.valid_size(T, H, W))
 
     def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
-                     like: tuple[int, int] | None = None, connect: bool = False) -> tuple[int, int, int]:
+                     like: tuple[int, int] | None = None, connect: bool = False,
+                     extend: bool = False) -> tuple[int, int, int]:
         """The valid (T, H, W) to sample: the values given, the rest from the checkpoint's default_size. With
         neither height nor width, the frame takes the aspect of `like` (an input image's or video's (h, w)) at the
         default's area, or is the default; with one of them, the other follows that aspect. connect: T counts the
-        new frames between the two clips, whole latent frames of ft (at least one)."""
+        new frames between the two clips, whole latent frames of ft (at least one). extend: T counts the new frames
+        before or after the clip, any number."""
         T0, H0, W0 = self.config.default_size
         h, w = like or (H0, W0)
         if height is None and width is None:
@@ -165,9 +169,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         elif width is None:
             width = round(height * w / h)
         T = T0 if num_frames is None else num_frames
-        if connect:
+        if connect or extend:
             ft = self.video_vae.ft
-            return (ft * max(1, round(T / ft)), *self.valid_size(1, height, width)[1:])
+            return (ft * max(1, round(T / ft)) if connect else T, *self.valid_size(1, height, width)[1:])
         return self.valid_size(T, height, width)
 
     def encode_prompt(self, prompts: list[str]):
@@ -207,10 +211,10 @@ class VideoDiTPipeline(DiffusionPipeline):
                              "negative prompt it was distilled with); it takes no negative prompt")
         steps = self.config.default_steps if steps is None else steps
         guidance = self.config.default_guidance if guidance is None else guidance
-        if steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive number of steps, got {steps}")
-        if not math.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number (1: no guidance), got {guidance}")
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
+            raise ValueError(f"num_inference_steps must be a positive whole number of steps, got {steps!r}")
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance!r}")
         own = self.config.get("default_guidance_parallel", 1.0)
         guidance_parallel = own if guidance_parallel is None else guidance_parallel
         if not 0 <= guidance_parallel <= 1:
@@ -267,11 +271,17 @@ class VideoDiTPipeline(DiffusionPipeline):
         for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
             if any(x is not None and x < 1 for x in per(v, name)):
                 raise ValueError(f"{name} must be positive, got {v}")
-        per(negative_prompt, "negative_prompt")
+        if not all(n is None or isinstance(n, str) for n in per(negative_prompt, "negative_prompt")):
+            raise ValueError(f"negative_prompt must be a string or a list of one per prompt, got "
+                             f"{negative_prompt!r:.80}")
+        gens = generator if isinstance(generator, (list, tuple)) else [generator]
+        if not all(g is None or isinstance(g, torch.Generator) for g in gens):
+            raise ValueError(f"generator must be a torch.Generator or a list of one per prompt (a seed s: "
+                             f"torch.Generator().manual_seed(s)), got {generator!r:.80}")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        if cache_threshold < 0:
-            raise ValueError(f"cache_threshold must be >= 0 (0: no cache), got {cache_threshold}")
+        if not isinstance(cache_threshold, (int, float)) or not cache_threshold >= 0:
+            raise ValueError(f"cache_threshold must be a number >= 0 (0: no cache), got {cache_threshold!r}")
         if shift is not None and not (math.isfinite(shift) and shift > 0):
             raise ValueError(f"shift must be a positive finite number (None: by resolution), got {shift}")
         if strength is not None and not 0 < strength <= 1:
@@ -294,7 +304,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
             num_frames = self.geometry.frames(video.shape[1], video.shape[1])
         like = tuple(ref.shape[-2:]) if ref is not None else None
-        sizes = [self.resolve_size(t, h, w, like, connect is not None)
+        sizes = [self.resolve_size(t, h, w, like, connect is not None, extend is not None and video is not None)
                  for t, h, w in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"))]
         vae = self.video_vae
         C = vae.denoiser_channels
@@ -317,8 +327,10 @@ class VideoDiTPipeline(DiffusionPipeline):
             cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, run)
         if modes:
             mode = modes[0]
-            if mode == "loop" or extend == "backward":  # one more latent frame: the held one is trimmed
+            if mode == "loop":  # one more latent frame: the held one is trimmed
                 shapes = [(c, t + 1, h, w) for c, t, h, w in shapes]
+            if extend == "backward":  # whole latent frames for T new frames (the surplus trimmed), then the held one
+                shapes = [(c, 2 - (1 - T) // vae.ft, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
             if mode == "connect":  # a's last frame, T / ft new latent frames, b's first frame held (both trimmed)
                 shapes = [(c, T // vae.ft + 2, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
             if extend == "forward" and video is not None:  # after k latent frames of context, m new: T new frames
@@ -399,7 +411,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                 m, cut = cond_frames(Tl, "first_k", k + 1), (1 + ft * k, ft * new - T)  # keep only the new frames
             elif mode == "extend":  # backward: the new clip ends on the given clip's first frame
                 z[:, -1] = self.held_latent(_fit(video, H, W)[:, 0])
-                m, cut = cond_frames(Tl, "last"), (0, ft)
+                m, cut = cond_frames(Tl, "last"), (1 + ft * (Tl - 2) - T, ft)
             elif mode == "connect":  # from the end of a to the start of b
                 a, b = (_fit(v, H, W) for v in connect)
                 z[:, :1] = self.encode_video(a[:, -1:])
@@ -425,8 +437,22 @@ def _as_clip(x, name: str) -> torch.Tensor:
         x = np.array(x.convert("RGB"))
     if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3 and x.size:
         return from_uint8(x if x.ndim == 4 else x[None])
+    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3 and x.numel():
+        return from_uint8(x.cpu().numpy() if x.ndim == 4 else x[None].cpu().numpy())  # frames as decord gives them
     if isinstance(x, torch.Tensor) and x.ndim in (3, 4) and x.shape[0] == 3 and x.numel():
-        return x if x.ndim == 4 else x[:, None]
+        x = x if x.ndim == 4 else x[:, None]
+        if x.dtype == torch.uint8:  # (3, T, H, W) in 0..255
+            return x.float() / 127.5 - 1
+        if not x.is_floating_point():
+            raise ValueError(f"{name}: pixels are floats in [-1, 1] or uint8 in 0..255, got {x.dtype}")
+        low, high = x.min().item(), x.max().item()
+        if not (math.isfinite(low) and math.isfinite(high)) or low < -1.01 or high > 1.01:
+            raise ValueError(f"{name}: pixels must lie in [-1, 1], got values from {low:g} to {high:g} (0..255 "
+                             f"frames: pass them as uint8, or x / 127.5 - 1)")
+        if low >= 0 and high > 0.05:
+            warnings.warn(f"{name}: every pixel is in [0, 1]; pixels are read in [-1, 1] (from [0, 1]: x * 2 - 1)",
+                          stacklevel=3)
+        return x
     got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
     raise ValueError(f"{name} must be pixels (3, T, H, W) or (3, H, W) as a tensor in [-1, 1], a PIL image, or uint8 "
                      f"frames (H, W, 3) / (T, H, W, 3); got {got}")
