@@ -2,7 +2,7 @@ import glob
 
 import pytest
 
-from videodit.config import Config, ConfigError, load_config, save_config
+from videodit.config import Config, ConfigError, build, load_config, save_config
 
 
 def write(tmp_path, name, text):
@@ -76,7 +76,9 @@ def test_saved_config_round_trips(tmp_path):
     ("data:\n  source: manifest\n", ["c.yaml", "data.manifest"]),
     ("data:\n  sizes: [[17, 64]]\n", ["c.yaml", "data.sizes", "[T, H, W]"]),
     ("flow:\n  text_dropout: 1.5\n", ["c.yaml", "flow.text_dropout", "[0, 1]"]),
-    ("model:\n  hidden_size: 100\n  num_heads: 3\n", ["c.yaml", "model.num_heads", "divisor"]),
+    ("model:\n  hidden_size: 100\n  num_heads: 3\n", ["c.yaml", "model.num_heads", "a multiple of num_heads (3)"]),
+    ("model:\n  num_heads: 5\n", ["c.yaml", "model.num_heads", "hidden_size (192) a multiple of num_heads (5)"]),
+    ("model:\n  preset: XXL\n", ["c.yaml", "model.preset", "one of tiny, S, B"]),
     ("base: missing.yaml\n", ["missing.yaml", "not found", "c.yaml"]),
     ("train: 3\n", ["c.yaml", "section 'train' must be a mapping"]),
     ("- a\n- b\n", ["c.yaml", "mapping"]),
@@ -102,7 +104,9 @@ def test_circular_base(tmp_path):
     ("maxsteps=3", ["section.key=value"]),
     ("nope.key=1", ["unknown section 'nope'"]),
     ("train.nope=1", ["--set train.nope=1", "unknown key train.nope"]),
-    ("train.lr=fast", ["--set train.lr=fast", "is not a number"]),
+    ("train.lr=fast", ["--set train.lr=fast", "is not a finite number"]),
+    ("train.lr=.nan", ["--set train.lr=.nan", "is not a finite number"]),
+    ("sample.guidance=.inf", ["sample.guidance", "is not a finite number"]),
     ("flow.cond_weights=[1,0,0]", ["flow.cond_weights", "first, first_k, last, first_last"]),
     ("text.image_detailed_caption_prob=1.5", ["text.image_detailed_caption_prob", "probability in [0, 1] or null"]),
     ("sample.guidance_parallel=-1", ["sample.guidance_parallel", "a number in [0, 1]"]),
@@ -118,3 +122,10 @@ def test_override_errors(override, words):
         load_config("configs/shapes/tiny.yaml", [override])
     for w in words:
         assert w in str(e.value)
+
+
+def test_python_callers_get_the_same_checks():
+    with pytest.raises(ConfigError, match="unknown config section 'trainn'"):
+        build({"trainn": {"max_steps": 3}})
+    with pytest.raises(TypeError, match="a list of 'section.key=value' strings"):
+        load_config(None, "train.max_steps=3")

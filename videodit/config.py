@@ -9,6 +9,7 @@ is allowed.
 """
 
 import dataclasses
+import math
 import os
 import types
 import typing
@@ -42,6 +43,10 @@ class ModelConfig:
     abs_pos: bool | None = None  # each token's place in its clip (fractions of the grid) added to its embedding
 
     def check(self, bad):
+        from .dit import PRESETS
+
+        if self.preset not in PRESETS:
+            bad("preset", f"one of {', '.join(PRESETS)}")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             bad("patch_size", "three positive integers (pt, ph, pw)")
         if self.rope_base_grid is not None and (len(self.rope_base_grid) != 3 or min(self.rope_base_grid) < 1):
@@ -49,8 +54,11 @@ class ModelConfig:
         for k in ("depth", "hidden_size", "num_heads"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 bad(k, "a positive integer")
-        if self.hidden_size and self.num_heads and self.hidden_size % self.num_heads:
-            bad("num_heads", f"a divisor of hidden_size ({self.hidden_size})")
+        width = self.hidden_size or PRESETS[self.preset]["hidden_size"]
+        heads = self.num_heads or PRESETS[self.preset]["num_heads"]
+        if width % heads:
+            bad("num_heads" if self.num_heads else "hidden_size",
+                f"hidden_size ({width}) a multiple of num_heads ({heads}), the preset's where not set")
 
 
 @dataclass
@@ -330,7 +338,7 @@ def _describe(tp) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"a list of {_describe(args[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}.get(tp, str(tp))
 
 
 def _convert(value, tp):
@@ -365,13 +373,13 @@ def _convert(value, tp):
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise TypeError
-    if tp is float:
+    if tp is float:  # a finite one: no setting takes nan or inf
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise TypeError from None
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise TypeError
     if tp is str:
@@ -427,6 +435,9 @@ def parse_override(text: str) -> tuple[str, str, object]:
 def build(sections: dict, origin: dict | None = None) -> Config:
     """A validated Config from a dict of sections; `origin` names where each key came from, for errors."""
     origin = origin or {}
+    for name in sections:
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown config section {name!r}; allowed: {', '.join(SECTIONS)}")
     parts = {}
     for name, cls in SECTIONS.items():
         values = dict(sections.get(name) or {})
@@ -455,6 +466,8 @@ def build(sections: dict, origin: dict | None = None) -> Config:
 
 def load_config(path: str | None = None, overrides=()) -> Config:
     """Load a YAML config (None: the defaults), then apply `section.key=value` overrides."""
+    if isinstance(overrides, str):
+        raise TypeError(f"overrides must be a list of 'section.key=value' strings, got the string {overrides!r}")
     sections, origin = _read_yaml(path) if path else ({}, {})
     for text in overrides:
         section, key, value = parse_override(text)
