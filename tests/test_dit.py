@@ -239,6 +239,7 @@ def test_per_token_and_per_frame_timesteps():
         # per frame == its per-token expansion; per sample == scalar
         torch.testing.assert_close(cond, model(p, per_token, text, mask), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(noisy, model(p, 0.5, text, mask), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(noisy, model(p, [0.5, 0.5, 0.5], text, mask), rtol=1e-5, atol=1e-5)  # numbers
     t_values, t_index = model._timestep_rows(per_frame, p)
     assert torch.equal(t_values[t_index], per_token)  # only frame 0 of sample 1 is clean
     assert (cond[frame0] - noisy[frame0]).abs().max() > 1e-3  # the clean frame's output changes
@@ -375,6 +376,10 @@ def test_bad_shapes_have_clear_errors():
         model(pack(latents), t, text[:2], mask[:2])
     with pytest.raises(ValueError, match=r"expected tokens \(N, 16\)"):
         model(pack([torch.randn(3, 1, 4, 4)]), t[:1], text[:1], mask[:1])
+    with pytest.raises(ValueError, match=r"pack\(latents, model.patch_size\) = \(1, 2, 2\)"):
+        model(pack(latents[:1], (1, 1, 1)), t[:1], text[:1], mask[:1])
+    with pytest.raises(ValueError, match=r"patch_size must be three positive integers"):
+        VideoDiT(patch_size=(2, 2))
 
 
 @pytest.mark.parametrize("name, depth, width, published", [("XL/2", 28, 1152, 118.6), ("B/2", 12, 768, 23.0),

@@ -342,6 +342,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         super().__init__()
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        if len(patch_size) != 3 or not all(isinstance(p, int) and p > 0 for p in patch_size):
+            raise ValueError(f"patch_size must be three positive integers (pt, ph, pw), got {patch_size}")
         self.patch_size = tuple(patch_size)
         self.token_dim = in_channels * math.prod(self.patch_size)
         self.attention_backend = None  # None: packed_attention's default ("flash" where it runs, else "loop")
@@ -426,6 +428,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         device = packed.tokens.device
         if isinstance(timesteps, torch.Tensor) and timesteps.ndim == 2:
             timesteps = list(timesteps)
+        if isinstance(timesteps, (list, tuple)) and not all(isinstance(t, torch.Tensor) and t.ndim for t in timesteps):
+            timesteps = torch.as_tensor(timesteps, dtype=torch.float32)  # numbers: one per sample (or token)
         if isinstance(timesteps, (list, tuple)):
             pt = self.patch_size[0]
             frames = [g[0] * pt for g in packed.grids]
@@ -455,8 +459,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
             packed = packed_from_tuple(*packed)
         tokens, B = packed.tokens, len(packed.grids)
         if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
-            raise ValueError(f"expected tokens (N, {self.token_dim}) = (N, in_channels*prod(patch_size)), "
-                             f"got {tuple(tokens.shape)}")
+            raise ValueError(f"expected tokens (N, {self.token_dim}) = (N, in_channels*prod(patch_size)), got "
+                             f"{tuple(tokens.shape)}; pack latents with this model's patch, "
+                             f"pack(latents, model.patch_size) = {tuple(self.patch_size)}")
         if text.ndim != 3 or text.shape[0] != B or text.shape[2] != self.config.text_dim:
             raise ValueError(f"expected text (B={B}, L, {self.config.text_dim}), got {tuple(text.shape)}")
         if text_mask is None:
