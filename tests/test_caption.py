@@ -253,6 +253,8 @@ def test_shapes_upsampler_keeps_every_attribute():
         assert {k: said[k] for k in named} == named, (prompt, detailed)
         assert not (said["color"] == said["background"] == "white"), detailed
     assert upsample_prompt("a red circle", seed=1) == upsample_prompt("a red circle", seed=1)
+    with pytest.raises(TypeError, match="prompt must be a string, got NoneType"):
+        upsample_prompt(None)
     assert len({upsample_prompt("a red circle", seed=s) for s in range(10)}) > 5
     with pytest.warns(UserWarning, match="no color or shape"):
         assert upsample_prompt("a cat surfing a wave") == "a cat surfing a wave"

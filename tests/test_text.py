@@ -136,6 +136,8 @@ def test_clear_errors(tmp_path):
         load_text_encoder("clip")
     with pytest.raises(ValueError, match="unknown text encoder"):
         load_text_encoder("bert", str(tmp_path))
+    with pytest.raises(ValueError, match="max_length must be a positive number of tokens, got 0"):
+        load_text_encoder("minilm", max_length=0)
 
 
 def test_choose_caption():

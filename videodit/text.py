@@ -124,6 +124,8 @@ def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length:
 
     if kind not in BACKENDS:
         raise ValueError(f"unknown text encoder {kind!r}; expected one of {', '.join(BACKENDS)}")
+    if max_length < 1:
+        raise ValueError(f"max_length must be a positive number of tokens, got {max_length}")
     if path is None:
         if kind != "minilm":
             raise ValueError(f"the {kind!r} text encoder needs a path: a local folder or a hub id")

@@ -210,6 +210,8 @@ def upsample_lm(prompt: str, model: str, seed: int = 0, temperature: float = 0.0
 def upsample_prompt(prompt: str, backend: str = "shapes", model: str | None = None, seed: int = 0,
                     temperature: float = 0.0) -> str:
     """Short prompt -> detailed caption. backend: 'shapes' (rule-based) or 'lm' (needs `model`: folder or hub id)."""
+    if not isinstance(prompt, str):
+        raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     if backend == "shapes":
         return upsample_shapes(prompt, seed)
     if backend == "lm":
