@@ -561,6 +561,14 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live"] and os.listdir(tmp_path / "cache")
 
 
+def test_runs_in_one_process_may_differ_in_mixed_precision(assets, tmp_path):
+    """accelerate keeps its settings process-wide; each train() call starts from its own config's."""
+    for precision in ("bf16", "no", "bf16"):
+        train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / precision}", "train.max_steps=1",
+                                                  "train.sample_every=0", f"train.mixed_precision={precision}"]))
+    assert all(log(tmp_path / p)[-1]["step"] == 1 for p in ("bf16", "no"))
+
+
 @pytest.mark.parametrize("args, message", [
     (["--device", "gpu0"], "--device gpu0: not a device; use auto, cpu"),
     (["--device", "cuda:99"], "--device cuda:99"),
@@ -689,8 +697,7 @@ def test_lora_recipe_fine_tunes_the_default_model_on_a_manifest(tmp_path):
     shipped = os.path.join(ROOT, "models", "shapes-tiny")
     cfg = load_config(recipe, [f"data.manifest={tmp_path / 'm.jsonl'}", f"train.init_from={shipped}",
                                f"train.vae={shipped}/vae", f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
-                               "train.sample_every=0", "data.num_workers=0",
-                               "train.mixed_precision=no"])  # as the other runs of this process (accelerate's state)
+                               "train.sample_every=0", "data.num_workers=0"])
     assert cfg.train.lora_rank > 0 and cfg.data.source == "manifest"
     train(cfg)
     base = VideoDiT.from_pretrained(shipped, subfolder="transformer")

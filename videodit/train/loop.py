@@ -40,6 +40,7 @@ import uuid
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker, WandBTracker
 from accelerate.utils import DistributedType, ProjectConfiguration, is_wandb_available, set_seed
 from diffusers.training_utils import EMAModel
@@ -87,13 +88,15 @@ def _truncate_log(path: str, step: int):
 def train(cfg, resume: str | None = None) -> str:
     """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder. A process
     group the run started (accelerate's, or a sharded run's own on one process) ends with it, also on an error."""
-    had_group = torch.distributed.is_initialized()
+    had_group, had_state = torch.distributed.is_initialized(), bool(AcceleratorState._shared_state)
     try:
         with _stop_signals() as received, contextlib.ExitStack() as closing:
             return _train(cfg, resume, received, closing)
     finally:
         if not had_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+        if not had_state:  # accelerate keeps its settings (mixed precision) process-wide: another run may differ
+            AcceleratorState._reset_state()
 
 
 @contextlib.contextmanager
