@@ -10,7 +10,7 @@ from videodit.data.manifest import read_manifest
 from videodit.data.shapes import (COLORS, SIZES, ShapesDataset, displacement, make_clip, parse_only, read_back,
                                   read_frame, short_caption)
 from videodit.data.shapes import main as shapes_main
-from videodit.data.video import probe, read_video, to_uint8
+from videodit.data.video import from_uint8, probe, read_video, to_uint8
 
 FRAMES = [(17, 64, 64), (9, 64, 128), (17, 128, 64), (1, 64, 64), (5, 48, 80)]
 
@@ -22,6 +22,22 @@ def test_one_seed_gives_one_clip():
     assert not np.array_equal(a["frames"], c["frames"])
     ds = ShapesDataset(sizes=[(9, 64, 64), (1, 64, 128)], length=10, seed=3)
     assert ds[4]["video"].equal(ds[4]["video"]) and ds[1]["video"].shape == (3, 1, 64, 128)
+
+
+def test_the_dataset_indexes_like_a_list_and_clips_need_a_frame():
+    ds = ShapesDataset(sizes=[(1, 32, 32), (5, 32, 32)], length=3, seed=1)
+    assert ds[-1]["caption"] == ds[2]["caption"] and ds[-3]["video"].equal(ds[0]["video"])
+    for i in (3, -4):
+        with pytest.raises(IndexError, match=f"index {i} out of range for length 3"):
+            ds[i]
+    assert len(list(ds)) == 3
+    with pytest.raises(ValueError, match="num_frames must be >= 1, got 0"):
+        make_clip(0, 32, 32, 0)
+
+
+def test_read_back_takes_a_clip_tensor_as_the_pipeline_returns():
+    frames = make_clip(5, 64, 64, 9)["frames"]
+    assert read_back(from_uint8(frames)) == read_back(frames)
 
 
 def test_a_restricted_world_draws_only_its_values_and_reads_back():

@@ -203,6 +203,44 @@ def test_bad_sizes_name_the_nearest_valid():
         CausalVideoVAE(block_out_channels=(8, 8), spatial_factor=8)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_vae_runs_on_cpu(dtype):
+    """The shortcut's pooling has no CPU kernel in bf16/fp16; the VAE still encodes and decodes there, close to the
+    float32 result, and takes float32 pixels (cast to its dtype)."""
+    vae = make_vae(SHORTCUT)
+    x = video(5, 16, 16)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mode()
+        y = vae.decode(z).sample
+        vae.to(dtype)
+        zh = vae.encode(x).latent_dist.mode()
+        yh = vae.decode(zh).sample
+    assert zh.dtype == yh.dtype == dtype
+    assert torch.allclose(zh.float(), z, atol=0.03) and torch.allclose(yh.float(), y, atol=0.03)
+
+
+def test_encode_and_decode_refuse_bad_layouts_dtypes_and_empty_inputs():
+    vae = make_vae(TINY4)
+    x = video(5, 16, 16)
+    with torch.no_grad():
+        for bad, words in ((x.transpose(1, 2), r"\(B, 3, T, H, W\), channels second, got .*\(1, 5, 3, 16, 16\)"),
+                           (x[:, :1], r"\(B, 3, T, H, W\)"),
+                           (((x + 1) * 127.5).byte(), r"float pixels in \[-1, 1\], got torch.uint8"),
+                           (x[:0], r"empty pixels of shape \(0, 3, 5, 16, 16\)"),
+                           (x[:, :, :0], r"empty pixels of shape \(1, 3, 0, 16, 16\)")):
+            with pytest.raises(ValueError, match=words):
+                vae.encode(bad)
+        z = vae.encode(x).latent_dist.mode()
+        assert torch.equal(vae.encode(x.double()).latent_dist.mode(), z)  # float64 is cast to the VAE's float32
+        assert torch.equal(vae.decode(z.double()).sample, vae.decode(z).sample)
+        for bad, words in ((z[:, :, :0], r"empty latents of shape \(1, 4, 0, 4, 4\)"),
+                           (z[:0], r"empty latents of shape \(0, 4, 2, 4, 4\)"),
+                           (z[:, :2], r"\(B, 4, T, h, w\)"),
+                           (z.long(), "float latents")):
+            with pytest.raises(ValueError, match=words):
+                vae.decode(bad)
+
+
 def tiny_pretrained(kind):
     if kind == "wan":
         cfg = dict(base_dim=8, z_dim=4, dim_mult=[1, 2, 2, 2], num_res_blocks=1,
@@ -247,6 +285,20 @@ def test_pretrained_normalization_uses_model_config():
 def test_load_vae_rejects_unknown_kind():
     with pytest.raises(ValueError, match="'causal'"):
         load_vae("sdxl")
+
+
+def test_load_vae_takes_a_dict_and_names_the_presets(tmp_path, monkeypatch):
+    assert load_vae("causal", TINY4).latent_channels == 4
+    with pytest.raises(ValueError, match="not a preset nor a folder.*'standard', 'tiny'"):
+        load_vae("causal", "small")
+    # a hub id (no folder of that name here) still reaches from_pretrained, for ours and the pretrained kinds
+    tiny, seen = tiny_pretrained("wan").model, []
+    monkeypatch.setattr(AutoencoderKLWan, "from_pretrained",
+                        classmethod(lambda cls, path, **kw: seen.append((path, kw)) or tiny))
+    monkeypatch.setattr(CausalVideoVAE, "from_pretrained", classmethod(lambda cls, path, **kw: seen.append(path)))
+    assert load_vae("wan", "org/model", subfolder="vae").model is tiny
+    load_vae("causal", "org/our-vae")
+    assert seen == [("org/model", {"subfolder": "vae"}), "org/our-vae"]
 
 
 def test_foreground_weight_marks_objects():

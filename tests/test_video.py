@@ -75,6 +75,18 @@ def test_gif_and_png(tmp_path):
         write_video(str(tmp_path / "b.avi2"), frames)
 
 
+def test_bad_frame_rates_and_counts_are_refused(tmp_path):
+    frames = moving_clip(5, 32, 32)
+    for name, fps in (("a.gif", 0), ("a.mp4", 0), ("a.gif", -2.5)):
+        with pytest.raises(ValueError, match=f"fps must be > 0, got {fps}"):
+            write_video(str(tmp_path / name), frames, fps=fps)
+    path = write_video(str(tmp_path / "ok.mp4"), frames, fps=8)
+    for kw, words in ((dict(fps=-8), "fps must be > 0"), (dict(fps=0), "fps must be > 0"),
+                      (dict(num_frames=0), "num_frames must be >= 1")):
+        with pytest.raises(ValueError, match=words):
+            read_video(path, **kw)
+
+
 def test_sixteen_bit_and_rotated_images_read_as_they_look(tmp_path):
     from PIL import Image
 

@@ -11,6 +11,7 @@ Also here: `PretrainedVideoVAE`, the same interface over diffusers' Wan, CogVide
 `load_vae(kind, ...)` that builds any of them by name.
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -42,15 +43,32 @@ def valid_size(T: int, H: int, W: int, ft: int = 4, fs: int = 8) -> tuple[int, i
     return T, H, W
 
 
-def check_size(x: torch.Tensor, ft: int, fs: int):
-    if x.ndim != 5:
-        raise ValueError(f"expected pixels of shape (B, 3, T, H, W), got a tensor of shape {tuple(x.shape)}")
+def check_size(x: torch.Tensor, ft: int, fs: int, channels: int = 3):
+    if x.ndim != 5 or x.shape[1] != channels:
+        raise ValueError(f"expected pixels of shape (B, {channels}, T, H, W), channels second, got a tensor of shape "
+                         f"{tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"expected float pixels in [-1, 1], got {x.dtype}; convert first, e.g. uint8 pixels with "
+                         f"x.float() / 127.5 - 1")
+    if 0 in x.shape:
+        raise ValueError(f"got empty pixels of shape {tuple(x.shape)}; need at least one sample, one frame and one "
+                         f"pixel")
     T, H, W = x.shape[2:]
     if T < 1 or (T - 1) % ft or H % fs or W % fs:
         vt, vh, vw = valid_size(T, H, W, ft, fs)
         raise ValueError(
             f"a video of {T} frames of {H}x{W} does not fit this VAE (ft={ft}, fs={fs}): frames must be 1 + {ft}*k "
             f"and height and width multiples of {fs}; the nearest valid size is {vt} frames of {vh}x{vw}")
+
+
+def check_latents(z: torch.Tensor, channels: int):
+    if z.ndim != 5 or z.shape[1] != channels:
+        raise ValueError(f"expected latents of shape (B, {channels}, T, h, w), got {tuple(z.shape)}")
+    if not z.is_floating_point():
+        raise ValueError(f"expected float latents, got {z.dtype}")
+    if 0 in z.shape:
+        raise ValueError(f"got empty latents of shape {tuple(z.shape)}; need at least one sample, one frame and one "
+                         f"pixel")
 
 
 def _triple(v):
@@ -229,10 +247,13 @@ class Encoder(nn.Module):
     def pool(self, x, first):
         """The non-parametric shortcut (as DC-AE's space-to-channel shortcuts): each latent pixel's input block of
         fs x fs pixels and its frames (the first frame alone, then groups of ft) averaged."""
+        dtype = x.dtype
+        if x.device.type == "cpu" and dtype in (torch.float16, torch.bfloat16):  # no CPU avg_pool3d for these
+            x = x.float()
         x = F.avg_pool3d(x, (1, self.fs, self.fs))
         head, x = (x[:, :, :1], x[:, :, 1:]) if first else (None, x)
         x = x.unflatten(2, (-1, self.ft)).mean(3)
-        return x if head is None else torch.cat([head, x], 2)
+        return (x if head is None else torch.cat([head, x], 2)).to(dtype)
 
 
 class Decoder(nn.Module):
@@ -424,7 +445,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
     def encode(self, x: torch.Tensor, return_dict: bool = True, stream: bool = True):
         """x: (B, 3, 1 + ft*k, H, W) in [-1, 1] -> AutoencoderKLOutput(latent_dist) over (B, C, 1 + k, H/fs, W/fs).
         stream=False runs one pass over all frames (faster to train, memory grows with T)."""
-        check_size(x, self.ft, self.fs)
+        check_size(x, self.ft, self.fs, self.config.in_channels)
+        x = x.to(self.dtype)
         fn = self._encode_stream if stream else self.encoder
         size, overlap = self.config.tile_sample_size, self.config.tile_overlap
         if self.use_tiling and max(x.shape[-2:]) > size:
@@ -436,8 +458,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
 
     def decode(self, z: torch.Tensor, return_dict: bool = True, stream: bool = True):
         """z: (B, C, 1 + k, h, w) -> DecoderOutput(sample) of (B, 3, 1 + ft*k, h*fs, w*fs)."""
-        if z.ndim != 5 or z.shape[1] != self.latent_channels:
-            raise ValueError(f"expected latents of shape (B, {self.latent_channels}, T, h, w), got {tuple(z.shape)}")
+        check_latents(z, self.latent_channels)
+        z = z.to(self.dtype)
         fn = self._decode_stream if stream else self.decoder
         size, overlap = self.config.tile_sample_size // self.fs, self.config.tile_overlap // self.fs
         if self.use_tiling and max(z.shape[-2:]) > size:
@@ -568,11 +590,12 @@ class PretrainedVideoVAE(nn.Module):
         return valid_size(T, H, W, self.ft, self.fs)
 
     def encode(self, x, return_dict: bool = True):
-        check_size(x, self.ft, self.fs)
-        return self.model.encode(x, return_dict=return_dict)
+        check_size(x, self.ft, self.fs, self.model.config.in_channels)
+        return self.model.encode(x.to(self.dtype), return_dict=return_dict)
 
     def decode(self, z, return_dict: bool = True):
-        x = self.model.decode(z).sample
+        check_latents(z, self.latent_channels)
+        x = self.model.decode(z.to(self.dtype)).sample
         T = 1 + self.ft * (z.shape[2] - 1)
         x = x[:, :, -T:]  # CogVideoX decodes an even number of latent frames to ft each: the first ones are extra
         return DecoderOutput(sample=x) if return_dict else (x,)
@@ -601,10 +624,14 @@ def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **k
     (or hub id) for from_pretrained (kwargs go to it, e.g. subfolder='vae', torch_dtype), a dict of constructor
     arguments, None for the class defaults, or for 'causal' a preset name from VAE_PRESETS."""
     if kind == "causal":
+        if isinstance(path_or_config, dict):  # first: a dict is unhashable, so `in VAE_PRESETS` would raise
+            return CausalVideoVAE(**path_or_config, **kwargs)
         if path_or_config is None or path_or_config in VAE_PRESETS:
             return CausalVideoVAE(**VAE_PRESETS[path_or_config or "standard"], **kwargs)
-        if isinstance(path_or_config, dict):
-            return CausalVideoVAE(**path_or_config, **kwargs)
+        if "/" not in str(path_or_config) and not os.path.isdir(path_or_config):  # not a folder nor a hub id
+            raise ValueError(f"load_vae('causal', {str(path_or_config)!r}): not a preset nor a folder; give one of "
+                             f"the presets {', '.join(map(repr, VAE_PRESETS))}, a dict of CausalVideoVAE arguments, "
+                             f"or a folder written by save_pretrained (or its hub id, org/name)")
         return CausalVideoVAE.from_pretrained(path_or_config, **kwargs)
     if kind not in _PRETRAINED:
         raise ValueError(f"unknown VAE kind {kind!r}; choose one of 'causal', {', '.join(map(repr, _PRETRAINED))}")
@@ -621,7 +648,6 @@ def stats_command(argv=None):
     compute the per-channel latent mean and std over a data set and write them into VAE_DIR/config.json."""
     import argparse
     import json
-    import os
 
     from tqdm import tqdm
 

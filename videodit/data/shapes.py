@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .video import from_uint8
+from .video import from_uint8, to_uint8
 
 BACKGROUNDS = {"black": (16, 16, 16), "gray": (128, 128, 128), "white": (235, 235, 235)}
 COLORS = {
@@ -243,6 +243,8 @@ def detailed_caption(attrs: Attributes, height: int, width: int, rng: np.random.
 def make_clip(seed: int, height: int, width: int, num_frames: int, only: dict | None = None) -> dict:
     """One clip, fully determined by (seed, height, width, num_frames, only); `only` restricts the attributes (see
     parse_only)."""
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     rng = np.random.default_rng(seed)
     attrs = sample_attributes(rng, height, width, only)
     # The short caption names size and background only sometimes, as users do.
@@ -268,6 +270,9 @@ class ShapesDataset(torch.utils.data.Dataset):
         return self.sizes[i % len(self.sizes)]
 
     def __getitem__(self, i: int) -> dict:
+        if not -self.length <= i < self.length:
+            raise IndexError(f"ShapesDataset index {i} out of range for length {self.length}")
+        i = i + self.length if i < 0 else i  # negative indices count from the end, as in a list
         t, h, w = self.size_of(i)
         clip = make_clip(self.seed * 1_000_003 + i, h, w, t, self.only)
         return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
@@ -329,10 +334,12 @@ def read_frame(frame: np.ndarray, threshold: float = 60.0, min_area_frac: float 
     return dict(background_rgb=bg, objects=objects)
 
 
-def read_back(frames: np.ndarray) -> dict:
-    """Attributes of a uint8 video (T, H, W, 3) read by the rules of shared/shapes_world.md.
+def read_back(frames) -> dict:
+    """Attributes of a video read by the rules of shared/shapes_world.md: uint8 frames (T, H, W, 3), or a clip
+    (3, T, H, W) in [-1, 1] as the pipeline returns it (see `to_uint8`).
 
     Returns count, color, shape, size, motion, background, and the centre displacement (dx/W, dy/H)."""
+    frames = to_uint8(frames)
     t, h, w, _ = frames.shape
     reads = [read_frame(fr) for fr in frames]
     counts = [len(r["objects"]) for r in reads]

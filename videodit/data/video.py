@@ -142,6 +142,10 @@ def read_video(path: str, num_frames: int | None = None, fps: float | None = Non
     (height, width) keeping the aspect ratio and centre-cropped. Returns (3, T, H, W) in [-1, 1].
 
     Images are read as one-frame clips."""
+    if fps is not None and not fps > 0:
+        raise ValueError(f"fps must be > 0 (or None for the source rate), got {fps}")
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1 (or None for all), got {num_frames}")
     if is_image(path):
         return read_image(path, height, width)
     r = _open(path)
@@ -179,6 +183,8 @@ def write_video(path: str, video, fps: float = 8) -> str:
     """Write a clip as .mp4 (h264), .gif, or .png (one frame only). Returns the path."""
     frames = to_uint8(video)
     ext = os.path.splitext(path)[1].lower()
+    if ext in (".gif", ".mp4") and not fps > 0:
+        raise ValueError(f"{path}: fps must be > 0, got {fps}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     if ext == ".png":
         if len(frames) != 1:
