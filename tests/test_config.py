@@ -106,6 +106,11 @@ def test_circular_base(tmp_path):
     ("train.nope=1", ["--set train.nope=1", "unknown key train.nope"]),
     ("train.lr=fast", ["--set train.lr=fast", "is not a finite number"]),
     ("train.lr=.nan", ["--set train.lr=.nan", "is not a finite number"]),
+    ("flow.base_tokens=0", ["flow.base_tokens", "a positive number of tokens"]),
+    ("model.mlp_ratio=-2", ["model.mlp_ratio", "a positive number"]),
+    ("train.min_lr_ratio=2", ["train.min_lr_ratio", "a number in [0, 1]"]),
+    ("train.weight_decay=-1", ["train.weight_decay", "a number >= 0"]),
+    ("sample.negative_prompt=no", ["sample.negative_prompt", "quote words YAML reads as true or false"]),
     ("sample.guidance=.inf", ["sample.guidance", "is not a finite number"]),
     ("flow.cond_weights=[1,0,0]", ["flow.cond_weights", "first, first_k, last, first_last"]),
     ("text.image_detailed_caption_prob=1.5", ["text.image_detailed_caption_prob", "probability in [0, 1] or null"]),
@@ -122,6 +127,12 @@ def test_override_errors(override, words):
         load_config("configs/shapes/tiny.yaml", [override])
     for w in words:
         assert w in str(e.value)
+
+
+def test_numbers_are_strings_where_a_string_is_due_and_an_empty_section_is_no_change(tmp_path):
+    path = write(tmp_path, "c.yaml", "model:\n  # nothing changed yet\ntrain:\n  output_dir: 2024\n")
+    cfg = load_config(path, ["train.sample_prompts=[red, 1]"])
+    assert cfg.train.output_dir == "2024" and cfg.train.sample_prompts == ["red", "1"] and cfg.model == Config().model
 
 
 def test_python_callers_get_the_same_checks():

@@ -54,6 +54,8 @@ class ModelConfig:
         for k in ("depth", "hidden_size", "num_heads"):
             if getattr(self, k) is not None and getattr(self, k) < 1:
                 bad(k, "a positive integer")
+        if self.mlp_ratio is not None and self.mlp_ratio <= 0:
+            bad("mlp_ratio", "a positive number")
         width = self.hidden_size or PRESETS[self.preset]["hidden_size"]
         heads = self.num_heads or PRESETS[self.preset]["num_heads"]
         if width % heads:
@@ -124,7 +126,8 @@ class DataConfig:
     # curriculum's first stage); empty: the whole world
     shapes_only: list[str] = field(default_factory=list)
     target_area: int = 64 * 64       # manifests: clips are resized to about this many pixels, native aspect
-    num_frames: list[int] = field(default_factory=lambda: [17])  # frame counts 1 + ft*k to draw from
+    num_frames: list[int] = field(default_factory=lambda: [17])  # manifests: clips of up to max(num_frames) frames
+    # (the longest 1 + ft*k a clip allows)
     fps: float = 8.0
     image_ratio: float = 0.2         # share of samples that are single frames
     max_tokens: int = 4096           # token budget of one packed batch
@@ -174,6 +177,8 @@ class FlowConfig:
     def check(self, bad):
         if self.logit_std <= 0:
             bad("logit_std", "a positive number")
+        if self.base_tokens < 1:
+            bad("base_tokens", "a positive number of tokens")
         if self.shift is not None and self.shift <= 0:
             bad("shift", "a positive number or null")
         for k in ("text_dropout", "cond_prob"):
@@ -227,6 +232,10 @@ class TrainConfig:
                 bad(k, "a positive integer")
         if self.lr <= 0:
             bad("lr", "a positive number")
+        if not 0 <= self.min_lr_ratio <= 1:
+            bad("min_lr_ratio", "a number in [0, 1]: the cosine schedule's last rate as a share of train.lr")
+        if self.weight_decay < 0:
+            bad("weight_decay", "a number >= 0")
         if not 0 <= self.ema_decay < 1:
             bad("ema_decay", "a number in [0, 1)")
         if self.warmup_steps < 0 or self.sample_every < 0 or self.lora_rank < 0:
@@ -338,7 +347,7 @@ def _describe(tp) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"a list of {_describe(args[0])}"
-    return {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", str: "a string (quote words YAML reads as true or false: 'no')", bool: "true or false"}.get(tp, str(tp))
 
 
 def _convert(value, tp):
@@ -382,9 +391,9 @@ def _convert(value, tp):
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise TypeError
-    if tp is str:
-        if isinstance(value, str):
-            return value
+    if tp is str:  # YAML reads 2024 as a number: a string all the same; but no / yes / true stay refused
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
         raise TypeError
     raise TypeError
 
@@ -412,6 +421,8 @@ def _read_yaml(path: str, chain=()) -> tuple[dict, dict]:
     for section, values in raw.items():
         if section not in SECTIONS:
             raise ConfigError(f"{path}: unknown section {section!r}; allowed: base, {', '.join(SECTIONS)}")
+        if values is None:  # a section with only comments under it
+            values = {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: section {section!r} must be a mapping of keys, got {values!r}")
         for key, value in values.items():
