@@ -13,11 +13,12 @@
 import argparse
 import logging
 import os
+import signal
 import sys
 
 from videodit.config import ConfigError, load_config
 from videodit.data.manifest import ManifestError
-from videodit.train.loop import Stopped, train
+from videodit.train.loop import STOP_SIGNALS, Stopped, train
 
 
 def main(argv=None):
@@ -36,6 +37,8 @@ def main(argv=None):
     except (ConfigError, ManifestError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     except Stopped as e:  # the exit status of a process ended by the signal: the job did not finish
+        for s in STOP_SIGNALS:  # a launcher's own SIGTERM to the processes still running must not change it
+            signal.signal(s, signal.SIG_IGN)
         if os.environ.get("RANK", "0") == "0":
             print(e, file=sys.stderr)
         raise SystemExit(128 + e.signum) from None

@@ -66,7 +66,7 @@ def _worker(rank, world, init_file, preset, setting, steps, results):
         opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as train.py
         ema = EMAModel(params, decay=0.999, foreach=not fsdp)
         gen = torch.Generator().manual_seed(rank)
-        latents = [torch.randn(16, 1, 16, 16, generator=gen)]
+        latents = [torch.randn(PRESETS[preset]["in_channels"], 1, 16, 16, generator=gen)]
         text = torch.randn(1, 16, PRESETS[preset]["text_dim"], generator=gen)
         times = []
         for _ in range(steps + 1):  # the first is a warm-up

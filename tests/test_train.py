@@ -112,6 +112,20 @@ def test_resume_latest_is_bit_exact(assets, reference, tmp_path):
     assert all(torch.equal(x, y) for x, y in zip(ema_a, ema_b))
 
 
+def test_a_run_extended_on_resume_follows_the_longer_schedule(assets, reference, tmp_path):
+    """Stopped at max_steps 2, then resumed with max_steps 4: the same steps as a run of 4 from the start (the rate
+    of step 3 is the 4-step schedule's, not the 2-step schedule's last); the log gives each step's own rate."""
+    base = assets["base"] + [f"train.output_dir={tmp_path}", "train.grad_accum=2", "train.checkpoint_every=1"]
+    train(load_config(None, base + ["train.max_steps=2"]))
+    train(load_config(None, base + ["train.max_steps=4"]), resume="latest")
+    assert [r["loss"] for r in log(tmp_path)] == [r["loss"] for r in log(reference)]
+    assert [r["lr"] for r in log(tmp_path)] == [r["lr"] for r in log(reference)]
+    assert log(reference)[0]["lr"] == 0 and log(reference)[1]["lr"] == 1e-3  # warmup_steps 1: step 1 runs at 0
+    a, b = (os.path.join(run, "checkpoints", "step_00000004", "model.safetensors") for run in (reference, tmp_path))
+    for k, v in load_file(a).items():
+        assert torch.equal(v, load_file(b)[k]), k
+
+
 def test_trackers_tensorboard_wandb_or_none(assets, tmp_path, monkeypatch):
     """train.report_to: [] writes log.jsonl alone; wandb (a stand-in module here) gets the run's config, named after
     its folder, and every logged line, and a resumed run goes on in the same W&B run; without wandb installed it is
@@ -380,10 +394,18 @@ def test_a_checkpoint_resumes_only_as_it_was_sharded(assets, reference, tmp_path
 def test_a_checkpoint_resumes_only_as_the_task_and_lora_rank_it_trained(assets, reference, tmp_path):
     ckpt = os.path.join(reference, "checkpoints", "step_00000002")
     for override, words in (("train.lora_rank=4", "train.lora_rank = 0, this run has 4.*--set train.lora_rank=0"),
-                            ("train.task=vae", "train.task = dit, this run has vae.*--set train.task=dit")):
+                            ("train.task=vae", "train.task = dit, this run has vae.*--set train.task=dit"),
+                            ("model.depth=3", "the checkpoint's model is not this config's \\(depth 2 -> 3\\)")):
         cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", override])
         with pytest.raises(ConfigError, match=words):
             train(cfg, ckpt)
+
+
+def test_a_resume_on_another_global_batch_is_warned_about(assets, reference, tmp_path, caplog):
+    ckpt = os.path.join(reference, "checkpoints", "step_00000002")
+    with caplog.at_level("WARNING"):
+        train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=3"]), ckpt)
+    assert "steps took 2 micro-batches" in caplog.text and "this one's 1" in caplog.text
 
 
 def test_data_workers_stop_when_a_run_fails(assets, tmp_path, monkeypatch):
@@ -559,6 +581,11 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         build_cache(load_config(None, common), str(tmp_path / "cache"))
     assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live"] and os.listdir(tmp_path / "cache")
+
+
+def test_data_sizes_that_do_not_fit_the_vae_are_a_config_error(assets, tmp_path):
+    with pytest.raises(ConfigError, match=r"data.sizes entry \[6, 16, 16\].*frames must be 1 \+ 4\*k"):
+        train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "data.sizes=[[6,16,16]]"]))
 
 
 def test_runs_in_one_process_may_differ_in_mixed_precision(assets, tmp_path):

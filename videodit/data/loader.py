@@ -89,7 +89,7 @@ class Geometry:
 
     def check(self, T: int, H: int, W: int, what: str):
         if (T - 1) % self.ft or H % self.multiple or W % self.multiple:
-            raise ValueError(f"{what}: size (T={T}, H={H}, W={W}) does not fit the VAE and patch: frames must be "
+            raise ConfigError(f"{what}: size (T={T}, H={H}, W={W}) does not fit the VAE and patch: frames must be "
                              f"1 + {self.ft}*k and height and width multiples of {self.multiple} (fs={self.fs} x "
                              f"patch {self.patch[1]})")
 

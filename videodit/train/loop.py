@@ -89,14 +89,15 @@ def train(cfg, resume: str | None = None) -> str:
     """Train as the config says; `resume` is 'latest' or a checkpoint folder. Returns the run folder. A process
     group the run started (accelerate's, or a sharded run's own on one process) ends with it, also on an error."""
     had_group, had_state = torch.distributed.is_initialized(), bool(AcceleratorState._shared_state)
-    try:
-        with _stop_signals() as received, contextlib.ExitStack() as closing:
-            return _train(cfg, resume, received, closing)
-    finally:
-        if not had_group and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
-        if not had_state:  # accelerate keeps its settings (mixed precision) process-wide: another run may differ
-            AcceleratorState._reset_state()
+    with _stop_signals() as received:  # also while the process group ends: a signal then must not kill the process
+        try:
+            with contextlib.ExitStack() as closing:
+                return _train(cfg, resume, received, closing)
+        finally:
+            if not had_group and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
+            if not had_state:  # accelerate keeps its settings (mixed precision) process-wide: another run may differ
+                AcceleratorState._reset_state()
 
 
 @contextlib.contextmanager
@@ -152,6 +153,11 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         if t.task != "dit" or W == 1:
             raise ConfigError(f"parallel.sequence_parallel = {S} splits the denoiser's sequences over processes: it "
                               f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
+        heads = task.model.config.num_heads
+        if W % S or heads % S:
+            options = [d for d in range(1, min(W, heads) + 1) if W % d == 0 and heads % d == 0]
+            raise ConfigError(f"parallel.sequence_parallel = {S} must divide the {W} processes and the denoiser's "
+                              f"{heads} attention heads; use one of {options}")
         group, dp_rank, dp_size = sequence_parallel_groups(S)
         task.model.set_sequence_parallel(group)
         if getattr(task, "teacher", None) is not None:
@@ -184,10 +190,17 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
     step, position, skipped_total = 0, DataPosition(), 0
     log_path = os.path.join(out, "log.jsonl")
     if checkpoint:
+        _check_resumed_model(checkpoint, task.model_config, dp_size * A, acc.is_main_process)
         state = load_checkpoint(acc, checkpoint)
         if fsdp:
             sharded.load(checkpoint, model, optimizer, ema)
         step, position, skipped_total = state["step"], DataPosition(**state["data"]), state["skipped"]
+        # the rate of this config's schedule at this step (the optimizer holds the one the checkpoint's ran at)
+        inner = scheduler.scheduler
+        inner.base_lrs = [t.lr] * len(inner.base_lrs)
+        for group, f in zip(optimizer.param_groups, inner.lr_lambdas):
+            group["lr"] = t.lr * f(inner.last_epoch)
+        inner._last_lr = [group["lr"] for group in optimizer.param_groups]
         if acc.is_main_process:
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
     elif resume:
@@ -237,13 +250,11 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             window["flops"] += logs.pop("flops", 0)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / A
-        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it.
-        # A step whose every micro-batch, on every rank, failed to load leaves the weights, AdamW's moments, the LR
+        # a step whose every micro-batch, on every rank, failed to load leaves the weights, AdamW's moments, the LR
         # schedule and the EMA as they were (a zero gradient would still move the weights: momentum, weight decay)
-        stop = received[0] if received else 0
         if W > 1:
-            stop, live = (int(v) for v in acc.reduce(torch.tensor([stop, live], device=acc.device), "max").tolist())
-        grad_norm = None
+            live = int(acc.reduce(torch.tensor([live], device=acc.device), "max").item())
+        grad_norm, lr = None, optimizer.param_groups[0]["lr"]  # the rate this step runs at, for the log
         if live:
             if t.grad_clip > 0:
                 grad_norm = sharded.grad_norm(acc.clip_grad_norm_(model.parameters(), t.grad_clip))
@@ -257,10 +268,14 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         consumed += dp_size * A
         window["steps"] += 1
 
+        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it
+        stop = received[0] if received else 0
+        if W > 1:
+            stop = int(acc.reduce(torch.tensor([stop], device=acc.device), "max").item())
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps or stop
         eval_now = held is not None and step % t.eval_every == 0
         if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact
-            record = _record(acc, step, window, extra, scheduler.get_last_lr()[0], grad_norm, S, t.peak_tflops)
+            record = _record(acc, step, window, extra, lr, grad_norm, S, t.peak_tflops)
             if eval_now:  # after the rates are taken: they leave its time out
                 with _ema_weights(ema, params, model):
                     record.update(_evaluate(acc, task, unwrapped, held, dp_rank, dp_size))
@@ -360,6 +375,28 @@ def _check_resume(checkpoint: str, t, fsdp: bool, holdout: int):
         fix = "--set train.eval_every=0" if not was else f"--set train.eval_every=N train.eval_clips={was}"
         raise ConfigError(f"--resume {checkpoint}: that run held out {was} items of the data for evaluation, this one "
                           f"{holdout}, which would change the data it trains on; resume with {fix}")
+
+
+def _check_resumed_model(checkpoint: str, model_config: dict, batch: int, main: bool):
+    """The checkpoint's model must be this config's; a global batch of another size (micro-batches a step over the
+    data-parallel ranks) is warned about."""
+    with open(os.path.join(checkpoint, "model_config.json")) as f:
+        was = json.load(f)
+    now = json.loads(json.dumps(model_config))  # tuples as the saved lists
+    changed = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
+               if not k.startswith("_") and was.get(k) != now.get(k)]
+    if changed:
+        raise ConfigError(f"--resume {checkpoint}: the checkpoint's model is not this config's ({'; '.join(changed)}); "
+                          f"resume with the settings it was written with, or start a new run in another "
+                          f"train.output_dir")
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        state = json.load(f)
+    before = state["world_size"] // state.get("sequence_parallel", 1) * state["grad_accum"]
+    if before != batch and main:
+        logger.warning(f"--resume {checkpoint}: that run's steps took {before} micro-batches (data-parallel processes "
+                       f"x train.grad_accum), this one's {batch}: the data order and the batch size change from here "
+                       f"on; set train.grad_accum so that processes / sequence_parallel x grad_accum = {before} to "
+                       f"go on as it would have")
 
 
 def _check_fsdp(cfg):
