@@ -111,6 +111,21 @@ def _worker(rank, world, init_file):
             got = [model(p, frame_t, text, mask, cache=two) for p in inputs]
         assert (one.steps, one.skipped) == (two.steps, two.skipped) == (3, 1)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        # guidance's two passes on two ranks (--cfg-parallel) decide together as well, as one process decides on
+        # both: at the second step half 0 is unchanged (alone it would skip) and half 1 jumps
+        halves = [[torch.randn(s, generator=g) for s in CASES["mixed"]] for _ in range(2)]
+        jumped = [z + torch.randn(z.shape, generator=g) for z in halves[1]]
+        steps = [halves, [halves[0], jumped]]
+        model = _model()
+        with torch.no_grad():
+            one = StepCache(0.1)
+            want = [model(pack(a + b), frame_t + frame_t, torch.cat([text, text]), torch.cat([mask, mask]), cache=one)
+                    for a, b in steps]
+            two = StepCache(0.1, pair=dist.group.WORLD)
+            got = [model(pack(step[rank]), frame_t, text, mask, cache=two) for step in steps]
+        assert (one.steps, one.skipped) == (two.steps, two.skipped) == (2, 0)
+        half = pack(halves[0]).tokens.shape[0]
+        torch.testing.assert_close(got, [w[:half] if rank == 0 else w[half:] for w in want], rtol=1e-5, atol=1e-6)
         dist.barrier()
     finally:
         dist.destroy_process_group()

@@ -1,4 +1,6 @@
 import json
+import os
+import threading
 
 import numpy as np
 import pytest
@@ -394,6 +396,11 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\ntwo blue squares\n".encode("utf-8"))
     assert read_prompts(parse_args(["--prompt-file", str(tmp_path / "bom.txt")])) == ["a red circle",
                                                                                       "two blue squares"]
+    os.mkfifo(tmp_path / "fifo")  # a pipe, as the shell's <(...) gives: no regular file, but it reads
+    writer = threading.Thread(target=lambda: (tmp_path / "fifo").write_text("a green triangle\n"))
+    writer.start()
+    assert read_prompts(parse_args(["--prompt-file", str(tmp_path / "fifo")])) == ["a green triangle"]
+    writer.join()
 
 
 @pytest.mark.parametrize("args,words", [
@@ -412,7 +419,9 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     (["--prompt", "a", "--batch-size", "0"], ["--batch-size", "positive"]),
     (["--prompt", "a", "--cache-threshold", "-0.1"], ["--cache-threshold", ">= 0"]),
     (["--prompt", "a", "--sequence-parallel", "2"], ["--sequence-parallel 2", "torchrun"]),
-    (["--prompt", "a", "--cfg-parallel"], ["--cfg-parallel", "torchrun"]),
+    (["--prompt", "a", "--cfg-parallel"], ["error: --cfg-parallel runs on several processes", "torchrun"]),
+    (["--prompt", "a", "--lora-scale", "2"], ["--lora-scale", "give --lora DIR too"]),
+    (["--prompt", "a", "--device", "meta"], ["--device meta: sample.py runs on auto, cpu, cuda or cuda:N"]),
     (["--prompt", "a", "--strength", "0", "--video", "{bad}"], ["(0, 1]"]),
     (["--prompt", "a", "--strength", "nan", "--video", "{bad}"], ["(0, 1]"]),
     (["--prompt", "a", "--guidance", "nan"], ["--guidance", "finite"]),
@@ -459,6 +468,12 @@ def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words
     assert err.startswith("error:") and "\n" not in err and "Traceback" not in err
     for w in words:
         assert w in err
+
+
+def test_any_cpu_device_samples_in_float32(saved):
+    from videodit.generate import load_pipeline
+
+    assert {load_pipeline(saved, d).transformer.dtype for d in ("cpu", "cpu:0")} == {torch.float32}
 
 
 def test_a_run_folder_as_checkpoint_points_to_its_pipeline(saved, tmp_path, capsys):

@@ -291,8 +291,9 @@ class StepCache:
     is added instead. Neighbouring steps change the features little in the middle of sampling, where most skips
     fall. One cache per sampling run (the same packed batch every step); `skipped` of `steps` counts the skips."""
 
-    def __init__(self, threshold: float):
+    def __init__(self, threshold: float, pair=None):
         self.threshold, self.first, self.rest, self.steps, self.skipped = threshold, None, None, 0, 0
+        self.pair = pair  # a torch.distributed group of guidance's two passes (cfg_group): they decide together
 
     def restart(self):
         """Another batch follows: its first step runs every block."""
@@ -304,8 +305,9 @@ class StepCache:
         self.steps += 1
         if self.rest is not None and first.shape == self.first.shape:  # another batch's tokens: run every block
             diff = torch.stack([(first - self.first).abs().sum(), self.first.abs().sum()]).float()
-            if group is not None:
-                torch.distributed.all_reduce(diff, group=group)
+            for g in (group, self.pair):
+                if g is not None:
+                    torch.distributed.all_reduce(diff, group=g)
             if diff[0] < self.threshold * diff[1]:
                 self.skipped += 1
                 return True

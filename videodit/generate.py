@@ -68,7 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--lora-scale", type=float, action="append", default=[], metavar="S",
                    help="strength of each --lora, in their order (one value: all; default 1)")
     p.add_argument("--output", help="output file for one prompt: .mp4, .gif, or .png when --num-frames 1")
-    p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl")
+    p.add_argument("--output-dir", help="output folder for several prompts: 000.mp4, 001.mp4, ... and prompts.jsonl "
+                   "(neither --output nor --output-dir: the videos go to the current folder)")
     p.add_argument("--image", help="animate this image from its first frame")
     p.add_argument("--video", help="a video to extend (--extend) or edit (--strength)")
     p.add_argument("--extend", choices=["forward", "backward"],
@@ -134,7 +135,7 @@ def setup(a) -> tuple[str, Ranks]:
     world, S, cfg = int(os.environ.get("WORLD_SIZE", "1")), a.sequence_parallel, 2 if a.cfg_parallel else 1
     block = S * cfg
     device = check_device(a.device)
-    what = f"--sequence-parallel {S}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
+    what = "--cfg-parallel" if S == 1 else f"--sequence-parallel {S}" + (" x 2 (--cfg-parallel)" if cfg > 1 else "")
     if block > 1 and world == 1:
         raise UserError(f"{what} runs on several processes: launch with torchrun --nproc_per_node N sample.py ...")
     if S < 1 or world % block:
@@ -172,6 +173,8 @@ def check_device(name: str) -> str:
         device = torch.device(name)
     except RuntimeError:
         raise UserError(f"--device {name}: not a device; use {choices}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device {name}: sample.py runs on {choices}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"--device {name}: this torch sees no CUDA GPU; use --device cpu (or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
@@ -185,7 +188,7 @@ def read_prompts(a) -> list[str]:
     if a.prompt_file:
         if os.path.isdir(a.prompt_file):
             raise UserError(f"--prompt-file {a.prompt_file}: is a folder; give a text file with one prompt a line")
-        if not os.path.isfile(a.prompt_file):
+        if not os.path.exists(a.prompt_file):  # a pipe (<(...), /dev/stdin) is no regular file, but reads
             raise UserError(f"--prompt-file {a.prompt_file}: no such file")
         try:
             with open(a.prompt_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no part of a prompt
@@ -247,6 +250,8 @@ def check_args(a, prompts) -> tuple[int, int] | None:
     if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
         raise UserError(f"--guidance-parallel must be in [0, 1] (1 plain guidance, 0 projected), "
                         f"got {a.guidance_parallel}")
+    if a.lora_scale and not a.lora:
+        raise UserError("--lora-scale sets the strength of --lora adapters; give --lora DIR too")
     if len(a.lora_scale) > 1 and len(a.lora_scale) != len(a.lora):
         raise UserError(f"{len(a.lora_scale)} --lora-scale values for {len(a.lora)} --lora folders: give one for each, "
                         f"or one for all")
@@ -303,7 +308,7 @@ def load_pipeline(path: str, device: str, offload: bool = False, loras=(), scale
                         f"VideoDiTPipeline.save_pretrained){hint}")
     from videodit.pipeline import VideoDiTPipeline
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
     pipe = VideoDiTPipeline.from_pretrained(path, dtype=dtype)
     for lora, scale in zip(loras, scales if len(scales) > 1 else list(scales or [1.0]) * len(loras)):
         try:
@@ -355,10 +360,13 @@ def sample_prompts(a, prompts, like, device, ranks):
     say = print if ranks.main else lambda *args: None  # noqa: E731
     t0 = time.time()
     pipe = load_pipeline(a.checkpoint, device, a.offload, a.lora, a.lora_scale)
-    try:
-        pipe.transformer.set_sequence_parallel(ranks.group)
-    except ValueError as e:  # the model's heads do not split over the group
-        raise UserError(f"--sequence-parallel {a.sequence_parallel}: {e}") from None
+    heads, S = pipe.transformer.config.num_heads, a.sequence_parallel
+    if heads % S:
+        share = ranks.world // (2 if a.cfg_parallel else 1)
+        options = [d for d in range(1, share + 1) if share % d == 0 and heads % d == 0]
+        raise UserError(f"--sequence-parallel {S} splits the model's {heads} attention heads, which {S} does not "
+                        f"divide; on {ranks.world} processes use one of {options}")
+    pipe.transformer.set_sequence_parallel(ranks.group)
     try:  # settings a guidance-distilled checkpoint cannot take
         pipe.set_cfg_parallel(ranks.cfg_group)
         a.steps, guidance, parallel = pipe.sampling_defaults(a.steps, a.guidance, a.guidance_parallel,
@@ -367,6 +375,9 @@ def sample_prompts(a, prompts, like, device, ranks):
         raise UserError(str(e)) from None
     if a.negative_prompt and guidance == 1 and not guidance_distilled(pipe.transformer):
         say("note: guidance 1 turns guidance off: --negative-prompt has no effect (give --guidance above 1)")
+    if a.cfg_parallel and guidance == 1:
+        say("note: guidance 1 runs one pass a step: --cfg-parallel's two processes both run it (give --guidance "
+            "above 1, or leave --cfg-parallel out and share the prompts over the processes)")
     if a.upsampler_model and not a.upsample_prompt:
         say("note: --upsampler-model rewrites prompts only with --upsample-prompt; the prompts are used as given")
     if a.image_first and (a.image or a.video or a.connect or a.loop):
@@ -433,7 +444,7 @@ def sample_prompts(a, prompts, like, device, ranks):
     if a.output_dir and ranks.main and ranks.dp_size > 1:  # the groups appended in any order: in file order
         path = os.path.join(a.output_dir, "prompts.jsonl")
         with open(path, encoding="utf-8") as f:
-            rows = sorted(f, key=lambda r: json.loads(r)["file"])
+            rows = sorted(f, key=lambda r: int(os.path.splitext(json.loads(r)["file"])[0]))  # 999 before 1000
         with open(path, "w", encoding="utf-8") as f:
             f.writelines(rows)
     if a.verbose:

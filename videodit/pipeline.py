@@ -349,7 +349,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         if guidance_scale != 1.0 and not guidance_distilled(self.transformer):
             negs = per(negative_prompt or "", "negative_prompt")
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
-        cache = StepCache(cache_threshold) if cache_threshold > 0 else None
+        cache = StepCache(cache_threshold, self.cfg_group) if cache_threshold > 0 else None
         with self.on_device(self.transformer):
             latents = sample(self.transformer, shapes, text, mask, null_text, null_mask, guidance=guidance_scale,
                              guidance_parallel=guidance_parallel, shared_noise=self.config.get("shared_noise", 0.0),
