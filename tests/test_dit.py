@@ -5,7 +5,7 @@ import torch
 
 from videodit.attention import packed_attention
 from videodit.dit import PRESETS, StepCache, VideoDiT
-from videodit.flops import dit_paper_gmacs, flops_per_step, forward_macs, param_count
+from videodit.flops import dit_paper_gmacs, flops_per_step, flops_per_token, forward_macs, param_count
 from videodit.patchify import pack
 from videodit.rope import RoPE3D, apply_rope, rope_real
 
@@ -393,6 +393,11 @@ def test_flop_counter_packing_and_step():
     packed = forward_macs(cfg, [64, 640], [10, 20])
     assert packed < forward_macs(cfg, [704], 30)  # no attention across samples
     assert flops_per_step(cfg, [64, 640], [10, 20]) == 6 * packed
+    for seq_lens, text_lens in (([100, -3], 5), ([64], [10, 20])):
+        with pytest.raises(ValueError, match="token counts must be >= 0, one text length a sample"):
+            forward_macs(cfg, seq_lens, text_lens)
+    with pytest.raises(ValueError, match="seq_len must be a positive number of tokens"):
+        flops_per_token(cfg, 0)
 
 
 @pytest.mark.parametrize("name,extra", [("tiny", {}), ("S", {}), ("tiny", {"local_mlp": True, "qk_norm": False}),

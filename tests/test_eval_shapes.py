@@ -80,7 +80,8 @@ def test_command_refuses_a_missing_checkpoint(tmp_path, capsys):
 
 @pytest.mark.parametrize("args", [["--num", "0"], ["--num", "-1"], ["--batch", "0"], ["--steps", "0"],
                                   ["--shift", "-1"], ["--cache-threshold", "-1"], ["--denoise", "--num", "0"],
-                                  ["--words", "--num", "0"], ["--out", "{file}"]])
+                                  ["--words", "--num", "0"], ["--out", "{file}"], ["--guidance", "-1"],
+                                  ["--guidance-parallel", "5"], ["--denoise", "--words"]])
 def test_command_refuses_bad_settings_in_one_line(tmp_path, capsys, args):
     (tmp_path / "f").write_text("")
     args = [x.replace("{file}", str(tmp_path / "f")) for x in args]

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
@@ -285,6 +287,8 @@ def test_pretrained_normalization_uses_model_config():
 def test_load_vae_rejects_unknown_kind():
     with pytest.raises(ValueError, match="'causal'"):
         load_vae("sdxl")
+    with pytest.raises(ValueError, match="latents_mean has 16 values for its 4 latent channels"):
+        load_vae("wan", dict(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True]))
 
 
 def test_load_vae_takes_a_dict_and_names_the_presets(tmp_path, monkeypatch):
@@ -363,6 +367,16 @@ def test_stats_command_normalizes_the_latents(tmp_path):
         z = loaded.encode_latents(x)
     per_channel = z.transpose(0, 1).reshape(4, -1)
     assert per_channel.mean(1).abs().max() < 1e-3 and (per_channel.std(1) - 1).abs().max() < 1e-2
+    assert "statistics of 12 clip(s) only" in r.stdout
+    from videodit.data.video import write_video  # a manifest with a missing clip: counted as what was read
+
+    write_video(str(tmp_path / "a.mp4"), x[0])
+    rows = [dict(path="a.mp4", caption="a"), dict(path="gone.mp4", caption="b")]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    r = subprocess.run([sys.executable, "-m", "videodit.vae", "stats", str(tmp_path / "vae"), "--manifest",
+                        str(tmp_path / "m.jsonl"), "--num-frames", "5", "--height", "32", "--width", "32"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "statistics of 1 clip(s) only" in r.stdout and "gone.mp4" in r.stdout, r.stderr
     (tmp_path / "not_vae").mkdir()
     for args, words in (([str(tmp_path / "vae"), "--shapes", "0"], "--shapes must be a positive integer"),
                         ([str(tmp_path / "not_vae"), "--shapes", "2"], "is not a CausalVideoVAE folder")):

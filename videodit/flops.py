@@ -59,6 +59,9 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
     c = _config(config)
     seq_lens = [seq_lens] if isinstance(seq_lens, int) else list(seq_lens)
     text_lens = [text_lens] * len(seq_lens) if isinstance(text_lens, int) else list(text_lens)
+    if min(seq_lens, default=0) < 0 or min(text_lens, default=0) < 0 or len(text_lens) != len(seq_lens):
+        raise ValueError(f"token counts must be >= 0, one text length a sample: got seq_lens {seq_lens}, text_lens "
+                         f"{text_lens}")
     d, h = c["hidden_size"], int(c["hidden_size"] * c["mlp_ratio"])
     token_dim = c["in_channels"] * math.prod(c["patch_size"])
     n, m = sum(seq_lens), sum(text_lens)
@@ -74,6 +77,8 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
 
 def flops_per_token(config, seq_len: int = 16384, text_len: int = 226) -> float:
     """Forward FLOPs per video token for one sample of seq_len tokens and text_len text tokens."""
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be a positive number of tokens, got {seq_len}")
     return 2 * forward_macs(config, [seq_len], [text_len]) / seq_len
 
 

@@ -577,6 +577,11 @@ class PretrainedVideoVAE(nn.Module):
         else:
             raise TypeError(f"PretrainedVideoVAE wraps AutoencoderKLWan, AutoencoderKLCogVideoX or "
                             f"AutoencoderKLHunyuanVideo, got {type(model).__name__}")
+        for key in ("latents_mean", "latents_std"):  # diffusers' defaults are the 16 channels of Wan 2.1
+            stats = getattr(cfg, key, None)
+            if stats is not None and len(stats) != self.latent_channels:
+                raise ValueError(f"the VAE's {key} has {len(stats)} values for its {self.latent_channels} latent "
+                                 f"channels; give {key} (and its partner) with one value a channel")
 
     @property
     def denoiser_channels(self) -> int:
@@ -682,22 +687,26 @@ def stats_command(argv=None):
     vae = CausalVideoVAE.from_pretrained(a.vae).eval()
     T, H, W = vae.valid_size(a.num_frames, a.height, a.width)
 
+    bar = tqdm(total=a.shapes or len(rows), desc="encoding", unit="clip")
+    counted = 0
+
     def clips():
-        if a.shapes:
-            ds = ShapesDataset(sizes=[(T, H, W)], length=a.shapes, seed=12345)
-            yield from (ds[i]["video"][None] for i in range(len(ds)))
-            return
-        for row in rows:
+        nonlocal counted
+        ds = ShapesDataset(sizes=[(T, H, W)], length=a.shapes, seed=12345) if a.shapes else None
+        for i in range(a.shapes or len(rows)):
             try:
-                yield read_video(row.path, T, height=H, width=W)[None]
+                x = ds[i]["video"] if ds else read_video(rows[i].path, T, height=H, width=W)
+                counted += 1
+                yield x[None]
             except VideoReadError as e:
-                print(f"skipped: {e}")
+                bar.write(f"skipped: {e}")
+            bar.update(1)
 
     try:
-        mean, std = compute_latent_stats(vae, tqdm(clips(), desc="encoding", unit="clip"))
+        mean, std = compute_latent_stats(vae, clips())
     except ValueError:
         raise SystemExit("error: no clip could be read; the statistics need clips the VAE can encode") from None
-    counted = a.shapes or len(rows)
+    bar.close()
     if counted < 16:
         print(f"warning: statistics of {counted} clip(s) only; use 16 or more varied clips (a flat or still clip "
               f"says little about the channels)")

@@ -13,6 +13,7 @@ swapped) test the denoiser without sampling.
 
 import argparse
 import json
+import math
 import os
 import time
 
@@ -278,8 +279,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.num < 1 or a.batch < 1 or (a.steps is not None and a.steps < 1):
         p.error("--num, --batch and --steps must be >= 1")
-    if (a.shift is not None and a.shift <= 0) or a.cache_threshold < 0:
+    if (a.shift is not None and not a.shift > 0) or not a.cache_threshold >= 0:
         p.error("--shift must be > 0 and --cache-threshold >= 0")
+    if a.guidance is not None and not (math.isfinite(a.guidance) and a.guidance >= 0):
+        p.error(f"--guidance must be a finite number >= 0 (1: no guidance), got {a.guidance:g}")
+    if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
+        p.error(f"--guidance-parallel must be in [0, 1] (1: plain guidance, 0: projected), got {a.guidance_parallel:g}")
+    if a.denoise and a.words:
+        p.error("--denoise and --words are two tests: run one at a time")
+    sampling = [f for f, v in (("--steps", a.steps), ("--guidance", a.guidance), ("--guidance-parallel",
+                a.guidance_parallel), ("--shift", a.shift), ("--image-first", a.image_first), ("--upsample-prompt",
+                a.upsample_prompt or None), ("--cache-threshold", a.cache_threshold or None)) if v is not None]
+    if (a.denoise or a.words) and sampling:
+        print(f"note: {'--denoise' if a.denoise else '--words'} samples nothing: {', '.join(sampling)} "
+              f"{'has' if len(sampling) == 1 else 'have'} no effect")
     if os.path.exists(a.out) and not os.path.isdir(a.out):
         p.error(f"--out {a.out} is a file; give a folder for the results")
     if not os.path.isfile(os.path.join(a.checkpoint, "model_index.json")):
