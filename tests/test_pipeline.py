@@ -470,6 +470,16 @@ def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words
         assert w in err
 
 
+def test_a_sequence_parallel_degree_that_splits_no_heads_names_those_that_fit(saved):
+    """Checked before any process group is used: on 4 processes with --cfg-parallel (2 a pass), the tiny model's 2
+    heads split over 1 or 2."""
+    from videodit.generate import Ranks, UserError, parse_args, sample_prompts
+
+    a = parse_args(["--prompt", "a", "--checkpoint", saved, "--sequence-parallel", "4", "--cfg-parallel"])
+    with pytest.raises(UserError, match=r"splits the model's 2 attention heads.*on 4 processes use one of \[1, 2\]"):
+        sample_prompts(a, ["a"], None, "cpu", Ranks(0, 4, 4))
+
+
 def test_any_cpu_device_samples_in_float32(saved):
     from videodit.generate import load_pipeline
 
