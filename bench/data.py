@@ -125,6 +125,12 @@ def main():
     p.add_argument("--pack-steps", type=int, default=6)
     p.add_argument("--threads", type=int, default=1, help="torch threads of the main process")
     args = p.parse_args()
+    if args.train_steps < 2:
+        p.error(f"--train-steps must be at least 2: the first step is a warm-up, left out of the rates; "
+                f"got {args.train_steps}")
+    for name in ("clips", "pack_steps", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     from videodit.vae import load_vae
 

@@ -32,6 +32,10 @@ def main():
     ap.add_argument("--student-scales", type=float, nargs="+", default=None,
                     help="the student's scales to compare (default: the teacher's guidance)")
     a = ap.parse_args()
+    if a.num < 1:
+        ap.error(f"--num must be at least 1, got {a.num}")
+    if a.steps is not None and a.steps < 1:
+        ap.error(f"--steps must be at least 1, got {a.steps}")
     for path in (a.teacher, a.student):
         if not os.path.isfile(os.path.join(path, "model_index.json")):
             ap.error(f"{path} is not a pipeline folder (no model_index.json)")

@@ -30,6 +30,7 @@ CLIP = (5, 16, 32)  # latent (T, H, W): a 17-frame 64x128 clip through a 4x4x4 V
 BATCH = 4
 TEXT_LEN = 32
 MIXED = [(1, 16, 16), (5, 16, 32), (5, 32, 16), (17, 16, 16)]  # image, wide, tall, long: 64 + 640 + 640 + 1088
+GROUPS = [("videodit", "wan"), ("packed", "padded"), ("attn_loop", "attn_mask", "attn_flex")]
 
 
 def proc_status_mb(key):
@@ -154,16 +155,19 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--case")
+    ap.add_argument("--case", choices=[c for g in GROUPS for c in g],
+                    help="run one case alone, printing one JSON line (what each memory run does)")
     args = ap.parse_args()
+    for name in ("reps", "steps", "threads"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} must be at least 1, got {getattr(args, name)}")
     torch.set_num_threads(args.threads)
     if args.case:
         return run_case(args.case, args.steps)
 
-    groups = [("videodit", "wan"), ("packed", "padded"), ("attn_loop", "attn_mask", "attn_flex")]
-    results = {c: [] for g in groups for c in g}
+    results = {c: [] for g in GROUPS for c in g}
     for rep in range(args.reps):
-        for group in groups:
+        for group in GROUPS:
             for case in group if rep % 2 == 0 else group[::-1]:
                 out = subprocess.run([sys.executable, __file__, "--case", case, "--steps", "3",
                                       "--threads", str(args.threads)],
@@ -173,7 +177,7 @@ def main():
                 results[case].append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(f"rep {rep + 1}/{args.reps} done", file=sys.stderr)
     speed = {}
-    for group in groups:  # after the memory runs: the subprocesses start from a small parent
+    for group in GROUPS:  # after the memory runs: the subprocesses start from a small parent
         speed.update(interleaved(group, args.steps))
         print(f"timed {group}", file=sys.stderr)
 

@@ -12,6 +12,10 @@ def main():
     ap.add_argument("--seq-len", type=int, default=16384)
     ap.add_argument("--text-len", type=int, default=226)
     args = ap.parse_args()
+    if args.seq_len < 1:
+        ap.error(f"--seq-len must be at least 1 (video tokens of the sample), got {args.seq_len}")
+    if args.text_len < 0:
+        ap.error(f"--text-len must be at least 0 (0: no text tokens), got {args.text_len}")
     print(f"forward FLOPs per video token for one sample of {args.seq_len} tokens and {args.text_len} text tokens "
           f"(FLOPs = 2 x MACs; attention included)\n")
     print("| preset | depth | width | heads | in ch | text dim | params | fwd GFLOPs/token | of which attention |")

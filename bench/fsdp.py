@@ -112,6 +112,10 @@ def main():
     ap.add_argument("--ranks", type=int, default=2, help="processes, at least 2")
     ap.add_argument("--steps", type=int, default=3)
     a = ap.parse_args()
+    if a.ranks < 2:
+        ap.error(f"--ranks must be at least 2 (the other processes are compared with process 0), got {a.ranks}")
+    if a.steps < 1:
+        ap.error(f"--steps must be at least 1 (timed steps after one warm-up step), got {a.steps}")
     got = {setting: run(a.preset, setting, a.ranks, a.steps) for setting in SETTINGS}
     mb = 2 ** 20
     print(f"VideoDiT {a.preset} ({param_count(PRESETS[a.preset]) / 1e6:.1f}M parameters), {a.ranks} CPU processes "

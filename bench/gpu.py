@@ -10,7 +10,8 @@
    base; compile (VideoDiT.compile_blocks, dynamic shapes; with static: specialized to the batch); cudnn
    (SDPA's cuDNN attention kernel only); ckpt_all / ckpt_every_2 / ckpt_attention / ckpt_mlp (activation
    checkpointing policies); bf16_weights (weights and AdamW state in bf16, no autocast); one_sample (one video
-   of all the tokens instead of three). Joined with "+" they combine (compile+static+cudnn).
+   of all the tokens instead of three). Joined with "+" they combine (compile+static+cudnn). By default each runs
+   alone, static as compile+static.
 2. Attention (`--only attention`): forward, and backward, of each SDPA kernel alone at the batch's segment lengths,
    with q, k, v contiguous and as strided views of one packed tensor (the model's layout).
 3. Sampling: preset 1B, 480x832, 81 frames (latent 16 x 21 x 60 x 104, 32760 tokens), guidance (2 x 32760 tokens a
@@ -41,6 +42,8 @@ from videodit.vae import VAE_PRESETS, CausalVideoVAE
 
 SETTINGS = ("base", "compile", "static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention", "ckpt_mlp",
             "bf16_weights", "one_sample")
+DEFAULT_SETTINGS = ("base", "compile", "compile+static", "cudnn", "ckpt_all", "ckpt_every_2", "ckpt_attention",
+                    "ckpt_mlp", "bf16_weights", "one_sample")
 SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
                 "efficient": SDPBackend.EFFICIENT_ATTENTION}
 FULL = dict(presets={k: PRESETS[k] for k in ("B", "1B")}, lengths=(16384, 32768), side=32, text_len=226,
@@ -93,6 +96,8 @@ def setting(text: str) -> set:
     parts = set(text.split("+"))
     if not parts <= set(SETTINGS):
         raise argparse.ArgumentTypeError(f"unknown setting {text!r}; settings are {', '.join(SETTINGS)}, joined by +")
+    if "static" in parts and "compile" not in parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: static only specializes compile; use compile+static")
     return parts
 
 
@@ -263,8 +268,9 @@ def main():
                     default=["train", "attention", "sample", "vae"])
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="print the top ROWS kernels of one more step of each case")
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), type=lambda x: setting(x) and x,
-                    help=f"any of {', '.join(SETTINGS)}, or several joined by + (compile+cudnn)")
+    ap.add_argument("--settings", nargs="+", default=list(DEFAULT_SETTINGS), type=lambda x: setting(x) and x,
+                    help=f"any of {', '.join(SETTINGS)}, or several joined by + (compile+cudnn); default: "
+                         f"{' '.join(DEFAULT_SETTINGS)}")
     ap.add_argument("--presets", dest="preset_names", nargs="+", choices=["B", "1B"], help="default: both")
     ap.add_argument("--lengths", dest="token_counts", nargs="+", type=int, help="tokens per step (default 16k, 32k)")
     ap.add_argument("--warmup", type=int, default=2, help="training warm-up steps (compile runs in them)")
@@ -272,6 +278,20 @@ def main():
     ap.add_argument("--sample-steps", type=int, default=3, help="timed sampling steps")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense bf16 peak, for MFU")
     a = ap.parse_args()
+    for name in ("steps", "sample_steps"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(a, name)}")
+    for name in ("warmup", "profile"):
+        if getattr(a, name) < 0:
+            ap.error(f"--{name} must be at least 0, got {getattr(a, name)}")
+    if not 0 < a.peak_tflops < float("inf"):
+        ap.error(f"--peak-tflops must be a positive number (the device's dense bf16 TFLOP/s), got {a.peak_tflops:g}")
+    unit = 4 * (TINY if a.tiny else FULL)["side"] ** 2  # batch_shapes: three samples of 1/2, 1/4, 1/4 of the tokens
+    for n in a.token_counts or []:
+        if n < unit or n % unit:
+            lo = max(unit, n // unit * unit)
+            ap.error(f"--lengths must be multiples of {unit}{' with --tiny' if a.tiny else ''} (three samples of "
+                     f"whole frames), e.g. {lo} or {lo + unit}; got {n}")
     diffusers_logging.set_verbosity_error()  # .to(bfloat16) on random models warns about float32 modules (none here)
     for k, v in (TINY if a.tiny else FULL).items():
         setattr(a, k, v)

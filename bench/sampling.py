@@ -52,6 +52,8 @@ def main():
     ap.add_argument("--checkpoint", default=os.path.join(ROOT, "models", "shapes-tiny"))
     ap.add_argument("--repeats", type=int, default=2)
     a = ap.parse_args()
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1 (the best of that many runs is reported), got {a.repeats}")
     print(f"sample.py on CPU ({os.cpu_count()} cores), {a.checkpoint}; seconds to sample, best of {a.repeats}\n")
     print("| workload | " + " | ".join(SETTINGS) + " |")
     print("|---" * (len(SETTINGS) + 1) + "|")

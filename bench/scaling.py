@@ -73,6 +73,18 @@ def main():
     ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    for n in a.lengths:  # the grid is 32 tokens high, so a length is 32 x its width in tokens
+        if n < 32 or n % 32:
+            lo = max(32, n // 32 * 32)
+            ap.error(f"--lengths must be multiples of 32 (a 1 x 32 x L/32 patch grid), e.g. {lo} or {lo + 32}; "
+                     f"got {n}")
+    heads = MODEL["num_heads"]
+    for r in a.ranks:
+        if r < 1 or heads % r:
+            ap.error(f"--ranks must divide the model's {heads} heads (Ulysses splits them): "
+                     f"{', '.join(str(d) for d in range(1, heads + 1) if heads % d == 0)}; got {r}")
+    if a.repeats < 1:
+        ap.error(f"--repeats must be at least 1 (timed passes after one warm-up pass), got {a.repeats}")
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     results = {r: run(r, a.lengths, a.repeats) for r in a.ranks}
     print(f"VideoDiT {MODEL}, forward + backward of one sample, CPU, 1 thread per process, sequence parallel "

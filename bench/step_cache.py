@@ -55,6 +55,10 @@ def main():
     ap.add_argument("--steps", type=int, nargs="+", default=[20, 50])
     ap.add_argument("--thresholds", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3])
     a = ap.parse_args()
+    if a.num < 1:
+        ap.error(f"--num must be at least 1, got {a.num}")
+    if min(a.steps) < 1:
+        ap.error(f"--steps must be at least 1 each, got {min(a.steps)}")
     if min(a.thresholds) < 0:
         ap.error("--thresholds must be >= 0")
     a.thresholds = [0.0] + sorted(set(a.thresholds) - {0.0})  # the uncached run first: the reference

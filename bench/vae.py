@@ -29,6 +29,7 @@ from videodit.vae_loss import VAELoss
 # 4x4x4 compression, 8 latent channels, 1.76M parameters (the shapes-world baseline's Wan VAE)
 WAN_CONFIG = dict(base_dim=16, decoder_base_dim=32, z_dim=8, dim_mult=[1, 2, 2], num_res_blocks=1,
                   temperal_downsample=[True, True], latents_mean=[0.0] * 8, latents_std=[1.0] * 8)
+HEIGHT, WIDTH = 96, 128  # vtest.avi's 768x576 frames, resized
 
 
 def build(name, seed=0):
@@ -147,10 +148,24 @@ def main():
     p.add_argument("--skip-train", action="store_true", help="only memory and throughput")
     p.add_argument("--memory-case", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.memory_case:  # a child process of the memory table: no training, no SSIM
+        return memory_case(args.memory_case, 128)
+    ft, fs = VAE_PRESETS["tiny"]["temporal_factor"], VAE_PRESETS["tiny"]["spatial_factor"]  # Wan's are the same
+    for name in ("steps", "batch", "threads"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.frames < 1 or (args.frames - 1) % ft:
+        k = max(0, (args.frames - 1) // ft)
+        p.error(f"--frames must be 1 + {ft}*k (both VAEs compress time {ft}x), e.g. {1 + ft * k} or "
+                f"{1 + ft * (k + 1)}; got {args.frames}")
+    if args.crop > min(HEIGHT, WIDTH):
+        p.error(f"--crop must be at most {min(HEIGHT, WIDTH)} (the frames are {WIDTH}x{HEIGHT}), got {args.crop}")
+    if args.crop < 1 or args.crop % fs:
+        lo = max(fs, args.crop // fs * fs)
+        p.error(f"--crop must be a multiple of {fs} (both VAEs' spatial factor), e.g. {lo} or {lo + fs}; "
+                f"got {args.crop}")
     if not args.skip_train and importlib.util.find_spec("skimage") is None:
         sys.exit("bench/vae.py measures SSIM with scikit-image: pip install scikit-image (or --skip-train)")
-    if args.memory_case:
-        return memory_case(args.memory_case, 128)
     torch.set_num_threads(args.threads)
     params = {name: sum(q.numel() for q in build(name).parameters()) / 1e6 for name in ("ours", "wan")}
 
@@ -161,8 +176,10 @@ def main():
             sys.exit(f"{args.video} not found; get vtest.avi with:\n  cd /tmp && apt-get download opencv-doc && "
                      f"dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x --wildcards '*vtest.avi'\n"
                      f"then pass --video /tmp/usr/share/doc/opencv-doc/examples/data/vtest.avi (or --skip-train)")
-        frames = load_video(args.video, 96, 128)  # 768x576 -> 128x96
+        frames = load_video(args.video, HEIGHT, WIDTH)  # 768x576 -> 128x96
         split = int(0.8 * frames.shape[1])
+        if args.frames > split:
+            p.error(f"--frames must be at most {split}, the training part of {args.video}, got {args.frames}")
         train_part, held_out = frames[:, :split], frames[:, split:]
         res = {}
         for name in ("ours", "wan"):
@@ -192,9 +209,11 @@ def main():
     print("|---|---|---|---|---|---|")
     base = None
     for T in (17, 65, 257):
-        out = subprocess.run([sys.executable, __file__, "--memory-case", str(T)], capture_output=True, text=True,
-                             check=True).stdout
-        m = json.loads(out.strip().splitlines()[-1])
+        out = subprocess.run([sys.executable, __file__, "--memory-case", str(T)], capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"bench/vae.py: the memory case of {T} frames failed (exit {out.returncode}): "
+                     f"{(out.stderr.strip().splitlines() or ['no error output'])[-1]}")
+        m = json.loads(out.stdout.strip().splitlines()[-1])
         base = base or m["peak_mb"]
         print(f"| {T} | {m['peak_mb']:.0f} | {m['before_mb']:.0f} | {m['peak_mb'] - m['before_mb']:.0f} | "
               f"{m['output_mb']:.0f} | {m['peak_mb'] / base:.3f} |")
