@@ -347,7 +347,8 @@ def _describe(tp) -> str:
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
         return f"a list of {_describe(args[0])}"
-    return {int: "an integer", float: "a finite number", str: "a string (quote words YAML reads as true or false: 'no')", bool: "true or false"}.get(tp, str(tp))
+    return {int: "an integer", float: "a finite number", bool: "true or false",
+            str: "a string (quote words YAML reads as true or false: 'no')"}.get(tp, str(tp))
 
 
 def _convert(value, tp):

@@ -362,10 +362,11 @@ def sample_prompts(a, prompts, like, device, ranks):
     pipe = load_pipeline(a.checkpoint, device, a.offload, a.lora, a.lora_scale)
     heads, S = pipe.transformer.config.num_heads, a.sequence_parallel
     if heads % S:
+        from videodit.parallel import degrees
+
         share = ranks.world // (2 if a.cfg_parallel else 1)
-        options = [d for d in range(1, share + 1) if share % d == 0 and heads % d == 0]
         raise UserError(f"--sequence-parallel {S} splits the model's {heads} attention heads, which {S} does not "
-                        f"divide; on {ranks.world} processes use one of {options}")
+                        f"divide; on {ranks.world} processes use one of {degrees(share, heads)}")
     pipe.transformer.set_sequence_parallel(ranks.group)
     try:  # settings a guidance-distilled checkpoint cannot take
         pipe.set_cfg_parallel(ranks.cfg_group)

@@ -62,15 +62,19 @@ def make_shard(group, cu_seqlens: torch.Tensor) -> Shard:
     return Shard(group, dist.get_rank(group), dist.get_world_size(group), cu_seqlens.cpu())
 
 
+def degrees(*counts: int) -> list[int]:
+    """The sequence-parallel degrees that divide every one of `counts` (processes, attention heads)."""
+    return [d for d in range(1, min(counts) + 1) if all(c % d == 0 for c in counts)]
+
+
 def sequence_parallel_groups(degree: int):
     """Split the default group into consecutive groups of `degree` ranks (ranks [0..degree), [degree..2 degree),
     ...) and return this rank's group, its data-parallel rank and the data-parallel size (the number of groups).
     Every rank must call it (new_group is collective)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if world % degree:
-        options = [d for d in range(1, world + 1) if world % d == 0]
         raise ValueError(f"parallel.sequence_parallel = {degree} does not divide the {world} processes; "
-                         f"use one of {options}")
+                         f"use one of {degrees(world)}")
     mine = None
     for first in range(0, world, degree):
         group = dist.new_group(list(range(first, first + degree)))
@@ -81,9 +85,8 @@ def sequence_parallel_groups(degree: int):
 
 def check_heads(num_heads: int, degree: int):
     if num_heads % degree:
-        options = [d for d in range(1, num_heads + 1) if num_heads % d == 0]
         raise ValueError(f"sequence parallelism over {degree} ranks splits the attention heads: {num_heads} heads "
-                         f"are not divisible by {degree}; use a degree in {options}")
+                         f"are not divisible by {degree}; use a degree in {degrees(num_heads)}")
 
 
 def shard_packed(packed: Packed, shard: Shard) -> Packed:

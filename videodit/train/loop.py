@@ -49,7 +49,7 @@ from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_
 
 from ..config import ConfigError, save_config
 from ..data.loader import DataPosition, make_loader
-from ..parallel import sequence_parallel_groups
+from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
 from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
@@ -155,9 +155,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                               f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
         heads = task.model.config.num_heads
         if W % S or heads % S:
-            options = [d for d in range(1, min(W, heads) + 1) if W % d == 0 and heads % d == 0]
             raise ConfigError(f"parallel.sequence_parallel = {S} must divide the {W} processes and the denoiser's "
-                              f"{heads} attention heads; use one of {options}")
+                              f"{heads} attention heads; use one of {degrees(W, heads)}")
         group, dp_rank, dp_size = sequence_parallel_groups(S)
         task.model.set_sequence_parallel(group)
         if getattr(task, "teacher", None) is not None:
