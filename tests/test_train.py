@@ -344,7 +344,7 @@ def test_init_from_names_the_architecture_keys_it_overrides(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         model = build_denoiser(load_config(None, TINY + [f"train.init_from={tmp_path / 'dit'}"]), 4, 16)
     assert model.config.depth == 3 and "model.depth = 2 (the model's: 3)" in caplog.text
-    assert "hidden_size" not in caplog.text and "num_heads" not in caplog.text
+    assert "hidden_size" not in caplog.text and "num_heads" not in caplog.text and "patch_size" not in caplog.text
     caplog.clear()
     CausalVideoVAE(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, temporal_factor=2,
                    spatial_factor=2, mid_attention=False).save_pretrained(tmp_path / "vae")

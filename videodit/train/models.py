@@ -1,6 +1,7 @@
 """Building the models a run trains or uses, from its config: the denoiser, a fresh VAE, a trained VAE."""
 
 import contextlib
+import json
 import logging
 import os
 
@@ -52,9 +53,8 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
 
 def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = ""):
     """Warn of the config's architecture keys that train.init_from's weights override (their config decides)."""
-    ignored = [f"{prefix}{k} = {v} (the model's: {got[k]})" for k, v in asked.items()
-               if (list(v) if isinstance(v, (list, tuple)) else v) !=
-               (list(got[k]) if isinstance(got[k], (list, tuple)) else got[k])]
+    asked, got = json.loads(json.dumps(asked)), json.loads(json.dumps(got))  # tuples as lists, as saved configs
+    ignored = [f"{prefix}{k} = {v} (the model's: {got[k]})" for k, v in asked.items() if v != got[k]]
     if ignored:
         logger.warning(f"train.init_from = {path} decides the architecture; ignored: {'; '.join(ignored)}")
 
