@@ -1,3 +1,4 @@
+import json
 import re
 
 import numpy as np
@@ -167,3 +168,25 @@ def test_upsampled_prompts_keep_every_attribute_the_evaluation_asks_for():
     plain = [r for r in results if r["group"] != "paraphrased"]
     assert all(len(r["sampled_prompt"]) > len(r["prompt"]) for r in plain)  # detailed captions, not the prompts
     assert all(r["hits"]["all"] for r in plain)
+
+
+@pytest.mark.parametrize("args, want", [
+    ([], dict(steps=1, guidance=3.0, guidance_parallel=1.0, shift=None, image_first=False)),
+    (["--guidance", "1", "--shift", "2", "--image-first", "--batch", "3"],
+     dict(steps=1, guidance=1.0, guidance_parallel=1.0, shift=2.0, image_first=True, batch=3)),
+])
+def test_command_writes_what_it_ran(tiny_pipe, tmp_path, args, want):
+    """results.json records the settings each video was sampled with (the checkpoint's defaults where none were
+    given) and a summary row per size, next to the table and the contact sheet."""
+    tiny_pipe.save_pretrained(tmp_path / "pipe")
+    main(["--checkpoint", str(tmp_path / "pipe"), "--out", str(tmp_path / "o"), "--num", "1", "--steps", "1",
+          "--seed", "7", *args])
+    with open(tmp_path / "o" / "results.json") as f:
+        got = json.load(f)
+    assert {k: got[k] for k in want} == want and got["seed"] == 7 and got["num"] == 1
+    assert got["checkpoint"] == str(tmp_path / "pipe") and got["timing"]["seconds_one_64x64x17"] > 0
+    rows = got["summary"]
+    assert rows["overall"]["n"] == len(rows) - 1 and all(r["n"] == 1 for k, r in rows.items() if k != "overall")
+    assert "paraphrased" in rows and "1x64x64" in rows and "17x64x64" in rows
+    assert (tmp_path / "o" / "table.md").read_text().count("\n") > len(rows)
+    assert (tmp_path / "o" / "contact_sheet.png").stat().st_size > 0
