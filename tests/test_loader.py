@@ -67,6 +67,21 @@ def test_ranks_shard_the_stream_and_resume_on_another_world_size():
     assert [b for trio in zip(*three) for b in trio] == stream[44:89]
 
 
+def test_the_sampler_packs_each_epoch_once(monkeypatch):
+    """Batches are drawn and positions saved without re-packing the epochs behind them: a long run (many epochs of
+    a small data set) costs the same per batch at its end as at its start."""
+    from videodit.data import loader
+
+    calls = []
+    monkeypatch.setattr(loader, "pack_by_budget", lambda *a: calls.append(1) or pack_by_budget(*a))
+    video, image = np.random.default_rng(2).integers(10, 200, 40), np.full(40, 5)
+    sampler = PackedBatchSampler(video, image, 400, 0.2, seed=3)
+    stream = take(iter(sampler), 200)
+    epochs = stream[-1][0][2] + 1
+    assert epochs >= 8 and len(calls) == epochs
+    assert sampler.position(199).epoch == epochs - 1 and len(calls) == epochs  # a checkpoint's position: no packing
+
+
 def test_held_out_items_are_never_drawn():
     cfg = load_config(None, ["data.sizes=[[5,16,16],[1,16,32]]", "data.shapes_count=30", "data.max_tokens=64",
                              "data.num_workers=0"])

@@ -298,7 +298,7 @@ class PackedBatchSampler:
         self.max_tokens, self.image_ratio, self.seed = max_tokens, image_ratio, seed
         self.rank, self.world_size = rank, world_size
         self.start = start or DataPosition()
-        self._cache = {}
+        self._cache, self._lengths = {}, {}  # the last epoch's batches; every epoch's batch count
 
     def epoch(self, epoch: int) -> list[list[tuple[int, bool, int]]]:
         """All global batches of one epoch."""
@@ -309,20 +309,27 @@ class PackedBatchSampler:
             tokens = np.where(image, self.image_tokens[order], self.video_tokens[order])
             batches = pack_by_budget(tokens, self.max_tokens)
             self._cache = {epoch: [[(int(order[p]), bool(image[p]), epoch) for p in b] for b in batches]}
+            self._lengths[epoch] = len(batches)
         return self._cache[epoch]
 
-    def position(self, batches: int) -> DataPosition:
-        """The position after `batches` global batches, counting epochs forward from the start."""
-        epoch, first = self.start.epoch, self.start.epoch_start
-        while batches >= first + len(self.epoch(epoch)):
-            first += len(self.epoch(epoch))
+    def position(self, batches: int, after: DataPosition | None = None) -> DataPosition:
+        """The position after `batches` global batches, counting epochs forward from `after` (default: the start;
+        it must not lie beyond the answer). Each epoch is packed once."""
+        epoch, first = (after or self.start).epoch, (after or self.start).epoch_start
+        while batches >= first + self._length(epoch):
+            first += self._length(epoch)
             epoch += 1
         return DataPosition(batches, epoch, first)
 
+    def _length(self, epoch: int) -> int:
+        if epoch not in self._lengths:
+            self.epoch(epoch)
+        return self._lengths[epoch]
+
     def __iter__(self):
-        g = self.start.batches + self.rank
+        g, pos = self.start.batches + self.rank, self.start
         while True:
-            pos = self.position(g)
+            pos = self.position(g, pos)
             yield self.epoch(pos.epoch)[g - pos.epoch_start]
             g += self.world_size
 
