@@ -80,14 +80,14 @@ def packing_vs_buckets(cfg, geom, steps: int) -> dict:
 
     source = ShapesSource(cfg.data.sizes, 10_000, 0, geom)
     sampler = PackedBatchSampler(*source.token_counts(geom), cfg.data.max_tokens, cfg.data.image_ratio, seed=0)
-    C, (pt, ph, pw) = PRESETS["tiny"]["in_channels"], geom.patch
+    C = PRESETS["tiny"]["in_channels"]
 
     def shape(i, is_image):  # the latent (C, T', h, w) of a sample
         T, H, W = source.sizes[i % len(source.sizes)]
         return (C, *geom.latent_shape(1 if is_image else T, H, W))
 
     def tokens(s):
-        return -(-s[1] // pt) * (s[2] // ph) * (s[3] // pw)
+        return geom.latent_tokens(*s[1:])
 
     packed = [[shape(i, im) for i, im, _ in b] for b in sampler.epoch(0)]  # latent shapes of each packed batch
     stream = [s for b in packed for s in b]

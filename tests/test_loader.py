@@ -25,6 +25,11 @@ def test_geometry():
     assert H % 8 == 0 and W % 8 == 0 and abs(W / H - 16 / 9) < 0.15 and abs(H * W - 4096) < 700
     with pytest.raises(ValueError, match="1 \\+ 4\\*k"):
         ShapesSource([[16, 64, 64]], 10, 0, GEOM)
+    wide = Geometry(4, 4, (1, 2, 4))  # a patch wider than tall: heights step by 8, widths by 16
+    assert wide.snap(17, 40, 50) == (17, 40, 48) and wide.resize(720, 1280, 4096) == (48, 80)
+    wide.check(17, 40, 48, "data.sizes entry")
+    with pytest.raises(ValueError, match="multiples of 8 and 16"):
+        wide.check(17, 40, 40, "data.sizes entry")
 
 
 def test_packing_respects_budget_and_drops_nothing():

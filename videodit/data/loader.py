@@ -50,9 +50,9 @@ class Geometry:
     patch: tuple = (1, 2, 2)
 
     @property
-    def multiple(self) -> int:
-        """Pixel height and width must be multiples of this (fs * ph, fs * pw)."""
-        return self.fs * max(self.patch[1], self.patch[2])
+    def steps(self) -> tuple[int, int]:
+        """Pixel height and width must be multiples of these (fs * ph, fs * pw)."""
+        return self.fs * self.patch[1], self.fs * self.patch[2]
 
     def frames(self, available: int, limit: int) -> int:
         """The longest 1 + ft*k frames that fit both the clip and the limit."""
@@ -71,27 +71,29 @@ class Geometry:
         return -(-t // pt) * (h // ph) * (w // pw)
 
     def resize(self, height: int, width: int, area: int) -> tuple[int, int]:
-        """A size of about `area` pixels at the aspect of height x width, both multiples of `multiple`; where a thin
-        frame's short side is held at `multiple`, the long side shrinks to keep the area."""
-        m, s = self.multiple, math.sqrt(area / (height * width))
-        h, w = max(m, round(height * s / m) * m), max(m, round(width * s / m) * m)
-        long = max(m, round(area / m / m) * m)
-        return (h, min(w, long)) if h == m else (min(h, long), w) if w == m else (h, w)
+        """A size of about `area` pixels at the aspect of height x width, multiples of `steps`; where a thin frame's
+        short side is held at its step, the long side shrinks to keep the area."""
+        (mh, mw), s = self.steps, math.sqrt(area / (height * width))
+        h, w = max(mh, round(height * s / mh) * mh), max(mw, round(width * s / mw) * mw)
+        cells = max(1, round(area / (mh * mw)))  # the area in steps: the long side's length when the short is one
+        return (h, min(w, cells * mw)) if h == mh else (min(h, cells * mh), w) if w == mw else (h, w)
 
     def snap(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """The nearest size this geometry takes: T = 1 + ft*k with k a multiple of pt (or T = 1), H and W multiples
-        of fs*ph and fs*pw (at least one of each)."""
-        pt, ph, pw = self.patch
+        of `steps` (at least one of each)."""
+        pt = self.patch[0]
         k = round((max(T, 1) - 1) / self.ft)
         k = k if k % pt == 0 else round(k / pt) * pt or pt
-        step_h, step_w = self.fs * ph, self.fs * pw
-        return 1 + self.ft * k, max(step_h, round(H / step_h) * step_h), max(step_w, round(W / step_w) * step_w)
+        mh, mw = self.steps
+        return 1 + self.ft * k, max(mh, round(H / mh) * mh), max(mw, round(W / mw) * mw)
 
     def check(self, T: int, H: int, W: int, what: str):
-        if (T - 1) % self.ft or H % self.multiple or W % self.multiple:
+        (mh, mw), (_, ph, pw) = self.steps, self.patch
+        if (T - 1) % self.ft or H % mh or W % mw:
+            sides = f"multiples of {mh}" if mh == mw else f"multiples of {mh} and {mw}"
+            patch = ph if ph == pw else f"({ph}, {pw})"
             raise ConfigError(f"{what}: size (T={T}, H={H}, W={W}) does not fit the VAE and patch: frames must be "
-                             f"1 + {self.ft}*k and height and width multiples of {self.multiple} (fs={self.fs} x "
-                             f"patch {self.patch[1]})")
+                             f"1 + {self.ft}*k and height and width {sides} (fs={self.fs} x patch {patch})")
 
 
 @dataclass
@@ -223,10 +225,9 @@ class CacheSource:
         return len(self.items)
 
     def token_counts(self, geom: Geometry) -> tuple[np.ndarray, np.ndarray]:
-        pt, ph, pw = geom.patch
-        video = np.array([-(-t // pt) * (h // ph) * (w // pw) for _, t, h, w in (x["shape"] for x in self.items)])
-        image = np.array([(h // ph) * (w // pw) for _, _, h, w in (x["shape"] for x in self.items)])
-        return video, image
+        shapes = [x["shape"] for x in self.items]
+        return (np.array([geom.latent_tokens(t, h, w) for _, t, h, w in shapes]),
+                np.array([geom.latent_tokens(1, h, w) for _, _, h, w in shapes]))
 
     def typical_size(self) -> tuple[int, int, int]:
         """The most common (T, H, W) in pixels of the cached clips."""
