@@ -47,7 +47,7 @@ def reset_peak_rss():
     return proc_status_mb("VmRSS")
 
 
-def train_step(model, opt, step_fn):
+def train_step(opt, step_fn):
     """One timed training step: forward, backward, AdamW."""
     t0 = time.perf_counter()
     step_fn().backward()
@@ -59,7 +59,7 @@ def train_step(model, opt, step_fn):
 def train_steps(model, step_fn, steps):
     """Warm up twice, then time `steps` steps; returns the median step time."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    times = [train_step(model, opt, step_fn) for _ in range(steps + 2)]
+    times = [train_step(opt, step_fn) for _ in range(steps + 2)]
     return statistics.median(times[2:])
 
 
@@ -72,11 +72,11 @@ def interleaved(group, steps):
         model, step, tokens = build_case(case)
         runs[case] = (model, torch.optim.AdamW(model.parameters(), lr=1e-4), step, tokens)
         for _ in range(2):  # warm-up
-            train_step(*runs[case][:3])
+            train_step(*runs[case][1:3])
     times = {case: [] for case in group}
     for i in range(steps):
         for case in group if i % 2 == 0 else group[::-1]:
-            times[case].append(train_step(*runs[case][:3]))
+            times[case].append(train_step(*runs[case][1:3]))
     return {case: (statistics.median(times[case]), runs[case][3],
                    statistics.median(a / b for a, b in zip(times[case], times[group[0]]))) for case in group}
 

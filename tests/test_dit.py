@@ -145,16 +145,6 @@ def test_pooled_text_follows_each_sample_with_per_frame_timesteps():
     assert (a[2] - changed[2]).abs().max() > 1e-3 and torch.equal(a[0], changed[0])
 
 
-def test_tuple_input_equals_packed_input():
-    model = random_model(rope_base_grid=(3, 4, 4))
-    latents, t, text, mask = mixed_batch()
-    p = pack(latents)
-    with torch.no_grad():
-        a = model(p, t, text, mask)
-        b = model((p.tokens, p.coords, p.cu_seqlens, p.sample_idx), t, text, mask)
-    assert torch.equal(a, b)
-
-
 @pytest.mark.parametrize("pooled_text", [False, True])
 def test_text_padding_does_not_change_output(pooled_text):
     model = random_model(pooled_text=pooled_text)

@@ -452,13 +452,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
 
     def forward(self, packed, timesteps, text: torch.Tensor, text_mask: torch.Tensor | None = None,
                 cache: "StepCache | None" = None, guidance=None) -> torch.Tensor:
-        """packed: Packed (or a tuple (tokens, coords, cu_seqlens, sample_idx)) with tokens (N, C*pt*ph*pw);
+        """packed: Packed with tokens (N, C*pt*ph*pw);
         timesteps in [0, 1]: (B,), (N,) or per latent frame; text: (B, L, text_dim) padded; text_mask: (B, L)
         bool, True for real tokens (None: all real); cache: a StepCache carried across one sampling run's steps;
         guidance: the guidance scale, a number or (B,), for a guidance-distilled model (config guidance_embed) only.
         Returns the velocity tokens (N, C*pt*ph*pw)."""
-        if not isinstance(packed, Packed):
-            packed = packed_from_tuple(*packed)
         tokens, B = packed.tokens, len(packed.grids)
         if tokens.ndim != 2 or tokens.shape[1] != self.token_dim:
             raise ValueError(f"expected tokens (N, {self.token_dim}) = (N, in_channels*prod(patch_size)), got "
@@ -547,11 +545,3 @@ def position_features(coords: torch.Tensor, grids: torch.Tensor) -> torch.Tensor
     f = (coords.float() + 0.5) / grids.float()
     angles = math.pi * f[..., None] * torch.arange(1, POSITION_FREQS + 1, device=f.device)  # (N, 3, freqs)
     return torch.cat([angles.sin(), angles.cos()], -1).flatten(1)
-
-
-def packed_from_tuple(tokens, coords, cu_seqlens, sample_idx) -> Packed:
-    """A Packed from its tensors; each sample's grid is read off its largest coordinates."""
-    B = len(cu_seqlens) - 1
-    extent = torch.zeros(B, 3, dtype=torch.long, device=coords.device)
-    extent = extent.scatter_reduce(0, sample_idx[:, None].expand(-1, 3), coords.long() + 1, "amax")
-    return Packed(tokens, coords, cu_seqlens, sample_idx, [tuple(g) for g in extent.tolist()])

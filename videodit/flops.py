@@ -52,10 +52,10 @@ def param_count(config) -> int:
     return embeds + (6 * d * d + 6 * d) + c["depth"] * block + (2 * d + d * token_dim + token_dim)
 
 
-def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) -> int:
+def forward_macs(config, seq_lens, text_lens) -> int:
     """MACs of one VideoDiT forward on a packed batch. seq_lens: tokens of each sample; text_lens: unpadded text
-    tokens of each sample (or one int for all); timestep_rows: rows of the time MLP (default one per sample; the
-    number of tokens with per-token timesteps)."""
+    tokens of each sample (or one int for all). The time MLP is counted once a sample (per-frame timesteps add a
+    negligible few rows)."""
     c = _config(config)
     seq_lens = [seq_lens] if isinstance(seq_lens, int) else list(seq_lens)
     text_lens = [text_lens] * len(seq_lens) if isinstance(text_lens, int) else list(text_lens)
@@ -65,9 +65,8 @@ def forward_macs(config, seq_lens, text_lens, timestep_rows: int | None = None) 
     d, h = c["hidden_size"], int(c["hidden_size"] * c["mlp_ratio"])
     token_dim = c["in_channels"] * math.prod(c["patch_size"])
     n, m = sum(seq_lens), sum(text_lens)
-    rows = len(seq_lens) if timestep_rows is None else timestep_rows
     macs = n * token_dim * d + m * (c["text_dim"] * d + d * d)  # patch and text embedding
-    macs += rows * (c["freq_dim"] * d + d * d + 6 * d * d)  # time MLP, shared modulation projection
+    macs += len(seq_lens) * (c["freq_dim"] * d + d * d + 6 * d * d)  # time MLP, shared modulation projection
     macs += len(seq_lens) * (c["text_dim"] * d + d * d) if c["pooled_text"] else 0  # pooled text MLP
     macs += n * 6 * POSITION_FREQS * d if c["abs_pos"] else 0  # position embedding
     macs += c["depth"] * sum(block_macs(d, h, s, t) for s, t in zip(seq_lens, text_lens))

@@ -33,10 +33,6 @@ class Packed:
     def seqlens(self) -> list[int]:
         return [t * h * w for t, h, w in self.grids]
 
-    def to(self, device) -> "Packed":
-        return Packed(self.tokens.to(device), self.coords.to(device), self.cu_seqlens.to(device),
-                      self.sample_idx.to(device), self.grids)
-
     def with_tokens(self, tokens: torch.Tensor) -> "Packed":
         """The same layout carrying other per-token features, e.g. the model's velocity."""
         if tokens.shape[0] != self.tokens.shape[0]:

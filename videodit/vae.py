@@ -537,15 +537,15 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
 
 
 @torch.no_grad()
-def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, means: list | None = None, tol: float = 1e-3) -> list[int]:
-    """The channels of raw latents (B, C, T, h, w) whose replacement by their mean (`means`, the data's; by default
-    these latents') changes the decoded pixels (in [-1, 1]) by less than `tol` on average: the decoder ignores
-    them. (A flat clip's colour channel is constant, so its own mean alone would call it unused.)"""
+def unused_channels(vae: CausalVideoVAE, raw: torch.Tensor, means: list, tol: float = 1e-3) -> list[int]:
+    """The channels of raw latents (B, C, T, h, w) whose replacement by the data's mean (`means`; not these latents'
+    own: a flat clip's colour channel is constant, so its own mean alone would call it unused) changes the decoded
+    pixels (in [-1, 1]) by less than `tol` on average: the decoder ignores them."""
     ref = vae.decode(raw).sample
     unused = []
     for c in range(raw.shape[1]):
         flat = raw.clone()
-        flat[:, c] = raw[:, c].mean() if means is None else means[c]
+        flat[:, c] = means[c]
         if (vae.decode(flat).sample - ref).abs().mean() < tol:
             unused.append(c)
     return unused

@@ -93,7 +93,7 @@ def _write_shards(tmp: str, source, count: int, vae, text, shard_size: int, devi
             shard[f"detailed.{key}"] = embed(s["detailed_caption"])
         items.append(dict(shard=name, key=key, shape=list(latent.shape), source_index=i, caption=s["caption"],
                           detailed_caption=s.get("detailed_caption")))
-        if len(items) % shard_size == 0 or i == count - 1:
+        if len(items) % shard_size == 0:
             save_file(shard, os.path.join(tmp, name))
             shard, shard_id = {}, shard_id + 1
     if shard:

@@ -34,8 +34,7 @@ from ..flow import drop_text, random_cond
 from ..text import choose_caption
 from .manifest import ManifestError, read_manifest
 from .shapes import make_clip, parse_only
-from .video import from_uint8
-from .video import VideoReadError, is_image, probe, read_video
+from .video import VideoReadError, from_uint8, is_image, probe, read_video
 
 logger = logging.getLogger(__name__)
 

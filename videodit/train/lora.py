@@ -16,15 +16,16 @@ from peft.tuners.lora import LoraLayer
 TARGET_MODULES = r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
 
 
-def add_lora(model, rank: int, alpha: float | None = None) -> PeftModel:
-    """Wrap a VideoDiT with fresh LoRA adapters (B starts at zero: the output is unchanged); the base is frozen."""
-    config = LoraConfig(r=rank, lora_alpha=alpha or rank, target_modules=TARGET_MODULES, lora_dropout=0.0)
+def add_lora(model, rank: int) -> PeftModel:
+    """Wrap a VideoDiT with fresh LoRA adapters (B starts at zero: the output is unchanged; alpha = rank, so their
+    scale is 1); the base is frozen."""
+    config = LoraConfig(r=rank, lora_alpha=rank, target_modules=TARGET_MODULES, lora_dropout=0.0)
     return get_peft_model(model, config)
 
 
-def load_lora(model, adapter_dir: str, trainable: bool = False) -> PeftModel:
-    """A VideoDiT with the adapters saved in `adapter_dir` (by PeftModel.save_pretrained)."""
-    return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
+def load_lora(model, adapter_dir: str) -> PeftModel:
+    """A VideoDiT with the adapters saved in `adapter_dir` (by PeftModel.save_pretrained), frozen."""
+    return PeftModel.from_pretrained(model, adapter_dir)
 
 
 def merge_lora(model, adapter_dir: str, scale: float = 1.0):

@@ -20,8 +20,6 @@ MODEL_OVERRIDES = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size
 
 def denoiser_kwargs(cfg, in_channels: int, text_dim: int) -> dict:
     """VideoDiT arguments: the preset, the config's overrides, and the channels of the VAE and text encoder used."""
-    if cfg.model.preset not in PRESETS:
-        raise ConfigError(f"model.preset = {cfg.model.preset!r} is unknown; expected one of {', '.join(PRESETS)}")
     kwargs = dict(PRESETS[cfg.model.preset])
     kwargs.update({k: getattr(cfg.model, k) for k in MODEL_OVERRIDES if getattr(cfg.model, k) is not None})
     kwargs.update(in_channels=in_channels, text_dim=text_dim)
