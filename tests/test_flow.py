@@ -70,7 +70,23 @@ def tiny_model():
     return m.eval()
 
 
+class KnownError(torch.nn.Module):
+    """The true velocity (noise - x0, read back from x_t and the clean latents) plus a set error per sample: each
+    sample's squared error is known whatever the noise and timesteps drawn. Every frame noised (no conditioning)."""
+    patch_size = (1, 2, 2)
+
+    def __init__(self, latents, errors):
+        super().__init__()
+        self.x0, self.errors = pack(latents, self.patch_size).tokens, torch.tensor(errors)
+
+    def forward(self, packed, frame_t, text, mask):
+        t = torch.stack([f[0] for f in frame_t])[packed.sample_idx, None]
+        return (packed.tokens - self.x0) / t + self.errors[packed.sample_idx, None]
+
+
 def test_loss_ignores_clean_frames_and_averages_per_sample():
+    """Clean conditioning frames carry no loss; the squared error is averaged per sample, then over samples, so a
+    long clip and an image weigh the same (not one mean over all noisy tokens, where the clip's outweigh)."""
     m = tiny_model()
     x = torch.randn(4, 3, 4, 4)
     text, mask = torch.randn(1, 3, 8), torch.ones(1, 3, dtype=torch.bool)
@@ -81,6 +97,13 @@ def test_loss_ignores_clean_frames_and_averages_per_sample():
     all_clean = flow_loss(m, [x, y], torch.cat([text, text]), torch.cat([mask, mask]),
                           cond=[c, torch.ones(3, dtype=torch.bool)], generator=g())
     assert torch.isfinite(all_clean) and torch.isclose(all_clean, base)
+    clip, image = torch.randn(4, 5, 4, 4), torch.randn(4, 1, 4, 4)  # 20 tokens and 4, squared errors 1 and 9
+    loss = lambda lat, err: flow_loss(KnownError(lat, err), lat, torch.zeros(len(lat), 1, 8),  # noqa: E731
+                                      torch.ones(len(lat), 1, dtype=torch.bool), generator=g()).item()
+    alone = loss([clip], [1.0]), loss([image], [3.0])
+    assert alone == pytest.approx((1.0, 9.0), rel=1e-4)
+    both = loss([clip, image], [1.0, 3.0])
+    assert both == pytest.approx(sum(alone) / 2, rel=1e-4), f"{both}: not the mean of the samples' own losses {alone}"
 
 
 class TimestepRecorder(torch.nn.Module):

@@ -8,6 +8,7 @@ gives the same video."""
 import itertools
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -333,12 +334,30 @@ def test_sample_command_on_several_processes_writes_what_one_process_writes(tiny
         "to share; leave it out"]
 
 
-def test_offloaded_pipeline_samples_the_same(tiny_pipe):
-    """Memory-lean sampling: enable_offload moves each part to the device only while it runs (here the CPU stands
-    in for the GPU): the same video."""
+def test_offloaded_pipeline_samples_the_same(tiny_pipe, monkeypatch):
+    """Memory-lean sampling: enable_offload moves each part (text encoder, denoiser, VAE) to the device only while
+    it runs and back to the CPU after: the same video. Here the CPU stands in for the GPU, so the output cannot show
+    the moves; a log of each part's .to calls and forward passes does."""
     run = lambda: tiny_pipe("a red circle", height=16, width=16, num_frames=5, output_type="pt",  # noqa: E731
                             generator=torch.Generator().manual_seed(0), progress=False).frames[0]
     want = run()
     tiny_pipe.enable_offload("cpu")
+    log = []  # (part, "m") a move, (part, "r") a forward pass of the part or any of its modules
+    moves = {name: [] for name in ("text_encoder", "transformer", "vae")}
+    for name in moves:
+        part, real_to = getattr(tiny_pipe, name), getattr(tiny_pipe, name).to
+
+        def to(*a, _name=name, _to=real_to, **kw):
+            log.append((_name, "m"))
+            moves[_name].append(torch.device(a[0] if a else kw["device"]))
+            return _to(*a, **kw)
+
+        monkeypatch.setattr(part, "to", to)
+        for module in part.modules():
+            module.register_forward_pre_hook(lambda *_, _name=name: log.append((_name, "r")))
     torch.testing.assert_close(run(), want, rtol=0, atol=0)
     assert tiny_pipe.offload_device == torch.device("cpu")
+    for name, where in moves.items():  # each run of forward passes between a move there and a move back
+        events = re.sub("r+", "r", "".join(e for n, e in log if n == name))
+        assert re.fullmatch("(mrm)+", events), f"{name}: moves (m) and runs (r) {events!r}, not (mrm)+"
+        assert where == [tiny_pipe.offload_device, torch.device("cpu")] * (len(where) // 2), (name, where)

@@ -152,13 +152,23 @@ def test_image_first_animates_the_image_its_first_pass_draws(tiny_pipe):
     assert [tuple(v.shape) for v in mixed] == [(3, 9, 16, 16), (3, 1, 16, 32)]
 
 
-def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
+def test_other_modes_run_with_the_expected_lengths(tiny_pipe, monkeypatch):
+    """num_frames new frames in either direction; extending backwards, the new frames lead into the clip: the
+    sampler holds the clip's first frame as the last latent frame (the one trimmed)."""
+    import videodit.pipeline as P
+
+    captured, real = [], P.sample
+    monkeypatch.setattr(P, "sample", lambda *a, **kw: captured.append(kw) or real(*a, **kw))
     clip = torch.rand(3, 9, 16, 16) * 2 - 1
     run = lambda num_frames=9, **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=num_frames,  # noqa
                                                output_type="pt", progress=False, **kw).frames[0]
+    held = tiny_pipe.held_latent(clip[:, 0])
     for frames in (1, 2, 4, 8, 9):  # num_frames new frames in either direction, any number
         for extend in ("forward", "backward"):
             assert run(video=clip, extend=extend, num_frames=frames).shape[1] == frames
+        z, mask = captured[-1]["cond_latents"][0], captured[-1]["cond_masks"][0]  # the backward run's
+        assert mask.tolist() == cond_frames(z.shape[1], "last").tolist()
+        assert torch.allclose(z[:, -1], held, atol=1e-5), "backwards: not held at the clip's first frame"
     assert run(connect=(clip, clip)).shape[1] == 8  # whole latent frames of 4 between the clips
     edited = run(video=clip, strength=0.5)
     assert edited.shape == clip.shape
@@ -166,14 +176,25 @@ def test_other_modes_run_with_the_expected_lengths(tiny_pipe):
         run(loop=True, video=clip, extend="forward")
 
 
-def test_connect_makes_the_new_frames_asked_in_whole_latent_frames(tiny_pipe):
-    """connect puts num_frames new frames between the clips, rounded to whole latent frames of ft = 4, never none."""
-    clip = torch.rand(3, 5, 16, 16) * 2 - 1
+def test_connect_makes_the_new_frames_asked_in_whole_latent_frames(tiny_pipe, monkeypatch):
+    """connect puts num_frames new frames between the clips, rounded to whole latent frames of ft = 4, never none,
+    from the first clip's end to the second clip's start: the sampler holds the first clip's last frame as latent
+    frame 0 and the second clip's first frame as the last latent frame (the one trimmed)."""
+    import videodit.pipeline as P
+
+    captured, real = [], P.sample
+    monkeypatch.setattr(P, "sample", lambda *a, **kw: captured.append(kw) or real(*a, **kw))
+    a, b = torch.rand(3, 5, 16, 16) * 2 - 1, torch.rand(3, 5, 16, 16) * 2 - 1
+    start, end = tiny_pipe.encode_video(a[:, -1:]), tiny_pipe.held_latent(b[:, 0])
     for asked, made in ((1, 4), (4, 4), (5, 4), (7, 8), (9, 8)):
         assert tiny_pipe.resolve_size(asked, 16, 16, connect=True) == (made, 16, 16)
-        out = tiny_pipe("a red circle", height=16, width=16, num_frames=asked, connect=(clip, clip), output_type="pt",
+        out = tiny_pipe("a red circle", height=16, width=16, num_frames=asked, connect=(a, b), output_type="pt",
                         generator=gen(0), progress=False)
         assert out.frames[0].shape[1] == made and out.sizes == [(made, 16, 16)]
+        (z,), (mask,) = captured[-1]["cond_latents"], captured[-1]["cond_masks"]
+        assert z.shape[1] == made // 4 + 2 and mask.tolist() == cond_frames(z.shape[1], "first_last").tolist()
+        assert torch.allclose(z[:, :1], start, atol=1e-5), "not from the first clip's end"
+        assert torch.allclose(z[:, -1], end, atol=1e-5), "not into the second clip's start"
 
 
 def test_extending_forwards_continues_from_the_clips_last_frames(tiny_pipe, monkeypatch):
