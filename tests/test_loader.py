@@ -8,7 +8,7 @@ import torch
 from videodit.config import ConfigError, load_config
 from videodit.data.loader import (CacheSource, DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource,
                                   TrainData, make_loader, pack_by_budget)
-from videodit.data.shapes import make_clip
+from videodit.data.shapes import item_seed, make_clip
 from videodit.data.video import write_video
 
 GEOM = Geometry(ft=4, fs=4, patch=(1, 2, 2))
@@ -117,7 +117,7 @@ def test_images_draw_captions_at_their_own_rate():
     src = ShapesSource([[9, 32, 32]], 20, 0, GEOM)
     data = TrainData(src, GEOM, 0, 1.0, 0.0, 0.0, image_detailed_prob=0.0)  # clips always detailed, images never
     for i in range(20):
-        clip = make_clip(src.seed * 1_000_003 + i, 32, 32, 9)
+        clip = make_clip(item_seed(src.seed, i), 32, 32, 9)
         assert data[(i, False, 0)]["prompt"] == clip["detailed_caption"] != clip["caption"]
         assert data[(i, True, 0)]["prompt"] == clip["caption"]
 

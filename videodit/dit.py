@@ -142,7 +142,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x, rot, cu_seqlens, backend, shard=None):
-        """x: (N, D); rot: (N, head_dim/2) complex RoPE rotations; cu_seqlens: (B+1,) -> (N, D).
+        """x: (N, D); rot: (N, head_dim/2, 2) RoPE cos and sin (rope.py); cu_seqlens: (B+1,) -> (N, D).
         With a Shard (sequence parallel) x and rot are this rank's slice and cu_seqlens are ignored: attention runs
         over all tokens (shard.cu_seqlens) with this rank's heads, between two all-to-alls."""
         qkv = self.qkv(x.to(self.qkv.weight.dtype))

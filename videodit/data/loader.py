@@ -33,7 +33,7 @@ from ..config import ConfigError
 from ..flow import drop_text, random_cond
 from ..text import choose_caption
 from .manifest import ManifestError, read_manifest
-from .shapes import make_clip, parse_only
+from .shapes import item_seed, make_clip, parse_only
 from .video import VideoReadError, from_uint8, is_image, probe, read_video
 
 logger = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class ShapesSource:
-    """The shapes world rendered on the fly: item i is `make_clip(seed * 1_000_003 + i, ...)` at size
+    """The shapes world rendered on the fly: item i is `make_clip(item_seed(seed, i), ...)` at size
     `sizes[i % len(sizes)]` (as ShapesDataset), restricted to the attribute values in `only` (parse_only); as an
     image, its first frame."""
 
@@ -142,7 +142,7 @@ class ShapesSource:
 
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         T, H, W = self.sizes[i % len(self.sizes)]
-        clip = make_clip(self.seed * 1_000_003 + i, H, W, 1 if image else T, self.only)
+        clip = make_clip(item_seed(self.seed, i), H, W, 1 if image else T, self.only)
         return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"])
 

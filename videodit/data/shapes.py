@@ -240,6 +240,12 @@ def detailed_caption(attrs: Attributes, height: int, width: int, rng: np.random.
 # Clips and the on-the-fly dataset
 
 
+def item_seed(seed: int, i: int) -> int:
+    """The make_clip seed of item i of a shapes data set drawn with `seed`: every reader of the set (the dataset, the
+    training source, the rendered folder, the captioner's set) draws the same clip for the same item."""
+    return seed * 1_000_003 + i
+
+
 def make_clip(seed: int, height: int, width: int, num_frames: int, only: dict | None = None) -> dict:
     """One clip, fully determined by (seed, height, width, num_frames, only); `only` restricts the attributes (see
     parse_only)."""
@@ -256,7 +262,7 @@ def make_clip(seed: int, height: int, width: int, num_frames: int, only: dict | 
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Renders clips on the fly. Item i uses seed `seed * 1_000_003 + i` and size `sizes[i % len(sizes)]`; `only`
+    """Renders clips on the fly. Item i uses seed `item_seed(seed, i)` and size `sizes[i % len(sizes)]`; `only`
     restricts the attributes (see parse_only)."""
 
     def __init__(self, sizes=((17, 64, 64),), length: int = 100_000, seed: int = 0, only: dict | None = None):
@@ -274,7 +280,7 @@ class ShapesDataset(torch.utils.data.Dataset):
             raise IndexError(f"ShapesDataset index {i} out of range for length {self.length}")
         i = i + self.length if i < 0 else i  # negative indices count from the end, as in a list
         t, h, w = self.size_of(i)
-        clip = make_clip(self.seed * 1_000_003 + i, h, w, t, self.only)
+        clip = make_clip(item_seed(self.seed, i), h, w, t, self.only)
         return dict(video=from_uint8(clip["frames"]), caption=clip["caption"],
                     detailed_caption=clip["detailed_caption"], attributes=asdict(clip["attributes"]))
 
@@ -384,7 +390,7 @@ def write_dataset(out: str, num: int, height: int, width: int, num_frames: int, 
     ext = ".png" if num_frames == 1 else ".mp4"
     rows = []
     for i in tqdm(range(num), desc="rendering", unit="clip"):
-        clip = make_clip(seed * 1_000_003 + i, height, width, num_frames)
+        clip = make_clip(item_seed(seed, i), height, width, num_frames)
         name = f"{i:06d}{ext}"
         write_video(os.path.join(out, name), clip["frames"], fps=fps)
         rows.append(dict(path=name, caption=clip["caption"], detailed_caption=clip["detailed_caption"],
