@@ -287,9 +287,7 @@ class PlainGuidance(torch.nn.Module):
         v_c = self.teacher(packed, frame_t, text, mask)
         null, null_mask = (text, mask) if self.wrong_null else (self.null.expand(B, -1, -1), self.null_mask.expand(B, -1))
         v_u = self.teacher(packed, frame_t, null, null_mask)
-        frames = torch.cat(frame_t)
-        token_t = torch.cat([frames[sum(g[0] for g in packed.grids[:i]) + packed.coords[packed.sample_idx == i, 0]]
-                             for i in range(B)])
+        token_t = torch.cat(frame_t)[packed.frame_index(self.patch_size[0])]
         return guide(v_c, v_u, packed.tokens, token_t[:, None], guidance[packed.sample_idx, None], self.parallel,
                      packed.sample_idx, token_t > 0, B)
 

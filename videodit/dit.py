@@ -438,8 +438,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             if len(timesteps) != B or any(t.shape != (f,) for t, f in zip(timesteps, frames)):
                 raise ValueError(f"per-frame timesteps must be {B} tensors of shapes {[(f,) for f in frames]}, "
                                  f"got {[tuple(t.shape) for t in timesteps]}")
-            offsets = torch.tensor([0] + frames[:-1], device=device).cumsum(0)
-            return torch.cat(list(timesteps)).to(device), offsets[packed.sample_idx] + packed.coords[:, 0] * pt
+            return torch.cat(list(timesteps)).to(device), packed.frame_index(pt)
         t = torch.as_tensor(timesteps, device=device).float().reshape(-1)
         if t.numel() == 1:
             t = t.expand(B)

@@ -154,7 +154,7 @@ def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.
         noise = pack(draw_noise([x.shape for x in latents], shared_noise, generator, device), patch_size).tokens
     else:
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
-    token_t = torch.cat(frame_t)[_frame_index(packed, patch_size[0])]  # (N,)
+    token_t = torch.cat(frame_t)[packed.frame_index(patch_size[0])]  # (N,)
     xt = (1 - token_t[:, None]) * x0 + token_t[:, None] * noise
     return packed.with_tokens(xt), frame_t, token_t, x0, noise
 
@@ -174,13 +174,6 @@ def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
     """The squared error of v (N, D) against target, averaged over each sample's noisy tokens, then over samples."""
     err, valid = _per_sample_mse(v, target, token_t, packed)
     return err[valid].mean()
-
-
-def _frame_index(packed, pt: int) -> torch.Tensor:
-    """(N,) index of each token's (first) latent frame in the concatenation of all samples' frames."""
-    frames = torch.tensor([g[0] * pt for g in packed.grids], device=packed.coords.device)
-    offsets = torch.cumsum(frames, 0) - frames
-    return offsets[packed.sample_idx] + packed.coords[:, 0] * pt
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -221,8 +214,8 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
            base_tokens: int = 256, sampler: str = "euler", cond_latents: list | None = None,
            cond_masks: list | None = None, init_latents: list | None = None, strength: float = 1.0, generator=None,
            progress: bool = True, cfg_group=None, cache=None, noise: list | None = None) -> list:
-    """Generate latents of the given shapes [(C, T, H, W), ...] as one packed batch; with `shift` None each size
-    samples at its own resolution shift, so samples of different token counts run as one packed batch a size.
+    """Generate latents of the given shapes [(C, T, H, W), ...]: as one packed batch with a given `shift`; with
+    `shift` None each token count samples at its own resolution shift, as one packed batch a token count.
 
     text/text_mask: (B, L, D) / (B, L) prompts; null_text/null_mask: the negative (or empty) prompt for guidance.
     guidance_parallel: the weight of the guidance term's part along the conditional clean estimate (1: plain
@@ -255,7 +248,7 @@ def sample(model, shapes: list, text, text_mask, null_text=None, null_mask=None,
                 out[i] = z
         return out
     pt = model.patch_size[0]
-    fidx = _frame_index(packed, pt)
+    fidx = packed.frame_index(pt)
     if shift is None:
         shift = resolution_shift(packed.seqlens[0], base_tokens)
     ts = schedule(steps, shift).to(device)

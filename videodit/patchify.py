@@ -33,6 +33,11 @@ class Packed:
     def seqlens(self) -> list[int]:
         return [t * h * w for t, h, w in self.grids]
 
+    def frame_index(self, pt: int) -> torch.Tensor:
+        """(N,) index of each token's (first) latent frame in the concatenation of all samples' latent frames."""
+        frames = torch.tensor([g[0] * pt for g in self.grids], device=self.coords.device)
+        return (frames.cumsum(0) - frames)[self.sample_idx] + self.coords[:, 0] * pt
+
     def with_tokens(self, tokens: torch.Tensor) -> "Packed":
         """The same layout carrying other per-token features, e.g. the model's velocity."""
         if tokens.shape[0] != self.tokens.shape[0]:
