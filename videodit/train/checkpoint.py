@@ -94,7 +94,7 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
     from ..config import load_config
     from ..dit import VideoDiT
     from ..vae import CausalVideoVAE
-    from .lora import add_lora
+    from .lora import add_lora, save_adapters
     from .sharded import SHARDED, read_weights
 
     cfg = load_config(os.path.join(checkpoint, "config.yaml"))
@@ -119,9 +119,7 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
     from ..text import load_text_encoder
     from .models import load_trained_vae
 
-    if cfg.train.lora_rank:
-        model.save_pretrained(os.path.join(out, "lora"))
-        model = model.merge_and_unload()
+    model = save_adapters(model, out)
     t = cfg.text
     text = load_text_encoder(t.encoder, t.path, t.max_length)
     return save_pipeline(cfg, model, load_trained_vae(cfg), text, out, lean)
@@ -130,14 +128,11 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
 def save_model(model, out: str, merge_lora: bool = True) -> str:
     """save_pretrained of a VideoDiT / CausalVideoVAE, or of a LoRA PeftModel's adapters (to <out>/lora) and,
     with merge_lora, its merged base (to <out>)."""
-    from peft import PeftModel
+    from .lora import save_adapters
 
-    if isinstance(model, PeftModel):
-        model.save_pretrained(os.path.join(out, "lora"))
-        if not merge_lora:
-            return out
-        model = model.merge_and_unload()
-    model.save_pretrained(out)
+    model = save_adapters(model, out, merge_lora)
+    if model is not None:
+        model.save_pretrained(out)
     return out
 
 

@@ -28,6 +28,15 @@ def load_lora(model, adapter_dir: str) -> PeftModel:
     return PeftModel.from_pretrained(model, adapter_dir)
 
 
+def save_adapters(model, folder: str, merge: bool = True):
+    """A LoRA PeftModel's adapters written alone to <folder>/lora, and the model returned merged (a VideoDiT to save
+    whole), or None without `merge`. Any other model is returned as it is."""
+    if not isinstance(model, PeftModel):
+        return model
+    model.save_pretrained(os.path.join(folder, "lora"))
+    return model.merge_and_unload() if merge else None
+
+
 def merge_lora(model, adapter_dir: str, scale: float = 1.0):
     """`model` (a VideoDiT) with the adapters of `adapter_dir` merged into its weights at `scale` times the strength
     they trained at (0 leaves the model as it was, negative steers away). Merge several by calling it again."""

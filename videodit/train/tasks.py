@@ -12,7 +12,6 @@ import os
 import random
 
 import torch
-from peft import PeftModel
 
 from ..config import ConfigError
 from ..data.loader import CacheSource, Geometry, make_source, pack_by_budget
@@ -22,7 +21,7 @@ from ..flow import distill_loss, draw_noise, flow_loss, sample, velocity_error
 from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
-from .lora import add_lora
+from .lora import add_lora, save_adapters
 from .models import build_denoiser, build_vae, load_teacher, load_trained_vae
 
 logger = logging.getLogger(__name__)
@@ -230,9 +229,7 @@ class DiTTask:
     def export(self, model, folder: str) -> str:
         """<folder>/pipeline: the denoiser with the run's VAE and text encoder, for sample.py (init_from takes it
         too); LoRA runs also write the adapters alone to <folder>/lora and merge them into the pipeline's."""
-        if isinstance(model, PeftModel):
-            model.save_pretrained(os.path.join(folder, "lora"))
-            model = model.merge_and_unload()
+        model = save_adapters(model, folder)
         self.vae, self.text = self.vae or self._vae(), self.text or self._text()
         return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"), source=self.source)
 
