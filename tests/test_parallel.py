@@ -303,6 +303,26 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
         torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=k)
 
 
+def test_a_resumed_sequence_parallel_run_samples_and_goes_on(tmp_path):
+    """A sequence-parallel run resumed from its checkpoint keeps its group: the main process samples alone, then the
+    pair trains on together (the group was once lost after a resume, at the first sample)."""
+    model, tok = tiny_text(tmp_path)
+    model.save_pretrained(tmp_path / "text")
+    tok.save_pretrained(tmp_path / "text")
+    torch.manual_seed(0)
+    CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                   temporal_factor=4, mid_attention=False).save_pretrained(tmp_path / "vae")
+    base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.checkpoint_every=1",
+                   f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2", "train.ema_decay=0",
+                   "train.sample_prompts=['a red circle moving left']", "sample.steps=1"]
+    config = str(tmp_path / "sp.yaml")
+    for i, steps in enumerate((1, 3)):
+        save_config(load_config(None, base + [f"train.max_steps={steps}", "train.sample_every=2"]), config)
+        torchrun("train.py", ["--config", config] + ["--resume", "latest"] * i, processes=2)
+    assert os.listdir(tmp_path / "sp" / "samples") == ["step_00000002_0.mp4"]
+    assert [r["step"] for r in log(tmp_path / "sp")] == [1, 2, 3]
+
+
 def test_sample_command_on_several_processes_writes_what_one_process_writes(tiny_pipe, tmp_path):
     """torchrun sample.py: processes sharing out three prompts (data parallel), splitting every video's tokens
     (--sequence-parallel 2) or guidance's two passes (--cfg-parallel), alone and together, write the videos and

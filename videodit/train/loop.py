@@ -148,19 +148,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
-    dp_rank, dp_size = acc.process_index, W
-    if S > 1:
-        if t.task != "dit" or W == 1:
-            raise ConfigError(f"parallel.sequence_parallel = {S} splits the denoiser's sequences over processes: it "
-                              f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
-        heads = task.model.config.num_heads
-        if W % S or heads % S:
-            raise ConfigError(f"parallel.sequence_parallel = {S} must divide the {W} processes and the denoiser's "
-                              f"{heads} attention heads; use one of {degrees(W, heads)}")
-        group, dp_rank, dp_size = sequence_parallel_groups(S)
-        task.model.set_sequence_parallel(group)
-        if getattr(task, "teacher", None) is not None:
-            task.teacher.set_sequence_parallel(group)
+    group, dp_rank, dp_size = _sequence_parallel(S, task, acc) if S > 1 else (None, acc.process_index, W)
     if t.compile:  # the denoiser's blocks (one graph serves all), the VAE whole
         if hasattr(task.model, "compile_blocks"):
             task.model.compile_blocks(dynamic=True)
@@ -194,12 +182,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         if fsdp:
             sharded.load(checkpoint, model, optimizer, ema)
         step, position, skipped_total = state["step"], DataPosition(**state["data"]), state["skipped"]
-        # the rate of this config's schedule at this step (the optimizer holds the one the checkpoint's ran at)
-        inner = scheduler.scheduler
-        inner.base_lrs = [t.lr] * len(inner.base_lrs)
-        for group, f in zip(optimizer.param_groups, inner.lr_lambdas):
-            group["lr"] = t.lr * f(inner.last_epoch)
-        inner._last_lr = [group["lr"] for group in optimizer.param_groups]
+        _follow_schedule(optimizer, scheduler.scheduler, t.lr)
         if acc.is_main_process:
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
     elif resume:
@@ -314,17 +297,50 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
 
     acc.wait_for_everyone()
     with _ema_weights(ema, params, model):
-        final = unwrapped
-        if fsdp:  # gather the shards (collective), then export a whole model from the main process
-            full = sharded.gather(model, acc.is_main_process)
-            if acc.is_main_process:
-                final = type(unwrapped).from_config(task.model_config)
-                final.load_state_dict(full)
-        if acc.is_main_process:
-            task.export(final, out)
+        _export(acc, task, model, unwrapped, fsdp, out)
     acc.wait_for_everyone()
     acc.end_training()
     return out
+
+
+def _sequence_parallel(S: int, task, acc):
+    """Split the denoiser's (and a distillation teacher's) sequences over groups of S processes: the group, and this
+    process's data-parallel rank and count."""
+    W = acc.num_processes
+    if task.cfg.train.task != "dit" or W == 1:
+        raise ConfigError(f"parallel.sequence_parallel = {S} splits the denoiser's sequences over processes: it "
+                          f"needs train.task: dit and a multi-process launch (torchrun --nproc_per_node {S})")
+    heads = task.model.config.num_heads
+    if W % S or heads % S:
+        raise ConfigError(f"parallel.sequence_parallel = {S} must divide the {W} processes and the denoiser's "
+                          f"{heads} attention heads; use one of {degrees(W, heads)}")
+    group, dp_rank, dp_size = sequence_parallel_groups(S)
+    for m in (task.model, getattr(task, "teacher", None)):
+        if m is not None:
+            m.set_sequence_parallel(group)
+    return group, dp_rank, dp_size
+
+
+def _follow_schedule(optimizer, scheduler, lr: float):
+    """On resuming: the rate of this config's schedule (its lr, its length) at the checkpoint's step; the optimizer
+    holds the one the checkpoint's run set."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    for group, f in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["lr"] = lr * f(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+def _export(acc, task, model, unwrapped, fsdp: bool, out: str):
+    """The run's model (the weights in place now) exported by the main process; a sharded one is gathered first
+    (collective: every process calls this)."""
+    final = unwrapped
+    if fsdp:
+        full = sharded.gather(model, acc.is_main_process)
+        if acc.is_main_process:
+            final = type(unwrapped).from_config(task.model_config)
+            final.load_state_dict(full)
+    if acc.is_main_process:
+        task.export(final, out)
 
 
 def _trackers(t, out: str) -> list:
