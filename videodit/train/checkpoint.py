@@ -108,8 +108,10 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
         read_weights(checkpoint, model)
     else:
         model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
-    ema_file = os.path.join(checkpoint, "custom_checkpoint_0.pkl")
-    if os.path.isfile(ema_file):
+    with open(os.path.join(checkpoint, "state.json")) as f:
+        kept_ema = json.load(f).get("ema", False)
+    ema_file = os.path.join(checkpoint, "custom_checkpoint_0.pkl")  # the first state registered (a GAN's is next)
+    if kept_ema and os.path.isfile(ema_file):  # a sharded run's EMA was read with its weights
         params = [p for p in model.parameters() if p.requires_grad]
         ema = EMAModel(params)
         ema.load_state_dict(torch.load(ema_file, weights_only=False))
