@@ -311,3 +311,40 @@ def test_upsample_command_reads_prompts_from_arguments_or_lines(capsys, monkeypa
         with pytest.raises(SystemExit):
             upsample_main(args)
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A model path: a local folder (it exists, or starts with /, ./, ../ or ~) or else a hub id (videodit.text.is_local)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+
+
+@pytest.mark.parametrize("model,words", [
+    ("models/nope", "--model models/nope: no local folder at that path, so it was taken for the hub id of the prompt "
+                    "upsampler's causal LM, which cannot be loaded"),
+    ("./models/nope", "--model ./models/nope: not a folder with config.json"),
+    ("models/empty", "--model models/empty: not a folder with config.json"),  # there: local, though no ./
+])
+def test_upsample_command_says_in_one_line_that_a_model_is_missing(offline, capsys, model, words):
+    with pytest.raises(SystemExit) as e:
+        upsample_main(["--model", model, "a red circle"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and words in err, err
+
+
+@pytest.mark.parametrize("model,words", [
+    ("models/nope", "error: models/nope: no local folder at that path, so it was taken for the hub id of the "
+                    "captioner's vision-language model"),
+    ("models/empty", "error: models/empty: not a folder with config.json"),
+])
+def test_caption_command_says_in_one_line_that_a_model_is_missing(offline, clips, tmp_path, model, words):
+    with pytest.raises(SystemExit) as e:
+        caption.main(["--manifest", clips, "--out", str(tmp_path / "out.jsonl"), "--model", model])
+    assert str(e.value.code).startswith(words) and "\n" not in str(e.value.code), e.value.code

@@ -190,3 +190,16 @@ def test_command_writes_what_it_ran(tiny_pipe, tmp_path, args, want):
     assert "paraphrased" in rows and "1x64x64" in rows and "17x64x64" in rows
     assert (tmp_path / "o" / "table.md").read_text().count("\n") > len(rows)
     assert (tmp_path / "o" / "contact_sheet.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("args,words", [(["--shift", "inf"], "--shift must be a positive finite number"),
+                                        (["--guidance", "nan"], "--guidance must be a finite number >= 0"),
+                                        (["--steps", "0"], "--steps must be a positive whole number of steps")])
+def test_command_refuses_sampling_settings_as_sample_py_does_before_any_model_loads(tmp_path, capsys, args, words):
+    """videodit.pipeline.check_sampling's message, with the flag's name; before the checkpoint is even looked at (it
+    does not exist here), so a bad setting never waits for a model to load and then ends in a traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "o"), *args])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert e.value.code == 2 and err.startswith("python -m videodit.eval.shapes: error: ") and words in err, err
+    assert f"got {args[1]}" in err and not (tmp_path / "o").exists()

@@ -657,3 +657,67 @@ def test_sample_command_notes_settings_that_have_no_effect(saved, tmp_path, caps
           "--upsampler-model", "some/model"])
     out = capsys.readouterr().out
     assert "--negative-prompt has no effect" in out and "--upsampler-model rewrites prompts only with" in out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One rule for the sampling settings (videodit.pipeline.check_sampling): the pipeline's call, sample.py and
+# videodit.eval.shapes say the same, by keyword or by flag; the commands before any model loads.
+
+
+@pytest.mark.parametrize("setting,bad", [("steps", 0), ("guidance", -1.0), ("guidance", float("nan")),
+                                         ("guidance_parallel", 1.5), ("shift", float("inf")), ("shift", 0.0),
+                                         ("cache_threshold", float("nan")), ("strength", 1.5)])
+def test_a_bad_sampling_setting_gets_one_message_from_the_call_and_the_commands(tiny_pipe, tmp_path, monkeypatch,
+                                                                               capsys, setting, bad):
+    import videodit.generate as G
+    from videodit.eval.shapes import main as eval_main
+
+    keyword = dict(steps="num_inference_steps", guidance="guidance_scale").get(setting, setting)
+    with pytest.raises(ValueError) as e:
+        tiny_pipe("a red circle", progress=False, **{keyword: bad})
+    message = str(e.value)
+    assert message.startswith(f"{keyword} must be ") and message.endswith(f"got {bad!r}"), message
+    flag = "--" + setting.replace("_", "-")
+    monkeypatch.setattr(G, "load_pipeline", lambda *a, **k: pytest.fail("a model was loaded"))
+    runs = [lambda: main(["--prompt", "a", flag, str(bad), *(["--video", "x.mp4"] if setting == "strength" else [])])]
+    if setting != "strength":  # the eval samples text to video only
+        runs.append(lambda: eval_main(["--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path), flag,
+                                       str(bad)]))
+    for run in runs:
+        with pytest.raises(SystemExit) as e:
+            run()
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.endswith("error: " + message.replace(keyword, flag, 1)), err
+
+
+def test_check_sampling_takes_none_and_the_bounds_and_refuses_what_is_no_number():
+    from videodit.pipeline import check_sampling
+
+    check_sampling()
+    check_sampling(steps=1, guidance=0, guidance_parallel=0, shift=1e-3, cache_threshold=0, strength=1)
+    check_sampling(guidance_parallel=1, cache_threshold=float("inf"))
+    for kw, words in ((dict(steps=2.0), "num_inference_steps must be a positive whole number"),
+                      (dict(steps=True), "num_inference_steps"), (dict(guidance="3"), "guidance_scale"),
+                      (dict(shift="1"), "shift"), (dict(cache_threshold=None), "cache_threshold"),
+                      (dict(strength=0, flags=True), r"--strength must be in \(0, 1\]")):
+        with pytest.raises(ValueError, match=words):
+            check_sampling(**kw)
+
+
+def test_sample_command_says_in_one_line_that_the_upsampler_model_is_missing(saved, tmp_path, monkeypatch, capsys):
+    """A relative path that exists is a local folder (refused before any model loads when it holds none); one that
+    does not is taken for a hub id, which offline fails in one line that says so."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+    run = ["--prompt", "a red circle", "--checkpoint", saved, "--output", "o.png", "--num-frames", "1",
+           "--upsample-prompt", "--upsampler-model"]
+    for model, words in (("models/empty", "error: --upsampler-model models/empty: not a folder with config.json"),
+                         ("models/nope", "error: --upsampler-model models/nope: no local folder at that path, so it "
+                                         "was taken for the hub id of the prompt upsampler's causal LM")):
+        with pytest.raises(SystemExit) as e:
+            main(run + [model])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert e.value.code == 2 and err.startswith(words), err

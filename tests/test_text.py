@@ -147,3 +147,35 @@ def test_choose_caption():
     assert choose_caption(dict(caption="x"), 1.0, rng) == "x"
     picks = [choose_caption(row, 0.3, random.Random(i)) == row["detailed_caption"] for i in range(2000)]
     assert abs(np.mean(picks) - 0.3) < 0.04
+
+
+def test_a_path_is_local_when_it_exists_or_says_so_else_a_hub_id(tmp_path, monkeypatch):
+    from videodit.text import is_local
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "here").mkdir(parents=True)
+    assert all(map(is_local, ["models/here", "./nope", "../nope", "~/nope", "/nope", ".", "a/b/c"]))
+    assert not any(map(is_local, ["nope", "org/nope", "models/nope"]))  # "name" or "org/name": maybe on the hub
+
+
+def test_a_missing_model_is_one_line_local_or_hub(saved, tmp_path, monkeypatch):
+    """A local path without a model fails before transformers is asked; a relative path that is not there is taken
+    for a hub id, and offline its error says so (and that no local folder was found), in one line."""
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "models" / "empty").mkdir(parents=True)
+    for path in ("./models/nope", "models/empty", "~/models/nope", "models/a/nope"):
+        with pytest.raises(FileNotFoundError) as e:
+            load_text_encoder("t5", path)
+        assert str(e.value).startswith(f"{path}: not a folder with config.json") and "\n" not in str(e.value)
+    with pytest.raises(OSError) as e:
+        load_text_encoder("t5", "models/nope")
+    assert str(e.value).startswith("models/nope: no local folder at that path, so it was taken for the hub id of "
+                                   "the t5 text encoder") and "\n" not in str(e.value)
+    import shutil
+
+    shutil.copytree(saved["t5"], tmp_path / "enc")
+    assert load_text_encoder("t5", "~/enc").dim == 16  # ~ is expanded

@@ -36,6 +36,7 @@ from torch import nn
 from videodit.data import shapes
 from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
+from videodit.text import check_local_model, load_error
 
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHAPES_WEIGHTS = os.path.join(ASSETS, "shapes_captioner.safetensors")
@@ -288,12 +289,14 @@ class VLMCaptioner:
                  dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
-            raise FileNotFoundError(f"captioner model {model} is not a folder with config.json, weights and a "
-                                    f"processor (a transformers save_pretrained folder of a vision-language model)")
-        self.processor = AutoProcessor.from_pretrained(model)
+        what = "the captioner's vision-language model"
+        source = check_local_model(model, what)
+        try:
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device).eval()
+        except OSError as e:
+            raise load_error(model, what, e) from e
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token
-        self.model = AutoModelForImageTextToText.from_pretrained(model, dtype=dtype).to(device).eval()
         self.max_new_tokens, self.prompt, self.model_id = max_new_tokens, prompt, model
 
     @torch.no_grad()
@@ -415,7 +418,7 @@ def main(argv=None):
               dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
     try:
         captioner = load_captioner(a.backend, a.model, **kw)
-    except (FileNotFoundError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileNotFoundError: a folder without a model; OSError: a hub id offline
         raise SystemExit(f"error: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     try:

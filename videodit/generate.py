@@ -213,8 +213,12 @@ def check_args(a, prompts) -> tuple[int, int] | None:
         raise UserError(f"{modes[0]} needs --video VID")
     if a.video and not (a.extend or a.strength is not None):
         raise UserError("--video needs --extend forward|backward or --strength S")
-    if a.strength is not None and not 0 < a.strength <= 1:
-        raise UserError(f"--strength must be in (0, 1] (near 0 keeps the video, 1 ignores it), got {a.strength}")
+    from videodit.pipeline import check_sampling
+
+    try:
+        check_sampling(a.steps, a.guidance, a.guidance_parallel, a.shift, a.cache_threshold, a.strength, flags=True)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     from videodit.data.video import VideoReadError, probe, read_image
 
     inputs = []
@@ -233,23 +237,11 @@ def check_args(a, prompts) -> tuple[int, int] | None:
         raise UserError("--height, --width and --num-frames must be positive")
     if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
         raise UserError(f"--fps must be a positive finite number, got {a.fps}")
-    if a.guidance is not None and not math.isfinite(a.guidance):
-        raise UserError(f"--guidance must be a finite number (1 turns guidance off), got {a.guidance}")
-    if a.shift is not None and not (math.isfinite(a.shift) and a.shift > 0):
-        raise UserError(f"--shift must be a positive finite number (1: no shift; default: by resolution), "
-                        f"got {a.shift}")
     if not -2 ** 63 <= a.seed <= 2 ** 64 - len(prompts):  # torch.Generator's range; prompt i samples with seed + i
         raise UserError(f"--seed must be in [-2**63, 2**64 - {len(prompts)}] ({len(prompts)} prompt(s), seed + i "
                         f"each), got {a.seed}")
     if a.batch_size < 1:
         raise UserError(f"--batch-size must be positive, got {a.batch_size}")
-    if not a.cache_threshold >= 0:
-        raise UserError(f"--cache-threshold must be >= 0 (0: no cache), got {a.cache_threshold}")
-    if a.steps is not None and a.steps < 1:
-        raise UserError(f"--steps must be positive, got {a.steps}")
-    if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
-        raise UserError(f"--guidance-parallel must be in [0, 1] (1 plain guidance, 0 projected), "
-                        f"got {a.guidance_parallel}")
     if a.lora_scale and not a.lora:
         raise UserError("--lora-scale sets the strength of --lora adapters; give --lora DIR too")
     if len(a.lora_scale) > 1 and len(a.lora_scale) != len(a.lora):
@@ -277,10 +269,11 @@ def check_args(a, prompts) -> tuple[int, int] | None:
     if a.output_dir:
         check_folder("--output-dir", a.output_dir, a.output_dir)
     if a.upsample_prompt and a.upsampler_model:
-        from videodit.upsample import check_lm
+        from videodit.text import check_local_model
+        from videodit.upsample import LM
 
         try:
-            check_lm(a.upsampler_model)
+            check_local_model(a.upsampler_model, LM)
         except FileNotFoundError as e:
             raise UserError(f"--upsampler-model {e}") from None
     return inputs[0] if inputs else None
@@ -391,9 +384,8 @@ def sample_prompts(a, prompts, like, device, ranks):
             try:
                 prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
                                              model=a.upsampler_model, seed=a.seed + i)
-            except OSError as e:  # a hub id that cannot be fetched, a folder without the files
-                raise UserError(f"--upsampler-model {a.upsampler_model}: cannot be loaded "
-                                f"({str(e).strip().splitlines()[0][:200]})") from None
+            except OSError as e:  # a hub id that cannot be fetched, a folder with broken files
+                raise UserError(f"--upsampler-model {e}") from None
             if ranks.writer:
                 print(f"prompt: {prompts[i]}")
     a.fps = a.fps or pipe.config.default_fps

@@ -45,6 +45,36 @@ class VideoDiTOutput(BaseOutput):
     skipped_steps: int = 0  # steps of the last pass whose later blocks the step cache skipped (cache_threshold)
 
 
+def check_sampling(steps=None, guidance=None, guidance_parallel=None, shift=None, cache_threshold=0.0,
+                   strength=None, flags: bool = False):
+    """Refuse a sampling setting out of range, whatever the model: a ValueError saying what was given and what is
+    allowed. None: not given (the checkpoint's default; for shift, by resolution; for strength, no SDEdit). The
+    messages name the settings as VideoDiTPipeline.__call__ does (num_inference_steps, guidance_scale, ...), or with
+    `flags` as the command lines do (--steps, --guidance, ...)."""
+    def name(key):
+        if flags:
+            return "--" + key.replace("_", "-")
+        return dict(steps="num_inference_steps", guidance="guidance_scale").get(key, key)
+
+    def number(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    if steps is not None and not (isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1):
+        raise ValueError(f"{name('steps')} must be a positive whole number of steps, got {steps!r}")
+    if guidance is not None and not (number(guidance) and math.isfinite(guidance) and guidance >= 0):
+        raise ValueError(f"{name('guidance')} must be a finite number >= 0 (1: no guidance), got {guidance!r}")
+    if guidance_parallel is not None and not (number(guidance_parallel) and 0 <= guidance_parallel <= 1):
+        raise ValueError(f"{name('guidance_parallel')} must be in [0, 1] (1: plain guidance, 0: projected), "
+                         f"got {guidance_parallel!r}")
+    if shift is not None and not (number(shift) and math.isfinite(shift) and shift > 0):
+        raise ValueError(f"{name('shift')} must be a positive finite number (1: no shift), got {shift!r}")
+    if not (number(cache_threshold) and cache_threshold >= 0):
+        raise ValueError(f"{name('cache_threshold')} must be a number >= 0 (0: no cache), got {cache_threshold!r}")
+    if strength is not None and not (number(strength) and 0 < strength <= 1):
+        raise ValueError(f"{name('strength')} must be in (0, 1] (near 0 keeps the video, 1 ignores it), "
+                         f"got {strength!r}")
+
+
 class VideoDiTPipeline(DiffusionPipeline):
     # No model_cpu_offload_seq: diffusers' hooks catch forward() only, and the VAE runs through decode_latents().
     # enable_offload() below moves each part to the accelerator while it runs.
@@ -211,15 +241,9 @@ class VideoDiTPipeline(DiffusionPipeline):
                              "negative prompt it was distilled with); it takes no negative prompt")
         steps = self.config.default_steps if steps is None else steps
         guidance = self.config.default_guidance if guidance is None else guidance
-        if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
-            raise ValueError(f"num_inference_steps must be a positive whole number of steps, got {steps!r}")
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance) or guidance < 0:
-            raise ValueError(f"guidance_scale must be a finite number >= 0 (1: no guidance), got {guidance!r}")
         own = self.config.get("default_guidance_parallel", 1.0)
         guidance_parallel = own if guidance_parallel is None else guidance_parallel
-        if not 0 <= guidance_parallel <= 1:
-            raise ValueError(f"guidance_parallel must be in [0, 1] (1: plain guidance, 0: projected), "
-                             f"got {guidance_parallel}")
+        check_sampling(steps, guidance, guidance_parallel)
         if guidance_distilled(self.transformer) and guidance_parallel != own:
             raise ValueError(f"this checkpoint has guidance distilled into it with guidance_parallel {own:g}, which "
                              f"sampling cannot change; leave guidance_parallel out")
@@ -280,12 +304,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                              f"torch.Generator().manual_seed(s)), got {generator!r:.80}")
         if output_type not in ("np", "pt", "latent"):
             raise ValueError(f"output_type must be 'np', 'pt' or 'latent', got {output_type!r}")
-        if not isinstance(cache_threshold, (int, float)) or not cache_threshold >= 0:
-            raise ValueError(f"cache_threshold must be a number >= 0 (0: no cache), got {cache_threshold!r}")
-        if shift is not None and not (math.isfinite(shift) and shift > 0):
-            raise ValueError(f"shift must be a positive finite number (None: by resolution), got {shift}")
-        if strength is not None and not 0 < strength <= 1:
-            raise ValueError(f"strength must be in (0, 1] (near 0 keeps the video, 1 ignores it), got {strength}")
+        check_sampling(num_inference_steps, guidance_scale, guidance_parallel, shift, cache_threshold, strength)
         if video is not None and extend is None and strength is None:
             raise ValueError("video needs extend='forward' or 'backward' (extend it) or strength= (SDEdit)")
         if connect is not None and (not isinstance(connect, (list, tuple)) or len(connect) != 2):

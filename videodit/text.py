@@ -103,8 +103,31 @@ class TextEncoder(nn.Module):
         """The empty prompt's (emb (1, L, D), mask (1, L)); cached like any prompt."""
         return self.encode([""])
 
-    def forward(self, prompts: list[str]):
-        return self.encode(prompts)
+
+def is_local(path: str) -> bool:
+    """Does a model `path` name a local folder rather than a hub id ("name" or "org/name")? Yes when it exists, or
+    cannot be a hub id: it starts with "/", "." or "~", or has more than two parts. Otherwise it is taken for one."""
+    path = os.fspath(path)
+    return os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")) or path.count("/") > 1
+
+
+def check_local_model(path: str, what: str) -> str:
+    """The folder (~ expanded) or hub id to load `what` (say "a causal LM") from: FileNotFoundError, naming `path`,
+    when it names a local folder (is_local) without config.json."""
+    if is_local(path) and not os.path.isfile(os.path.join(os.path.expanduser(path), "config.json")):
+        raise FileNotFoundError(f"{path}: not a folder with config.json and weights (a transformers save_pretrained "
+                                f"folder of {what})")
+    return os.path.expanduser(path)
+
+
+def load_error(path: str, what: str, e: OSError) -> OSError:
+    """A one-line OSError, starting with `path`, for `what` that failed to load from `path`; for a hub id it says that
+    no local folder was found there."""
+    why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    if is_local(path):
+        return OSError(f"{path}: cannot load {what} from this folder: {why}")
+    return OSError(f"{path}: no local folder at that path, so it was taken for the hub id of {what}, which cannot be "
+                   f"loaded: {why}")
 
 
 def _model_class(kind: str):
@@ -131,18 +154,15 @@ def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length:
             raise ValueError(f"the {kind!r} text encoder needs a path: a local folder or a hub id")
         path = minilm_path()
     model_dir = tok_dir = path
-    if os.path.isdir(os.path.join(path, "text_encoder")) and os.path.isdir(os.path.join(path, "tokenizer")):
+    if all(os.path.isdir(os.path.join(os.path.expanduser(path), d)) for d in ("text_encoder", "tokenizer")):
         model_dir, tok_dir = os.path.join(path, "text_encoder"), os.path.join(path, "tokenizer")
-    local = os.path.isabs(path) or path.startswith((".", "~")) or os.path.exists(path)
-    if local and not os.path.isfile(os.path.join(os.path.expanduser(model_dir), "config.json")):
-        raise FileNotFoundError(f"{kind} text encoder: {model_dir} is not a folder with config.json, weights and "
-                                f"tokenizer files (a transformers save_pretrained folder)")
+    what = f"the {kind} text encoder"
+    model_dir = check_local_model(model_dir, what)
     try:
         tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(tok_dir))
-        model = _model_class(kind).from_pretrained(os.path.expanduser(model_dir), dtype=dtype)
+        model = _model_class(kind).from_pretrained(model_dir, dtype=dtype)
     except OSError as e:
-        raise OSError(f"cannot load the {kind} text encoder from {path!r} (a local folder or a hub id): "
-                      f"{str(e).splitlines()[0]}") from e
+        raise load_error(path, what, e) from e
     return TextEncoder(model.to(device), tokenizer, max_length=max_length, cache_size=cache_size)
 
 

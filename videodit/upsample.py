@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from videodit.data import shapes
+from videodit.text import check_local_model, load_error
 
 # The synonyms the shapes grammar understands: word -> canonical value. Colors also by name (color_by_name).
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
@@ -167,21 +168,20 @@ LM_INSTRUCTION = (
 _LMS: dict = {}  # model path/id -> (tokenizer, model): load once per process
 
 
-def check_lm(model: str):
-    """Raise FileNotFoundError if `model` is a local path (absolute, or starting with '.') without a saved model."""
-    import os
-
-    if (os.path.isabs(model) or model.startswith(".")) and not os.path.isfile(os.path.join(model, "config.json")):
-        raise FileNotFoundError(f"{model}: not a folder with config.json, weights and tokenizer files (a "
-                                f"transformers save_pretrained folder of a causal LM) for the prompt upsampler")
+LM = "the prompt upsampler's causal LM"  # for error messages
 
 
 def _load_lm(model: str):
+    """The (tokenizer, LM) of `model`, a local folder or a hub id (videodit.text.is_local); one-line errors:
+    FileNotFoundError for a local folder without a saved model, OSError for one that cannot be loaded."""
     if model not in _LMS:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        check_lm(model)
-        _LMS[model] = (AutoTokenizer.from_pretrained(model), AutoModelForCausalLM.from_pretrained(model).eval())
+        source = check_local_model(model, LM)
+        try:
+            _LMS[model] = (AutoTokenizer.from_pretrained(source), AutoModelForCausalLM.from_pretrained(source).eval())
+        except OSError as e:
+            raise load_error(model, LM, e) from e
     return _LMS[model]
 
 
@@ -233,8 +233,8 @@ def main(argv=None):
         p.error(f"--temperature must be >= 0, got {a.temperature:g}")
     if a.model:
         try:
-            check_lm(a.model)
-        except FileNotFoundError as e:
+            _load_lm(a.model)  # before reading prompts: a folder without a model, a hub id offline
+        except OSError as e:
             p.error(f"--model {e}")
     prompts = a.prompts or [line.strip() for line in sys.stdin if line.strip()]
     if not prompts or not all(q.strip() for q in prompts):

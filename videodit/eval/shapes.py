@@ -13,7 +13,6 @@ swapped) test the denoiser without sampling.
 
 import argparse
 import json
-import math
 import os
 import time
 
@@ -254,7 +253,7 @@ def _write(out: str, json_name: str, md_name: str, results: list, footer: str = 
 
 def main(argv=None):
     from videodit.generate import DEFAULT_CHECKPOINT
-    from videodit.pipeline import VideoDiTPipeline
+    from videodit.pipeline import VideoDiTPipeline, check_sampling
 
     p = argparse.ArgumentParser(prog="python -m videodit.eval.shapes", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
@@ -277,14 +276,12 @@ def main(argv=None):
     p.add_argument("--words", action="store_true", help="test whether the denoiser listens to each attribute word: "
                    "the velocity's change when one word of the caption is swapped (writes words.json)")
     a = p.parse_args(argv)
-    if a.num < 1 or a.batch < 1 or (a.steps is not None and a.steps < 1):
-        p.error("--num, --batch and --steps must be >= 1")
-    if (a.shift is not None and not a.shift > 0) or not a.cache_threshold >= 0:
-        p.error("--shift must be > 0 and --cache-threshold >= 0")
-    if a.guidance is not None and not (math.isfinite(a.guidance) and a.guidance >= 0):
-        p.error(f"--guidance must be a finite number >= 0 (1: no guidance), got {a.guidance:g}")
-    if a.guidance_parallel is not None and not 0 <= a.guidance_parallel <= 1:
-        p.error(f"--guidance-parallel must be in [0, 1] (1: plain guidance, 0: projected), got {a.guidance_parallel:g}")
+    if a.num < 1 or a.batch < 1:
+        p.error("--num and --batch must be >= 1")
+    try:
+        check_sampling(a.steps, a.guidance, a.guidance_parallel, a.shift, a.cache_threshold, flags=True)
+    except ValueError as e:
+        p.error(str(e))
     if a.denoise and a.words:
         p.error("--denoise and --words are two tests: run one at a time")
     sampling = [f for f, v in (("--steps", a.steps), ("--guidance", a.guidance), ("--guidance-parallel",
