@@ -149,10 +149,8 @@ def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 6
     a.setdefault("size", pick(list(shapes.SIZES)))
     a.setdefault("shape", pick(shapes.SHAPES))
     a.setdefault("motion", pick(shapes.MOTIONS))
-    # a white object is never drawn on a white background
-    backgrounds = [b for b in shapes.BACKGROUNDS if not (b == "white" and a.get("color") == "white")]
-    a.setdefault("background", pick(backgrounds))
-    a.setdefault("color", pick([c for c in shapes.COLORS if not (c == "white" and a["background"] == "white")]))
+    a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if shapes.drawable(a.get("color"), b)]))
+    a.setdefault("color", pick([c for c in shapes.COLORS if shapes.drawable(c, a["background"])]))
     starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
     return shapes.detailed_caption(shapes.Attributes(starts=starts, **a), height, width, rng)
 

@@ -119,12 +119,17 @@ def parse_only(items) -> dict:
     return only
 
 
+def drawable(color: str, background: str) -> bool:
+    """The world's one exclusion: a white object is never drawn on a white background."""
+    return not color == background == "white"
+
+
 def sample_attributes(rng: np.random.Generator, height: int, width: int, only: dict | None = None) -> Attributes:
     """Random attributes; with `only` (from parse_only), drawn again until they are among its values (the same
     draws as without it whenever the first draw is allowed)."""
     while True:
         background = str(rng.choice(list(BACKGROUNDS)))
-        colors = [c for c in COLORS if not (c == "white" and background == "white")]
+        colors = [c for c in COLORS if drawable(c, background)]
         a = dict(count=int(rng.integers(1, 3)), size=str(rng.choice(list(SIZES))), color=str(rng.choice(colors)),
                  shape=str(rng.choice(SHAPES)), motion=str(rng.choice(MOTIONS)), background=background)
         if all(a[k] in v for k, v in (only or {}).items()):

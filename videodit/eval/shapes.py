@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from videodit.data.shapes import (ATTRIBUTE_VALUES, BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset,
+from videodit.data.shapes import (ATTRIBUTE_VALUES, BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset, drawable,
                                   read_back, short_caption)
 from videodit.data.video import to_uint8
 from videodit.upsample import upsample_prompt
@@ -54,7 +54,7 @@ PLURAL = {"disc": "discs", "ball": "balls", "box": "boxes", "block": "blocks", "
 
 def random_attributes(rng: np.random.Generator) -> dict:
     background = str(rng.choice(list(BACKGROUNDS)))
-    colors = [c for c in COLORS if not (c == "white" and background == "white")]
+    colors = [c for c in COLORS if drawable(c, background)]
     return dict(count=int(rng.integers(1, 3)), color=str(rng.choice(colors)), shape=str(rng.choice(SHAPES)),
                 motion=str(rng.choice(MOTIONS)), background=background)
 
@@ -213,7 +213,7 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
         prompts = [short_caption(**a)]
         for key in WORDS:
             other = [{**a, key: v} for v in ATTRIBUTE_VALUES[key] if v != a[key]]
-            other = [b for b in other if not b["color"] == b["background"] == "white"]  # never drawn
+            other = [b for b in other if drawable(b["color"], b["background"])]
             prompts.append(short_caption(**other[rng.integers(len(other))]))
         text, mask = pipe.encode_prompt(prompts + [""])
         z = pipe.encode_video(clip["video"])
