@@ -75,8 +75,10 @@ def test_missing_empty_and_unknown_manifests(tmp_path):
         read_manifest(str(tmp_path / "m.txt"))
 
 
+@pytest.mark.parametrize("bad", ["missing", "folder", "cp1252"])
 @pytest.mark.parametrize("command", ["train.py", "cache", "caption", "vae stats"])
-def test_every_command_names_a_missing_manifest_in_one_line(tmp_path, command):
+def test_every_command_names_a_bad_manifest_in_one_line(tmp_path, command, bad):
+    """A missing manifest, a folder of clips given as one, and a spreadsheet's non-UTF-8 CSV: one line each."""
     import importlib.util
     import os
 
@@ -87,6 +89,11 @@ def test_every_command_names_a_missing_manifest_in_one_line(tmp_path, command):
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     missing, shipped_vae = str(tmp_path / "nope.jsonl"), os.path.join(root, "models", "shapes-tiny", "vae")
+    if bad == "folder":
+        missing = str(tmp_path)
+    elif bad == "cp1252":  # Excel's plain "CSV" on Windows
+        missing = str(tmp_path / "m.csv")
+        (tmp_path / "m.csv").write_bytes("path,caption\nclip.mp4,caf\xe9 au lait\n".encode("cp1252"))
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(dict(model=dict(preset="tiny"), data=dict(source="manifest", manifest=missing),
                                           train=dict(vae=shipped_vae, output_dir=str(tmp_path / "run")))))
@@ -100,4 +107,8 @@ def test_every_command_names_a_missing_manifest_in_one_line(tmp_path, command):
            "vae stats": lambda: vae.stats_command([shipped_vae, "--manifest", missing])}[command]
     with pytest.raises(SystemExit) as e:
         run()
-    assert str(e.value.code) == f"error: {missing}: manifest not found"
+    assert str(e.value.code) == {"missing": f"error: {missing}: manifest not found",
+                                 "folder": f"error: {missing} is a folder; a manifest is a .jsonl or .csv file that "
+                                           f"lists the clips and their captions (README: Data)",
+                                 "cp1252": f"error: {missing}:2: not UTF-8 text (byte 0xe9); save the manifest as "
+                                           f"UTF-8 (a spreadsheet's 'CSV UTF-8')"}[bad]

@@ -612,6 +612,27 @@ def test_cache_command_refuses_bad_arguments_in_one_line(tmp_path, capsys, args,
     assert not (tmp_path / "c").exists()
 
 
+@pytest.mark.parametrize("what", ["clips", "file"])
+def test_cache_command_never_replaces_what_is_not_a_cache(tmp_path, capsys, what):
+    """--out pointed at a folder of the user's clips (or at a file) is refused before anything is encoded, and
+    nothing there is touched."""
+    from videodit.data.cache import main as cache_main
+
+    out = tmp_path / "mine"
+    if what == "clips":
+        out.mkdir()
+        (out / "clip.mp4").write_bytes(b"not really")
+        (out / "manifest.jsonl").write_text("{}")
+    else:
+        out.write_text("notes")
+    before = sorted(os.listdir(out)) if what == "clips" else out.read_text()
+    with pytest.raises(SystemExit) as e:
+        cache_main(["--config", os.path.join(ROOT, "configs", "shapes", "tiny.yaml"), "--out", str(out)])
+    assert "error: --out" in str(e.value) and ("clip.mp4" in str(e.value) or "is a file" in str(e.value))
+    assert (sorted(os.listdir(out)) if what == "clips" else out.read_text()) == before
+    assert not os.path.exists(str(out) + ".tmp")
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
     base = random_dit()  # a random "pretrained" model, so outputs depend on the weights
     base.save_pretrained(tmp_path / "base")

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 
 import torch
@@ -40,6 +41,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
 
     if cfg.data.source == "cache":
         raise ConfigError("data.source is 'cache': point the config at the shapes world or a manifest to cache")
+    _check_out(out)
     vae = load_trained_vae(cfg).to(device)
     text = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_length, device=device)
     patch = tuple(denoiser_kwargs(cfg, vae.denoiser_channels, text.dim).get("patch_size", (1, 2, 2)))
@@ -67,6 +69,19 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     if skipped:
         logger.warning(f"{skipped} unreadable samples were skipped")
     return index
+
+
+def _check_out(out: str):
+    """The cache replaces `out` whole: refuse a file, or a folder holding anything but an earlier cache's files."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a file; give a folder for the cache")
+    if os.path.isdir(out):
+        others = sorted(n for n in os.listdir(out) if not re.fullmatch(r"index\.json|null\.safetensors|"
+                                                                      r"shard_\d+\.safetensors", n))
+        if others:
+            raise ConfigError(f"--out {out} holds files that are not a latent cache's ({', '.join(others[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}), and the cache replaces the folder's contents: "
+                              f"give a new or empty folder (or an earlier cache, to rewrite it)")
 
 
 def _write_shards(tmp: str, source, count: int, vae, text, shard_size: int, device, shapes: bool):

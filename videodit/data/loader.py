@@ -212,7 +212,7 @@ class CacheSource:
         path = os.path.join(cache_dir, "index.json")
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{cache_dir} is not a latent cache (no index.json); write one with "
-                                    f"python -m videodit.data.cache --config CONFIG --out {cache_dir}")
+                                    f"python -m videodit.data.cache --config CONFIG --out NEW_FOLDER")
         with open(path) as f:
             self.index = json.load(f)
         self.dir, self.items = cache_dir, self.index["items"]

@@ -6,6 +6,7 @@ shapes world's `attributes`) are kept as they are. Validation errors name the fi
 """
 
 import csv
+import io
 import json
 import os
 from dataclasses import dataclass, field
@@ -73,12 +74,23 @@ def parse_row(raw: dict, where: str, root: str) -> Row:
 
 def read_manifest(path: str) -> list[Row]:
     """Rows of a .jsonl or .csv manifest, with paths resolved against the manifest's folder."""
+    if os.path.isdir(path):
+        raise ManifestError(f"{path} is a folder; a manifest is a .jsonl or .csv file that lists the clips and their "
+                            f"captions (README: Data)")
     if not os.path.isfile(path):
         raise ManifestError(f"{path}: manifest not found")
     root = os.path.dirname(os.path.abspath(path))
     ext = os.path.splitext(path)[1].lower()
     rows = []
-    with open(path, newline="", encoding="utf-8-sig") as f:  # -sig: as spreadsheets save "CSV UTF-8"
+    with open(path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")  # -sig: as spreadsheets save "CSV UTF-8"
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise ManifestError(f"{path}:{line}: not UTF-8 text (byte 0x{data[e.start]:02x}); save the manifest as UTF-8 "
+                            f"(a spreadsheet's 'CSV UTF-8')") from None
+    with io.StringIO(text, newline="") as f:
         if ext == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
