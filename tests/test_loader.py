@@ -146,7 +146,10 @@ def manifest(tmp_path_factory):
 
 
 def test_manifest_clips_keep_aspect_and_fit_the_vae(manifest, caplog):
-    src = ManifestSource(manifest, target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)
+    with caplog.at_level(logging.WARNING):
+        src = ManifestSource(manifest, target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)
+    assert "1 of the 7 rows of" in caplog.text  # corrupt.mp4; missing.mp4 gave its metadata, so is found when read
+    caplog.clear()
     expect = {0: (9, 24, 40), 1: (9, 32, 32), 2: (5, 40, 24), 3: (9, 32, 32), 4: (1, 24, 40)}
     for i, (T, H, W) in expect.items():
         assert src.plans[i][:3] == (T, H, W)

@@ -179,6 +179,9 @@ class ManifestSource:
         if self.rows and len(unreadable) == len(self.rows):
             raise ManifestError(f"{manifest}: none of its {len(self.rows)} clips can be read (the first: "
                                 f"{unreadable[0]})")
+        if unreadable:
+            logger.warning(f"{len(unreadable)} of the {len(self.rows)} rows of {manifest} cannot be read: they are "
+                           f"skipped when drawn, and counted")
 
     def __len__(self):
         return len(self.rows)
