@@ -91,17 +91,19 @@ class Counting:
         return self.inner(videos)
 
 
-def test_vlm_captions_in_batches_and_resumes(tiny_vlm, clips, tmp_path):
+def test_vlm_captions_in_batches_and_resumes(tiny_vlm, clips, tmp_path, caplog):
     out = str(tmp_path / "captioned.jsonl")
     vlm = caption.VLMCaptioner(tiny_vlm, max_new_tokens=6)
-    with pytest.raises(KeyboardInterrupt), pytest.warns(UserWarning, match="broken.mp4"):
+    with pytest.raises(KeyboardInterrupt):
         caption.caption_manifest(clips, out, Counting(vlm, fail_after=1), frames=3, batch_size=2)
+    assert "broken.mp4" in caplog.text
     first = read_manifest(out)
     assert len(first) == 2  # the first batch was written before the interruption
 
     run = Counting(vlm)
-    with pytest.warns(UserWarning, match="broken.mp4"):
-        counts = caption.caption_manifest(clips, out, run, frames=3, batch_size=2)
+    caplog.clear()
+    counts = caption.caption_manifest(clips, out, run, frames=3, batch_size=2)
+    assert "broken.mp4" in caplog.text
     assert counts == dict(captioned=3, kept=2, skipped=1) and run.clips == 3 and run.calls == 2
     rows, source = read_manifest(out), read_manifest(clips)
     assert [r.path for r in rows] == [r.path for r in source if not r.path.endswith("broken.mp4")]
@@ -111,15 +113,16 @@ def test_vlm_captions_in_batches_and_resumes(tiny_vlm, clips, tmp_path):
         assert r.extra["caption_model"] == tiny_vlm and r.extra["attributes"] == s.extra["attributes"]
 
     again = Counting(vlm)
-    with pytest.warns(UserWarning, match="broken.mp4"):
-        assert caption.caption_manifest(clips, out, again, frames=3)["kept"] == 5
+    caplog.clear()
+    assert caption.caption_manifest(clips, out, again, frames=3)["kept"] == 5
+    assert "broken.mp4" in caplog.text
     assert again.clips == 0
 
 
-def test_shapes_backend_command(clips, tmp_path):
+def test_shapes_backend_command(clips, tmp_path, caplog):
     out = str(tmp_path / "out.jsonl")
-    with pytest.warns(UserWarning, match="unreadable"):
-        caption.main(["--manifest", clips, "--out", out, "--backend", "shapes", "--batch-size", "4"])
+    caption.main(["--manifest", clips, "--out", out, "--backend", "shapes", "--batch-size", "4"])
+    assert "unreadable" in caplog.text
     rows = read_manifest(out)
     assert len(rows) == 5 and all(r.extra["caption_model"].startswith("shapes:") for r in rows)
     agree = []
@@ -127,6 +130,56 @@ def test_shapes_backend_command(clips, tmp_path):
         truth, said = r.extra["attributes"], parse_shapes_prompt(r.detailed_caption)
         agree += [said[k] == truth[k] for k in caption.HEADS]
     assert np.mean(agree) >= 0.8
+
+
+def test_rows_of_one_clip_each_keep_their_caption_and_the_clip_is_captioned_once(clips, tmp_path):
+    """Several captions of one clip: each row keeps its own caption and metadata, all get the clip's detailed
+    caption from one read; an interrupted run resumes row by row, alike rows included."""
+    a, b = (os.path.relpath(r.path, tmp_path) for r in read_manifest(clips)[:2])
+    rows = [dict(path=a, caption="a red square", split="train"), dict(path=b, caption="clip b"),
+            dict(path=a, caption="a crimson box", fps=8.0), dict(path="./" + a, caption="third caption"),
+            dict(path=a, caption="a red square", split="val")]
+    manifest, out = write_manifest(str(tmp_path / "in.jsonl"), rows), str(tmp_path / "out.jsonl")
+    shapes_captioner = caption.ShapesCaptioner()
+    with pytest.raises(KeyboardInterrupt):
+        caption.caption_manifest(manifest, out, Counting(shapes_captioner, fail_after=1), frames=3, batch_size=1)
+    assert [r.caption for r in read_manifest(out)] == ["a red square", "a crimson box", "third caption",
+                                                       "a red square"]  # clip a, all of its rows, in one call
+    run = Counting(shapes_captioner)
+    counts = caption.caption_manifest(manifest, out, run, frames=3, batch_size=1)
+    assert counts == dict(captioned=1, kept=4, skipped=0) and run.clips == 1
+    got = read_manifest(out)
+    assert [(r.caption, r.fps, r.extra.get("split")) for r in got] == [(r["caption"], r.get("fps"), r.get("split"))
+                                                                        for r in rows]
+    assert len({got[i].detailed_caption for i in (0, 2, 3, 4)}) == 1 and got[1].detailed_caption
+    assert caption.caption_manifest(manifest, out, Counting(shapes_captioner, fail_after=0))["kept"] == 5
+
+
+def test_command_refuses_to_caption_a_manifest_in_place(clips, tmp_path, capsys):
+    """OUT holds only the captioned rows: written over IN it would lose the unreadable ones (and, on an
+    interruption, all not yet reached); refused before the model loads, the manifest untouched."""
+    rows = [dict(path=r.path, caption=r.caption) for r in read_manifest(clips)[:1]]
+    manifest = write_manifest(str(tmp_path / "m.jsonl"), rows + [dict(path="uploading.mp4", caption="not there yet")])
+    before = open(manifest).read()
+    for out in (manifest, str(tmp_path / "." / "m.jsonl")):
+        with pytest.raises(SystemExit) as e:
+            caption.main(["--manifest", manifest, "--out", out, "--backend", "shapes", "--frames", "2"])
+        assert e.value.code == 2 and "is the --manifest file; write the captions to another file" in \
+            capsys.readouterr().err.strip().splitlines()[-1]
+    with pytest.raises(ValueError, match="write the captions to another file"):
+        caption.caption_manifest(manifest, manifest, caption.ShapesCaptioner())
+    assert open(manifest).read() == before
+
+
+def test_command_says_each_skip_in_one_line(clips, tmp_path):
+    run = subprocess.run([sys.executable, "-m", "videodit.caption", "--manifest", clips, "--out",
+                          str(tmp_path / "out.jsonl"), "--backend", "shapes", "--frames", "2", "--batch-size", "2"],
+                         capture_output=True, text=True, check=True)
+    lines = run.stderr.replace("\r", "\n").splitlines()  # the progress bar redraws with \r
+    skips = [line for line in lines if "skipping" in line]
+    assert len(skips) == 1 and skips[0].startswith("WARNING skipping an unreadable clip: ") and \
+        "broken.mp4" in skips[0], run.stderr
+    assert "caption_manifest(" not in run.stderr and "Warning" not in run.stderr, run.stderr
 
 
 def test_shapes_captioner_works_on_large_frames_at_its_own_size(monkeypatch):
@@ -145,7 +198,7 @@ def test_shapes_captioner_works_on_large_frames_at_its_own_size(monkeypatch):
     (["--out", "{tmp}"], "is a folder"),
     (["--backend", "shapes", "--model", "{tmp}/nope.safetensors"], "not found"),
     (["--backend", "shapes", "--model", "{tmp}/bad.safetensors"], "not shapes captioner weights"),
-    (["--manifest", "{tmp}/broken.jsonl"], "none of the 1 clips"),
+    (["--manifest", "{tmp}/broken.jsonl"], "none of the 1 rows"),
     (["train-shapes", "--out", "{tmp}", "--num", "0"], "--num and --steps"),
     (["train-shapes", "--out", "{tmp}", "--steps", "0"], "--num and --steps"),
     (["eval-shapes", "--num", "0"], "--num must be >= 1"),

@@ -15,16 +15,18 @@ Each clip is read through videodit.data.video (decord): K frames spread evenly o
   videodit/assets/shapes_captioner.safetensors.
 
 OUT holds the captioned rows, in the order of IN, with `detailed_caption` and `caption_model`; it is rewritten
-atomically after each batch. A rerun keeps the rows already in OUT and captions only the others. Unreadable clips
-are skipped with a warning, counted, and left out of OUT (a rerun tries them again).
+atomically after each batch. Each clip is captioned once, and all of its rows (several captions of one clip) get that
+detailed caption, each keeping its own caption and metadata. A rerun keeps the rows already in OUT (matched to IN's
+by path and caption) and captions only the others. Unreadable clips are skipped with a warning, counted, and left out
+of OUT (a rerun tries them again); so OUT must be another file than IN, and the command refuses to write in place.
 """
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
-import warnings
 from dataclasses import asdict
 
 import numpy as np
@@ -38,6 +40,7 @@ from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
 from videodit.text import check_local_model, load_error
 
+logger = logging.getLogger(__name__)
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
 SHAPES_WEIGHTS = os.path.join(ASSETS, "shapes_captioner.safetensors")
 VLM_PROMPT = ("Describe this video in detail in one or two sentences: how many objects there are, their size, "
@@ -327,42 +330,60 @@ def load_captioner(backend: str, model: str | None = None, **kw):
 
 
 def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_size: int = 8) -> dict:
-    """Caption every row of `manifest` not yet in `out`; returns counts {captioned, kept, skipped}."""
+    """Caption every row of `manifest` not yet in `out`; returns counts of rows {captioned, kept, skipped}.
+
+    Each clip is read and captioned once (`batch_size` clips a call); every row of it gets that detailed caption and
+    keeps its own caption and metadata. A captioned row of `out` is kept for a row of `manifest` with its path and
+    caption (rows alike are matched in order): `out` may lack rows (unreadable, or not reached before a stop)."""
+    if _same_file(manifest, out):
+        raise ValueError(f"{out} is the manifest being captioned; write the captions to another file")
     rows = read_manifest(manifest)
-    done = {}
-    if os.path.isfile(out):
-        done = {r.path: r for r in read_manifest(out) if "caption_model" in r.extra}
+    done = {}  # (path, caption) -> out's captioned rows, in order
+    for r in read_manifest(out) if os.path.isfile(out) else []:
+        if "caption_model" in r.extra:
+            done.setdefault((r.path, r.caption), []).append(r)
+    result = {i: done[r.path, r.caption].pop(0) for i, r in enumerate(rows) if done.get((r.path, r.caption))}
+    todo = {}  # clip path -> positions of its rows still to caption
+    for i, r in enumerate(rows):
+        if i not in result:
+            todo.setdefault(r.path, []).append(i)
+    todo = list(todo.items())
     out_dir = os.path.dirname(os.path.abspath(out))
-    result = {r.path: done[r.path] for r in rows if r.path in done}
-    todo = [r for r in rows if r.path not in done]
     counts = dict(captioned=0, kept=len(result), skipped=0)
 
-    def write():
-        keep = [result[r.path] for r in rows if r.path in result]  # IN's order
-        write_manifest(out, [{**r.to_dict(), "path": os.path.relpath(r.path, out_dir)} for r in keep])
+    def write():  # IN's order
+        write_manifest(out, [{**result[i].to_dict(), "path": os.path.relpath(result[i].path, out_dir)}
+                             for i in sorted(result)])
 
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    bar = tqdm(total=len(rows), initial=counts["kept"], desc="captioning", unit="clip")
-    for start in range(0, len(todo), batch_size):
-        batch, videos = [], []
-        for r in todo[start:start + batch_size]:
-            try:
-                videos.append(sample_frames(r.path, frames, getattr(captioner, "short_side", None)))
-                batch.append(r)
-            except VideoReadError as e:
-                counts["skipped"] += 1
-                warnings.warn(f"skipping an unreadable clip: {e}", stacklevel=2)
-        if batch:
-            for r, text in zip(batch, captioner(videos)):
-                r.detailed_caption, r.extra["caption_model"] = text, captioner.model_id
-                result[r.path] = r
-            counts["captioned"] += len(batch)
-            write()
-        bar.set_postfix(counts, refresh=False)
-        bar.update(len(todo[start:start + batch_size]))
+    bar = tqdm(total=len(rows), initial=counts["kept"], desc="captioning", unit="row")
+    with logging_redirect_tqdm():  # a skip's line above the bar, not across it
+        for start in range(0, len(todo), batch_size):
+            batch, videos = [], []
+            for path, ids in todo[start:start + batch_size]:
+                try:
+                    videos.append(sample_frames(path, frames, getattr(captioner, "short_side", None)))
+                    batch.append(ids)
+                except VideoReadError as e:
+                    counts["skipped"] += len(ids)
+                    logger.warning(f"skipping an unreadable clip: {e}")
+            if batch:
+                for ids, text in zip(batch, captioner(videos)):
+                    for i in ids:
+                        rows[i].detailed_caption, rows[i].extra["caption_model"] = text, captioner.model_id
+                        result[i] = rows[i]
+                    counts["captioned"] += len(ids)
+                write()
+            bar.set_postfix(counts, refresh=False)
+            bar.update(sum(len(ids) for _, ids in todo[start:start + batch_size]))
     bar.close()
     return counts
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
 
 
 def main(argv=None):
@@ -414,6 +435,8 @@ def main(argv=None):
         p.error("--backend vlm needs --model: a local folder or a hub id of a vision-language model")
     if os.path.isdir(a.out):
         p.error(f"--out {a.out} is a folder; give the path of the output manifest (.jsonl or .csv)")
+    if _same_file(a.out, a.manifest):  # OUT holds only the captioned rows: in place, the others would be lost
+        p.error(f"--out {a.out} is the --manifest file; write the captions to another file")
     kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,
               dtype=torch.bfloat16 if a.device.startswith("cuda") else torch.float32) if a.backend == "vlm" else {}
     try:
@@ -421,12 +444,13 @@ def main(argv=None):
     except (OSError, ValueError) as e:  # FileNotFoundError: a folder without a model; OSError: a hub id offline
         raise SystemExit(f"error: {e}") from None
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     try:
         counts = caption_manifest(a.manifest, a.out, captioner, a.frames, a.batch_size)
     except ManifestError as e:
         raise SystemExit(f"error: {e}") from None
     if counts["skipped"] and not counts["captioned"] and not counts["kept"]:
-        raise SystemExit(f"error: none of the {counts['skipped']} clips of {a.manifest} could be read (see the "
+        raise SystemExit(f"error: none of the {counts['skipped']} rows of {a.manifest} could be read (see the "
                          f"warnings above); no output written")
     print(json.dumps(counts))
 
