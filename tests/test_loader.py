@@ -1,5 +1,6 @@
 import json
 import logging
+import os
 
 import numpy as np
 import pytest
@@ -201,6 +202,17 @@ def test_a_row_without_its_frame_rate_is_probed_for_it(tmp_path):
     assert src.plans[0][0] == 9 and src.plans[0][4] == 30
     data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
     assert all(data[(0, False, epoch)]["video"].shape[1] == 9 for epoch in range(8))
+
+
+def test_a_video_under_an_images_name_is_planned_as_the_video_it_is(tmp_path):
+    """Content decides: an mp4 saved as .jpg has its frames and rate (not one frame at 1 fps), and every draw reads."""
+    write_video(str(tmp_path / "a.mp4"), make_clip(0, 32, 32, 31)["frames"], fps=30)
+    os.rename(tmp_path / "a.mp4", tmp_path / "a.jpg")
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(path="a.jpg", caption="c")) + "\n")
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=17, fps=8.0, geom=GEOM)
+    assert src.plans[0][0] == 9 and src.plans[0][3:] == (31, 30)
+    data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
+    assert all(data[(0, False, epoch)]["video"].shape[1] == 9 for epoch in range(4))
 
 
 def test_the_most_common_size_is_a_readable_videos(tmp_path):

@@ -161,13 +161,15 @@ class ManifestSource:
         unreadable = []  # messages: an exception's traceback would keep its callers' frames alive
         for row in self.rows:
             n, src_fps, h, w = row.num_frames, row.fps, row.height, row.width
-            if is_image(row.path):
+            image = is_image(row.path)
+            if image:
                 n = src_fps = 1
             ok = True
             if n is None or src_fps is None or h is None or w is None:
                 try:
-                    info = probe(row.path)
-                    n, h, w, src_fps = info["num_frames"], info["height"], info["width"], src_fps or info["fps"]
+                    info = probe(row.path)  # by content: a video named .jpg has its frames and rate
+                    n, h, w = info["num_frames"], info["height"], info["width"]
+                    src_fps = info["fps"] if image and n > 1 else src_fps or info["fps"]
                 except VideoReadError as e:
                     logger.warning(f"cannot probe {e}; it will be skipped")
                     n, h, w, ok = 1, 1, 1, False

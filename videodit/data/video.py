@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, ImageSequence
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".webp", ".tif", ".tiff")
 
 
 class VideoReadError(Exception):
@@ -49,11 +49,13 @@ def _short(e: Exception) -> str:
 
 
 class _Reader:
-    """Random access to the frames of a video (decord) or a gif (PIL): len, fps, size, get(indices)."""
+    """Random access to the frames of a video: n frames, fps, height, width, the frame shown at a time, and
+    chunks(indices). `how` reads a gif with PIL, a video with decord, or (what decord cannot open, e.g. a partly
+    downloaded mp4) with ffmpeg, which streams the frames in order."""
 
-    def __init__(self, path: str):
-        self.path = path
-        if os.path.splitext(path)[1].lower() == ".gif":
+    def __init__(self, path: str, how: str = "decord"):
+        self.path, self._vr, self._frames, self.starts = path, None, None, None
+        if how == "gif":
             with Image.open(path) as im:  # gif writers merge repeated frames into longer ones: expand them
                 frames = [(np.array(f.convert("RGB")), f.info.get("duration") or 125)
                           for f in ImageSequence.Iterator(im)]
@@ -61,18 +63,39 @@ class _Reader:
             self._frames = np.stack([f for f, d in frames for _ in range(max(1, round(d / base)))])
             self.fps = 1000.0 * len(self._frames) / sum(d for _, d in frames)  # durations are whole centiseconds
             self.n, (self.height, self.width) = len(self._frames), self._frames.shape[1:3]
-        else:
+        elif how == "decord":
             import decord
 
             self._vr = decord.VideoReader(path, num_threads=1)
             self.n, self.fps = len(self._vr), float(self._vr.get_avg_fps()) or 1.0
             self.height, self.width = self._vr[0].shape[:2]
+            ts = self._vr.get_frame_timestamp(range(self.n)).astype(np.float64)  # (n, 2) start, end s: no decoding
+            starts, end = ts[:, 0] - ts[0, 0], ts[-1, 1] - ts[0, 0]
+            if end > 0 and np.all(np.diff(starts) >= 0) and \
+                    np.abs(starts - np.arange(self.n) / self.fps).max() > 0.1 / self.fps:  # variable frame rate
+                self.fps, self.starts = float(self.n / end), np.append(starts, end)
+        else:
+            import imageio.v2 as imageio
+            import imageio_ffmpeg
+
+            with imageio.get_reader(path, format="ffmpeg") as r:
+                meta = r.get_meta_data()
+            self.n = imageio_ffmpeg.count_frames_and_secs(path)[0]  # decodes the frames it can
+            self.fps, (self.width, self.height) = meta["fps"] or 1.0, meta["size"]
+            if not self.n:
+                raise ValueError("ffmpeg decodes no frame")
+        if self.starts is None:  # a constant rate: frame k is shown from k / fps
+            self.starts = np.arange(self.n + 1) / self.fps  # each frame's start, then the end of the last
+
+    def index(self, times: np.ndarray) -> np.ndarray:
+        """The frame shown at each time (seconds from the first frame): -1 before the first, n after the last."""
+        return np.searchsorted(self.starts, times + 1e-6, "right") - 1
 
     def chunks(self, idx: list, size: int = 16):
         """The frames at idx (ascending, repeats allowed) as uint8 (t, H, W, 3) arrays of up to `size` frames each,
         so that a long clip is never held whole at its source resolution."""
         for i in range(0, len(idx), size):
-            if hasattr(self, "_frames"):
+            if self._frames is not None:
                 yield self._frames[idx[i:i + size]]
                 continue
             try:
@@ -85,8 +108,8 @@ class _Reader:
     def _ffmpeg(self, idx: list, size: int):
         import imageio.v2 as imageio
 
-        pos, buf = 0, []
-        with imageio.get_reader(self.path, format="ffmpeg") as r:
+        pos, buf = 0, []  # passthrough: every frame once, as decord counts them (not resampled to a constant rate)
+        with imageio.get_reader(self.path, format="ffmpeg", output_params=["-fps_mode", "passthrough"]) as r:
             for i, frame in enumerate(r):
                 while pos < len(idx) and idx[pos] == i:
                     buf.append(frame)
@@ -102,20 +125,42 @@ class _Reader:
             yield np.stack(buf)
 
 
-def _open(path: str) -> _Reader:
+def _open(path: str) -> _Reader | None:
+    """A reader for a video, or None for an image. The file is tried as the kind its extension says first, then as
+    the other kind (content decides: a PNG named .mp4, an mp4 named .jpg), then with ffmpeg."""
     if not os.path.isfile(path):
         raise VideoReadError(path, "no such file")
-    try:
-        return _Reader(path)
-    except Exception as e:  # decord and PIL raise many types for one problem: an unreadable file
-        raise VideoReadError(path, f"cannot be opened as a video ({_short(e)})") from e
+    errors = []
+    order = ("image", "decord", "ffmpeg") if is_image(path) else ("gif", "decord", "ffmpeg") \
+        if os.path.splitext(path)[1].lower() == ".gif" else ("decord", "image", "ffmpeg")  # the gif reader is PIL's
+    for how in order:
+        try:
+            if how != "image":
+                return _Reader(path, how)
+            with Image.open(path):  # reads the header only
+                return None
+        except Exception as e:  # decord and PIL raise many types for one problem: an unreadable file
+            errors.append(e)
+    kind = "an image" if is_image(path) else "a video"
+    raise VideoReadError(path, f"cannot be opened as {kind} ({_short(errors[0])})") from errors[0]
+
+
+def _shown_size(im: Image.Image) -> tuple[int, int]:
+    """(height, width) of an opened image as shown: EXIF orientations 5-8 turn it a quarter (as exif_transpose)."""
+    w, h = im.size
+    return (w, h) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (h, w)
 
 
 def probe(path: str) -> dict:
-    """Frame count, frame rate and size of a video or image, without decoding every frame."""
-    if is_image(path):
-        return dict(num_frames=1, fps=0.0, **dict(zip(("height", "width"), read_image(path).shape[-2:])))
+    """Frame count, frame rate and size of a video or image, without decoding every frame (an image: its header)."""
     r = _open(path)
+    if r is None:
+        try:
+            with Image.open(path) as im:
+                height, width = _shown_size(im)
+        except Exception as e:
+            raise VideoReadError(path, f"cannot be read as an image ({_short(e)})") from e
+        return dict(num_frames=1, fps=0.0, height=height, width=width)
     return dict(num_frames=r.n, fps=r.fps, height=r.height, width=r.width)
 
 
@@ -125,12 +170,21 @@ def read_image(path: str, height: int | None = None, width: int | None = None) -
         raise VideoReadError(path, "no such file")
     try:
         with Image.open(path) as im:
+            h, w = _shown_size(im)
+            k = min(h // (2 * height), w // (2 * width)) if height and width else 1  # keep twice the size needed
+            if k > 1:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale (no more than 1/k): a big photo for a small size
+                im.draft("RGB", (-(-im.width // k), -(-im.height // k)))
             im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I"):  # 16-bit (or integer) grey: convert("RGB") would clip it at 255
+            if im.mode.startswith("I") or im.mode == "F":  # 16-bit, integer or float grey: convert("RGB") clips
                 grey = np.array(im, dtype=np.float64)
-                scale = 257 if im.mode.startswith("I;16") or grey.max() > 255 else 1
-                im = Image.fromarray((grey / scale).clip(0, 255).astype(np.uint8))
-            arr = np.array(im.convert("RGB"))
+                if im.mode == "F" and grey.max(initial=0) <= 1:  # floats in [0, 1]: not black
+                    grey *= 255
+                elif im.mode.startswith("I;16") or grey.max(initial=0) > 255:
+                    grey /= 257
+                im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+            im = im.convert("RGB")
+            k = min(im.height // (2 * height), im.width // (2 * width)) if height and width else 1
+            arr = np.array(im.reduce(k) if k > 1 else im)  # what draft left: reduce in uint8, before the floats
     except Exception as e:
         raise VideoReadError(path, f"cannot be read as an image ({_short(e)})") from e
     return resize_crop(torch.from_numpy(arr)[None], height or arr.shape[0], width or arr.shape[1])
@@ -138,25 +192,26 @@ def read_image(path: str, height: int | None = None, width: int | None = None) -
 
 def read_video(path: str, num_frames: int | None = None, fps: float | None = None, start: float = 0.0,
                height: int | None = None, width: int | None = None) -> torch.Tensor:
-    """`num_frames` frames (all when None) at `fps` (None: the source rate) from `start` seconds, resized to cover
-    (height, width) keeping the aspect ratio and centre-cropped. Returns (3, T, H, W) in [-1, 1].
+    """`num_frames` frames (all when None) at `fps` (None: the source rate; a variable rate's average) from `start`
+    seconds, resized to cover (height, width) keeping the aspect ratio and centre-cropped. Returns (3, T, H, W) in
+    [-1, 1]. The frame for time t is the one shown at t (by its timestamp where the rate varies).
 
     Images are read as one-frame clips."""
     if fps is not None and not fps > 0:
         raise ValueError(f"fps must be > 0 (or None for the source rate), got {fps}")
     if num_frames is not None and num_frames < 1:
         raise ValueError(f"num_frames must be >= 1 (or None for all), got {num_frames}")
-    if is_image(path):
-        return read_image(path, height, width)
     r = _open(path)
-    step = r.fps / fps if fps else 1.0
-    first = start * r.fps
-    if num_frames is None:
-        num_frames = int((r.n - first - 1) / step) + 1
-    idx = [int(round(first + i * step)) for i in range(max(num_frames, 1))]
+    if r is None:
+        return read_image(path, height, width)
+    fps = fps or r.fps
+    if num_frames is None:  # up to the last frame's start
+        num_frames = int((r.starts[-2] - start) * fps + 1e-6) + 1
+    times = start + np.arange(max(num_frames, 1)) / fps
+    idx = r.index(times).tolist()
     if num_frames < 1 or idx[0] < 0 or idx[-1] >= r.n:
-        raise VideoReadError(path, f"has {r.n} frames at {r.fps:g} fps; {num_frames} frames at {fps or r.fps:g} "
-                                   f"fps from {start:g} s need {idx[-1] + 1}")
+        raise VideoReadError(path, f"has {r.n} frames ({r.starts[-1]:g} s at {r.fps:g} fps); {num_frames} frames "
+                                   f"at {fps:g} fps from {start:g} s need {times[-1] + 1 / fps:g} s")
     try:  # a chunk at a time: only the resized clip is held whole
         return torch.cat([resize_crop(torch.from_numpy(c), height or r.height, width or r.width)
                           for c in r.chunks(idx)], dim=1)
