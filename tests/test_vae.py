@@ -269,6 +269,21 @@ def test_pretrained_adapters_keep_the_interface(kind):
         vae.encode_latents(video(4, 16, 24))
 
 
+def test_a_wan_2_2_style_vae_encodes_rgb():
+    """Wan 2.2's VAE patchifies pixels 2x2 before its convolutions (its config's in_channels 12 counts them):
+    RGB clips go in, and the latents equal diffusers' own."""
+    torch.manual_seed(0)
+    vae = load_vae("wan", dict(base_dim=16, decoder_base_dim=24, z_dim=4, dim_mult=[1, 2, 2], num_res_blocks=1,
+                               temperal_downsample=[False, True], is_residual=True, patch_size=2, in_channels=12,
+                               out_channels=12, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)).eval()
+    assert (vae.ft, vae.fs) == (2, 8)
+    x = video(5, 16, 24)
+    with torch.no_grad():
+        z = vae.encode_latents(x)
+        assert z.shape == (1, 4, 3, 2, 3) and torch.allclose(z, vae.model.encode(x).latent_dist.mode(), atol=1e-6)
+        assert vae.decode_latents(z).shape == x.shape
+
+
 def test_pretrained_normalization_uses_model_config():
     vae = tiny_pretrained("wan")
     x = video(5, 16, 16)

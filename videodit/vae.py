@@ -595,7 +595,8 @@ class PretrainedVideoVAE(nn.Module):
         return valid_size(T, H, W, self.ft, self.fs)
 
     def encode(self, x, return_dict: bool = True):
-        check_size(x, self.ft, self.fs, self.model.config.in_channels)
+        patch = getattr(self.model.config, "patch_size", None) or 1  # Wan 2.2 counts the patchified channels
+        check_size(x, self.ft, self.fs, self.model.config.in_channels // patch ** 2)
         return self.model.encode(x.to(self.dtype), return_dict=return_dict)
 
     def decode(self, z, return_dict: bool = True):
