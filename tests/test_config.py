@@ -121,12 +121,19 @@ def test_circular_base(tmp_path):
     ("train.eval_timesteps=[0.5,0.5]", ["train.eval_timesteps", "distinct timesteps in (0, 1]"]),
     ("train.eval_timesteps=[0]", ["train.eval_timesteps", "distinct timesteps in (0, 1]"]),
     ("train.eval_clips=0", ["train.eval_clips", "a positive integer"]),
+    ("vae.ft=16", ["vae.ft = 16", "at most vae.fs = 8"]),
 ])
 def test_override_errors(override, words):
     with pytest.raises(ConfigError) as e:
         load_config("configs/shapes/tiny.yaml", [override])
     for w in words:
         assert w in str(e.value)
+
+
+def test_a_shortcut_vae_needs_three_latent_channels():
+    with pytest.raises(ConfigError, match="vae.latent_channels = 2 is impossible; expected at least 3 with vae.sho"):
+        load_config("configs/shapes/vae.yaml", ["vae.latent_channels=2"])
+    assert load_config("configs/shapes/vae.yaml", ["vae.latent_channels=2", "vae.shortcut=false"]).vae.shortcut is False
 
 
 def test_numbers_are_strings_where_a_string_is_due_and_an_empty_section_is_no_change(tmp_path):

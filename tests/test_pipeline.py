@@ -408,10 +408,11 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     run("--connect", str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4"), "--num-frames", "1")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5 + 4 + 6  # a, 4 new frames (one latent frame), b
     assert "note: frames 1: not a size this model takes; using 4x16x16" in capsys.readouterr().out
-    run("--video", str(tmp_path / "b.mp4"), "--strength", "0.5")
+    run("--video", str(tmp_path / "b.mp4"), "--strength", "0.5", "--height", "15")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
-    assert "note: --video has 6 frames at 8 fps; SDEdit takes 1 + 4*k frames: using its first 5" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out  # the size note leaves SDEdit's frames to its own note
+    assert "note: height 15: not a size this model takes; using 16x16 (height x width)" in out
+    assert "note: --video has 6 frames at 8 fps; SDEdit takes 1 + 4*k frames: using its first 5" in out
     run("--image", str(tmp_path / "noext"), "--num-frames", "5")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
     (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\ntwo blue squares\n".encode("utf-8"))

@@ -784,3 +784,15 @@ def test_guidance_distillation_starts_as_the_teacher_and_exports_a_one_pass_pipe
                          (["train.task=vae"], "train.task: dit"), (["train.lora_rank=2"], "lora_rank=0")):
         with pytest.raises(ConfigError, match=words):
             train(load_config(None, common + extra + [f"train.output_dir={tmp_path / 'bad'}"]))
+
+
+def test_the_vae_is_named_once_and_a_missing_pretrained_folder_in_one_line(tmp_path):
+    """train.vae (a VAE run's folder, often inherited from a base config) and vae.path (a pretrained VAE) naming two
+    VAEs are refused, not one silently ignored; a pretrained kind's missing local folder is named, not sent to the
+    hub."""
+    from videodit.train.models import load_trained_vae
+
+    with pytest.raises(ConfigError, match="train.vae = runs/x/vae and vae.path = .* both name the VAE"):
+        load_trained_vae(load_config(None, TINY + ["train.vae=runs/x/vae", f"vae.path={tmp_path}", "vae.kind=wan"]))
+    with pytest.raises(FileNotFoundError, match=r"vae.path = \./nowhere is not a folder .*the wan VAE's folder"):
+        load_trained_vae(load_config(None, TINY + ["train.vae=", "vae.path=./nowhere", "vae.kind=wan"]))

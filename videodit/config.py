@@ -89,6 +89,10 @@ class VAEConfig:
                 bad(k, "a positive integer")
         if self.fs & (self.fs - 1) or self.ft & (self.ft - 1):
             bad("fs" if self.fs & (self.fs - 1) else "ft", "a power of two (1, 2, 4, 8, ...)")
+        if self.kind == "causal" and self.ft > self.fs:
+            bad("ft", f"at most vae.fs = {self.fs} (our VAE downsamples time only where it downsamples space)")
+        if self.kind == "causal" and self.shortcut and self.latent_channels < 3:
+            bad("latent_channels", "at least 3 with vae.shortcut (it carries the pixels' three channels)")
         for k in ("kl_weight", "perceptual_weight", "foreground_weight", "gan_weight"):
             if getattr(self, k) < 0:
                 bad(k, "a number >= 0")

@@ -392,10 +392,11 @@ def sample_prompts(a, prompts, like, device, ranks):
     size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect), extend=bool(a.extend))
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
-    if changed:
-        say(f"note: {', '.join(changed)}: not a size this model takes; using {size[0]}x{size[1]}x{size[2]} "
-            f"(frames x height x width)")
     frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
+    if changed:
+        shown = f"{size[1]}x{size[2]} (height x width)" if frames is None else \
+            f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
+        say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
     if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip
         n = kwargs["video"].shape[1]

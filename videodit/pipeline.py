@@ -201,7 +201,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         T = T0 if num_frames is None else num_frames
         if connect or extend:
             ft = self.video_vae.ft
-            return (ft * max(1, round(T / ft)) if connect else T, *self.valid_size(1, height, width)[1:])
+            new = ft * max(1, math.floor(T / ft + 0.5))  # whole latent frames; ties go up, as valid_size's
+            return (new if connect else T, *self.valid_size(1, height, width)[1:])
         return self.valid_size(T, height, width)
 
     def encode_prompt(self, prompts: list[str]):

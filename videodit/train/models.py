@@ -9,6 +9,7 @@ import torch
 
 from ..config import ConfigError
 from ..dit import PRESETS, VideoDiT
+from ..text import is_local
 from ..flow import guidance_distilled
 from ..vae import CausalVideoVAE, load_vae
 
@@ -139,6 +140,9 @@ def build_vae(cfg) -> CausalVideoVAE:
 def load_trained_vae(cfg):
     """The frozen VAE named by `train.vae` (a folder written by a VAE run), or vae.path for a pretrained kind."""
     v, path = cfg.vae, cfg.train.vae or cfg.vae.path
+    if cfg.train.vae and cfg.vae.path and cfg.train.vae != cfg.vae.path:
+        raise ConfigError(f"train.vae = {cfg.train.vae} and vae.path = {cfg.vae.path} both name the VAE; keep one "
+                          f"(--set train.vae= leaves vae.path)")
     if not path:
         raise ConfigError("this run needs a trained VAE but train.vae is not set. Train one on the shapes world with\n"
                          "    python train.py --config configs/shapes/vae.yaml\n"
@@ -148,6 +152,9 @@ def load_trained_vae(cfg):
                                 f"run exports one to "
                                 f"<output_dir>/vae, e.g. runs/shapes-vae/vae after "
                                 f"python train.py --config configs/shapes/vae.yaml")
+    if v.kind != "causal" and is_local(path) and not os.path.isdir(os.path.expanduser(path)):
+        raise FileNotFoundError(f"{'train.vae' if cfg.train.vae else 'vae.path'} = {path} is not a folder"
+                                f"{_relative(path)}; give the {v.kind} VAE's folder (or a pipeline's), or its hub id")
     sub = "vae" if v.kind != "causal" and os.path.isdir(os.path.join(path, "vae")) else None
     vae = load_vae(v.kind, path, **({"subfolder": sub} if sub else {}))
     return vae.eval().requires_grad_(False)
