@@ -122,6 +122,7 @@ def test_circular_base(tmp_path):
     ("train.eval_timesteps=[0]", ["train.eval_timesteps", "distinct timesteps in (0, 1]"]),
     ("train.eval_clips=0", ["train.eval_clips", "a positive integer"]),
     ("vae.ft=16", ["vae.ft = 16", "at most vae.fs = 8"]),
+    ("text.encoder=t5", ["text.path = None", "a local folder or hub id for text.encoder t5"]),
 ])
 def test_override_errors(override, words):
     with pytest.raises(ConfigError) as e:

@@ -796,3 +796,18 @@ def test_the_vae_is_named_once_and_a_missing_pretrained_folder_in_one_line(tmp_p
         load_trained_vae(load_config(None, TINY + ["train.vae=runs/x/vae", f"vae.path={tmp_path}", "vae.kind=wan"]))
     with pytest.raises(FileNotFoundError, match=r"vae.path = \./nowhere is not a folder .*the wan VAE's folder"):
         load_trained_vae(load_config(None, TINY + ["train.vae=", "vae.path=./nowhere", "vae.kind=wan"]))
+
+
+def test_a_folder_of_the_wrong_model_is_named_in_one_line(tmp_path):
+    """A VAE folder given as the denoiser to start from, or our VAE given as a Wan VAE: the class its config.json
+    names, against the one wanted, before any weights load."""
+    from videodit.train.models import load_trained_vae
+
+    CausalVideoVAE(block_out_channels=[8, 8], layers_per_block=1, latent_channels=4, temporal_factor=2,
+                   spatial_factor=2, mid_attention=False).save_pretrained(tmp_path / "vae")
+    with pytest.raises(ConfigError, match=f"train.init_from = {tmp_path / 'vae'} holds a model of class "
+                                          f"CausalVideoVAE, where VideoDiT is needed: give a denoiser"):
+        build_denoiser(load_config(None, TINY + [f"train.init_from={tmp_path / 'vae'}"]), 4, 16)
+    with pytest.raises(ConfigError, match="class CausalVideoVAE, where AutoencoderKLWan is needed: give the VAE of "
+                                          "vae.kind wan"):
+        load_trained_vae(load_config(None, TINY + [f"train.vae={tmp_path / 'vae'}", "vae.kind=wan"]))

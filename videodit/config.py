@@ -110,6 +110,8 @@ class TextConfig:
     image_detailed_caption_prob: float | None = None
 
     def check(self, bad):
+        if self.encoder != "minilm" and not self.path:
+            bad("path", f"a local folder or hub id for text.encoder {self.encoder} (only minilm ships in a package)")
         if self.max_length < 1:
             bad("max_length", "a positive integer")
         if not 0 <= self.detailed_caption_prob <= 1:

@@ -622,7 +622,8 @@ class PretrainedVideoVAE(nn.Module):
         return self.decode(self._normalize(z.to(self.dtype), inverse=True)).sample
 
 
-_PRETRAINED = {"wan": AutoencoderKLWan, "cogvideox": AutoencoderKLCogVideoX, "hunyuan": AutoencoderKLHunyuanVideo}
+PRETRAINED_VAES = {"wan": AutoencoderKLWan, "cogvideox": AutoencoderKLCogVideoX,
+                   "hunyuan": AutoencoderKLHunyuanVideo}
 
 
 def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **kwargs):
@@ -639,9 +640,10 @@ def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **k
                              f"the presets {', '.join(map(repr, VAE_PRESETS))}, a dict of CausalVideoVAE arguments, "
                              f"or a folder written by save_pretrained (or its hub id, org/name)")
         return CausalVideoVAE.from_pretrained(path_or_config, **kwargs)
-    if kind not in _PRETRAINED:
-        raise ValueError(f"unknown VAE kind {kind!r}; choose one of 'causal', {', '.join(map(repr, _PRETRAINED))}")
-    cls = _PRETRAINED[kind]
+    if kind not in PRETRAINED_VAES:
+        raise ValueError(f"unknown VAE kind {kind!r}; choose one of 'causal', "
+                         f"{', '.join(map(repr, PRETRAINED_VAES))}")
+    cls = PRETRAINED_VAES[kind]
     if path_or_config is None or isinstance(path_or_config, dict):
         model = cls(**(path_or_config or {}), **kwargs)
     else:

@@ -11,7 +11,7 @@ from ..config import ConfigError
 from ..dit import PRESETS, VideoDiT
 from ..text import is_local
 from ..flow import guidance_distilled
-from ..vae import CausalVideoVAE, load_vae
+from ..vae import PRETRAINED_VAES, CausalVideoVAE, load_vae
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +58,18 @@ def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = ""):
         logger.warning(f"train.init_from = {path} decides the architecture; ignored: {'; '.join(ignored)}")
 
 
+def _check_class(folder: str, name: str, key: str, what: str):
+    """A diffusers model folder (one with config.json; a hub id passes) must hold a `name`, or `key` is wrong."""
+    try:
+        with open(os.path.join(os.path.expanduser(folder), "config.json")) as f:
+            got = json.load(f).get("_class_name")
+    except (OSError, ValueError):
+        return
+    if got and got != name:
+        raise ConfigError(f"{key} = {folder.rstrip('/')} holds a model of class {got}, where {name} is needed: give "
+                          f"{what}")
+
+
 def _relative(path: str) -> str:
     """For errors about a missing folder: where a relative path was looked for."""
     return "" if os.path.isabs(path) else f" (a relative path is read from the current folder, {os.getcwd()})"
@@ -74,6 +86,7 @@ def load_denoiser(path: str, in_channels: int, text_dim: int, key: str, meta: bo
     if not os.path.isfile(os.path.join(path, sub or "", "config.json")):
         raise ConfigError(f"{key} = {path} is neither a model folder nor a pipeline with a transformer/ folder"
                           f"{_relative(path)}")
+    _check_class(os.path.join(path, sub or ""), "VideoDiT", key, "a denoiser (a dit run's export or a pipeline)")
     if meta:
         with torch.device("meta"):
             model = VideoDiT.from_config(VideoDiT.load_config(path, subfolder=sub))
@@ -156,5 +169,8 @@ def load_trained_vae(cfg):
         raise FileNotFoundError(f"{'train.vae' if cfg.train.vae else 'vae.path'} = {path} is not a folder"
                                 f"{_relative(path)}; give the {v.kind} VAE's folder (or a pipeline's), or its hub id")
     sub = "vae" if v.kind != "causal" and os.path.isdir(os.path.join(path, "vae")) else None
+    want = CausalVideoVAE if v.kind == "causal" else PRETRAINED_VAES[v.kind]
+    _check_class(os.path.join(path, sub or ""), want.__name__, "train.vae" if cfg.train.vae else "vae.path",
+                 f"the VAE of vae.kind {v.kind}")
     vae = load_vae(v.kind, path, **({"subfolder": sub} if sub else {}))
     return vae.eval().requires_grad_(False)
