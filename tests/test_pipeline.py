@@ -722,3 +722,14 @@ def test_sample_command_says_in_one_line_that_the_upsampler_model_is_missing(sav
             main(run + [model])
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert e.value.code == 2 and err.startswith(words), err
+
+
+def test_prompts_file_rows_sort_by_their_files_number(tmp_path):
+    """Processes append prompts.jsonl's rows in any order; the file ends in number order (999 before 1000)."""
+    from videodit.generate import sort_prompts_file
+
+    names = ["1000.mp4", "999.mp4", "101.mp4", "002.mp4", "010.mp4"]  # as written: 3 digits, more from 1000
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(dict(file=n, prompt=n)) + "\n" for n in names))
+    sort_prompts_file(str(tmp_path / "p.jsonl"))
+    rows = [json.loads(r)["file"] for r in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert rows == ["002.mp4", "010.mp4", "101.mp4", "999.mp4", "1000.mp4"]  # a string sort puts 1000 before 101

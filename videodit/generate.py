@@ -367,15 +367,8 @@ def sample_prompts(a, prompts, like, device, ranks):
                                                              a.negative_prompt)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if a.negative_prompt and guidance == 1 and not guidance_distilled(pipe.transformer):
-        say("note: guidance 1 turns guidance off: --negative-prompt has no effect (give --guidance above 1)")
-    if a.cfg_parallel and guidance == 1:
-        say("note: guidance 1 runs one pass a step: --cfg-parallel's two processes both run it (give --guidance "
-            "above 1, or leave --cfg-parallel out and share the prompts over the processes)")
-    if a.upsampler_model and not a.upsample_prompt:
-        say("note: --upsampler-model rewrites prompts only with --upsample-prompt; the prompts are used as given")
-    if a.image_first and (a.image or a.video or a.connect or a.loop):
-        say("note: --image-first draws the first frame of text-to-video only; the chosen mode ignores it")
+    for note in ignored_settings(a, guidance, guidance_distilled(pipe.transformer)):
+        say(f"note: {note}")
     mine = ranks.share(len(prompts))
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
@@ -436,13 +429,32 @@ def sample_prompts(a, prompts, like, device, ranks):
             bar.update(len(part))
     barrier(ranks)
     if a.output_dir and ranks.main and ranks.dp_size > 1:  # the groups appended in any order: in file order
-        path = os.path.join(a.output_dir, "prompts.jsonl")
-        with open(path, encoding="utf-8") as f:
-            rows = sorted(f, key=lambda r: int(os.path.splitext(json.loads(r)["file"])[0]))  # 999 before 1000
-        with open(path, "w", encoding="utf-8") as f:
-            f.writelines(rows)
+        sort_prompts_file(os.path.join(a.output_dir, "prompts.jsonl"))
     if a.verbose:
         report(device, load=t1 - t0, sample=time.time() - t1, rank=ranks.rank if ranks.world > 1 else None)
+
+
+def ignored_settings(a, guidance: float, distilled: bool) -> list[str]:
+    """Settings that have no effect with the others given, each said in a line."""
+    notes = []
+    if a.negative_prompt and guidance == 1 and not distilled:
+        notes.append("guidance 1 turns guidance off: --negative-prompt has no effect (give --guidance above 1)")
+    if a.cfg_parallel and guidance == 1:
+        notes.append("guidance 1 runs one pass a step: --cfg-parallel's two processes both run it (give --guidance "
+                     "above 1, or leave --cfg-parallel out and share the prompts over the processes)")
+    if a.upsampler_model and not a.upsample_prompt:
+        notes.append("--upsampler-model rewrites prompts only with --upsample-prompt; the prompts are used as given")
+    if a.image_first and (a.image or a.video or a.connect or a.loop):
+        notes.append("--image-first draws the first frame of text-to-video only; the chosen mode ignores it")
+    return notes
+
+
+def sort_prompts_file(path: str):
+    """prompts.jsonl's rows in the order of their files' numbers (999 before 1000), however the writers appended."""
+    with open(path, encoding="utf-8") as f:
+        rows = sorted(f, key=lambda r: int(os.path.splitext(json.loads(r)["file"])[0]))
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(rows)
 
 
 def barrier(ranks):
