@@ -83,6 +83,28 @@ def reference(assets, tmp_path_factory):
     return run
 
 
+def test_a_run_never_mixes_its_checkpoints_with_another_history(assets, reference, tmp_path):
+    """A fresh run in a folder with an earlier run's checkpoints is refused (rotation deleted the new run's own,
+    and --resume latest then went back to the old run); resuming from an older checkpoint moves the newer ones of
+    the branch left aside, so that --resume latest follows the new branch."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    cfg = lambda steps, *more: load_config(None, assets["base"] + [  # noqa: E731
+        f"train.output_dir={run}", f"train.max_steps={steps}", "train.grad_accum=2", "train.checkpoint_every=1",
+        "train.keep_checkpoints=3", *more])
+    with pytest.raises(ConfigError, match="holds checkpoints of an earlier run \\(the newest: step_00000004\\): pass "
+                                          "--resume latest"):
+        train(cfg(4, "train.lr=1e-3"))
+    train(cfg(3, "train.lr=1e-3"), resume=str(run / "checkpoints" / "step_00000002"))
+    names = lambda folder: sorted(os.listdir(folder))  # noqa: E731
+    assert names(run / "checkpoints") == ["abandoned", "step_00000002", "step_00000003"]
+    assert names(run / "checkpoints" / "abandoned") == ["step_00000003", "step_00000004"]
+    assert load_config(os.path.join(find_checkpoint("latest", str(run)), "config.yaml")).train.lr == 1e-3
+    assert [r["step"] for r in log(run)] == [1, 2, 3]
+
+
 def test_run_folder_and_checkpoint_rotation(reference):
     assert [os.path.basename(d) for d in checkpoint_dirs(reference)] == ["step_00000002", "step_00000003",
                                                                         "step_00000004"]
@@ -590,10 +612,10 @@ def test_data_sizes_that_do_not_fit_the_vae_are_a_config_error(assets, tmp_path)
 
 def test_runs_in_one_process_may_differ_in_mixed_precision(assets, tmp_path):
     """accelerate keeps its settings process-wide; each train() call starts from its own config's."""
-    for precision in ("bf16", "no", "bf16"):
-        train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / precision}", "train.max_steps=1",
+    for i, precision in enumerate(("bf16", "no", "bf16")):
+        train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / str(i)}", "train.max_steps=1",
                                                   "train.sample_every=0", f"train.mixed_precision={precision}"]))
-    assert all(log(tmp_path / p)[-1]["step"] == 1 for p in ("bf16", "no"))
+    assert all(log(tmp_path / str(i))[-1]["step"] == 1 for i in range(3))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -17,6 +17,7 @@ pipeline folder for sample.py:
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -34,6 +35,21 @@ def checkpoint_dirs(output_dir: str) -> list[str]:
         return []
     names = sorted((int(m.group(1)), n) for n in os.listdir(root) if (m := STEP_DIR.match(n)))
     return [os.path.join(root, n) for _, n in names]
+
+
+def abandon_checkpoints_after(output_dir: str, step: int):
+    """Resuming from an older checkpoint starts the run's history anew from it: the run's newer checkpoints (the
+    branch left) move to checkpoints/abandoned/, so that --resume latest never returns to them."""
+    later = [d for d in checkpoint_dirs(output_dir) if int(STEP_DIR.match(os.path.basename(d)).group(1)) > step]
+    if not later:
+        return
+    aside = os.path.join(output_dir, "checkpoints", "abandoned")
+    os.makedirs(aside, exist_ok=True)
+    for d in later:
+        shutil.rmtree(os.path.join(aside, os.path.basename(d)), ignore_errors=True)
+        os.replace(d, os.path.join(aside, os.path.basename(d)))
+    logging.getLogger(__name__).warning(f"resumed at step {step}: the run's later checkpoints "
+                                        f"({', '.join(os.path.basename(d) for d in later)}) moved to {aside}")
 
 
 def find_checkpoint(resume: str, output_dir: str) -> str | None:

@@ -51,7 +51,7 @@ from ..config import ConfigError, save_config
 from ..data.loader import DataPosition, make_loader
 from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
-from .checkpoint import find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import abandon_checkpoints_after, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
 from .tasks import DiTTask, VAETask
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                           "parallel.fsdp=true) and launch with torchrun or accelerate launch --multi_gpu")
     holdout = t.eval_clips if t.eval_every else 0  # items the loader leaves out, for evaluation
     checkpoint = find_checkpoint(resume, out) if resume else None
+    if not checkpoint and checkpoint_dirs(out):  # its rotation would delete this run's checkpoints, not those
+        raise ConfigError(f"{out} holds checkpoints of an earlier run (the newest: "
+                          f"{os.path.basename(checkpoint_dirs(out)[-1])}): pass --resume latest to go on with it, or "
+                          f"give another train.output_dir (or remove {os.path.join(out, 'checkpoints')})")
     if checkpoint:
         _check_resume(checkpoint, t, fsdp, holdout)
 
@@ -192,6 +196,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         save_config(cfg, os.path.join(out, "config.yaml"))
         if checkpoint:
             _truncate_log(log_path, step)
+            abandon_checkpoints_after(out, step)
         elif os.path.exists(log_path):
             os.remove(log_path)
     for tracker in trackers:
