@@ -58,6 +58,8 @@ def test_conditioning_masks_and_text_dropout():
     modes = [tuple(random_cond(5, 1.0, rng, weights=[3, 0, 1, 0]).tolist()) for _ in range(800)]
     share_first = modes.count(tuple(cond_frames(5, "first").tolist())) / 800
     assert 0.68 < share_first < 0.82 and set(modes) == {tuple(cond_frames(5, m).tolist()) for m in ("first", "last")}
+    two = [random_cond(2, 1.0, rng, weights=w) for w in (None, [0, 0, 0, 1]) for _ in range(100)]
+    assert not any(m.all() for m in two)  # two latent frames both held clean would leave no loss (a NaN step)
     dropped = drop_text(["x"] * 2000, 0.1, random.Random(0))
     assert 150 < dropped.count("") < 250
 

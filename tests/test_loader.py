@@ -88,6 +88,20 @@ def test_the_sampler_packs_each_epoch_once(monkeypatch):
     assert sampler.position(199).epoch == epochs - 1 and len(calls) == epochs  # a checkpoint's position: no packing
 
 
+def test_the_token_budget_must_hold_the_largest_sample_drawn():
+    """17x64x64 clips are 320 tokens, their frames 64: a budget of 100 is refused for clips, and taken for frames
+    only (image_ratio 1), unless held-out clips must be packed too."""
+    source = ShapesSource([[17, 64, 64]], 10, 0, GEOM)
+    cfg = lambda *more: load_config(None, ["data.sizes=[[17,64,64]]", "data.max_tokens=100",  # noqa: E731
+                                           "data.num_workers=0", *more])
+    with pytest.raises(ConfigError, match=r"max_tokens = 100 is smaller than the largest sample \(320 latent"):
+        make_loader(cfg(), source, GEOM)
+    batch = next(iter(make_loader(cfg("data.image_ratio=1"), source, GEOM)))
+    assert all(v.shape[1] == 1 for v in batch["video"]) and batch["tokens"] <= 100
+    with pytest.raises(ConfigError, match="largest sample \\(320"):
+        make_loader(cfg("data.image_ratio=1"), source, GEOM, holdout=2)
+
+
 def test_held_out_items_are_never_drawn():
     cfg = load_config(None, ["data.sizes=[[5,16,16],[1,16,32]]", "data.shapes_count=30", "data.max_tokens=64",
                              "data.num_workers=0"])

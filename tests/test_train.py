@@ -833,3 +833,18 @@ def test_a_folder_of_the_wrong_model_is_named_in_one_line(tmp_path):
     with pytest.raises(ConfigError, match="class CausalVideoVAE, where AutoencoderKLWan is needed: give the VAE of "
                                           "vae.kind wan"):
         load_trained_vae(load_config(None, TINY + [f"train.vae={tmp_path / 'vae'}", "vae.kind=wan"]))
+
+
+def test_sampling_and_checkpoints_stay_out_of_the_logged_rates(assets, tmp_path, monkeypatch):
+    """The rates of a log line (steps/s, tokens/s, MFU) time training steps only: a sample written after step 1
+    (made to take 5 s here) does not slow step 2's line; a VAE run, which counts no FLOPs, logs null MFU."""
+    import time as clock
+
+    from videodit.train.tasks import DiTTask
+
+    monkeypatch.setattr(DiTTask, "write_samples", lambda *a, **k: clock.sleep(5))
+    train(load_config(None, assets["base"] + [f"train.output_dir={tmp_path / 'run'}", "train.max_steps=2",
+                                              "train.log_every=1", "train.sample_every=1"]))
+    rows = log(tmp_path / "run")
+    assert rows[1]["steps_per_s"] > 0.2 and rows[1]["mfu"] > 0
+    assert all(r["mfu"] is None and r["flops_per_step"] is None for r in log(assets["vae_run"]))

@@ -63,7 +63,16 @@ def random_cond(num_frames: int, p: float, rng: random.Random, weights=None) -> 
     modes' relative odds, in the order of COND_MODES (None: equal)."""
     if num_frames < 2 or rng.random() >= p:
         return torch.zeros(num_frames, dtype=torch.bool)
-    mode = rng.choice(COND_MODES) if weights is None else rng.choices(COND_MODES, weights)[0]
+    modes = list(COND_MODES)
+    weights = None if weights is None else list(weights)
+    if num_frames == 2:  # first and last would hold every frame clean: nothing left to learn from
+        i = modes.index("first_last")
+        del modes[i]
+        if weights is not None:
+            del weights[i]
+    if weights is not None and not any(weights):
+        return torch.zeros(num_frames, dtype=torch.bool)
+    mode = rng.choice(modes) if weights is None else rng.choices(modes, weights)[0]
     return cond_frames(num_frames, mode, rng.randint(1, max(1, num_frames // 2)))
 
 

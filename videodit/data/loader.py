@@ -396,8 +396,9 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
         raise ConfigError(f"model.patch_size {list(geom.patch)}: the loader makes images and 1 + ft*k frames, which "
                           f"need a temporal patch pt = 1")
     video, image = source.token_counts(geom)
-    if video.max() > d.max_tokens:
-        raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({video.max()} latent "
+    largest = (image if d.image_ratio >= 1 and not holdout else video).max()  # the evaluation packs whole clips
+    if largest > d.max_tokens:
+        raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({largest} latent "
                           f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
     if holdout >= len(video):
         raise ConfigError(f"train.eval_clips = {holdout} would hold out all {len(video)} items of the data for "

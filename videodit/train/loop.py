@@ -275,6 +275,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             window = _window()
         bar.update(1)
 
+        pause = time.perf_counter()  # sampling and checkpointing are left out of the next log line's rates
         if t.sample_every and step % t.sample_every == 0 and not stop:
             # a sharded model's forward is collective: every rank samples, in its group, and the main one writes;
             # otherwise the main process samples alone, without its sequence-parallel group
@@ -293,6 +294,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                          task=t.task, lora_rank=t.lora_rank)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
+        window["start"] += time.perf_counter() - pause
         if stop:
             bar.close()
             acc.wait_for_everyone()
@@ -455,10 +457,12 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
         values = acc.reduce(torch.tensor([extra[k] for k in names], dtype=torch.float64, device=acc.device), "mean")
         extra = dict(zip(names, values.tolist()))
     W, n, elapsed = acc.num_processes, window["steps"], time.perf_counter() - window["start"]
+    counted = flops > 0 or None  # a VAE run counts no FLOPs: null, not 0
     return dict(step=step, loss=loss / (n * W), lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
-                data_wait=wait / W / elapsed, flops_per_step=flops / n, tflops_per_s=flops / elapsed / 1e12,
-                mfu=flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
+                data_wait=wait / W / elapsed, flops_per_step=counted and flops / n,
+                tflops_per_s=counted and flops / elapsed / 1e12,
+                mfu=counted and flops / elapsed / 1e12 / (W * peak_tflops), skipped_now=round(skipped), **extra)
 
 
 def _held_out(acc, task, count: int):
