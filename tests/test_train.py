@@ -594,6 +594,12 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     assert live[0] is cache[0] is None and None not in live[1:]  # step 0: the held-out loss alone
     assert live[1:] == pytest.approx(cache[1:], rel=1e-4)
     assert os.listdir(tmp_path / "cached" / "samples") == ["step_00000001_0.mp4"]
+    other = CausalVideoVAE.from_pretrained(assets["dir"] / "vae_run" / "vae")  # retrained: other statistics
+    other.register_to_config(latents_mean=[m + 0.1 for m in other.config.latents_mean])
+    other.save_pretrained(tmp_path / "other_vae")
+    with pytest.raises(ConfigError, match=r"holds latents of another VAE .* \(they differ in latents_mean\)"):
+        train(load_config(None, common + cached + [f"train.output_dir={tmp_path / 'stale'}",
+                                                   f"train.vae={tmp_path / 'other_vae'}"]))
     import videodit.data.cache as cache_module
 
     def fail(*args, **kwargs):
@@ -602,7 +608,7 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     monkeypatch.setattr(cache_module, "save_file", fail)  # a failed rebuild: the old cache stays, no leftovers
     with pytest.raises(OSError, match="disk full"):
         build_cache(load_config(None, common), str(tmp_path / "cache"))
-    assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live"] and os.listdir(tmp_path / "cache")
+    assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live", "other_vae"] and os.listdir(tmp_path / "cache")
 
 
 def test_data_sizes_that_do_not_fit_the_vae_are_a_config_error(assets, tmp_path):

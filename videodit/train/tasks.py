@@ -14,6 +14,7 @@ import random
 import torch
 
 from ..config import ConfigError
+from ..data.cache import check_vae
 from ..data.loader import CacheSource, Geometry, make_source, pack_by_budget
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
@@ -67,6 +68,7 @@ class DiTTask:
         self.vae = self.text = None
         if cfg.data.source == "cache":
             self.source = CacheSource(cfg.data.cache_dir)
+            check_vae(self.source.index, cfg)
             ft, fs, channels, text_dim = (self.source.ft, self.source.fs, self.source.latent_channels,
                                           self.source.text_dim)
             if cfg.train.sample_every and cfg.train.sample_prompts:  # sampling decodes and encodes prompts
