@@ -210,7 +210,7 @@ class TrainConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    ema_decay: float = 0.999
+    ema_decay: float = 0.999         # at step s: min(ema_decay, s / (9 + s)), diffusers' EMA warm-up
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 500
