@@ -344,17 +344,19 @@ SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 # Loading
 
 
-def _describe(tp) -> str:
+def _describe(tp, many: bool = False) -> str:
+    """What a value of type tp is, in words (`many`: several of them)."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in args)
+        return ("each " if many else "") + "one of " + ", ".join(repr(a) for a in args)
     if origin in (typing.Union, types.UnionType):
-        parts = [_describe(a) for a in args if a is not type(None)]
+        parts = [_describe(a, many) for a in args if a is not type(None)]
         return " or ".join(parts) + (" or null" if type(None) in args else "")
     if origin is list:
-        return f"a list of {_describe(args[0])}"
-    return {int: "an integer", float: "a finite number", bool: "true or false",
-            str: "a string (quote words YAML reads as true or false: 'no')"}.get(tp, str(tp))
+        return f"{'lists' if many else 'a list'} of {_describe(args[0], True)}"
+    words = {int: ("an integer", "integers"), float: ("a finite number", "finite numbers"),
+             bool: ("true or false", "trues or falses"), str: ("a string", "strings")}
+    return words[tp][many] if tp in words else str(tp)
 
 
 def _convert(value, tp):
@@ -469,7 +471,10 @@ def build(sections: dict, origin: dict | None = None) -> Config:
             try:
                 kwargs[key] = _convert(value, hints[key])
             except TypeError:
-                raise ConfigError(f"{where}: {name}.{key} = {value!r} is not {_describe(hints[key])}") from None
+                bools = any(isinstance(v, bool) for v in (value if isinstance(value, list) else [value]))
+                hint = " (quote words YAML reads as true or false: 'no')" if bools and "string" in _describe(
+                    hints[key]) else ""
+                raise ConfigError(f"{where}: {name}.{key} = {value!r} is not {_describe(hints[key])}{hint}") from None
         obj = cls(**kwargs)
 
         def bad(key, allowed, _name=name, _obj=obj):
