@@ -259,6 +259,17 @@ def torchrun(script: str, args: list, processes: int, fails: bool = False) -> st
     return proc.stderr
 
 
+def tiny_run_assets(folder) -> list:
+    """A tiny text encoder and VAE saved in `folder`: the overrides of a tiny training run that uses them."""
+    model, tok = tiny_text(folder)
+    model.save_pretrained(folder / "text")
+    tok.save_pretrained(folder / "text")
+    torch.manual_seed(0)
+    CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
+                   temporal_factor=4, mid_attention=False).save_pretrained(folder / "vae")
+    return TINY + [f"text.path={folder / 'text'}", f"train.vae={folder / 'vae'}"]
+
+
 @pytest.mark.parametrize("sharding,accum", [([], 1), (["parallel.fsdp=true"], 1),
                                             (["parallel.fsdp=true", "parallel.fsdp_shard_size=2"], 2)],
                          ids=["ddp", "fsdp", "hsdp"])
@@ -267,17 +278,11 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
     groups, by DDP, by FSDP over all four, or by HSDP: sharded over pairs, replicated across them, with grad_accum 2,
     whose all-reduce across the pairs waits for a step's last micro-batch) takes the same steps as one process with
     twice the grad_accum: the same global batches, losses and weights, up to the order of float sums."""
-    model, tok = tiny_text(tmp_path)
-    model.save_pretrained(tmp_path / "text")
-    tok.save_pretrained(tmp_path / "text")
-    torch.manual_seed(0)
-    CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
-                   temporal_factor=4, mid_attention=False).save_pretrained(tmp_path / "vae")
-    base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.max_steps=3",
-                   "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
-                   "train.checkpoint_policy=attention", "train.sample_every=3",
-                   "train.sample_prompts=['a red circle moving left']", "sample.steps=2",  # rank 0 samples alone
-                   "train.eval_every=2", "train.eval_clips=3"]  # 15 (clip, t) pairs in 3 batches: 2 + 1 at weight 0
+    base = tiny_run_assets(tmp_path) + [
+        "train.max_steps=3", "train.checkpoint_every=3", "train.ema_decay=0", "train.gradient_checkpointing=true",
+        "train.checkpoint_policy=attention", "train.sample_every=3",
+        "train.sample_prompts=['a red circle moving left']", "sample.steps=2",  # rank 0 samples alone
+        "train.eval_every=2", "train.eval_clips=3"]  # 15 (clip, t) pairs in 3 batches: 2 + 1 at weight 0
     train(load_config(None, base + [f"train.output_dir={tmp_path / 'one'}", f"train.grad_accum={2 * accum}"]))
     config = str(tmp_path / "sp.yaml")
     save_config(load_config(None, base + [f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
@@ -306,15 +311,9 @@ def test_trainer_sequence_parallel_2_by_data_parallel_2_equals_one_process(tmp_p
 def test_a_resumed_sequence_parallel_run_samples_and_goes_on(tmp_path):
     """A sequence-parallel run resumed from its checkpoint keeps its group: the main process samples alone, then the
     pair trains on together (the group was once lost after a resume, at the first sample)."""
-    model, tok = tiny_text(tmp_path)
-    model.save_pretrained(tmp_path / "text")
-    tok.save_pretrained(tmp_path / "text")
-    torch.manual_seed(0)
-    CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
-                   temporal_factor=4, mid_attention=False).save_pretrained(tmp_path / "vae")
-    base = TINY + [f"text.path={tmp_path / 'text'}", f"train.vae={tmp_path / 'vae'}", "train.checkpoint_every=1",
-                   f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2", "train.ema_decay=0",
-                   "train.sample_prompts=['a red circle moving left']", "sample.steps=1"]
+    base = tiny_run_assets(tmp_path) + [
+        "train.checkpoint_every=1", f"train.output_dir={tmp_path / 'sp'}", "parallel.sequence_parallel=2",
+        "train.ema_decay=0", "train.sample_prompts=['a red circle moving left']", "sample.steps=1"]
     config = str(tmp_path / "sp.yaml")
     for i, steps in enumerate((1, 3)):
         save_config(load_config(None, base + [f"train.max_steps={steps}", "train.sample_every=2"]), config)
