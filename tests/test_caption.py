@@ -401,3 +401,83 @@ def test_caption_command_says_in_one_line_that_a_model_is_missing(offline, clips
     with pytest.raises(SystemExit) as e:
         caption.main(["--manifest", clips, "--out", str(tmp_path / "out.jsonl"), "--model", model])
     assert str(e.value.code).startswith(words) and "\n" not in str(e.value.code), e.value.code
+
+
+# Prompt wordings the shapes rules once misread (s26 words probe): prompt -> the attributes it names
+@pytest.mark.parametrize("prompt, named", [
+    ("a red circle moving left to right", dict(count=1, color="red", shape="circle", motion="right")),  # 1
+    ("a blue square moving right to left", dict(count=1, color="blue", shape="square", motion="left")),
+    ("a square moving left-to-right", dict(count=1, shape="square", motion="right")),
+    ("a triangle moving top to bottom", dict(count=1, shape="triangle", motion="down")),
+    ("a red circle on the right moving left", dict(count=1, color="red", shape="circle", motion="left")),  # 2
+    ("a red circle in the top left moving down", dict(count=1, color="red", shape="circle", motion="down")),
+    ("a red circle starting on the left, moving right", dict(count=1, color="red", shape="circle", motion="right")),
+    ("a red circle starting at the left moving right", dict(count=1, color="red", shape="circle", motion="right")),
+    ("a red circle on the right", dict(count=1, color="red", shape="circle")),
+    ("a circle moving to the bottom", dict(count=1, shape="circle", motion="down")),  # 3
+    ("a circle moving to the top", dict(count=1, shape="circle", motion="up")),
+    ("a red circle that isn't moving", dict(count=1, color="red", shape="circle", motion="still")),  # 4
+    ("a red circle that doesn't move", dict(count=1, color="red", shape="circle", motion="still")),
+    ("a green square with no motion", dict(count=1, color="green", shape="square", motion="still")),
+    ("a circle that isn't red", dict(count=1, shape="circle")),
+    ("a square on a blue background", dict(count=1, shape="square")),  # 5/6
+    ("a triangle against a red backdrop", dict(count=1, shape="triangle")),
+    ("a circle on a pale background", dict(count=1, shape="circle", background="white")),
+    ("a red circle on a light background", dict(count=1, color="red", shape="circle", background="white")),
+    ("a red circle on a dark background", dict(count=1, color="red", shape="circle", background="black")),
+    ("a circle, background is white", dict(count=1, shape="circle", background="white")),
+    ("a red circel moving right", dict(count=1, color="red", shape="circle", motion="right")),  # 7/12
+    ("a blue trangle moving up", dict(count=1, color="blue", shape="triangle", motion="up")),
+    ("2 red circle", dict(count=2, color="red", shape="circle")),
+    ("a snowy ball at rest", dict(count=1, color="white", shape="circle", motion="still")),  # 11
+])
+def test_shapes_rules_read_common_wordings(prompt, named):
+    assert parse_shapes_prompt(prompt) == named
+
+
+def test_shapes_rules_read_every_paraphrase_of_the_evaluation():
+    import itertools
+
+    from videodit.eval.shapes import PLURAL, SYNONYMS
+    s = SYNONYMS
+    for count, color, shape, motion in itertools.product(*(s[k] for k in ("count", "color", "shape", "motion"))):
+        for words in itertools.product(s["count"][count], s["color"][color], s["shape"][shape], s["motion"][motion]):
+            noun = PLURAL[words[2]] if count == 2 else words[2]
+            prompt = f"{words[0]} {words[1]} {noun} {words[3]} on a gray backdrop"
+            assert parse_shapes_prompt(prompt) == dict(count=count, color=color, shape=shape, motion=motion,
+                                                       background="gray"), prompt
+
+
+@pytest.mark.parametrize("prompt, drawn", [
+    ("a red circle and a blue square", "second shape 'square'"),  # 8
+    ("a black circle moving left", "no 'black' color.*drawn at random: size, color"),  # 12
+    ("a medium red circle", "no 'medium' size.*drawn at random: size"),
+    ("a red circle rotating clockwise", "no 'rotating' motion.*drawn at random: size, motion"),
+    ("a circle that isn't red", "isn't red"),  # 4
+    ("a square on a blue background", "background 'blue'"),  # 5
+    ("a white circle on a white background", "never drawn on a white background"),  # 9
+])
+def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
+    import re
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        detailed = upsample_prompt(prompt, seed=0)
+    assert len(caught) == 1 and re.search(drawn, str(caught[0].message)), [str(w.message) for w in caught]
+    assert caught[0].filename == __file__  # 13: the warning points at the caller of upsample_prompt
+    said = parse_shapes_prompt(detailed)
+    assert not (said["color"] == said["background"] == "white"), detailed
+    if "isn't red" in prompt:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert all(parse_shapes_prompt(upsample_prompt(prompt, seed=s))["color"] != "red" for s in range(20))
+
+
+def test_shapes_upsampler_takes_any_int_seed_and_is_quiet_on_plain_prompts():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert upsample_prompt("a red circle", seed=-1) == upsample_prompt("a red circle", seed=-1)  # 10
+        upsample_prompt("just one snowy pyramid climbing on a black backdrop", seed=3)
+    with pytest.warns(UserWarning) as caught:
+        upsample_prompt("a cat surfing")
+    assert caught[0].filename == __file__

@@ -13,12 +13,15 @@ Backends:
   world's templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others,
   and the start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was
   trained on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged,
-  with a warning.
+  with a warning. A prompt that says what the world cannot show ("a black circle", "rotating", a second object, "on a
+  blue background") or holds words the rules do not read gets its caption with one warning that names what was drawn
+  at random. Misspelled shape and color words are matched to the nearest known word (difflib); any int seed is taken.
 - 'lm': a transformers causal LM (a local folder or a hub id) asked to rewrite the prompt, through its chat template
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
 """
 
 import argparse
+import difflib
 import functools
 import json
 import os
@@ -35,7 +38,7 @@ from videodit.text import check_local_model, load_error
 # The synonyms the shapes grammar understands: word -> canonical value. Colors also by name (color_by_name).
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
               "sizable": "large", "huge": "large"}
-COLOR_WORDS = {c: c for c in shapes.COLORS}  # other names by color_by_name
+COLOR_WORDS = {c: c for c in shapes.COLORS} | {"snowy": "white", "snow": "white"}  # others: color_by_name
 BACKGROUND_WORDS = {"black": "black", "gray": "gray", "grey": "gray", "white": "white"}
 SHAPE_WORDS = {"circle": "circle", "disc": "circle", "disk": "circle", "ball": "circle", "orb": "circle",
                "dot": "circle", "sphere": "circle", "square": "square", "box": "square", "block": "square",
@@ -54,16 +57,46 @@ MOTION_WORDS = {
     "resting": "still", "frozen": "still",
 }
 _SIDE = {"left": "left", "right": "right", "top": "up", "bottom": "down"}
+_DIRECTION = ("left|right|top|bottom|up|down|(?:left|right|up|down)wards?|(?:west|east|north|south)(?:ward)?")
 _BG = "|".join(BACKGROUND_WORDS)
-_BACKGROUND_RE = re.compile(rf"\b(?:on|against|over)\s+(?:(?:a|an|the)\s+)?(?:(?:plain|flat|uniform|solid)\s+)?"
-                            rf"({_BG})\b(?:\s+(?:background|backdrop))?|\b({_BG})\s+(?:background|backdrop)\b")
-_START_RE = re.compile(r"\b(?:it|they)\s+starts?\s+near\s+[^.;,]*|\bstart(?:s|ing)?\s+(?:at|near|in|from)\s+[^.;,]*")
+_BG_ADJ = r"(?:(?:plain|flat|uniform|solid|simple|single-colou?red)\s+)?"
+_BG_MOD = r"(?:(?:very|light|pale|bright|dark|deep|medium|mid)[\s-]+)?"
+# A background phrase names its color, any name ("on a blue background" is no blue object): read as the background.
+_BACKGROUND_RE = re.compile(
+    rf"\b(?:on|against|over)\s+(?:(?:a|an|the)\s+)?{_BG_ADJ}((?:[a-z]+[\s-]+){{0,2}}?)(?:background|backdrop)\b"
+    rf"|\b(?:the\s+)?(?:background|backdrop)\s+(?:is|being|:|=)\s+(?:(?:a|an|the)\s+)?{_BG_ADJ}({_BG_MOD}[a-z]+)\b"
+    rf"|\b({_BG_MOD}[a-z]+[\s-]+)(?:background|backdrop)\b"
+    rf"|\b(?:on|against|over)\s+(?:(?:a|an|the)\s+)?{_BG_ADJ}({_BG_MOD}(?:{_BG}))\b")
+_PLACE = r"(?:\s+(?:the|top|bottom|middle|center|centre|upper|lower|left|right|side|corner|edge|and|of|frame|screen))+"
+_START_RE = re.compile(rf"\b(?:(?:it|they)\s+)?start(?:s|ed|ing)?\s+(?:out\s+)?(?:at|near|in|from|on){_PLACE}\b")
+_PLACE_RE = re.compile(rf"\b(?:on|in|at|near)\s+the{_PLACE}\b")  # "on the right", "in the top left": no motion
+_VERB = (r"(?:mov|go|goes|going|went|travel|slid|glid|drift|head|roll|float|run|ran|shift|fl[yi]|flew|pan|scroll|"
+         r"walk|zoom|speed|rac|swim|swam|cross|pass|sweep|swept|sail|coast|creep|crept|wander|push|pull|track)\w*")
 _MOTION_PHRASES = [
-    (re.compile(r"\bfrom\s+(?:the\s+)?(?:left|right|top|bottom)\s+to\s+(?:the\s+)?(left|right|top|bottom)\b"),
-     lambda m: _SIDE[m.group(1)]),
-    (re.compile(r"\btowards?\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
-    (re.compile(r"\b(?:not|never)\s+mov(?:e|es|ing)\b|\bat\s+rest\b"), lambda m: "still"),
+    (re.compile(r"\b(?:from\s+)?(?:the\s+)?(?:left|right|top|bottom)(?:\s+side)?(?:\s+|-)to(?:\s+|-)(?:the\s+)?"
+                r"(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
+    (re.compile(r"(?:\bnot|\bnever|n't|\bno|\bwithout)\s+(?:be(?:ing)?\s+|any\s+)?(?:mov|motion)\w*|\bat\s+rest\b"),
+     lambda m: "still"),
+    (re.compile(rf"\b{_VERB}\s+(?:\w+ly\s+)?(?:(?:to|toward|towards|into)\s+(?:the\s+)?)?({_DIRECTION})\b"),
+     lambda m: _SIDE.get(m.group(1)) or MOTION_WORDS[m.group(1)]),
+    (re.compile(r"\b(?:to|toward|towards|into)\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
 ]
+_NEGATED_RE = re.compile(r"\b(?:not|\w+n't|non)[\s-]+(?:be\s+|colou?red\s+)?([a-z]+)")  # "a circle that isn't red"
+_DIGITS = {"0": "no", "1": "one"}  # any other number is two, the world's most
+# Words the world cannot show, by the attribute they would set (the attribute is then drawn at random).
+UNSHOWABLE = {"color": {"black", "gray", "grey", "dark", "transparent", "striped", "rainbow", "multicolored"},
+              "size": {"medium", "mid", "average", "normal", "growing", "shrinking"},
+              "motion": {"rotating", "rotates", "rotate", "spinning", "spins", "spin", "clockwise", "diagonally",
+                         "diagonal", "bouncing", "bounces", "zigzag", "circling", "orbiting", "wobbling", "pulsing"}}
+_KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MOTION_WORDS, *_SIDE, *BACKGROUND_WORDS,
+          *"""a an the one single only just lone of set and with that which is are its it they their in on at near
+          from to toward towards into over against background backdrop moving moves move going goes travels
+          travelling traveling sliding slides gliding glides drifting drifts heading heads floating floats staying
+          stays stay remaining remains remain standing stands sitting sits steadily slowly quickly smoothly
+          constantly evenly while across side frame screen canvas video clip shows showing of some plain flat
+          uniform solid colored coloured light pale dark bright several many three four five few objects object
+          shape shapes does do isn aren don doesn t s not no never without any all motion movement be being
+          there here very""".split()}
 
 
 @functools.cache
@@ -100,49 +133,120 @@ def color_by_name(name: str) -> str | None:
 def _object_hues() -> dict:
     return {c: _lch(rgb)[2] for c, rgb in shapes.COLORS.items() if c != "white"}
 
-def parse_shapes_prompt(prompt: str) -> dict:
-    """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
-    shape, motion, background. Start-position phrases are recognized and ignored."""
-    text = _START_RE.sub(" ", prompt.lower())
-    found = {}
+
+@functools.cache
+def _color_name_words() -> frozenset:
+    return frozenset(w for name in _color_names() for w in re.findall(r"[a-z]+", name))
+
+
+def _background(words: list[str]) -> str | None:
+    """The world's background for the words of a background phrase ("light gray", "pale", "dark", "cream")."""
+    known = [BACKGROUND_WORDS[w] for w in words if w in BACKGROUND_WORDS]
+    rest = [w for w in words if w not in ("very", "light", "pale", "bright", "dark", "deep", "medium", "mid")]
+    if known:
+        return known[0]
+    if not rest:
+        return "black" if {"dark", "deep"} & set(words) else "white" if words else None
+    return "white" if color_by_name(" ".join(rest)) == "white" or COLOR_WORDS.get(rest[0]) == "white" else None
+
+
+def _fuzzy(word: str, table: dict) -> str | None:
+    """The table's value for a misspelled word ("circel", "trangels"), or None."""
+    for w in (word, word[:-1] if word.endswith("s") else None):
+        match = w and len(w) >= 4 and difflib.get_close_matches(w, list(table), n=1, cutoff=0.8)
+        if match:
+            return table[match[0]]
+    return None
+
+
+def _parse(prompt: str) -> tuple[dict, list, set]:
+    """(the attributes the prompt names, notes [(attribute or None, what could not be followed)], colors it rules
+    out). A note with an attribute matters only when that attribute is drawn at random."""
+    text = re.sub(r"\b\d+\b", lambda m: _DIGITS.get(m.group(), "two"), prompt.lower().replace("’", "'"))
+    text = _START_RE.sub(" ", text)
+    found, notes, excluded = {}, [], set()
     m = _BACKGROUND_RE.search(text)
     if m:
-        found["background"] = BACKGROUND_WORDS[m.group(1) or m.group(2)]
+        phrase = next(g for g in m.groups() if g is not None)
+        background = _background(re.findall(r"[a-z]+", phrase))
+        if background:
+            found["background"] = background
+        elif phrase.strip():
+            notes.append(("background", f"the background {phrase.strip()!r} is none of the world's"))
         text = text[:m.start()] + " " + text[m.end():]
     for pattern, value in _MOTION_PHRASES:
         m = pattern.search(text)
         if m and "motion" not in found:
             found["motion"] = value(m)
         text = pattern.sub(" ", text)
+    for m in _NEGATED_RE.finditer(text):
+        color = COLOR_WORDS.get(m.group(1)) or color_by_name(m.group(1))
+        if color:
+            excluded.add(color)
+            notes.append((None, f"{m.group().strip()!r}: the color is drawn among the others"))
+            text = text.replace(m.group(), " ")
+    text = _PLACE_RE.sub(" ", text)
     words = re.findall(r"[a-z]+", text)
-    plural = False
+    plural, unknown = False, []
     for w in words:
         noun = next((w[:-len(e)] for e in ("s", "es") if w.endswith(e) and w[:-len(e)] in SHAPE_WORDS), w)  # boxes
-        if noun in SHAPE_WORDS and "shape" not in found:
-            found["shape"], plural = SHAPE_WORDS[noun], noun != w
-        for key, table in (("size", SIZE_WORDS), ("color", COLOR_WORDS), ("motion", MOTION_WORDS)):
-            if w in table and key not in found:
-                found[key] = table[w]
+        for key, table, word in (("shape", SHAPE_WORDS, noun), ("size", SIZE_WORDS, w), ("color", COLOR_WORDS, w),
+                                 ("motion", MOTION_WORDS, w)):
+            if word in table and key not in found:
+                found[key] = table[word]
+                plural = plural or (key == "shape" and noun != w)
+            elif word in table and key in ("shape", "color") and table[word] != found[key]:
+                notes.append((None, f"a second {key} {w!r}: a clip shows one kind of object"))
+        if noun not in _KNOWN and w not in _color_name_words():
+            unknown.append(w)
     if "color" not in found:  # a color by name: two-word names first ("sky blue" is blue, "sky" alone light blue)
         names = [f"{a} {b}" for a, b in zip(words, words[1:])] + words
         color = next((c for c in map(color_by_name, names) if c), None)
         if color:
             found["color"] = color
+    for key, table in (("shape", SHAPE_WORDS), ("color", COLOR_WORDS)):  # misspelled: "circel", "yelow"
+        guess = next(((w, v) for w in unknown if (v := _fuzzy(w, table))), None) if key not in found else None
+        if guess:
+            found[key] = guess[1]
+            plural = plural or (key == "shape" and guess[0].endswith("s"))
+            unknown.remove(guess[0])
+    for key, table in UNSHOWABLE.items():
+        notes += [(key, f"the world shows no {w!r} {key}") for w in words if w in table]
+    unknown = [w for w in unknown if not any(w in t for t in UNSHOWABLE.values())]
+    if unknown:
+        notes.append(("any", f"not understood: {' '.join(unknown)}"))
     if plural or PLURAL_COUNT_WORDS & set(words):
         found["count"] = 2
     elif "shape" in found:
         found["count"] = 1
-    return found
+    if found.get("color") in excluded:
+        del found["color"]
+    return found, notes, excluded
+
+
+def parse_shapes_prompt(prompt: str) -> dict:
+    """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
+    shape, motion, background. Start-position and place phrases ("starting on the left", "in the top right") are
+    recognized and ignored; a side word after a motion verb ("moving right") is the motion."""
+    return _parse(prompt)[0]
 
 
 def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 64) -> str:
-    """A detailed shapes-world caption keeping every attribute the prompt names; the rest drawn with `seed`."""
-    found = parse_shapes_prompt(prompt)
+    """A detailed shapes-world caption keeping every attribute the prompt names; the rest drawn with `seed` (any int).
+    Warns, naming what is drawn at random, when the prompt says what the world cannot show or the rules do not read."""
+    return _upsample_shapes(prompt, seed, height, width)
+
+
+def _upsample_shapes(prompt: str, seed: int, height: int, width: int) -> str:  # warnings point 3 frames up
+    found, notes, excluded = _parse(prompt)
     if "color" not in found and "shape" not in found:
         warnings.warn(f"the shapes upsampler found no color or shape in {prompt!r}; returning it unchanged",
-                      stacklevel=2)
+                      stacklevel=3)
         return prompt
-    rng = np.random.default_rng(seed)
+    if found.get("color") == found.get("background") == "white":
+        notes.append((None, "a white object is never drawn on a white background: the background is drawn"))
+        del found["background"]
+    rng = np.random.default_rng(seed % 2**64)  # a negative seed too, as sample.py takes
     pick = lambda options: str(options[int(rng.integers(len(options)))])  # noqa: E731
     a = dict(found)
     a.setdefault("count", 1)
@@ -150,7 +254,12 @@ def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 6
     a.setdefault("shape", pick(shapes.SHAPES))
     a.setdefault("motion", pick(shapes.MOTIONS))
     a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if shapes.drawable(a.get("color"), b)]))
-    a.setdefault("color", pick([c for c in shapes.COLORS if shapes.drawable(c, a["background"])]))
+    a.setdefault("color", pick([c for c in shapes.COLORS if shapes.drawable(c, a["background"]) and c not in excluded]))
+    drawn = [k for k in ("size", "color", "shape", "motion", "background") if k not in found]
+    said = [note for key, note in notes if key is None or key in drawn or (key == "any" and drawn)]
+    if said:
+        warnings.warn(f"the shapes upsampler cannot follow all of {prompt!r}: {'; '.join(dict.fromkeys(said))}"
+                      + (f"; drawn at random: {', '.join(drawn)}" if drawn else ""), stacklevel=3)
     starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
     return shapes.detailed_caption(shapes.Attributes(starts=starts, **a), height, width, rng)
 
@@ -211,7 +320,7 @@ def upsample_prompt(prompt: str, backend: str = "shapes", model: str | None = No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     if backend == "shapes":
-        return upsample_shapes(prompt, seed)
+        return _upsample_shapes(prompt, seed, 64, 64)
     if backend == "lm":
         if not model:
             raise ValueError("the 'lm' prompt upsampler needs model=: a local folder or a hub id of a causal LM")
