@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -426,3 +427,20 @@ def test_compile_blocks_traces_attention_only_when_static(monkeypatch):
         reasons = [r.reason for r in explained.break_reasons]
         assert (explained.graph_break_count > 0) == dynamic, reasons
         assert all("torch.compiler.disable" in r for r in reasons), reasons
+
+
+def test_bad_timesteps_and_empty_latents_are_refused_and_a_distilled_model_runs_on_latents():
+    """Timesteps outside [0, 1] or NaN (on CPU, where checking costs no device sync), a latent with a zero size, and
+    forward_latents of a guidance-distilled model (it takes the scale too); its parameters are counted."""
+    from videodit.flops import param_count
+
+    model = random_model()
+    z, text = [torch.randn(4, 2, 4, 4)], torch.randn(1, 3, model.config.text_dim)
+    for bad, words in ((1.5, "got 1.5 to 1.5"), (float("nan"), "got NaN"), (-0.1, "got -0.1")):
+        with pytest.raises(ValueError, match=f"timesteps must lie in \\[0, 1\\].*{re.escape(words)}"):
+            model.forward_latents(z, torch.tensor([bad]), text)
+    with pytest.raises(ValueError, match=r"every size >= 1, got shape \(4, 0, 4, 4\)"):
+        model.forward_latents([torch.randn(4, 0, 4, 4)], torch.tensor([0.5]), text)
+    distilled = random_model(guidance_embed=True)
+    assert distilled.forward_latents(z, torch.tensor([0.5]), text, guidance=torch.tensor([3.0]))[0].shape == z[0].shape
+    assert param_count(dict(distilled.config)) == sum(p.numel() for p in distilled.parameters())

@@ -479,6 +479,9 @@ class VideoDiT(ModelMixin, ConfigMixin):
         context = self.text_embed(text[text_mask].to(self.dtype))  # (M, D): unpadded text, sample after sample
 
         t_values, t_index = self._timestep_rows(timesteps, packed)
+        if t_values.device.type == "cpu" and not bool(((t_values > -1e-4) & (t_values < 1 + 1e-4)).all()):  # no sync
+            got = "NaN" if t_values.isnan().any() else f"{t_values.min().item():g} to {t_values.max().item():g}"
+            raise ValueError(f"timesteps must lie in [0, 1] (0: clean, 1: pure noise), got {got}")
         temb = self.t_embed(t_values)  # (R, D): one row per distinct timestep slot (sample, frame or token)
         if self.text_pool is not None or self.g_embed is not None:
             row_sample = torch.zeros(len(temb), dtype=torch.long, device=temb.device)
@@ -529,10 +532,11 @@ class VideoDiT(ModelMixin, ConfigMixin):
             return self._gradient_checkpointing_func(self.blocks[i], *args)
         return self.blocks[i](*args)
 
-    def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None) -> list[torch.Tensor]:
-        """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes."""
+    def forward_latents(self, latents: list[torch.Tensor], timesteps, text, text_mask=None,
+                        guidance=None) -> list[torch.Tensor]:
+        """latents: list of (C, T_i, H_i, W_i) -> list of velocities of the same shapes (guidance: as forward's)."""
         packed = pack(latents, self.patch_size)
-        return unpack(self(packed, timesteps, text, text_mask), packed, self.patch_size)
+        return unpack(self(packed, timesteps, text, text_mask, guidance=guidance), packed, self.patch_size)
 
 
 POSITION_FREQS = 4

@@ -49,6 +49,7 @@ def param_count(config) -> int:
     embeds = (token_dim * d + d) + (c["text_dim"] * d + d + d * d + d) + (c["freq_dim"] * d + d + d * d + d)
     embeds += (c["text_dim"] * d + d + d * d + d) if c["pooled_text"] else 0
     embeds += (6 * POSITION_FREQS * d + d) if c["abs_pos"] else 0
+    embeds += (c["freq_dim"] * d + d + d * d + d) if c["guidance_embed"] else 0  # a distilled model's scale MLP
     return embeds + (6 * d * d + 6 * d) + c["depth"] * block + (2 * d + d * token_dim + token_dim)
 
 

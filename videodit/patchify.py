@@ -56,6 +56,8 @@ def check_patchable(shape, patch_size=DEFAULT_PATCH) -> tuple[int, int, int]:
     """The patch grid of a latent of shape (C, T, H, W); a clear error when a dim is not divisible."""
     if len(shape) != 4:
         raise ValueError(f"a latent must be (C, T, H, W), got shape {tuple(shape)}")
+    if min(shape) < 1:
+        raise ValueError(f"a latent must be (C, T, H, W) with every size >= 1, got shape {tuple(shape)}")
     grid = []
     for name, size, p in zip("THW", shape[1:], patch_size):
         if size % p:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from videodit.data.shapes import (ATTRIBUTE_VALUES, BACKGROUNDS, COLORS, MOTIONS, SHAPES, ShapesDataset, drawable,
                                   read_back, short_caption)
 from videodit.data.video import to_uint8
+from videodit.flow import guidance_distilled
 from videodit.upsample import upsample_prompt
 
 ATTRS = ("count", "color", "shape", "motion")
@@ -189,7 +190,8 @@ def evaluate_denoising(pipe, num: int = 24, seed: int = 0, levels=DENOISE_LEVELS
         noise = [torch.randn(z.shape, generator=g).to(z) for z in latents]
         for t in tqdm(levels, desc=f"denoising {T}x{H}x{W}", disable=not progress, leave=False):
             noisy = [(1 - t) * z + t * e for z, e in zip(latents, noise)]
-            v = model.forward_latents([x.to(model.dtype) for x in noisy], torch.full((num,), float(t)), text, mask)
+            v = model.forward_latents([x.to(model.dtype) for x in noisy], torch.full((num,), float(t)), text, mask,
+                                      **_distilled_scale(pipe))
             for c, x, vi in zip(clips, noisy, v):
                 case = dict(size=(T, H, W), attributes=c["attributes"])
                 frames = to_uint8(pipe.decode(x - t * vi.float()))
@@ -220,11 +222,17 @@ def word_sensitivity(pipe, num: int = 12, seed: int = 0, levels=WORD_LEVELS, siz
         noise = torch.randn(z.shape, generator=g).to(z)
         for t in levels:
             x = ((1 - t) * z + t * noise).to(model.dtype)
-            v = torch.stack(model.forward_latents([x] * len(text), torch.full((len(text),), float(t)), text, mask))
+            v = torch.stack(model.forward_latents([x] * len(text), torch.full((len(text),), float(t)), text, mask,
+                                                  **_distilled_scale(pipe)))
             rel = ((v[1:] - v[:1]).float().flatten(1).norm(dim=1) / v[0].float().norm()).tolist()
             for key, r in zip((*WORDS, "all"), rel):
                 change[key][t].append(r)
     return {k: {t: float(np.mean(r)) for t, r in by_t.items()} for k, by_t in change.items()}
+
+
+def _distilled_scale(pipe) -> dict:
+    """A guidance-distilled denoiser runs at the checkpoint's guidance scale: forward_latents' keyword for it."""
+    return dict(guidance=pipe.config.default_guidance) if guidance_distilled(pipe.transformer) else {}
 
 
 def time_one(pipe, steps=None, repeats: int = 3, image_first: bool | None = None,
