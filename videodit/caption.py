@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from videodit.config import as_saved
 from videodit.data import shapes
 from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
@@ -157,7 +158,7 @@ class ShapesNet(nn.Module):
                 meta = f.metadata() or {}
         except Exception as e:  # safetensors raises its own error type for a file that is not safetensors
             raise ValueError(f"{path}: not shapes captioner weights (cannot be read as safetensors: {e})") from None
-        if "config" not in meta or json.loads(meta.get("heads", "{}")) != json.loads(json.dumps(HEADS)):
+        if "config" not in meta or json.loads(meta.get("heads", "{}")) != as_saved(HEADS):
             raise ValueError(f"{path}: not shapes captioner weights (its metadata lacks the config or the heads "
                              f"differ from {list(HEADS)})")
         net = cls(**json.loads(meta["config"]))

@@ -9,6 +9,7 @@ is allowed.
 """
 
 import dataclasses
+import json
 import math
 import os
 import types
@@ -499,6 +500,12 @@ def load_config(path: str | None = None, overrides=()) -> Config:
         sections.setdefault(section, {})[key] = value
         origin[f"{section}.{key}"] = f"--set {text}"
     return build(sections, origin)
+
+
+def as_saved(value):
+    """A config value (a dict, list, ...) as a JSON file holds it: tuples as lists, so that a saved config and a live
+    one compare equal."""
+    return json.loads(json.dumps(value))
 
 
 def save_config(cfg: Config, path: str) -> str:

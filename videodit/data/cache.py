@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, load_config
+from ..config import ConfigError, as_saved, load_config
 from .loader import Geometry, make_source
 from .manifest import ManifestError
 from .video import VideoReadError, read_video
@@ -62,7 +62,8 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
         raise
     index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
                  text_encoder=cfg.text.encoder, vae=cfg.train.vae or cfg.vae.path, skipped=skipped,
-                 vae_config=_plain(getattr(vae, "model", vae).config))
+                 vae_config={k: v for k, v in as_saved(dict(getattr(vae, "model", vae).config)).items()
+                             if not k.startswith("_")})  # as its config.json holds it: checked by a cached run
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f)
     shutil.rmtree(out, ignore_errors=True)
@@ -70,30 +71,6 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
     if skipped:
         logger.warning(f"{skipped} unreadable samples were skipped")
     return index
-
-
-def _plain(config) -> dict:
-    """A model config as its config.json holds it, without diffusers' own _keys."""
-    return {k: v for k, v in json.loads(json.dumps(dict(config))).items() if not k.startswith("_")}
-
-
-def check_vae(index: dict, cfg):
-    """The run's VAE (train.vae or vae.path) must be the one that encoded the cache: their configs, latent
-    normalization included, agree on every key both name. A hub id or an older cache is not checked."""
-    path = cfg.train.vae or cfg.vae.path
-    if not path or "vae_config" not in index:
-        return
-    folder = next((f for f in (path, os.path.join(path, "vae")) if os.path.isfile(os.path.join(f, "config.json"))),
-                  None)
-    if folder is None:
-        return
-    with open(os.path.join(folder, "config.json")) as f:
-        got = _plain(json.load(f))
-    differ = sorted(k for k in got.keys() & index["vae_config"].keys() if got[k] != index["vae_config"][k])
-    if differ:
-        raise ConfigError(f"data.cache_dir holds latents of another VAE ({index.get('vae')}) than "
-                          f"{'train.vae' if cfg.train.vae else 'vae.path'} = {path} (they differ in "
-                          f"{', '.join(differ[:4])}): rebuild the cache with this VAE, or train with that one")
 
 
 def _check_out(out: str):

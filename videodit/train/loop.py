@@ -47,7 +47,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
-from ..config import ConfigError, save_config
+from ..config import ConfigError, as_saved, save_config
 from ..data.loader import DataPosition, make_loader
 from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
@@ -404,7 +404,7 @@ def _check_resumed_model(checkpoint: str, model_config: dict, batch: int, main: 
     data-parallel ranks) is warned about."""
     with open(os.path.join(checkpoint, "model_config.json")) as f:
         was = json.load(f)
-    now = json.loads(json.dumps(model_config))  # tuples as the saved lists
+    now = as_saved(model_config)
     changed = [f"{k} {was.get(k)} -> {now.get(k)}" for k in sorted(set(was) | set(now))
                if not k.startswith("_") and was.get(k) != now.get(k)]
     if changed:

@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..config import ConfigError
+from ..config import ConfigError, as_saved
 from ..dit import PRESETS, VideoDiT
 from ..text import is_local
 from ..flow import guidance_distilled
@@ -52,7 +52,7 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
 
 def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = ""):
     """Warn of the config's architecture keys that train.init_from's weights override (their config decides)."""
-    asked, got = json.loads(json.dumps(asked)), json.loads(json.dumps(got))  # tuples as lists, as saved configs
+    asked, got = as_saved(asked), as_saved(got)
     ignored = [f"{prefix}{k} = {v} (the model's: {got[k]})" for k, v in asked.items() if v != got[k]]
     if ignored:
         logger.warning(f"train.init_from = {path} decides the architecture; ignored: {'; '.join(ignored)}")
@@ -150,9 +150,33 @@ def build_vae(cfg) -> CausalVideoVAE:
                           shortcut=v.shortcut)
 
 
+def _vae_source(cfg) -> tuple[str, str | None, str | None]:
+    """(the config key that names the VAE, its path, the subfolder holding it: a pipeline's vae/ for a pretrained
+    kind, else None)."""
+    path = cfg.train.vae or cfg.vae.path
+    sub = "vae" if path and cfg.vae.kind != "causal" and os.path.isdir(os.path.join(path, "vae")) else None
+    return "train.vae" if cfg.train.vae else "vae.path", path, sub
+
+
+def check_cache_vae(index: dict, cfg):
+    """The run's VAE must be the one that encoded a latent cache (its index.json's vae_config): their configs, latent
+    normalization included, agree on every key both name. A hub id or an older cache is not checked."""
+    key, path, sub = _vae_source(cfg)
+    config = os.path.join(os.path.expanduser(path or ""), sub or "", "config.json")
+    if not path or "vae_config" not in index or not os.path.isfile(config):
+        return
+    with open(config) as f:
+        got = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+    differ = sorted(k for k in got.keys() & index["vae_config"].keys() if got[k] != index["vae_config"][k])
+    if differ:
+        raise ConfigError(f"data.cache_dir holds latents of another VAE ({index.get('vae')}) than {key} = {path} "
+                          f"(they differ in {', '.join(differ[:4])}): rebuild the cache with this VAE, or train with "
+                          f"that one")
+
+
 def load_trained_vae(cfg):
     """The frozen VAE named by `train.vae` (a folder written by a VAE run), or vae.path for a pretrained kind."""
-    v, path = cfg.vae, cfg.train.vae or cfg.vae.path
+    v, (key, path, sub) = cfg.vae, _vae_source(cfg)
     if cfg.train.vae and cfg.vae.path and cfg.train.vae != cfg.vae.path:
         raise ConfigError(f"train.vae = {cfg.train.vae} and vae.path = {cfg.vae.path} both name the VAE; keep one "
                           f"(--set train.vae= leaves vae.path)")
@@ -166,11 +190,9 @@ def load_trained_vae(cfg):
                                 f"<output_dir>/vae, e.g. runs/shapes-vae/vae after "
                                 f"python train.py --config configs/shapes/vae.yaml")
     if v.kind != "causal" and is_local(path) and not os.path.isdir(os.path.expanduser(path)):
-        raise FileNotFoundError(f"{'train.vae' if cfg.train.vae else 'vae.path'} = {path} is not a folder"
+        raise FileNotFoundError(f"{key} = {path} is not a folder"
                                 f"{_relative(path)}; give the {v.kind} VAE's folder (or a pipeline's), or its hub id")
-    sub = "vae" if v.kind != "causal" and os.path.isdir(os.path.join(path, "vae")) else None
     want = CausalVideoVAE if v.kind == "causal" else PRETRAINED_VAES[v.kind]
-    _check_class(os.path.join(path, sub or ""), want.__name__, "train.vae" if cfg.train.vae else "vae.path",
-                 f"the VAE of vae.kind {v.kind}")
+    _check_class(os.path.join(path, sub or ""), want.__name__, key, f"the VAE of vae.kind {v.kind}")
     vae = load_vae(v.kind, path, **({"subfolder": sub} if sub else {}))
     return vae.eval().requires_grad_(False)

@@ -14,7 +14,6 @@ import random
 import torch
 
 from ..config import ConfigError
-from ..data.cache import check_vae
 from ..data.loader import CacheSource, Geometry, make_source, pack_by_budget
 from ..data.video import VideoReadError, write_video
 from ..flops import flops_per_step
@@ -23,7 +22,7 @@ from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
 from .lora import add_lora, save_adapters
-from .models import build_denoiser, build_vae, load_teacher, load_trained_vae
+from .models import build_denoiser, build_vae, check_cache_vae, load_teacher, load_trained_vae
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,7 @@ class DiTTask:
         self.vae = self.text = None
         if cfg.data.source == "cache":
             self.source = CacheSource(cfg.data.cache_dir)
-            check_vae(self.source.index, cfg)
+            check_cache_vae(self.source.index, cfg)
             ft, fs, channels, text_dim = (self.source.ft, self.source.fs, self.source.latent_channels,
                                           self.source.text_dim)
             if cfg.train.sample_every and cfg.train.sample_prompts:  # sampling decodes and encodes prompts
