@@ -430,6 +430,9 @@ def test_caption_command_says_in_one_line_that_a_model_is_missing(offline, clips
     ("a blue trangle moving up", dict(count=1, color="blue", shape="triangle", motion="up")),
     ("2 red circle", dict(count=2, color="red", shape="circle")),
     ("a snowy ball at rest", dict(count=1, color="white", shape="circle", motion="still")),  # 11
+    ("three red circles", dict(count=2, color="red", shape="circle")),
+    ("a blue square, not a triangle", dict(count=1, color="blue", shape="square")),
+    ("no circles, just one green square", dict(count=1, color="green", shape="square")),
 ])
 def test_shapes_rules_read_common_wordings(prompt, named):
     assert parse_shapes_prompt(prompt) == named
@@ -456,6 +459,10 @@ def test_shapes_rules_read_every_paraphrase_of_the_evaluation():
     ("a circle that isn't red", "isn't red"),  # 4
     ("a square on a blue background", "background 'blue'"),  # 5
     ("a white circle on a white background", "never drawn on a white background"),  # 9
+    ("three red circles", "'three': the world shows at most two objects"),
+    ("5 dots rising", "'5': the world shows at most two objects"),
+    ("a circle moving up and to the right", "second direction 'to the right': objects move one way, up"),
+    ("a red shape that is not a circle", "'not a circle': the shape is drawn.*drawn at random: size, shape"),
 ])
 def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
     import re
@@ -467,10 +474,15 @@ def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
     assert caught[0].filename == __file__  # 13: the warning points at the caller of upsample_prompt
     said = parse_shapes_prompt(detailed)
     assert not (said["color"] == said["background"] == "white"), detailed
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        drawn = [parse_shapes_prompt(upsample_prompt(prompt, seed=s)) for s in range(20)]
     if "isn't red" in prompt:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            assert all(parse_shapes_prompt(upsample_prompt(prompt, seed=s))["color"] != "red" for s in range(20))
+        assert all(d["color"] != "red" for d in drawn)
+    if "not a circle" in prompt:
+        assert all(d["shape"] != "circle" for d in drawn) and {d["shape"] for d in drawn} == {"square", "triangle"}
+    if "three" in prompt or "5" in prompt:
+        assert all(d["count"] == 2 for d in drawn)
 
 
 def test_shapes_upsampler_takes_any_int_seed_and_is_quiet_on_plain_prompts():

@@ -14,7 +14,7 @@ Backends:
   and the start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was
   trained on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged,
   with a warning. A prompt that says what the world cannot show ("a black circle", "rotating", a second object, "on a
-  blue background") or holds words the rules do not read gets its caption with one warning that names what was drawn
+  blue background", "three circles", "up and to the right") or holds words the rules do not read gets its caption with one warning that names what was drawn
   at random. Misspelled shape and color words are matched to the nearest known word (difflib); any int seed is taken.
 - 'lm': a transformers causal LM (a local folder or a hub id) asked to rewrite the prompt, through its chat template
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
@@ -82,13 +82,17 @@ _MOTION_PHRASES = [
     (re.compile(r"\b(?:to|toward|towards|into)\s+the\s+(left|right|top|bottom)\b"), lambda m: _SIDE[m.group(1)]),
 ]
 _NEGATED_RE = re.compile(r"\b(?:not|\w+n't|non)[\s-]+(?:be\s+|colou?red\s+)?([a-z]+)")  # "a circle that isn't red"
-_DIGITS = {"0": "no", "1": "one"}  # any other number is two, the world's most
+_NO_SHAPE_RE = re.compile(rf"\b(?:no|zero|not|never|without|non|\w+n't)[\s-]+(?:(?:be|a|an|any|the)\s+)*"
+                          rf"({'|'.join(SHAPE_WORDS)})(?:e?s)?\b")  # "no circles", "not a square"
+_DIGITS = {"0": "no", "1": "one", "2": "two"}  # any other number is more than the world's two
+MANY_COUNT_WORDS = {"many", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "multiple",
+                    "numerous", "few", "dozen", "dozens", "lots", "crowd"}
 # Words the world cannot show, by the attribute they would set (the attribute is then drawn at random).
 UNSHOWABLE = {"color": {"black", "gray", "grey", "dark", "transparent", "striped", "rainbow", "multicolored"},
               "size": {"medium", "mid", "average", "normal", "growing", "shrinking"},
               "motion": {"rotating", "rotates", "rotate", "spinning", "spins", "spin", "clockwise", "diagonally",
                          "diagonal", "bouncing", "bounces", "zigzag", "circling", "orbiting", "wobbling", "pulsing"}}
-_KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MOTION_WORDS, *_SIDE, *BACKGROUND_WORDS,
+_KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MANY_COUNT_WORDS, *MOTION_WORDS, *_SIDE, *BACKGROUND_WORDS,
           *"""a an the one single only just lone of set and with that which is are its it they their in on at near
           from to toward towards into over against background backdrop moving moves move going goes travels
           travelling traveling sliding slides gliding glides drifting drifts heading heads floating floats staying
@@ -96,7 +100,7 @@ _KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MOTION_
           constantly evenly while across side frame screen canvas video clip shows showing of some plain flat
           uniform solid colored coloured light pale dark bright several many three four five few objects object
           shape shapes does do isn aren don doesn t s not no never without any all motion movement be being
-          there here very""".split()}
+          there here very travel identical perfectly""".split()}
 
 
 @functools.cache
@@ -162,9 +166,13 @@ def _fuzzy(word: str, table: dict) -> str | None:
 def _parse(prompt: str) -> tuple[dict, list, set]:
     """(the attributes the prompt names, notes [(attribute or None, what could not be followed)], colors it rules
     out). A note with an attribute matters only when that attribute is drawn at random."""
-    text = re.sub(r"\b\d+\b", lambda m: _DIGITS.get(m.group(), "two"), prompt.lower().replace("’", "'"))
+    text = re.sub(r"\b[012]\b", lambda m: _DIGITS[m.group()], prompt.lower().replace("’", "'"))
     text = _START_RE.sub(" ", text)
     found, notes, excluded = {}, [], set()
+    for m in _NO_SHAPE_RE.finditer(text):
+        excluded.add(SHAPE_WORDS[m.group(1)])
+        notes.append(("shape", f"{m.group().strip()!r}: the shape is drawn among the others"))
+    text = _NO_SHAPE_RE.sub(" ", text)
     m = _BACKGROUND_RE.search(text)
     if m:
         phrase = next(g for g in m.groups() if g is not None)
@@ -175,9 +183,12 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
             notes.append(("background", f"the background {phrase.strip()!r} is none of the world's"))
         text = text[:m.start()] + " " + text[m.end():]
     for pattern, value in _MOTION_PHRASES:
-        m = pattern.search(text)
-        if m and "motion" not in found:
-            found["motion"] = value(m)
+        for m in pattern.finditer(text):
+            if "motion" not in found:
+                found["motion"] = value(m)
+            elif value(m) != found["motion"]:
+                notes.append((None, f"a second direction {m.group().strip()!r}: objects move one way, "
+                                    f"{found['motion']}"))
         text = pattern.sub(" ", text)
     for m in _NEGATED_RE.finditer(text):
         color = COLOR_WORDS.get(m.group(1)) or color_by_name(m.group(1))
@@ -197,6 +208,8 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
                 plural = plural or (key == "shape" and noun != w)
             elif word in table and key in ("shape", "color") and table[word] != found[key]:
                 notes.append((None, f"a second {key} {w!r}: a clip shows one kind of object"))
+            elif word in table and key == "motion" and table[word] != found[key]:
+                notes.append((None, f"a second direction {w!r}: objects move one way, {found['motion']}"))
         if noun not in _KNOWN and w not in _color_name_words():
             unknown.append(w)
     if "color" not in found:  # a color by name: two-word names first ("sky blue" is blue, "sky" alone light blue)
@@ -215,12 +228,16 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
     unknown = [w for w in unknown if not any(w in t for t in UNSHOWABLE.values())]
     if unknown:
         notes.append(("any", f"not understood: {' '.join(unknown)}"))
-    if plural or PLURAL_COUNT_WORDS & set(words):
+    many = sorted(MANY_COUNT_WORDS & set(words)) + re.findall(r"\b\d+\b", text)
+    if many:
+        notes.append((None, f"{many[0]!r}: the world shows at most two objects; two are drawn"))
+    if plural or many or PLURAL_COUNT_WORDS & set(words):
         found["count"] = 2
     elif "shape" in found:
         found["count"] = 1
-    if found.get("color") in excluded:
-        del found["color"]
+    for key in ("color", "shape"):
+        if found.get(key) in excluded:
+            del found[key]
     return found, notes, excluded
 
 
@@ -251,7 +268,7 @@ def _upsample_shapes(prompt: str, seed: int, height: int, width: int) -> str:  #
     a = dict(found)
     a.setdefault("count", 1)
     a.setdefault("size", pick(list(shapes.SIZES)))
-    a.setdefault("shape", pick(shapes.SHAPES))
+    a.setdefault("shape", pick([s for s in shapes.SHAPES if s not in excluded] or shapes.SHAPES))
     a.setdefault("motion", pick(shapes.MOTIONS))
     a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if shapes.drawable(a.get("color"), b)]))
     a.setdefault("color", pick([c for c in shapes.COLORS if shapes.drawable(c, a["background"]) and c not in excluded]))
