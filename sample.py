@@ -4,7 +4,9 @@
     python sample.py --help
 """
 
+from videodit.config import one_line_warnings
 from videodit.generate import main
 
 if __name__ == "__main__":
+    one_line_warnings()
     main()

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 
-from videodit.config import ConfigError, load_config
+from videodit.config import ConfigError, load_config, one_line_warnings
 from videodit.data.manifest import ManifestError
 from videodit.train.loop import STOP_SIGNALS, Stopped, train
 
@@ -45,4 +45,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     main()

@@ -366,6 +366,14 @@ def test_upsample_command_reads_prompts_from_arguments_or_lines(capsys, monkeypa
         assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_commands_print_a_warning_as_one_line():
+    run = subprocess.run([sys.executable, "-m", "videodit.upsample", "three circles"], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(__file__)), env=os.environ | {"PYTHONWARNINGS": ""})
+    assert run.returncode == 0 and run.stderr == ("UserWarning: the shapes upsampler cannot follow all of 'three "
+                                                  "circles': 'three': the world shows at most two objects; two are "
+                                                  "drawn; drawn at random: size, color, motion, background\n")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # A model path: a local folder (it exists, or starts with /, ./, ../ or ~) or else a hub id (videodit.text.is_local)
 

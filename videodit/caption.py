@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from videodit.config import as_saved
+from videodit.config import as_saved, one_line_warnings
 from videodit.data import shapes
 from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
@@ -457,4 +457,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     main()

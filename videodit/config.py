@@ -14,10 +14,16 @@ import math
 import os
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
 import yaml
+
+
+def one_line_warnings():
+    """For the commands: a warning prints as one line, "UserWarning: message", without the file and source line."""
+    warnings.formatwarning = lambda message, category, *args, **kwargs: f"{category.__name__}: {message}\n"
 
 
 class ConfigError(ValueError):

@@ -720,6 +720,9 @@ def stats_command(argv=None):
 if __name__ == "__main__":
     import sys
 
+    from videodit.config import one_line_warnings
+
+    one_line_warnings()
     if sys.argv[1:2] != ["stats"]:
         sys.exit("usage: python -m videodit.vae stats VAE_DIR (--manifest M | --shapes N) [...]")
     stats_command(sys.argv[2:])

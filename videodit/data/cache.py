@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, as_saved, load_config
+from ..config import ConfigError, as_saved, load_config, one_line_warnings
 from .loader import Geometry, make_source
 from .manifest import ManifestError
 from .video import VideoReadError, read_video
@@ -156,4 +156,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    one_line_warnings()
     main()

@@ -219,4 +219,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from videodit.config import one_line_warnings
+
+    one_line_warnings()
     main()
