@@ -53,7 +53,7 @@ def make_manifest(folder: str, n: int) -> str:
 
 def loader_rate(cfg, geom, batches: int) -> float:
     """Samples per second out of the DataLoader (2 workers), after the first batch (worker start-up)."""
-    loader = iter(make_loader(cfg, ManifestSource(cfg.data.manifest, cfg.data.target_area, max(cfg.data.num_frames),
+    loader = iter(make_loader(cfg, ManifestSource(cfg.data.manifest, cfg.data.target_area, cfg.data.num_frames,
                                                   cfg.data.fps, geom), geom))
     next(loader)
     t0, n = time.perf_counter(), 0

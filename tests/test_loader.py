@@ -9,6 +9,7 @@ import torch
 from videodit.config import ConfigError, load_config
 from videodit.data.loader import (CacheSource, DataPosition, Geometry, ManifestSource, PackedBatchSampler, ShapesSource,
                                   TrainData, make_loader, pack_by_budget)
+from videodit.data.manifest import write_manifest
 from videodit.data.shapes import item_seed, make_clip
 from videodit.data.video import write_video
 
@@ -162,7 +163,7 @@ def manifest(tmp_path_factory):
 
 def test_manifest_clips_keep_aspect_and_fit_the_vae(manifest, caplog):
     with caplog.at_level(logging.WARNING):
-        src = ManifestSource(manifest, target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)
+        src = ManifestSource(manifest, target_area=32 * 32, num_frames=[9], fps=8.0, geom=GEOM)
     assert "1 of the 7 rows of" in caplog.text  # corrupt.mp4; missing.mp4 gave its metadata, so is found when read
     caplog.clear()
     expect = {0: (9, 24, 40), 1: (9, 32, 32), 2: (5, 40, 24), 3: (9, 32, 32), 4: (1, 24, 40)}
@@ -177,11 +178,19 @@ def test_manifest_clips_keep_aspect_and_fit_the_vae(manifest, caplog):
     assert "missing.mp4" in caplog.text and "corrupt.mp4" in caplog.text
 
 
+def test_each_clip_is_read_at_the_longest_listed_length_it_holds(tmp_path):
+    lengths = {1: 1, 4: 1, 6: 5, 9: 9, 12: 9, 20: 17, 33: 17, 40: 33, 100: 33}  # frames at 8 fps -> frames read
+    rows = [dict(path=f"{n}.mp4", caption="c", num_frames=n, fps=8.0, height=32, width=32) for n in lengths]
+    write_manifest(str(tmp_path / "m.jsonl"), rows)
+    src = ManifestSource(str(tmp_path / "m.jsonl"), 32 * 32, [9, 17, 36], 8.0, GEOM)  # 36: 33 in 1 + 4k frames
+    assert [p[0] for p in src.plans] == list(lengths.values())
+
+
 def test_loader_skips_and_counts_bad_files_in_workers(manifest):
     cfg = load_config(None, ["data.source=manifest", f"data.manifest={manifest}", "data.target_area=1024",
                              "data.num_frames=[9]", "data.max_tokens=64", "data.num_workers=2",
                              "data.image_ratio=0.3"])
-    src = ManifestSource(manifest, 1024, 9, 8.0, GEOM)
+    src = ManifestSource(manifest, 1024, [9], 8.0, GEOM)
     sampler_batches = PackedBatchSampler(*src.token_counts(GEOM), 64, 0.3, 0).epoch(0)
     batches = take(iter(make_loader(cfg, src, GEOM)), len(sampler_batches))  # one epoch
     assert sum(b["skipped"] for b in batches) == 2
@@ -199,7 +208,7 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     rows = [dict(path=f"{i}.mp4", caption="c", num_frames=40, fps=8.0, height=h, width=w)  # metadata: no probing
             for i, (h, w) in enumerate([(720, 1280), (1080, 1920), (480, 480), (720, 1280)])]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    manifest = ManifestSource(str(tmp_path / "m.jsonl"), target_area=64 * 64, max_frames=17, fps=8.0, geom=GEOM)
+    manifest = ManifestSource(str(tmp_path / "m.jsonl"), target_area=64 * 64, num_frames=[17], fps=8.0, geom=GEOM)
     assert manifest.typical_size() == (17, *GEOM.resize(720, 1280, 64 * 64))  # 16:9, the most common aspect
     items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
     (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
@@ -212,7 +221,7 @@ def test_a_row_without_its_frame_rate_is_probed_for_it(tmp_path):
     write_video(str(tmp_path / "a.mp4"), make_clip(0, 32, 32, 31)["frames"], fps=30)
     (tmp_path / "m.jsonl").write_text(json.dumps(dict(path="a.mp4", caption="c", num_frames=31, height=32,
                                                       width=32)) + "\n")
-    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=17, fps=8.0, geom=GEOM)
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, num_frames=[17], fps=8.0, geom=GEOM)
     assert src.plans[0][0] == 9 and src.plans[0][4] == 30
     data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
     assert all(data[(0, False, epoch)]["video"].shape[1] == 9 for epoch in range(8))
@@ -223,7 +232,7 @@ def test_a_video_under_an_images_name_is_planned_as_the_video_it_is(tmp_path):
     write_video(str(tmp_path / "a.mp4"), make_clip(0, 32, 32, 31)["frames"], fps=30)
     os.rename(tmp_path / "a.mp4", tmp_path / "a.jpg")
     (tmp_path / "m.jsonl").write_text(json.dumps(dict(path="a.jpg", caption="c")) + "\n")
-    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=17, fps=8.0, geom=GEOM)
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, num_frames=[17], fps=8.0, geom=GEOM)
     assert src.plans[0][0] == 9 and src.plans[0][3:] == (31, 30)
     data = TrainData(src, GEOM, 0, 0.5, 0.1, 0.3)
     assert all(data[(0, False, epoch)]["video"].shape[1] == 9 for epoch in range(4))
@@ -237,7 +246,7 @@ def test_the_most_common_size_is_a_readable_videos(tmp_path):
     rows = [dict(path="a.mp4", caption="c")] + [dict(path=f"{i}.png", caption="c") for i in range(3)] + \
         [dict(path=f"gone{i}.mp4", caption="c") for i in range(3)]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 64, max_frames=9, fps=8.0, geom=GEOM)
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 64, num_frames=[9], fps=8.0, geom=GEOM)
     assert src.typical_size() == (9, 32, 64)
 
 
@@ -248,4 +257,4 @@ def test_a_manifest_of_only_unreadable_clips_fails_at_once(tmp_path):
     rows = [dict(path="bad.mp4", caption="a"), dict(path="gone.mp4", caption="b")]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ManifestError, match=r"m.jsonl: none of its 2 clips can be read \(the first: .*bad.mp4"):
-        ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, max_frames=9, fps=8.0, geom=GEOM)
+        ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, num_frames=[9], fps=8.0, geom=GEOM)

@@ -139,8 +139,9 @@ class DataConfig:
     # curriculum's first stage); empty: the whole world
     shapes_only: list[str] = field(default_factory=list)
     target_area: int = 64 * 64       # manifests: clips are resized to about this many pixels, native aspect
-    num_frames: list[int] = field(default_factory=lambda: [17])  # manifests: clips of up to max(num_frames) frames
-    # (the longest 1 + ft*k a clip allows)
+    # manifests: each clip read at the longest of these lengths it holds (1 + ft*k; a clip shorter than all of them
+    # at the longest 1 + ft*k it allows)
+    num_frames: list[int] = field(default_factory=lambda: [17])
     fps: float = 8.0
     image_ratio: float = 0.2         # share of samples that are single frames
     max_tokens: int = 4096           # token budget of one packed batch

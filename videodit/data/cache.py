@@ -5,7 +5,7 @@ safetensors shards, so training reads latents instead of decoding and encoding v
 
 The config's data section names the source (a manifest, or the shapes world: the first --num clips, default
 data.shapes_count), its train.vae the VAE and its text section the encoder. Clips keep the shapes training would
-give them (manifest: native aspect at data.target_area, the longest 1 + ft*k frames up to max(data.num_frames),
+give them (manifest: native aspect at data.target_area, each clip at the longest of data.num_frames it holds,
 from the clip's start). Train from the cache with `--set data.source=cache data.cache_dir=DIR`.
 
 Layout: shard_00000.safetensors ... holding latent.{i} (C, T', h, w), text.{i} and detailed.{i} (L, D) (real

@@ -149,11 +149,12 @@ class ShapesSource:
 
 class ManifestSource:
     """Rows of a manifest read by decord, at native aspect resized to about `target_area` pixels (multiples of
-    fs*ph), with the longest 1 + ft*k frames at `fps` the clip allows up to max(num_frames). Rows without
+    fs*ph), at `fps`, each at the longest of the `num_frames` lengths it holds (rounded down to 1 + ft*k; a clip
+    shorter than all of them at the longest 1 + ft*k it allows): few distinct lengths, few shapes. Rows without
     num_frames/fps/height/width are probed once here (put them in the manifest to skip that); a row that cannot be
     probed is planned as one frame and skipped when read."""
 
-    def __init__(self, manifest: str, target_area: int, max_frames: int, fps: float, geom: Geometry):
+    def __init__(self, manifest: str, target_area: int, num_frames: list[int], fps: float, geom: Geometry):
         self.rows = read_manifest(manifest)
         self.fps = fps
         self.plans = []  # per row: (T, H, W, source frames, source fps)
@@ -177,7 +178,8 @@ class ManifestSource:
             self.readable.append(ok)
             available = n if not src_fps or n == 1 else int((n - 1) * fps / src_fps) + 1
             H, W = geom.resize(h, w, target_area)
-            self.plans.append((geom.frames(available, max_frames), H, W, n, src_fps or fps))
+            limit = max((v for v in num_frames if v <= available), default=available)
+            self.plans.append((geom.frames(available, limit), H, W, n, src_fps or fps))
         if self.rows and len(unreadable) == len(self.rows):
             raise ManifestError(f"{manifest}: none of its {len(self.rows)} clips can be read (the first: "
                                 f"{unreadable[0]})")
@@ -262,7 +264,7 @@ def make_source(data, geom: Geometry):
     if data.source == "shapes":
         return ShapesSource(data.sizes, data.shapes_count, data.seed, geom, parse_only(data.shapes_only))
     if data.source == "manifest":
-        return ManifestSource(data.manifest, data.target_area, max(data.num_frames), data.fps, geom)
+        return ManifestSource(data.manifest, data.target_area, data.num_frames, data.fps, geom)
     return CacheSource(data.cache_dir)
 
 
