@@ -138,9 +138,11 @@ def test_a_shortcut_vae_needs_three_latent_channels():
 
 
 def test_numbers_are_strings_where_a_string_is_due_and_an_empty_section_is_no_change(tmp_path):
-    path = write(tmp_path, "c.yaml", "model:\n  # nothing changed yet\ntrain:\n  output_dir: 2024\n")
-    cfg = load_config(path, ["train.sample_prompts=[red, 1]"])
-    assert cfg.train.output_dir == "2024" and cfg.train.sample_prompts == ["red", "1"] and cfg.model == Config().model
+    path = write(tmp_path, "c.yaml", "model:\n  # nothing changed yet\ntrain:\n  output_dir: 007\n  lr: 0.10\n")
+    cfg = load_config(path, ["train.sample_prompts=[red, 0.10, 1_000]"])
+    assert cfg.train.output_dir == "007" and cfg.train.sample_prompts == ["red", "0.10", "1_000"]  # as typed
+    assert cfg.train.lr == 0.1 and cfg.model == Config().model
+    assert load_config(None, ["train.max_steps=1_000"]).train.max_steps == 1000
 
 
 def test_python_callers_get_the_same_checks():

@@ -369,6 +369,8 @@ def _describe(tp, many: bool = False) -> str:
 
 def _convert(value, tp):
     """value as type tp, or raise TypeError."""
+    if isinstance(value, _Number):
+        return value.text if tp is str else _convert(value.value, tp)
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is Literal:
         if isinstance(value, bool) and ("no", "yes")[value] in args:  # YAML 1.1 reads a bare no / yes as a bool
@@ -415,6 +417,25 @@ def _convert(value, tp):
     raise TypeError
 
 
+class _Number:
+    """A YAML number that remembers how it was written, so that a string key keeps '0.10' or '007' as typed."""
+
+    def __init__(self, value, text: str):
+        self.value, self.text = value, text
+
+    def __repr__(self):
+        return self.text
+
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+for _tag, _read in (("int", yaml.SafeLoader.construct_yaml_int), ("float", yaml.SafeLoader.construct_yaml_float)):
+    _Loader.add_constructor(f"tag:yaml.org,2002:{_tag}",
+                            lambda loader, node, _read=_read: _Number(_read(loader, node), node.value))
+
+
 def _read_yaml(path: str, chain=()) -> tuple[dict, dict]:
     """The merged sections of a file and its bases, and where each key was set: {"sec.key": file}."""
     path = os.path.abspath(path)
@@ -424,7 +445,7 @@ def _read_yaml(path: str, chain=()) -> tuple[dict, dict]:
         raise ConfigError(f"{path}: circular 'base:' chain: {' -> '.join(chain + (path,))}")
     try:
         with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+            raw = yaml.load(f, _Loader) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -455,7 +476,7 @@ def parse_override(text: str) -> tuple[str, str, object]:
     name, value = text.split("=", 1)
     section, key = name.strip().split(".", 1)
     try:
-        return section, key, yaml.safe_load(value) if value.strip() else ""
+        return section, key, yaml.load(value, _Loader) if value.strip() else ""
     except yaml.YAMLError:
         return section, key, value
 
