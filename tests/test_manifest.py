@@ -8,7 +8,7 @@ from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 def test_jsonl_and_csv_rows(tmp_path):
     (tmp_path / "m.jsonl").write_text(
         json.dumps({"path": "a.mp4", "caption": "a red circle", "num_frames": 17, "fps": 8, "tag": "x"}) + "\n\n"
-        + json.dumps({"path": "/abs/b.png", "caption": "x", "detailed_caption": "long"}) + "\n")
+        + json.dumps({"path": "/abs/./c/../b.png", "caption": "x", "detailed_caption": "long"}) + "\n")
     rows = read_manifest(str(tmp_path / "m.jsonl"))
     assert rows[0].path == str(tmp_path / "a.mp4") and rows[0].num_frames == 17 and rows[0].fps == 8.0
     assert rows[0].extra == {"tag": "x"} and rows[1].path == "/abs/b.png" and rows[1].detailed_caption == "long"

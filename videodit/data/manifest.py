@@ -68,7 +68,7 @@ def parse_row(raw: dict, where: str, root: str) -> Row:
         elif key in REQUIRED or value not in (None, ""):  # an empty optional CSV cell means absent
             values[key] = _coerce(value, kind, where, key)
     path = values["path"]
-    values["path"] = path if os.path.isabs(path) else os.path.normpath(os.path.join(root, path))
+    values["path"] = os.path.normpath(os.path.join(root, path))  # an absolute path too: one clip, one path
     return Row(**values, extra=extra)
 
 
