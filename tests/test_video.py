@@ -192,9 +192,12 @@ def test_an_image_is_probed_from_its_header_and_a_big_one_read_small(tmp_path, m
     exif[0x0112] = 6  # shown turned a quarter: 600 wide, 800 high
     photo.save(tmp_path / "big.jpg", quality=95, exif=exif)
     photo.save(tmp_path / "big.png")
+    photo.save(tmp_path / "turned.png", exif=exif)  # Pillow writes the eXIf chunk before the pixels
     with monkeypatch.context() as m:
         m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("probe decoded the image"))
         assert probe(str(tmp_path / "big.jpg")) == dict(num_frames=1, fps=0.0, height=800, width=600)
+        assert probe(str(tmp_path / "big.png")) == dict(num_frames=1, fps=0.0, height=600, width=800)
+        assert probe(str(tmp_path / "turned.png")) == dict(num_frames=1, fps=0.0, height=800, width=600)
     sizes = []
     resize_crop_ = V.resize_crop
     monkeypatch.setattr(V, "resize_crop", lambda f, h, w: sizes.append(f.shape[1:3]) or resize_crop_(f, h, w))

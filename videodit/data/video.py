@@ -148,6 +148,8 @@ def _open(path: str) -> _Reader | None:
 def _shown_size(im: Image.Image) -> tuple[int, int]:
     """(height, width) of an opened image as shown: EXIF orientations 5-8 turn it a quarter (as exif_transpose)."""
     w, h = im.size
+    if im.format == "PNG" and "exif" not in im.info:  # no eXIf chunk before the pixels: getexif would decode them
+        return h, w
     return (w, h) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (h, w)
 
 
