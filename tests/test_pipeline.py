@@ -492,6 +492,19 @@ def test_sample_command_errors_are_one_line(saved, tmp_path, capsys, args, words
         assert w in err
 
 
+def test_under_torchrun_a_numbered_gpu_is_refused_before_nccl_puts_two_ranks_on_it(monkeypatch):
+    """Each process takes the GPU of its LOCAL_RANK: --device cuda:0 on every rank would be one GPU for all."""
+    from videodit.generate import UserError, parse_args, setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(UserError, match="--device cuda:0: under torchrun each process takes the GPU of its "
+                                        "LOCAL_RANK; pass --device cuda"):
+        setup(parse_args(["--prompt", "a", "--device", "cuda:0"]))
+
+
 def test_a_sequence_parallel_degree_that_splits_no_heads_names_those_that_fit(saved):
     """Checked before any process group is used: on 4 processes with --cfg-parallel (2 a pass), the tiny model's 2
     heads split over 1 or 2."""

@@ -145,6 +145,9 @@ def setup(a) -> tuple[str, Ranks]:
         raise UserError(f"--offload moves the models between CPU and GPU memory; it needs a CUDA device, got {device}")
     if world == 1:
         return device, Ranks()
+    if device.startswith("cuda:"):  # NCCL refuses two ranks on one GPU
+        raise UserError(f"--device {device}: under torchrun each process takes the GPU of its LOCAL_RANK; pass "
+                        f"--device cuda (or auto) and choose the GPUs with CUDA_VISIBLE_DEVICES")
     from videodit.parallel import sequence_parallel_groups
 
     if device == "cuda":
@@ -411,7 +414,7 @@ def sample_prompts(a, prompts, like, device, ranks):
         open(os.path.join(a.output_dir, "prompts.jsonl"), "w").close()
     barrier(ranks)
     if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()  # --verbose reports the sampling's peak, not the loading's
+        torch.cuda.reset_peak_memory_stats(device)  # --verbose reports the sampling's peak, not the loading's
     t1 = time.time()
     with tqdm(total=len(mine), desc="videos", unit="video", disable=not ranks.main or len(mine) <= a.batch_size) as bar:
         for start in range(mine.start, mine.stop, a.batch_size):
@@ -485,7 +488,7 @@ def write_outputs(a, start, prompts, out, before, after):
 def report(device, rank=None, **seconds):
     import resource
 
-    peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.startswith("cuda")
+    peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20)
     times = ", ".join(f"{k} {v:.2f} s" for k, v in seconds.items())
     who = "" if rank is None else f"rank {rank}: "
