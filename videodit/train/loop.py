@@ -185,6 +185,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         state = load_checkpoint(acc, checkpoint)
         if fsdp:
             sharded.load(checkpoint, model, optimizer, ema)
+        elif ema:  # accelerate loads it on the CPU, and EMAModel keeps the tensors it is given: back beside the weights
+            ema.to(params[0].device)
         step, position, skipped_total = state["step"], DataPosition(**state["data"]), state["skipped"]
         _follow_schedule(optimizer, scheduler.scheduler, t.lr)
         if acc.is_main_process:
