@@ -347,20 +347,11 @@ class VideoDiTPipeline(DiffusionPipeline):
             cond_latents, cond_masks = self._first_frames(prompts, negative_prompt, sizes, shapes, run)
         if modes:
             mode = modes[0]
-            if mode == "loop":  # one more latent frame: the held one is trimmed
-                shapes = [(c, t + 1, h, w) for c, t, h, w in shapes]
-            if extend == "backward":  # whole latent frames for T new frames (the surplus trimmed), then the held one
-                shapes = [(c, 2 - (1 - T) // vae.ft, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
-            if mode == "connect":  # a's last frame, T / ft new latent frames, b's first frame held (both trimmed)
-                shapes = [(c, T // vae.ft + 2, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
-            if extend == "forward" and video is not None:  # after k latent frames of context, m new: T new frames
-                m = [-(-T // vae.ft) for T, _, _ in sizes]  # whole latent frames of ft; the surplus is trimmed
-                shapes = [(c, 1 + min(mi, (video.shape[1] - 1) // vae.ft) + mi, h, w)
-                          for (c, _, h, w), mi in zip(shapes, m)]
             if mode == "strength" and video is None:
                 raise ValueError("strength (SDEdit) needs a video to edit")
             if mode == "extend" and (video is None or extend not in ("forward", "backward")):
                 raise ValueError("extend needs a video and the direction 'forward' or 'backward'")
+            shapes = self._mode_shapes(mode, shapes, sizes, video, extend)
             cond_latents, cond_masks, init, trim = self._conditioning(mode, shapes, sizes, image, video, extend,
                                                                       connect, prompts, negative_prompt, run)
 
@@ -388,6 +379,20 @@ class VideoDiTPipeline(DiffusionPipeline):
         if output_type == "np":
             videos = [to_uint8(v) for v in videos]
         return VideoDiTOutput(frames=videos, sizes=sizes, skipped_steps=skipped)
+
+    def _mode_shapes(self, mode, shapes, sizes, video, extend):
+        """The latent shapes a conditioning mode samples for videos of `sizes`: the new frames and the held ones."""
+        ft = self.video_vae.ft
+        if mode == "loop":  # one more latent frame: the held one is trimmed
+            return [(c, t + 1, h, w) for c, t, h, w in shapes]
+        if mode == "connect":  # a's last frame, T / ft new latent frames, b's first frame held (both trimmed)
+            return [(c, T // ft + 2, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
+        if mode == "extend" and extend == "backward":  # whole latent frames for T new frames, then the held one
+            return [(c, 2 - (1 - T) // ft, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
+        if mode == "extend":  # after k latent frames of context, m new: T new frames (the surplus trimmed)
+            m = [-(-T // ft) for T, _, _ in sizes]
+            return [(c, 1 + min(mi, (video.shape[1] - 1) // ft) + mi, h, w) for (c, _, h, w), mi in zip(shapes, m)]
+        return shapes
 
     def _first_frames(self, prompts, negative_prompt, sizes, shapes, run):
         """image_first's first pass: every prompt drawn as an image; each sample's latents with it as the first
