@@ -80,17 +80,19 @@ def draw_noise(shapes: list, shared: float = 0.0, generator=None, device=None) -
     """Standard normal noise of each shape (C, T, H, W). shared: the share of its variance common to all T frames (the
     mixed noise of PYoCo, Ge et al. 2023): frames that start from alike noise start alike, so a clip's frames settle on
     one layout; each element's variance stays 1. 0: independent frames. generator: one for all, or a list of one
-    per shape (each sample's noise then depends on its own generator alone, not on the batch)."""
+    per shape (each sample's noise then depends on its own generator alone, not on the batch). Noise is drawn on
+    its generator's device and moved to `device`: a CPU generator serves a GPU pipeline, as in diffusers."""
     gens = generator if isinstance(generator, (list, tuple)) else [generator] * len(shapes)
     if len(gens) != len(shapes):
         raise ValueError(f"{len(gens)} generators for {len(shapes)} samples; give one, or one per sample")
     out = []
     for s, generator in zip(shapes, gens):
-        z = torch.randn(tuple(s), generator=generator, device=device)
+        on = device if generator is None else generator.device
+        z = torch.randn(tuple(s), generator=generator, device=on)
         if shared > 0 and s[1] > 1:
-            common = torch.randn((s[0], 1, *s[2:]), generator=generator, device=device)
+            common = torch.randn((s[0], 1, *s[2:]), generator=generator, device=on)
             z = (1 - shared) ** 0.5 * z + shared ** 0.5 * common
-        out.append(z)
+        out.append(z.to(device))
     return out
 
 
