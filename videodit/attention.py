@@ -84,7 +84,7 @@ def _loop(q, k, v, cu_q: list[int], cu_k: list[int]):
         if min(lks) == max(lks):
             o = _sdpa(qi, *(rearrange(x, "(b n) h d -> b h n d", b=n) for x in (ki, vi)))
         else:  # keys of unequal length (cross-attention to prompts): padded to the longest and masked
-            lens = torch.tensor(lks, device=q.device)
+            lens = torch.tensor(lks).to(q.device, non_blocking=True)  # a blocking copy syncs a GPU, every block
             valid = torch.arange(max(lks), device=q.device) < lens[:, None]  # (b, L)
             index = torch.where(valid, (lens.cumsum(0) - lens)[:, None] + valid.cumsum(1) - 1, 0)
             ki, vi = (rearrange(x[index], "b l h d -> b h l d") for x in (ki, vi))

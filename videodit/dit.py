@@ -473,7 +473,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
                                   "prompt and the negative prompt in two passes (videodit.flow.guide)")
 
         text_mask = text_mask.bool()
-        cu_seqlens, cu_seqlens_text = packed.cu_seqlens.cpu(), F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0))
+        cu_seqlens = F.pad(torch.tensor(packed.seqlens).cumsum(0), (1, 0))  # from the grids: no device sync
+        cu_seqlens_text = F.pad(text_mask.sum(1).cpu().cumsum(0), (1, 0))
         offsets = (lambda c: c) if self.dynamic_blocks else (lambda c: tuple(c.tolist()))
         cu_seqlens, cu_seqlens_text = offsets(cu_seqlens), offsets(cu_seqlens_text)
         context = self.text_embed(text[text_mask].to(self.dtype))  # (M, D): unpadded text, sample after sample
