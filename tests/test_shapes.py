@@ -86,6 +86,19 @@ def test_pixels_match_attributes(t, h, w):
                 assert len(objs) == a.count and all(abs(o["side"] - side) <= 2.0 for o in objs)
 
 
+def test_a_small_frame_draws_two_large_objects_apart():
+    """"Any height and width": below the usual gap (3 px), two large objects keep at least 1 px between them."""
+    from videodit.data.shapes import sample_starts
+
+    for motion in ("left", "right", "up", "down", "still"):
+        for seed in range(20):
+            a, b = sample_starts(np.random.default_rng(seed), 2, "large", motion, 8, 8)
+            side = SIZES["large"] * 8
+            assert max(abs(a[0] - b[0]), abs(a[1] - b[1])) >= side + 1  # boxes apart on some axis
+    with pytest.raises(ValueError, match="do not fit a 2x2 frame"):
+        sample_starts(np.random.default_rng(0), 2, "large", "left", 2, 2)
+
+
 def test_captions_follow_the_grammar():
     for seed in range(40):
         clip = make_clip(seed, 64, 64, 9)

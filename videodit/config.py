@@ -68,6 +68,14 @@ class ModelConfig:
         if width % heads:
             bad("num_heads" if self.num_heads else "hidden_size",
                 f"hidden_size ({width}) a multiple of num_heads ({heads}), the preset's where not set")
+        elif (width // heads) % 2 or width // heads < 6:
+            fits = [h for h in range(1, width // 6 + 1) if width % h == 0 and (width // h) % 2 == 0]
+            bad("num_heads" if self.num_heads else "hidden_size",
+                f"heads of an even size >= 6 (3D RoPE splits each over t, h, w), not {width} / {heads}: for "
+                f"hidden_size {width}, num_heads in {fits}")
+        if self.patch_size is not None and self.patch_size[0] != 1:
+            bad("patch_size", "pt = 1: the causal VAE gives 1 + k latent frames (an image one), which no temporal "
+                              "patch pt > 1 divides")
 
 
 @dataclass
@@ -97,7 +105,7 @@ class VAEConfig:
         if self.fs & (self.fs - 1) or self.ft & (self.ft - 1):
             bad("fs" if self.fs & (self.fs - 1) else "ft", "a power of two (1, 2, 4, 8, ...)")
         if self.kind == "causal" and self.ft > self.fs:
-            bad("ft", f"at most vae.fs = {self.fs} (our VAE downsamples time only where it downsamples space)")
+            bad(("ft", "fs"), f"at most vae.fs = {self.fs} (our VAE downsamples time only where it downsamples space)")
         if self.kind == "causal" and self.shortcut and self.latent_channels < 3:
             bad("latent_channels", "at least 3 with vae.shortcut (it carries the pixels' three channels)")
         for k in ("kl_weight", "perceptual_weight", "foreground_weight", "gan_weight"):
@@ -164,7 +172,12 @@ class DataConfig:
             bad("num_workers", "an integer >= 0")
         if not self.num_frames or min(self.num_frames) < 1:
             bad("num_frames", "a list of positive frame counts")
-        from .data.shapes import parse_only
+        from .data.shapes import check_frame, parse_only
+        for _, h, w in self.sizes if self.source == "shapes" else ():
+            try:
+                check_frame(h, w)
+            except ValueError as e:
+                bad("sizes", f"frames the shapes world draws in ({e})")
         try:
             parse_only(self.shapes_only)
         except ValueError as e:
@@ -506,8 +519,10 @@ def build(sections: dict, origin: dict | None = None) -> Config:
                 raise ConfigError(f"{where}: {name}.{key} = {value!r} is not {_describe(hints[key])}{hint}") from None
         obj = cls(**kwargs)
 
-        def bad(key, allowed, _name=name, _obj=obj):
-            where = origin.get(f"{_name}.{key}") or next(
+        def bad(key, allowed, _name=name, _obj=obj):  # key, or (key, the other keys of the rule it breaks)
+            keys = key if isinstance(key, tuple) else (key,)
+            key = keys[0]
+            where = next((origin[f"{_name}.{k}"] for k in keys if f"{_name}.{k}" in origin), None) or next(
                 (v for k, v in origin.items() if k.startswith(_name + ".")), "<defaults>")
             raise ConfigError(f"{where}: {_name}.{key} = {getattr(_obj, key)!r} is impossible; expected {allowed}")
 

@@ -93,15 +93,24 @@ def sample_starts(rng: np.random.Generator, count, size, motion, height, width) 
         b = (rng.uniform(*xr), rng.uniform(*yr))
         if abs(a[0] - b[0]) >= s + gap or abs(a[1] - b[1]) >= s + gap:
             return sorted([a, b])
-    # The contract always admits two objects side by side across the axis of motion; place them there.
+    # The contract always admits two objects side by side across the axis of motion; place them there (in a small
+    # frame with less of a gap, down to 1 px: they never touch)
     horizontal = motion in ("left", "right")
     span = (yr if horizontal else xr)
-    if span[1] - span[0] < s + gap:
+    gap = min(gap, span[1] - span[0] - s)
+    if gap < 1:
         raise ValueError(f"two {size} objects moving {motion} do not fit a {height}x{width} frame")
     u = rng.uniform(span[0], span[1] - s - gap)
     v = rng.uniform(*(xr if horizontal else yr))
     pts = [(v, u), (v, u + s + gap)] if horizontal else [(u, v), (u + s + gap, v)]
     return sorted(pts)
+
+
+def check_frame(height: int, width: int):
+    """Raise ValueError unless the world draws every clip in a height x width frame (two large moving objects are
+    the tightest)."""
+    for motion in MOTIONS:
+        sample_starts(np.random.default_rng(0), 2, "large", motion, height, width)
 
 
 def parse_only(items) -> dict:
