@@ -415,8 +415,8 @@ def test_compile_blocks_traces_attention_only_when_static(monkeypatch):
     reach it as ints); dynamic=True leaves attention out of the graphs: its calls are the only graph breaks."""
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: None)  # tracing is what is tested
     latents, t, text, mask = mixed_batch()
-    for dynamic in (False, True):
-        model = random_model()
+    for dynamic, local_mlp in ((False, False), (True, False), (False, True), (True, True)):
+        model = random_model(local_mlp=local_mlp)
         model.compile_blocks(dynamic=dynamic)
         calls = []
         model.blocks[0].register_forward_pre_hook(lambda module, args: calls.append(args))
@@ -427,6 +427,34 @@ def test_compile_blocks_traces_attention_only_when_static(monkeypatch):
         reasons = [r.reason for r in explained.break_reasons]
         assert (explained.graph_break_count > 0) == dynamic, reasons
         assert all("torch.compiler.disable" in r for r in reasons), reasons
+
+
+def test_compiled_blocks_with_a_local_mlp_serve_batches_of_any_number_of_samples(monkeypatch):
+    """compile_blocks(dynamic=True) with the Mix-FFN: a batch with another number of samples compiles nothing new
+    (the grids reach the blocks as a tensor; a list's length was guarded, one recompile per count, then eager)."""
+    import torch._dynamo
+
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager", **kw))
+    torch._dynamo.reset()
+    model = random_model(local_mlp=True)
+    model.compile_blocks(dynamic=True)
+    g = torch.Generator().manual_seed(0)
+
+    def step(shapes):
+        latents = [torch.randn(4, *s, generator=g) for s in shapes]
+        mask = torch.ones(len(shapes), 5, dtype=torch.bool)
+        mask[0, 3:] = False
+        model(pack(latents), torch.rand(len(shapes), generator=g), torch.randn(len(shapes), 5, 16, generator=g),
+              mask).square().mean().backward()
+        return torch._dynamo.utils.counters["frames"]["ok"]
+
+    for shapes in ([(3, 4, 8), (1, 6, 6)], [(5, 8, 4), (1, 6, 6), (1, 4, 4)]):  # warm up: 2 and 3 samples
+        step(shapes)
+    frames = step([(3, 4, 8), (1, 6, 6), (1, 4, 4), (1, 6, 6)])
+    assert step([(5, 8, 4), (1, 6, 6), (1, 4, 4), (1, 6, 6), (1, 4, 8)]) == frames  # 5 samples
+    assert step([(3, 8, 8), (1, 4, 4), (1, 6, 6), (1, 4, 4), (1, 6, 6), (1, 4, 8)]) == frames  # 6
+    torch._dynamo.reset()
 
 
 def test_bad_timesteps_and_empty_latents_are_refused_and_a_distilled_model_runs_on_latents():

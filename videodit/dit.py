@@ -10,7 +10,6 @@ model is stable with bf16 weights or autocast; matmuls run in the weights' (or a
 """
 
 import dataclasses
-import itertools
 import math
 
 import torch
@@ -189,9 +188,14 @@ class LocalMix(nn.Module):
 
     def forward(self, x, grids):
         """x: (N, C) tokens of samples with patch grids `grids` (t-major), end to end -> (N, C)."""
-        out, start = [], 0
-        for (t, h, w), run in itertools.groupby(map(tuple, grids)):  # equal grids in a row run as one batch
-            n = len(list(run))
+        runs, start = [], 0  # equal grids in a row run as one batch (a plain loop: compile traces it)
+        for g in map(tuple, grids):
+            if runs and runs[-1][0] == g:
+                runs[-1][1] += 1
+            else:
+                runs.append([g, 1])
+        out = []
+        for (t, h, w), n in runs:
             size = n * t * h * w
             v = x[start:start + size].view(n * t, h, w, -1).permute(0, 3, 1, 2)  # channels-last (n t, C, h, w)
             if t == 1:  # images: zero padding in time leaves its middle tap, a scale folded into one conv
@@ -222,19 +226,28 @@ class Mlp(nn.Module):
         to it, partly on other ranks, so it runs on a window of whole frames gathered around the slice (one frame
         more on each side) and keeps the slice."""
         h = self.fc1(x.to(self.fc1.weight.dtype))
-        if self.local is not None:
-            if shard is None:
-                h = h + self.local(h, grids)
-            else:
-                windows, window_grids = frame_windows(shard, grids)
-                around = gather_window(h, shard, windows)
-                if window_grids:
-                    lo = windows[shard.rank][0]
-                    h = h + self.local(around, window_grids)[shard.start - lo:shard.end - lo]
-                else:  # no tokens here; one zero token keeps this rank in the backward's all-to-all and gives the
-                    # convolution's weights (zero) gradients, as data parallelism expects of every rank
-                    h = h + self.local(F.pad(around, (0, 0, 0, 1)), [(1, 1, 1)])[:0]
+        if self.local is not None:  # grids as a tensor: from compile_blocks(dynamic=True), run outside the graph
+            h = h + (_local_outside_graph(self, h, grids, shard) if torch.is_tensor(grids) else
+                     self._local(h, grids, shard))
         return self.fc2(F.gelu(h, approximate="tanh"))
+
+    def _local(self, h, grids, shard):
+        if torch.is_tensor(grids):
+            grids = grids.tolist()
+        if shard is None:
+            return self.local(h, grids)
+        windows, window_grids = frame_windows(shard, grids)
+        around = gather_window(h, shard, windows)
+        if not window_grids:  # no tokens here; one zero token keeps this rank in the backward's all-to-all and gives
+            # the convolution's weights (zero) gradients, as data parallelism expects of every rank
+            return self.local(F.pad(around, (0, 0, 0, 1)), [(1, 1, 1)])[:0]
+        lo = windows[shard.rank][0]
+        return self.local(around, window_grids)[shard.start - lo:shard.end - lo]
+
+
+# The samples' grids decide the convolutions' shapes: graphs compiled with dynamic shapes get them as a (B, 3) tensor
+# (a list would be guarded on its length: a recompile for each new number of samples) and run the local mix eagerly
+_local_outside_graph = torch.compiler.disable(Mlp._local)
 
 
 class DiTBlock(nn.Module):
@@ -528,7 +541,8 @@ class VideoDiT(ModelMixin, ConfigMixin):
         return out if shard is None else gather_tokens(out, shard)
 
     def _block(self, i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed):
-        args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard, packed.grids)
+        grids = torch.tensor(packed.grids) if self.dynamic_blocks else packed.grids  # see _local_outside_graph
+        args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard, grids)
         if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
             return self._gradient_checkpointing_func(self.blocks[i], *args)
         return self.blocks[i](*args)
