@@ -65,6 +65,10 @@ def test_vae_run_writes_reconstructions_and_exports_a_normalized_vae(assets):
     vae = CausalVideoVAE.from_pretrained(os.path.join(run, "vae"))
     assert vae.config.latents_mean is not None and len(vae.config.latents_std) == 4
     assert os.path.isfile(os.path.join(run, "config.yaml")) and os.listdir(os.path.join(run, "tensorboard"))
+    exported = CausalVideoVAE.from_pretrained(export_ema(checkpoint_dirs(run)[-1], str(assets["dir"] / "vae_export")))
+    assert exported.config.latents_std == vae.config.latents_std  # the statistics, as the run's own export
+    assert exported.used_channels == vae.used_channels
+    assert json.load(open(os.path.join(run, "vae", "config.json"))).get("_name_or_path") is None  # no folder of ours
 
 
 def test_dit_without_a_vae_says_how_to_train_one(tmp_path):
@@ -538,6 +542,9 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
     ckpt = os.path.join(reference, "checkpoints", "step_00000004")
     exported = VideoDiT.from_pretrained(export_ema(ckpt, str(tmp_path / "model")))
     final = VideoDiTPipeline.from_pretrained(os.path.join(reference, "pipeline"))  # what the run wrote at its end
+    stale = tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"  # a sharded save's
+    stale.parent.mkdir(parents=True)
+    stale.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
     again = VideoDiTPipeline.from_pretrained(export_ema(ckpt, str(tmp_path / "pipe"), pipeline=True))
     for model in (final.transformer, again.transformer):
         for (k, a), b in zip(exported.state_dict().items(), model.state_dict().values()):
@@ -558,6 +565,23 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
     assert first.config.default_size == [9, 16, 32] and first.config.default_fps == 12.0
     with pytest.raises(ValueError, match="must come from a package"):  # this run's encoder is a local folder
         export_ema(ckpt, str(tmp_path / "lean"), pipeline=True, lean=True)
+    for part in ("transformer", "vae"):  # no folder of this machine in what is published
+        assert json.load(open(tmp_path / "pipe" / part / "config.json")).get("_name_or_path") is None
+    state = json.load(open(tmp_path / "ckpt" / "state.json"))
+    del state["ema"]  # written before state.json said it: the config's ema_decay does
+    json.dump(state, open(tmp_path / "ckpt" / "state.json", "w"))
+    old = VideoDiT.from_pretrained(export_ema(str(tmp_path / "ckpt"), str(tmp_path / "old")))
+    assert all(torch.equal(a, b) for a, b in zip(old.state_dict().values(), exported.state_dict().values()))
+    vae = tmp_path / "vae"  # the run's VAE, its statistics measured again in place since
+    shutil.copytree(cfg["train"]["vae"], vae)
+    vae_config = json.load(open(vae / "config.json"))
+    vae_config["latents_std"][0] *= 1.5
+    json.dump(vae_config, open(vae / "config.json", "w"))
+    cfg["train"]["vae"] = str(vae)
+    yaml.safe_dump(cfg, open(tmp_path / "ckpt" / "config.yaml", "w"))
+    with pytest.raises(ValueError, match=f"train.vae = {vae} is not the VAE this checkpoint trained with any more "
+                                         f"\\(it differs in latents_std\\)"):
+        export_ema(str(tmp_path / "ckpt"), str(tmp_path / "p3"), pipeline=True)
 
 
 @pytest.mark.parametrize("args,words", [
@@ -675,7 +699,7 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
         if "lora_" not in k:  # base weights untouched
             name = k.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(v, base_sd[name]), k
-    assert os.listdir(run / "lora")  # adapters saved alone
+    assert os.listdir(run / "lora") and str(tmp_path) not in (run / "lora" / "README.md").read_text()  # alone
     with_adapters = load_lora(VideoDiT.from_pretrained(tmp_path / "base"), str(run / "lora"))
     merged = VideoDiT.from_pretrained(run / "pipeline", subfolder="transformer")
     packed = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 4, 8)], (1, 2, 2))

@@ -16,6 +16,7 @@ pipeline folder for sample.py:
 """
 
 import argparse
+import glob
 import json
 import logging
 import os
@@ -125,18 +126,29 @@ def export_ema(checkpoint: str, out: str, merge_lora: bool = True, pipeline: boo
     else:
         model.load_state_dict(load_file(os.path.join(checkpoint, "model.safetensors")))
     with open(os.path.join(checkpoint, "state.json")) as f:
-        kept_ema = json.load(f).get("ema", False)
+        state = json.load(f)
     ema_file = os.path.join(checkpoint, "custom_checkpoint_0.pkl")  # the first state registered (a GAN's is next)
-    if kept_ema and os.path.isfile(ema_file):  # a sharded run's EMA was read with its weights
+    # (checkpoints from before state.json said whether it kept an EMA: its config says)
+    if state.get("ema", cfg.train.ema_decay > 0) and os.path.isfile(ema_file):  # a sharded run's: read above
         params = [p for p in model.parameters() if p.requires_grad]
         ema = EMAModel(params)
         ema.load_state_dict(torch.load(ema_file, weights_only=False))
         ema.copy_to(params)
+    if cfg.train.task == "vae":  # as the run's own export: with the latent statistics, measured on its data
+        from ..vae import compute_latent_stats
+        from .tasks import first_clips, vae_source
+
+        compute_latent_stats(model, first_clips(vae_source(cfg, model)[1], 32, "cpu"))
     if not pipeline or cfg.train.task == "vae":
         return save_model(model, out, merge_lora)
     from ..text import load_text_encoder
-    from .models import load_trained_vae
+    from .models import load_trained_vae, vae_changes
 
+    differ = vae_changes(state.get("vae_config"), cfg)
+    if differ:
+        key, path = ("train.vae", cfg.train.vae) if cfg.train.vae else ("vae.path", cfg.vae.path)
+        raise ValueError(f"{key} = {path} is not the VAE this checkpoint trained with any more (it differs in "
+                         f"{', '.join(differ[:4])}): export with that VAE, or export without --pipeline")
     model = save_adapters(model, out)
     t = cfg.text
     text = load_text_encoder(t.encoder, t.path, t.max_length)
@@ -150,8 +162,25 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
 
     model = save_adapters(model, out, merge_lora)
     if model is not None:
+        forget_origin(model)
+        _remove_shard_indexes(out)
         model.save_pretrained(out)
     return out
+
+
+def _remove_shard_indexes(*folders):
+    """An earlier sharded save's index would outlive a single-file save into the same folder, and loading would then
+    look for the index's shards (diffusers removes the shards, not the index)."""
+    for folder in folders:
+        for index in glob.glob(os.path.join(folder, "*.safetensors.index.json")):
+            os.remove(index)
+
+
+def forget_origin(*models):
+    """A saved config names no folder of this machine (diffusers records the one each model was loaded from)."""
+    for m in models:
+        if m.config.get("_name_or_path"):
+            m.register_to_config(_name_or_path=None)
 
 
 def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, source=None) -> str:
@@ -176,6 +205,8 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, sou
                             default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
                             shared_noise=cfg.flow.shared_noise, default_size=size, default_fps=cfg.data.fps)
     pipe.register_to_config(default_size=list(pipe.resolve_size()))  # snapped to what the model takes
+    forget_origin(pipe.transformer, pipe.vae)
+    _remove_shard_indexes(*(os.path.join(out, part) for part in ("transformer", "vae", "text_encoder")))
     if not lean:
         pipe.save_pretrained(out)
     elif cfg.text.encoder == "minilm" and not cfg.text.path:

@@ -52,6 +52,7 @@ from ..data.loader import DataPosition, make_loader
 from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
 from .checkpoint import abandon_checkpoints_after, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from .models import named_vae_config
 from .tasks import DiTTask, VAETask
 
 logger = logging.getLogger(__name__)
@@ -179,6 +180,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         acc.register_for_checkpointing(obj)
 
     step, position, skipped_total = 0, DataPosition(), 0
+    vae_config = named_vae_config(cfg) if t.task == "dit" else None  # what an export checks its VAE against
     log_path = os.path.join(out, "log.jsonl")
     if checkpoint:
         _check_resumed_model(checkpoint, task.model_config, dp_size * A, acc.is_main_process)
@@ -293,7 +295,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
                          world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None,
-                         task=t.task, lora_rank=t.lora_rank)
+                         task=t.task, lora_rank=t.lora_rank, vae_config=vae_config)
             save_checkpoint(acc, out, step, state, cfg, task.model_config, t.keep_checkpoints,
                             (lambda folder: sharded.save(folder, model, optimizer, ema)) if fsdp else None)
         window["start"] += time.perf_counter() - pause

@@ -33,6 +33,11 @@ def save_adapters(model, folder: str, merge: bool = True):
     whole), or None without `merge`. Any other model is returned as it is."""
     if not isinstance(model, PeftModel):
         return model
+    from .checkpoint import forget_origin
+
+    forget_origin(model.get_base_model())  # its folder on this machine: not in the adapters' card and config
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = None
     model.save_pretrained(os.path.join(folder, "lora"))
     return model.merge_and_unload() if merge else None
 

@@ -158,16 +158,30 @@ def _vae_source(cfg) -> tuple[str, str | None, str | None]:
     return "train.vae" if cfg.train.vae else "vae.path", path, sub
 
 
+def named_vae_config(cfg) -> dict | None:
+    """The config.json of the VAE folder the run names (latent normalization included; diffusers' private keys left
+    out), None for a hub id or no VAE: what a latent cache and a checkpoint record of the VAE they were made with."""
+    key, path, sub = _vae_source(cfg)
+    config = os.path.join(os.path.expanduser(path or ""), sub or "", "config.json")
+    if not path or not os.path.isfile(config):
+        return None
+    with open(config) as f:
+        return {k: v for k, v in json.load(f).items() if not k.startswith("_")}
+
+
+def vae_changes(recorded: dict | None, cfg) -> list[str]:
+    """The keys in which the VAE the run names now differs from a recorded config (none when either is unknown)."""
+    now = named_vae_config(cfg)
+    if not recorded or now is None:
+        return []
+    return sorted(k for k in now.keys() & recorded.keys() if now[k] != recorded[k])
+
+
 def check_cache_vae(index: dict, cfg):
     """The run's VAE must be the one that encoded a latent cache (its index.json's vae_config): their configs, latent
     normalization included, agree on every key both name. A hub id or an older cache is not checked."""
-    key, path, sub = _vae_source(cfg)
-    config = os.path.join(os.path.expanduser(path or ""), sub or "", "config.json")
-    if not path or "vae_config" not in index or not os.path.isfile(config):
-        return
-    with open(config) as f:
-        got = {k: v for k, v in json.load(f).items() if not k.startswith("_")}
-    differ = sorted(k for k in got.keys() & index["vae_config"].keys() if got[k] != index["vae_config"][k])
+    key, path, _ = _vae_source(cfg)
+    differ = vae_changes(index.get("vae_config"), cfg)
     if differ:
         raise ConfigError(f"data.cache_dir holds latents of another VAE ({index.get('vae')}) than {key} = {path} "
                           f"(they differ in {', '.join(differ[:4])}): rebuild the cache with this VAE, or train with "

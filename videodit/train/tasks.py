@@ -115,7 +115,8 @@ class DiTTask:
         """Pixels (3, T, H, W) of any shapes -> normalized latents (C, T', h, w), one VAE call per shape."""
         out = [None] * len(videos)
         for idx in _group_by_shape(videos).values():
-            x = torch.stack([videos[i] for i in idx]).to(self.device, self.vae.dtype)  # (B, 3, T, H, W)
+            # each clip copied from the loader's pinned memory without a sync, then stacked: (B, 3, T, H, W)
+            x = torch.stack([videos[i].to(self.device, non_blocking=True) for i in idx]).to(self.vae.dtype)
             for i, z in zip(idx, self.vae.encode_latents(x).float()):
                 out[i] = z
         return out
@@ -126,7 +127,7 @@ class DiTTask:
             batch, weight = self.last_batch or _stand_in(self.source), 0.0
         self.last_batch = batch
         if "latent" in batch:
-            latents = [z.to(self.device) for z in batch["latent"]]
+            latents = [z.to(self.device, non_blocking=True) for z in batch["latent"]]  # pinned by the loader
             text, mask = (t.to(self.device) for t in pad_rows(batch["text"]))
         else:
             latents = self.latents(batch["video"])
@@ -235,6 +236,25 @@ class DiTTask:
         return save_pipeline(self.cfg, model, self.vae, self.text, os.path.join(folder, "pipeline"), source=self.source)
 
 
+def vae_source(cfg, model) -> tuple:
+    """(geometry, data source) of a VAE run: the model's factors (train.init_from's weights decide them)."""
+    c = model.config
+    geom = Geometry(c.temporal_factor, c.spatial_factor, tuple(cfg.model.patch_size or (1, 2, 2)))
+    return geom, make_source(cfg.data, geom)
+
+
+def first_clips(source, count: int, device):
+    """The source's first `count` readable clips, each (1, 3, T, H, W) on the device."""
+    for i in range(len(source)):
+        if count == 0:
+            return
+        try:
+            yield source.load(i, False, random.Random(0))["video"][None].to(device)
+            count -= 1
+        except VideoReadError:
+            continue
+
+
 class VAETask:
     """The causal VAE: foreground-weighted L1 + multi-scale SSIM + KL, and a 3D PatchGAN from vae.gan_start on."""
 
@@ -250,9 +270,7 @@ class VAETask:
         self.cfg, self.acc, self.device = cfg, accelerator, accelerator.device
         self.model = build_vae(cfg)
         self.model_config = dict(self.model.config)
-        c = self.model.config  # train.init_from's weights decide the factors
-        self.geom = Geometry(c.temporal_factor, c.spatial_factor, tuple(cfg.model.patch_size or (1, 2, 2)))
-        self.source = make_source(cfg.data, self.geom)
+        self.geom, self.source = vae_source(cfg, self.model)
         self.loss_fn = VAELoss(ssim_weight=v.perceptual_weight, kl_weight=v.kl_weight, fg_weight=v.foreground_weight,
                                disc_weight=v.gan_weight, disc_start=v.gan_start).to(self.device)
         self.disc = self.loss_fn.discriminator  # replicated on every rank; gradients averaged in after_step
@@ -304,15 +322,7 @@ class VAETask:
         self.disc_opt.zero_grad(set_to_none=True)
 
     def clips(self, count: int):
-        """The source's first `count` readable clips, each (1, 3, T, H, W) on the device."""
-        for i in range(len(self.source)):
-            if count == 0:
-                return
-            try:
-                yield self.source.load(i, False, random.Random(0))["video"][None].to(self.device)
-                count -= 1
-            except VideoReadError:
-                continue
+        return first_clips(self.source, count, self.device)
 
     def held_out(self, count: int) -> dict:
         """The source's last `count` clips (the loader never draws them), kept in CPU memory; `items`: the indices
