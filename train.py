@@ -34,7 +34,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         print(train(cfg, args.resume))
-    except (ConfigError, ManifestError, FileNotFoundError) as e:
+    except (ConfigError, ManifestError, OSError) as e:  # OSError: a file or model that cannot be read or loaded
         raise SystemExit(f"error: {e}") from None
     except Stopped as e:  # the exit status of a process ended by the signal: the job did not finish
         for s in STOP_SIGNALS:  # a launcher's own SIGTERM to the processes still running must not change it

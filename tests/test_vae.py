@@ -317,7 +317,7 @@ def test_load_vae_takes_a_dict_and_names_the_presets(tmp_path, monkeypatch):
     monkeypatch.setattr(CausalVideoVAE, "from_pretrained", classmethod(lambda cls, path, **kw: seen.append(path)))
     assert load_vae("wan", "org/model", subfolder="vae").model is tiny
     load_vae("causal", "org/our-vae")
-    assert seen == [("org/model", {"subfolder": "vae"}), "org/our-vae"]
+    assert seen == [("org/model", {"subfolder": "vae", "local_files_only": True}), "org/our-vae"]
 
 
 def test_foreground_weight_marks_objects():

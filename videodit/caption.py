@@ -39,7 +39,7 @@ from videodit.config import as_saved, one_line_warnings
 from videodit.data import shapes
 from videodit.data.manifest import ManifestError, read_manifest, write_manifest
 from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
-from videodit.text import check_local_model, load_error
+from videodit.text import check_local_model, from_hub, load_error
 
 logger = logging.getLogger(__name__)
 ASSETS = os.path.join(os.path.dirname(__file__), "assets")
@@ -296,8 +296,10 @@ class VLMCaptioner:
         what = "the captioner's vision-language model"
         source = check_local_model(model, what)
         try:
-            self.processor = AutoProcessor.from_pretrained(source)
-            self.model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device).eval()
+            self.processor, self.model = from_hub(lambda **kw: (
+                AutoProcessor.from_pretrained(source, **kw),
+                AutoModelForImageTextToText.from_pretrained(source, dtype=dtype, **kw)), model)
+            self.model = self.model.to(device).eval()
         except OSError as e:
             raise load_error(model, what, e) from e
         self.processor.tokenizer.padding_side = "left"  # generation continues every row from its last token

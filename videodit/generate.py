@@ -305,7 +305,10 @@ def load_pipeline(path: str, device: str, offload: bool = False, loras=(), scale
     from videodit.pipeline import VideoDiTPipeline
 
     dtype = torch.float32 if torch.device(device).type == "cpu" else torch.bfloat16
-    pipe = VideoDiTPipeline.from_pretrained(path, dtype=dtype)
+    try:
+        pipe = VideoDiTPipeline.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:  # a part missing or damaged (check_parts names the file)
+        raise UserError(f"--checkpoint {e}" if str(e).startswith(path) else f"--checkpoint {path}: {e}") from None
     for lora, scale in zip(loras, scales if len(scales) > 1 else list(scales or [1.0]) * len(loras)):
         try:
             pipe.load_lora(lora, scale)

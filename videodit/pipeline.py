@@ -18,7 +18,9 @@ frame held still for ft frames, and trims the held frames from the result.
 """
 
 import contextlib
+import copy
 import dataclasses
+import importlib
 import json
 import math
 import os
@@ -35,7 +37,7 @@ from .data.video import from_uint8, resize_crop, to_uint8
 from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
 from .flow import cond_frames, guidance_distilled, sample
 from .text import encode_with, load_text_encoder
-from .vae import CausalVideoVAE, PretrainedVideoVAE
+from .vae import CausalVideoVAE, PretrainedVideoVAE, valid_size
 
 
 @dataclasses.dataclass
@@ -75,6 +77,72 @@ def check_sampling(steps=None, guidance=None, guidance_parallel=None, shift=None
                          f"got {strength!r}")
 
 
+def check_parts(folder: str, index: dict, given=()):
+    """Refuse a pipeline folder with a part missing or damaged, before diffusers loads it, in one line naming the
+    file: each part that model_index.json `index` names (but those `given` as objects) needs its folder and config;
+    a model, its safetensors weights (one file, or an index and every shard it names), readable; a diffusers model,
+    weights that fit its config (the names and shapes of the model the config builds: diffusers only warns of
+    weights left over, and samples with a model short of them). OSError for a missing or damaged file, ValueError
+    for weights that do not fit."""
+    from accelerate import init_empty_weights
+    from diffusers import ModelMixin
+
+    for name, entry in index.items():
+        if name.startswith("_") or not isinstance(entry, list) or len(entry) != 2 or None in entry or name in given:
+            continue
+        try:
+            cls = getattr(importlib.import_module(entry[0]), entry[1])
+        except (ImportError, AttributeError):
+            continue  # diffusers says that it cannot find the class
+        part = os.path.join(folder, name)
+        if not os.path.isdir(part):
+            raise FileNotFoundError(f"{folder}: {name}/ is missing (model_index.json names it, a {entry[1]}); copy "
+                                    f"the whole pipeline folder again")
+        config = getattr(cls, "config_name", None) or ("config.json" if issubclass(cls, torch.nn.Module) else None)
+        if config and not os.path.isfile(os.path.join(part, config)):
+            raise FileNotFoundError(f"{folder}: {name}/{config} is missing; copy the whole pipeline folder again")
+        if not issubclass(cls, torch.nn.Module) or any(f.endswith(".bin") for f in os.listdir(part)):
+            continue  # a scheduler or tokenizer; or pickled weights, which diffusers reads itself
+        shapes = _weight_shapes(folder, name, "diffusion_pytorch_model" if issubclass(cls, ModelMixin) else "model")
+        if not issubclass(cls, ModelMixin):
+            continue
+        with init_empty_weights():
+            model = cls.from_config(cls.load_config(part))
+        want = {k: list(v.shape) for k, v in model.state_dict().items()}
+        both = sorted(want.keys() & shapes.keys())
+        differ = [f"{k} {shapes[k]}, not {want[k]}" for k in both if want[k] != shapes[k]]
+        odd = [what.format(len(keys)) + f" ({', '.join(keys[:2])}{', ...' if len(keys) > 2 else ''})" for what, keys in
+               (("{} weights the config's model lacks", sorted(shapes.keys() - want.keys())),
+                ("the config's model has {} weights they lack", sorted(want.keys() - shapes.keys())),
+                ("{} weights of another shape than the config's", differ)) if keys]
+        if odd:
+            raise ValueError(f"{folder}: the {name} weights do not fit {name}/{config}: {'; '.join(odd)}; keep each "
+                             f"part's weights with the config they were saved with")
+
+
+def _weight_shapes(folder: str, name: str, stem: str) -> dict:
+    """{key: shape} of the safetensors weights of part `name` (files `stem`.safetensors, or `stem`.safetensors
+    .index.json and its shards); a one-line OSError naming a file that is missing or cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    part, index = os.path.join(folder, name), stem + ".safetensors.index.json"
+    files, named = [stem + ".safetensors"], ""
+    if os.path.isfile(os.path.join(part, index)):
+        with open(os.path.join(part, index)) as f:
+            files, named = sorted(set(json.load(f)["weight_map"].values())), f" ({index} names it)"
+    shapes = {}
+    for file in files:
+        if not os.path.isfile(os.path.join(part, file)):
+            raise FileNotFoundError(f"{folder}: {name}/{file} is missing{named}; copy the whole pipeline folder again")
+        try:
+            with safe_open(os.path.join(part, file), "pt") as f:
+                shapes.update({k: f.get_slice(k).get_shape() for k in f.keys()})
+        except SafetensorError as e:
+            raise OSError(f"{folder}: {name}/{file} is damaged ({e}): a download or copy cut short? copy it again") \
+                from None
+    return shapes
+
+
 class VideoDiTPipeline(DiffusionPipeline):
     # No model_cpu_offload_seq: diffusers' hooks catch forward() only, and the VAE runs through decode_latents().
     # enable_offload() below moves each part to the accelerator while it runs.
@@ -101,33 +169,47 @@ class VideoDiTPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, path, **kwargs):
-        """diffusers' loader; a folder saved without its text encoder (see save_lean) takes it from the package that
-        model_index.json names. Weights load as float32 unless `dtype` says otherwise."""
-        index, package = os.path.join(path, "model_index.json"), None
-        if os.path.isfile(index):
-            with open(index) as f:
-                package = json.load(f).get("text_encoder_package")
-        if package and not os.path.isdir(os.path.join(path, "text_encoder")) and "text_encoder" not in kwargs:
+        """diffusers' loader, for a folder or a hub id (downloaded, or from the hub cache); a pipeline saved without
+        its text encoder (model_index.json names none, see save_lean) takes it from the package that the index
+        names. A part missing or damaged, or weights that do not fit their config, fail first in one line naming
+        the file (check_parts). Weights load as float32 unless `dtype` says otherwise."""
+        folder = os.fspath(path)
+        if not os.path.isdir(folder):  # a hub id: its snapshot in the cache, downloaded if need be
+            hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+            folder = cls.download(folder, **{k: kwargs[k] for k in hub if k in kwargs})
+        index = cls.load_config(folder)
+        package = index.get("text_encoder_package")
+        if package and (index.get("text_encoder") or [None])[0] is None and "text_encoder" not in kwargs:
             enc = load_text_encoder(package)
             kwargs.update(text_encoder=enc.model, tokenizer=enc.tokenizer)
+        if "variant" not in kwargs:  # a variant's weights have other file names
+            check_parts(folder, index, given=kwargs)
         if "torch_dtype" not in kwargs:  # diffusers' older name for it
             kwargs.setdefault("dtype", torch.float32)
-        return super().from_pretrained(path, **kwargs)
+        pipe = super().from_pretrained(folder, **kwargs)
+        pipe.register_to_config(_name_or_path=os.fspath(path))
+        return pipe
 
     def save_lean(self, out: str, package: str = "minilm", dtype=torch.float16):
         """Save for shipping: the denoiser in `dtype`, the VAE in float32, and no text encoder (it comes from the
-        package `package` at load time)."""
-        parts = dict(text_encoder=self.text_encoder, tokenizer=self.tokenizer)
-        dtype_before = self.transformer.dtype
-        self.register_modules(text_encoder=None, tokenizer=None)
-        self.register_to_config(text_encoder_package=package)
-        self.transformer.to(dtype)
-        try:
-            self.save_pretrained(out)
-        finally:
-            self.transformer.to(dtype_before)
-            self.register_modules(**parts)
-        for name in parts:  # an earlier whole save's: loading would take them for parts the index leaves out
+        package `package` at load time, so the pipeline's text encoder must be that package's model). The pipeline
+        itself is left as it was."""
+        if self.text_encoder is not None:
+            enc, own = load_text_encoder(package).model, self.text_encoder.state_dict()
+            theirs = enc.state_dict()
+            if type(enc) is not type(self.text_encoder) or own.keys() != theirs.keys() or not all(
+                    torch.equal(own[k].cpu(), v.to(own[k].dtype)) for k, v in theirs.items()):
+                raise ValueError(f"save_lean: this pipeline's text encoder ({type(self.text_encoder).__name__}) is "
+                                 f"not the {package!r} package's model, which a lean folder loads in its place; save "
+                                 f"it whole with save_pretrained")
+        transformer = copy.deepcopy(self.transformer)
+        torch.nn.Module.to(transformer, dtype)  # (diffusers' to() warns of float32 modules the model has none of)
+        init = {k: self.config[k] for k in self._get_signature_keys(self)[1] if k in self.config}
+        init["text_encoder_package"] = package
+        lean = type(self)(self.vae, transformer, None, None, self.scheduler, **init)
+        lean._optional_components = ["text_encoder", "tokenizer"]  # left out of the index without a warning
+        lean.save_pretrained(out)
+        for name in ("text_encoder", "tokenizer"):  # an earlier whole save's: loading would take them for parts
             shutil.rmtree(os.path.join(out, name), ignore_errors=True)
 
     def load_lora(self, path: str, scale: float = 1.0):
@@ -179,8 +261,11 @@ class VideoDiTPipeline(DiffusionPipeline):
         return Geometry(self.video_vae.ft, self.video_vae.fs, self.transformer.patch_size)
 
     def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
-        """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch."""
-        return self.geometry.snap(*self.video_vae.valid_size(T, H, W))
+        """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch, each
+        rounded once from the value asked, ties up (as the VAE's valid_size)."""
+        (mh, mw), ft = self.geometry.steps, self.video_vae.ft
+        T, H, _ = valid_size(T, H, W, ft, mh)
+        return self.geometry.snap(T, H, valid_size(T, H, W, ft, mw)[2])  # snap keeps these; it applies a pt > 1
 
     def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
                      like: tuple[int, int] | None = None, connect: bool = False,

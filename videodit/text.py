@@ -130,6 +130,26 @@ def load_error(path: str, what: str, e: OSError) -> OSError:
                    f"loaded: {why}")
 
 
+def from_hub(load, path: str):
+    """`load(**kw)` (a from_pretrained call) for a model `path`: a local folder (is_local) loads as it is; a hub id
+    loads from the hub cache first, with no network, and one not cached is looked up on the hub once before it
+    downloads, so that without a network it fails at once (OSError) rather than after huggingface_hub's 24 s of
+    retries a file."""
+    if is_local(path):
+        return load()
+    try:
+        return load(local_files_only=True)
+    except OSError:
+        pass
+    from huggingface_hub import model_info
+
+    try:
+        model_info(path, timeout=10)  # one request, no retries
+    except Exception as e:  # no network (httpx's errors are no OSError), offline mode, no such repository
+        raise OSError(f"not in the hub cache, and the hub cannot be reached or has no such model: {e}") from e
+    return load()
+
+
 def _model_class(kind: str):
     import transformers
 
@@ -159,8 +179,9 @@ def load_text_encoder(kind: str = "minilm", path: str | None = None, max_length:
     what = f"the {kind} text encoder"
     model_dir = check_local_model(model_dir, what)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(os.path.expanduser(tok_dir))
-        model = _model_class(kind).from_pretrained(model_dir, dtype=dtype)
+        tokenizer, model = from_hub(lambda **kw: (AutoTokenizer.from_pretrained(os.path.expanduser(tok_dir), **kw),
+                                                  _model_class(kind).from_pretrained(model_dir, dtype=dtype, **kw)),
+                                    path)
     except OSError as e:
         raise load_error(path, what, e) from e
     return TextEncoder(model.to(device), tokenizer, max_length=max_length, cache_size=cache_size)

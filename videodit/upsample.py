@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from videodit.data import shapes
-from videodit.text import check_local_model, load_error
+from videodit.text import check_local_model, from_hub, load_error
 
 # The synonyms the shapes grammar understands: word -> canonical value. Colors also by name (color_by_name).
 SIZE_WORDS = {"small": "small", "little": "small", "tiny": "small", "large": "large", "big": "large",
@@ -303,7 +303,8 @@ def _load_lm(model: str):
 
         source = check_local_model(model, LM)
         try:
-            _LMS[model] = (AutoTokenizer.from_pretrained(source), AutoModelForCausalLM.from_pretrained(source).eval())
+            _LMS[model] = from_hub(lambda **kw: (AutoTokenizer.from_pretrained(source, **kw),
+                                                 AutoModelForCausalLM.from_pretrained(source, **kw).eval()), model)
         except OSError as e:
             raise load_error(model, LM, e) from e
     return _LMS[model]

@@ -629,7 +629,18 @@ PRETRAINED_VAES = {"wan": AutoencoderKLWan, "cogvideox": AutoencoderKLCogVideoX,
 def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **kwargs):
     """Build a VAE by name. kind: 'causal' (ours), 'wan', 'cogvideox' or 'hunyuan'. path_or_config: a directory
     (or hub id) for from_pretrained (kwargs go to it, e.g. subfolder='vae', torch_dtype), a dict of constructor
-    arguments, None for the class defaults, or for 'causal' a preset name from VAE_PRESETS."""
+    arguments, None for the class defaults, or for 'causal' a preset name from VAE_PRESETS. A hub id loads from the
+    hub cache first and, not cached and without a network, fails at once in one line (videodit.text.from_hub)."""
+    from .text import from_hub, is_local, load_error
+
+    def pretrained(cls):
+        try:
+            return from_hub(lambda **kw: cls.from_pretrained(path_or_config, **{**kw, **kwargs}), path_or_config)
+        except OSError as e:
+            if is_local(path_or_config):
+                raise
+            raise load_error(path_or_config, "the VAE", e) from e
+
     if kind == "causal":
         if isinstance(path_or_config, dict):  # first: a dict is unhashable, so `in VAE_PRESETS` would raise
             return CausalVideoVAE(**path_or_config, **kwargs)
@@ -639,7 +650,7 @@ def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **k
             raise ValueError(f"load_vae('causal', {str(path_or_config)!r}): not a preset nor a folder; give one of "
                              f"the presets {', '.join(map(repr, VAE_PRESETS))}, a dict of CausalVideoVAE arguments, "
                              f"or a folder written by save_pretrained (or its hub id, org/name)")
-        return CausalVideoVAE.from_pretrained(path_or_config, **kwargs)
+        return pretrained(CausalVideoVAE)
     if kind not in PRETRAINED_VAES:
         raise ValueError(f"unknown VAE kind {kind!r}; choose one of 'causal', "
                          f"{', '.join(map(repr, PRETRAINED_VAES))}")
@@ -647,7 +658,7 @@ def load_vae(kind: str = "causal", path_or_config: str | dict | None = None, **k
     if path_or_config is None or isinstance(path_or_config, dict):
         model = cls(**(path_or_config or {}), **kwargs)
     else:
-        model = cls.from_pretrained(path_or_config, **kwargs)
+        model = pretrained(cls)
     return PretrainedVideoVAE(model)
 
 
