@@ -90,6 +90,7 @@ def test_sizes_left_out_come_from_the_checkpoint_and_the_input(tiny_pipe):
     assert tiny_pipe("a red circle", image=wide, progress=False).sizes == [(5, 16, 40)]
     clip = torch.rand(3, 11, 16, 16) * 2 - 1  # SDEdit keeps the clip's length: the longest 1 + 4k frames of it
     assert tiny_pipe("a red circle", video=clip, strength=0.5, progress=False).sizes == [(9, 24, 24)]
+    assert tiny_pipe("a red circle", video=clip, strength=0.5, num_frames=11, progress=False).sizes == [(9, 24, 24)]
 
 
 def test_a_generator_per_prompt_makes_each_video_independent_of_the_batch(tiny_pipe):
@@ -120,6 +121,9 @@ def test_image_is_the_first_frame(tiny_pipe):
     roundtrip = tiny_pipe.decode(tiny_pipe.encode_video(image))
     assert torch.allclose(out[:, 0], roundtrip[:, 0], atol=1e-5)
     assert not torch.allclose(out[:, 4], roundtrip[:, 0], atol=1e-2)
+    still = tiny_pipe("a red circle", height=32, width=32, num_frames=1, image=image, output_type="pt",
+                      generator=gen(1), progress=False).frames[0]  # an image asked for: the image, whatever the seed
+    assert still.shape[1] == 1 and torch.allclose(still[:, 0], roundtrip[:, 0], atol=1e-5)
 
 
 def test_loop_starts_and_ends_on_one_frame(tiny_pipe, monkeypatch):
@@ -291,6 +295,10 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
     c = tiny_pipe("a red circle", negative_prompt="green", guidance_scale=4.0, height=16, width=16, num_frames=5,
                   generator=gen(0), progress=False).frames[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    kw = dict(guidance_scale=4.0, height=16, width=16, num_frames=5, progress=False)
+    none, empty = (tiny_pipe(["a red circle", "a blue square"], negative_prompt=["green", n], generator=[gen(0), gen(1)],
+                             **kw).frames for n in (None, ""))  # None in the list: no negative prompt for that one
+    assert np.array_equal(none[0], c) and np.array_equal(none[1], empty[1])
 
 
 def test_sampling_settings_reach_every_pass(tiny_pipe, monkeypatch):
@@ -429,7 +437,11 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
     out = capsys.readouterr().out  # the size note leaves SDEdit's frames to its own note
     assert "note: height 15: not a size this model takes; using 16x16 (height x width)" in out
-    assert "note: --video has 6 frames at 8 fps; SDEdit takes 1 + 4*k frames: using its first 5" in out
+    assert "note: --video has 6 frames at 8 fps; SDEdit takes 1 + 4*k frames of it: using its first 5" in out
+    run("--video", str(tmp_path / "b.mp4"), "--strength", "0.5", "--num-frames", "8")  # 9 would pass the clip's end
+    assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
+    assert "--video has 6 frames at 8 fps, --num-frames 8; SDEdit takes 1 + 4*k frames of it: using its first 5" \
+        in capsys.readouterr().out
     run("--image", str(tmp_path / "noext"), "--num-frames", "5")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
     (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\ntwo blue squares\n".encode("utf-8"))

@@ -333,8 +333,8 @@ def conditioning(a, size):
             clip = read_video(a.video, fps=a.fps, height=H, width=W)
             return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \
                 clip if a.extend == "backward" else None
-        if a.strength is not None:  # only the frames edited (the whole clip without --num-frames)
-            clip = read_video(a.video, T, fps=a.fps, height=H, width=W)
+        if a.strength is not None:  # the whole clip: the frames edited are its first (run caps them to it)
+            clip = read_video(a.video, fps=a.fps, height=H, width=W)
             return dict(video=clip, strength=a.strength), None, None
         if a.connect:
             clips = [read_video(v, fps=a.fps, height=H, width=W) for v in a.connect]
@@ -391,18 +391,21 @@ def sample_prompts(a, prompts, like, device, ranks):
     size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect), extend=bool(a.extend))
     changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
                                                    size) if v is not None and v != s]
-    frames = None if a.strength is not None and a.num_frames is None else size[0]  # SDEdit: the clip's length
+    frames = None if a.strength is not None else size[0]  # SDEdit: decided by the clip's length, below
+    if a.strength is not None:
+        changed = [c for c in changed if not c.startswith("frames")]
     if changed:
         shown = f"{size[1]}x{size[2]} (height x width)" if frames is None else \
             f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
         say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
-    if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip
+    if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip, or of the --num-frames asked
         n = kwargs["video"].shape[1]
-        frames = pipe.geometry.frames(n, n)
-        if frames != n:
-            say(f"note: --video has {n} frames at {a.fps:g} fps; SDEdit takes 1 + {pipe.geometry.ft}*k frames: "
-                f"using its first {frames}")
+        frames = pipe.geometry.frames(n, a.num_frames or n)
+        if frames != (a.num_frames or n):
+            asked = f", --num-frames {a.num_frames}" if a.num_frames else ""
+            say(f"note: --video has {n} frames at {a.fps:g} fps{asked}; SDEdit takes 1 + {pipe.geometry.ft}*k "
+                f"frames of it: using its first {frames}")
     if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
         clips = sum(v.shape[1] for v in (before, after) if v is not None)
         raise png_error(a.output, clips + frames, clip=bool(clips))

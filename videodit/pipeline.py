@@ -381,6 +381,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
             if any(x is not None and x < 1 for x in per(v, name)):
                 raise ValueError(f"{name} must be positive, got {v}")
+        if isinstance(negative_prompt, (list, tuple)):  # None in a list: no negative prompt for that one
+            negative_prompt = [n or "" for n in negative_prompt]
         if not all(n is None or isinstance(n, str) for n in per(negative_prompt, "negative_prompt")):
             raise ValueError(f"negative_prompt must be a string or a list of one per prompt, got "
                              f"{negative_prompt!r:.80}")
@@ -411,6 +413,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         like = tuple(ref.shape[-2:]) if ref is not None else None
         sizes = [self.resolve_size(t, h, w, like, connect is not None, extend is not None and video is not None)
                  for t, h, w in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"))]
+        if strength is not None and video is not None:  # SDEdit: no more frames than the clip has
+            sizes = [(self.geometry.frames(video.shape[1], t), h, w) for t, h, w in sizes]
         vae = self.video_vae
         C = vae.denoiser_channels
         if self.transformer.config.in_channels != C:
@@ -506,14 +510,11 @@ class VideoDiTPipeline(DiffusionPipeline):
         for i, ((C, Tl, h, w), (T, H, W)) in enumerate(zip(shapes, sizes)):
             z = torch.zeros(C, Tl, h, w)
             if mode == "strength":  # SDEdit starts from the clip's latents
-                clip = _fit(video, H, W)[:, :T]
-                if clip.shape[1] != T:
-                    raise ValueError(f"SDEdit at {T} frames needs a video of at least {T} frames, got {clip.shape[1]}")
-                lat.append(self.encode_video(clip))
+                lat.append(self.encode_video(_fit(video, H, W)[:, :T]))
                 continue
-            if mode == "image":  # the image is the first frame
+            if mode == "image":  # the image is the first frame (an image asked for: the image)
                 z[:, :1] = self.encode_video(_fit(image[:, :1], H, W))
-                m, cut = cond_frames(Tl, "first"), (0, 0)
+                m, cut = cond_frames(Tl, "first") if Tl > 1 else torch.ones(1, dtype=torch.bool), (0, 0)
             elif mode == "extend" and extend == "forward":  # the clip's last 1 + ft*k frames, then T new ones
                 new = -(-T // ft)
                 k = Tl - 1 - new  # as many frames of context as new ones, as far as the clip has them
@@ -563,9 +564,10 @@ def _as_clip(x, name: str) -> torch.Tensor:
             warnings.warn(f"{name}: every pixel is in [0, 1]; pixels are read in [-1, 1] (from [0, 1]: x * 2 - 1)",
                           stacklevel=3)
         return x
-    got = tuple(x.shape) if hasattr(x, "shape") else type(x).__name__
+    got = f"{tuple(x.shape)} {x.dtype}" if hasattr(x, "shape") else type(x).__name__
+    shared = "; one input serves every prompt of a call (one call per input)" if isinstance(x, (list, tuple)) else ""
     raise ValueError(f"{name} must be pixels (3, T, H, W) or (3, H, W) as a tensor in [-1, 1], a PIL image, or uint8 "
-                     f"frames (H, W, 3) / (T, H, W, 3); got {got}")
+                     f"frames (H, W, 3) / (T, H, W, 3); got {got}{shared}")
 
 
 def _fit(video: torch.Tensor, H: int, W: int) -> torch.Tensor:
