@@ -29,6 +29,7 @@ def test_geometry():
         ShapesSource([[16, 64, 64]], 10, 0, GEOM)
     wide = Geometry(4, 4, (1, 2, 4))  # a patch wider than tall: heights step by 8, widths by 16
     assert wide.snap(17, 40, 50) == (17, 40, 48) and wide.resize(720, 1280, 4096) == (48, 80)
+    assert wide.snap(3, 12, 24) == (5, 16, 32)  # ties up, as the VAE's valid_size
     wide.check(17, 40, 48, "data.sizes entry")
     with pytest.raises(ValueError, match="multiples of 8 and 16"):
         wide.check(17, 40, 40, "data.sizes entry")

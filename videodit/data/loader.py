@@ -78,13 +78,13 @@ class Geometry:
         return (h, min(w, cells * mw)) if h == mh else (min(h, cells * mh), w) if w == mw else (h, w)
 
     def snap(self, T: int, H: int, W: int) -> tuple[int, int, int]:
-        """The nearest size this geometry takes: T = 1 + ft*k with k a multiple of pt (or T = 1), H and W multiples
-        of `steps` (at least one of each)."""
-        pt = self.patch[0]
-        k = round((max(T, 1) - 1) / self.ft)
-        k = k if k % pt == 0 else round(k / pt) * pt or pt
+        """The nearest size this geometry takes (ties up, as videodit.vae.valid_size): T = 1 + ft*k with k a multiple of
+        pt (or T = 1), H and W multiples of `steps` (at least one of each)."""
+        pt, near = self.patch[0], lambda x: int(x + 0.5)  # noqa: E731
+        k = near((max(T, 1) - 1) / self.ft)
+        k = k if k % pt == 0 else near(k / pt) * pt or pt
         mh, mw = self.steps
-        return 1 + self.ft * k, max(mh, round(H / mh) * mh), max(mw, round(W / mw) * mw)
+        return 1 + self.ft * k, max(mh, near(H / mh) * mh), max(mw, near(W / mw) * mw)
 
     def check(self, T: int, H: int, W: int, what: str):
         (mh, mw), (_, ph, pw) = self.steps, self.patch
