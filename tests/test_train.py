@@ -381,6 +381,13 @@ def test_init_from_names_the_architecture_keys_it_overrides(tmp_path, caplog):
     assert "vae.fs = 4 (the model's: 2)" in caplog.text and "vae.ft = 4 (the model's: 2)" in caplog.text
     assert "latent_channels" not in caplog.text
     assert task.geom.latent_shape(5, 16, 16) == (3, 8, 8)
+    caplog.clear()  # a denoiser run's VAE decides its compression too: the keys a config changed are named
+    from videodit.train.models import load_trained_vae
+
+    with caplog.at_level("WARNING"):
+        load_trained_vae(load_config(None, TINY + [f"train.vae={tmp_path / 'vae'}", "vae.ft=1", "vae.fs=2"]))
+    assert "train.vae = " in caplog.text and "ignored: vae.ft = 1 (the model's: 2)" in caplog.text
+    assert "vae.fs" not in caplog.text and "latent_channels" not in caplog.text  # fs as the VAE's, 4 channels
 
 
 @pytest.mark.parametrize("overrides, words", [
@@ -544,7 +551,7 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
     final = VideoDiTPipeline.from_pretrained(os.path.join(reference, "pipeline"))  # what the run wrote at its end
     stale = tmp_path / "pipe" / "transformer" / "diffusion_pytorch_model.safetensors.index.json"  # a sharded save's
     stale.parent.mkdir(parents=True)
-    stale.write_text(json.dumps({"metadata": {}, "weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
+    stale.write_text(json.dumps({"weight_map": {"w": "diffusion_pytorch_model-00001-of-00002.safetensors"}}))
     again = VideoDiTPipeline.from_pretrained(export_ema(ckpt, str(tmp_path / "pipe"), pipeline=True))
     for model in (final.transformer, again.transformer):
         for (k, a), b in zip(exported.state_dict().items(), model.state_dict().values()):

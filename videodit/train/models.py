@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from ..config import ConfigError, as_saved
+from ..config import ConfigError, VAEConfig, as_saved
 from ..dit import PRESETS, VideoDiT
 from ..text import is_local
 from ..flow import guidance_distilled
@@ -50,12 +50,12 @@ def build_denoiser(cfg, in_channels: int, text_dim: int, teacher: VideoDiT | Non
         return VideoDiT(**denoiser_kwargs(cfg, in_channels, text_dim))
 
 
-def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = ""):
-    """Warn of the config's architecture keys that train.init_from's weights override (their config decides)."""
+def _warn_ignored(asked: dict, got: dict, path: str, prefix: str = "", key: str = "train.init_from"):
+    """Warn of the config's architecture keys that the weights of `key` override (their config decides)."""
     asked, got = as_saved(asked), as_saved(got)
     ignored = [f"{prefix}{k} = {v} (the model's: {got[k]})" for k, v in asked.items() if v != got[k]]
     if ignored:
-        logger.warning(f"train.init_from = {path} decides the architecture; ignored: {'; '.join(ignored)}")
+        logger.warning(f"{key} = {path} decides the architecture; ignored: {'; '.join(ignored)}")
 
 
 def _check_class(folder: str, name: str, key: str, what: str):
@@ -209,4 +209,7 @@ def load_trained_vae(cfg):
     want = CausalVideoVAE if v.kind == "causal" else PRETRAINED_VAES[v.kind]
     _check_class(os.path.join(path, sub or ""), want.__name__, key, f"the VAE of vae.kind {v.kind}")
     vae = load_vae(v.kind, path, **({"subfolder": sub} if sub else {}))
+    default = VAEConfig()  # the keys a config changed: its compression, which the folder's weights decide
+    _warn_ignored({k: getattr(v, k) for k in ("ft", "fs", "latent_channels") if getattr(v, k) != getattr(default, k)},
+                  dict(ft=vae.ft, fs=vae.fs, latent_channels=vae.latent_channels), path, "vae.", key)
     return vae.eval().requires_grad_(False)
