@@ -124,7 +124,8 @@ def test_circular_base(tmp_path):
     ("vae.ft=16", ["vae.ft = 16", "at most vae.fs = 8"]),
     ("vae.fs=2", ["--set vae.fs=2: vae.ft = 4", "at most vae.fs = 2"]),  # the line that broke the rule
     ("model.num_heads=7", ["model.num_heads = 7", "hidden_size (192) a multiple of num_heads (7)"]),
-    ("model.num_heads=64", ["model.num_heads = 64", "heads of an even size >= 6", "in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]"]),
+    ("model.num_heads=64", ["model.num_heads = 64", "heads of an even size >= 6",
+                            "in [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]"]),
     ("model.patch_size=[2,4,4]", ["model.patch_size = [2, 4, 4]", "pt = 1: the causal VAE gives 1 + k latent"]),
     ("data.sizes=[[5,64,64],[5,2,2]]", ["data.sizes", "two large objects moving left do not fit a 2x2 frame"]),
     ("text.encoder=t5", ["text.path = None", "a local folder or hub id for text.encoder t5"]),

@@ -296,8 +296,8 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
                   generator=gen(0), progress=False).frames[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     kw = dict(guidance_scale=4.0, height=16, width=16, num_frames=5, progress=False)
-    none, empty = (tiny_pipe(["a red circle", "a blue square"], negative_prompt=["green", n], generator=[gen(0), gen(1)],
-                             **kw).frames for n in (None, ""))  # None in the list: no negative prompt for that one
+    none, empty = (tiny_pipe(["a red circle", "a blue square"], negative_prompt=["green", n],  # None: no negative
+                             generator=[gen(0), gen(1)], **kw).frames for n in (None, ""))
     assert np.array_equal(none[0], c) and np.array_equal(none[1], empty[1])
 
 

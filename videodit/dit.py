@@ -526,22 +526,22 @@ class VideoDiT(ModelMixin, ConfigMixin):
         x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32
         if self.pos_embed is not None:
             x = x + self.pos_embed(position_features(packed.coords, grids).to(self.dtype)).float()
+        block_grids = torch.tensor(packed.grids) if self.dynamic_blocks else packed.grids  # see _local_outside_graph
         rest = range(len(self.blocks))
         if cache is not None:  # the first block, then the others only where its residual changed enough
-            x0, x = x, self._block(0, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed)
+            x0, x = x, self._block(0, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, block_grids)
             rest = () if cache.reuse(x - x0, self.sequence_parallel_group) else range(1, len(self.blocks))
             x1 = x
             if not rest:
                 x = x + cache.rest
         for i in rest:
-            x = self._block(i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed)
+            x = self._block(i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, block_grids)
         if cache is not None and rest:
             cache.rest = x - x1
         out = self.final(x, temb, t_index)
         return out if shard is None else gather_tokens(out, shard)
 
-    def _block(self, i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, packed):
-        grids = torch.tensor(packed.grids) if self.dynamic_blocks else packed.grids  # see _local_outside_graph
+    def _block(self, i, x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, shard, grids):
         args = (x, mod, t_index, context, rot, cu_seqlens, cu_seqlens_text, self.attention_backend, shard, grids)
         if torch.is_grad_enabled() and self.gradient_checkpointing and i % self.checkpoint_every == 0:
             return self._gradient_checkpointing_func(self.blocks[i], *args)

@@ -14,8 +14,9 @@ Backends:
   and the start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was
   trained on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged,
   with a warning. A prompt that says what the world cannot show ("a black circle", "rotating", a second object, "on a
-  blue background", "three circles", "up and to the right") or holds words the rules do not read gets its caption with one warning that names what was drawn
-  at random. Misspelled shape and color words are matched to the nearest known word (difflib); any int seed is taken.
+  blue background", "three circles", "up and to the right") or holds words the rules do not read gets its caption
+  with one warning that names what was drawn at random. Misspelled shape and color words are matched to the nearest
+  known word (difflib); any int seed is taken.
 - 'lm': a transformers causal LM (a local folder or a hub id) asked to rewrite the prompt, through its chat template
   when the tokenizer has one, else a plain instruction prompt; greedy when temperature is 0, else sampled with seed.
 """
@@ -92,7 +93,8 @@ UNSHOWABLE = {"color": {"black", "gray", "grey", "dark", "transparent", "striped
               "size": {"medium", "mid", "average", "normal", "growing", "shrinking"},
               "motion": {"rotating", "rotates", "rotate", "spinning", "spins", "spin", "clockwise", "diagonally",
                          "diagonal", "bouncing", "bounces", "zigzag", "circling", "orbiting", "wobbling", "pulsing"}}
-_KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MANY_COUNT_WORDS, *MOTION_WORDS, *_SIDE, *BACKGROUND_WORDS,
+_KNOWN = {*SIZE_WORDS, *COLOR_WORDS, *SHAPE_WORDS, *PLURAL_COUNT_WORDS, *MANY_COUNT_WORDS, *MOTION_WORDS, *_SIDE,
+          *BACKGROUND_WORDS,
           *"""a an the one single only just lone of set and with that which is are its it they their in on at near
           from to toward towards into over against background backdrop moving moves move going goes travels
           travelling traveling sliding slides gliding glides drifting drifts heading heads floating floats staying

@@ -233,7 +233,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             with sync:
                 loss, logs = task.loss(model, batch, generator, step)
                 acc.backward(loss / A)
-            window["loss"] += loss.item() / A
+            window["loss"] += loss.detach().float() / A  # summed on the device: read at log steps (no sync here)
             window["tokens"] += batch["tokens"]
             window["samples"] += batch["size"]
             window["skipped"] += batch["skipped"]
@@ -452,7 +452,7 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
     """One log line: the window's sums over all ranks (collective), as rates; the task's logs of the last step
     averaged over ranks (the same names on every rank). The sp ranks of a sequence-parallel group share a batch:
     its tokens, samples and FLOPs count once."""
-    stats = torch.tensor([window[k] for k in ("loss", "tokens", "samples", "skipped", "wait", "flops")],
+    stats = torch.tensor([float(window[k]) for k in ("loss", "tokens", "samples", "skipped", "wait", "flops")],
                          dtype=torch.float64, device=acc.device)
     loss, tokens, samples, skipped, wait, flops = acc.reduce(stats, "sum").tolist()
     tokens, samples, skipped, flops = tokens / sp, samples / sp, skipped / sp, flops / sp
