@@ -433,6 +433,12 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     run("--connect", str(tmp_path / "a.mp4"), str(tmp_path / "b.mp4"), "--num-frames", "1")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5 + 4 + 6  # a, 4 new frames (one latent frame), b
     assert "note: frames 1: not a size this model takes; using 4x16x16" in capsys.readouterr().out
+    write_video(str(tmp_path / "c.mp4"), torch.zeros(3, 8, 16, 16), fps=16.0)
+    run("--connect", str(tmp_path / "c.mp4"), str(tmp_path / "b.mp4"))
+    out = capsys.readouterr().out  # another rate than --fps's, and the new frames' count, each said
+    assert f"note: --connect {tmp_path / 'c.mp4'} is 16 fps; read at 8 fps (--fps): 4 frames" in out
+    assert "note: --connect puts 16 new frames between the clips (--num-frames sets how many)" in out
+    assert "b.mp4 is" not in out
     run("--video", str(tmp_path / "b.mp4"), "--strength", "0.5", "--height", "15")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
     out = capsys.readouterr().out  # the size note leaves SDEdit's frames to its own note
@@ -461,6 +467,7 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     (["--prompt", "a", "--video", "{bad}", "--extend", "forward"], ["--video", "bad.mp4", "cannot be opened"]),
     (["--prompt", "a", "--video", "{bad}"], ["--extend", "--strength"]),
     (["--prompt", "a", "--loop", "--connect", "{bad}", "{bad}"], ["one conditioning mode"]),
+    (["--prompt", "a", "--image", "{bad}", "--strength", "0.5"], ["one conditioning mode", "--video IMG --strength"]),
     (["--prompt", "a", "--prompt", "b", "--output", "x.mp4"], ["--output-dir"]),
     (["--prompt", "a", "--output", "x.avi"], [".mp4, .gif, or .png"]),
     (["--prompt", "a", "--output", "x.png"], ["--num-frames 1"]),

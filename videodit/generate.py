@@ -211,7 +211,8 @@ def check_args(a, prompts) -> tuple[int, int] | None:
                                    ("--strength", a.strength is not None), ("--loop", a.loop), ("--connect", a.connect))
              if on]  # --loop --image: a loop through the image
     if len(modes) > 1:
-        raise UserError(f"choose one conditioning mode at a time, got {' and '.join(modes)}")
+        edit = "; to edit an image give it as --video IMG --strength S" if modes == ["--image", "--strength"] else ""
+        raise UserError(f"choose one conditioning mode at a time, got {' and '.join(modes)}{edit}")
     if (a.extend or a.strength is not None) and not a.video:
         raise UserError(f"{modes[0]} needs --video VID")
     if a.video and not (a.extend or a.strength is not None):
@@ -399,6 +400,15 @@ def sample_prompts(a, prompts, like, device, ranks):
             f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
         say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
     kwargs, before, after = conditioning(a, (frames, *size[1:]))
+    from videodit.data.video import probe
+
+    for name, path, clip in ([("--video", a.video, kwargs["video"])] if a.extend else
+                             zip(("--connect",) * 2, a.connect, kwargs["connect"]) if a.connect else []):
+        fps = probe(path)["fps"]
+        if abs(fps - a.fps) > 1e-3:  # joined as the new frames are: at their rate
+            say(f"note: {name} {path} is {fps:g} fps; read at {a.fps:g} fps (--fps): {clip.shape[1]} frames")
+    if a.connect and a.num_frames is None:
+        say(f"note: --connect puts {frames} new frames between the clips (--num-frames sets how many)")
     if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip, or of the --num-frames asked
         n = kwargs["video"].shape[1]
         frames = pipe.geometry.frames(n, a.num_frames or n)
