@@ -113,6 +113,29 @@ def test_a_generator_per_prompt_makes_each_video_independent_of_the_batch(tiny_p
         assert torch.allclose(both[i], alone, atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["image", "loop", "forward", "backward", "strength", "connect"])
+def test_each_prompt_may_have_its_own_input_and_samples_as_it_would_alone(tiny_pipe, mode):
+    """A list gives each prompt its own image, video or connect pair; each output takes its own input's aspect and
+    equals that prompt sampled alone with its input."""
+    g = torch.Generator().manual_seed(0)
+    clips = [torch.rand(3, 5, 16, 32, generator=g) * 2 - 1, torch.rand(3, 9, 24, 16, generator=g) * 2 - 1]
+    inputs = dict(image=dict(image=[c[:, :1] for c in clips]), loop=dict(loop=True, image=[c[:, :1] for c in clips]),
+                  forward=dict(video=clips, extend="forward"), backward=dict(video=clips, extend="backward"),
+                  strength=dict(video=clips, strength=0.6), connect=dict(connect=[(clips[0], clips[1]),
+                                                                                  (clips[1], clips[0])]))[mode]
+    kw = dict(output_type="pt", progress=False, num_inference_steps=2, **({} if mode == "strength" else
+                                                                          dict(num_frames=4)))
+    prompts = ["a red circle", "a blue square"]
+    both = tiny_pipe(prompts, generator=[gen(1), gen(2)], **inputs, **kw)
+    for i in range(2):
+        own = {k: v[i] if isinstance(v, list) else v for k, v in inputs.items()}
+        alone = tiny_pipe(prompts[i], generator=gen(1 + i), **own, **kw)
+        assert both.sizes[i] == alone.sizes[0] and torch.allclose(both.frames[i], alone.frames[0], atol=1e-4)
+    assert both.sizes[0][1:] != both.sizes[1][1:]  # each at its own input's aspect
+    with pytest.raises(ValueError, match="has 3 inputs for 2 prompts"):
+        tiny_pipe(prompts, **{k: v + v[:1] if isinstance(v, list) else v for k, v in inputs.items()}, **kw)
+
+
 def test_image_is_the_first_frame(tiny_pipe):
     image = torch.rand(3, 1, 32, 32) * 2 - 1
     out = tiny_pipe("a red circle moving right", height=32, width=32, num_frames=9, image=image, output_type="pt",

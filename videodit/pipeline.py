@@ -348,7 +348,8 @@ class VideoDiTPipeline(DiffusionPipeline):
         (None), they come from resolve_size: the checkpoint's default_size, with an image, video or connect the
         input's aspect at the default's area, and with strength (SDEdit) the video's own length.
         image, video, connect: pixels (3, T, H, W) in [-1, 1] (an image has T = 1; (3, H, W), a PIL image or uint8
-        frames (H, W, 3) / (T, H, W, 3) are taken too), resized and centre-cropped to the size sampled.
+        frames (H, W, 3) / (T, H, W, 3) are taken too), resized and centre-cropped to the size sampled; one for all
+        prompts, or a list of one per prompt (for connect, of (video_a, video_b) pairs).
         generator: one torch.Generator for the batch, or a list of one per prompt (each video then depends on its own
         generator only, whatever else is in the batch).
         output_type: "np" (uint8 frames), "pt" (float pixels) or "latent": the normalized latents (C, T', H', W') as
@@ -395,26 +396,22 @@ class VideoDiTPipeline(DiffusionPipeline):
         check_sampling(num_inference_steps, guidance_scale, guidance_parallel, shift, cache_threshold, strength)
         if video is not None and extend is None and strength is None:
             raise ValueError("video needs extend='forward' or 'backward' (extend it) or strength= (SDEdit)")
-        if connect is not None and (not isinstance(connect, (list, tuple)) or len(connect) != 2):
-            got = len(connect) if isinstance(connect, (list, tuple)) else type(connect).__name__
-            raise ValueError(f"connect takes two videos (video_a, video_b), got {got}")
-        image = None if image is None else _as_clip(image, "image")
-        video = None if video is None else _as_clip(video, "video")
-        connect = None if connect is None else tuple(_as_clip(v, "connect") for v in connect)
+        image, video, connect = (_per_prompt(x, name, B) for x, name in ((image, "image"), (video, "video"),
+                                                                         (connect, "connect")))
         num_inference_steps, guidance_scale, guidance_parallel = self.sampling_defaults(
             num_inference_steps, guidance_scale, guidance_parallel, negative_prompt)
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,
                    cache_threshold=cache_threshold, progress=progress)
-        ref = image if image is not None else video if video is not None else connect[0] if connect else None
+        refs = image or video or [pair[0] for pair in connect or []] or [None] * B  # each output takes its aspect
         if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
-            num_frames = self.geometry.frames(video.shape[1], video.shape[1])
-        like = tuple(ref.shape[-2:]) if ref is not None else None
-        sizes = [self.resolve_size(t, h, w, like, connect is not None, extend is not None and video is not None)
-                 for t, h, w in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"))]
+            num_frames = [self.geometry.frames(v.shape[1], v.shape[1]) for v in video]
+        sizes = [self.resolve_size(t, h, w, r if r is None else tuple(r.shape[-2:]), connect is not None,
+                                   extend is not None and video is not None)
+                 for t, h, w, r in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"), refs)]
         if strength is not None and video is not None:  # SDEdit: no more frames than the clip has
-            sizes = [(self.geometry.frames(video.shape[1], t), h, w) for t, h, w in sizes]
+            sizes = [(self.geometry.frames(v.shape[1], t), h, w) for (t, h, w), v in zip(sizes, video)]
         vae = self.video_vae
         C = vae.denoiser_channels
         if self.transformer.config.in_channels != C:
@@ -480,7 +477,8 @@ class VideoDiTPipeline(DiffusionPipeline):
             return [(c, 2 - (1 - T) // ft, h, w) for (c, _, h, w), (T, _, _) in zip(shapes, sizes)]
         if mode == "extend":  # after k latent frames of context, m new: T new frames (the surplus trimmed)
             m = [-(-T // ft) for T, _, _ in sizes]
-            return [(c, 1 + min(mi, (video.shape[1] - 1) // ft) + mi, h, w) for (c, _, h, w), mi in zip(shapes, m)]
+            return [(c, 1 + min(mi, (v.shape[1] - 1) // ft) + mi, h, w)
+                    for (c, _, h, w), mi, v in zip(shapes, m, video)]
         return shapes
 
     def _first_frames(self, prompts, negative_prompt, sizes, shapes, run):
@@ -500,14 +498,15 @@ class VideoDiTPipeline(DiffusionPipeline):
         return self(prompts, negative_prompt, [h for _, h, _ in sizes], [w for _, _, w in sizes], 1,
                     image_first=False, output_type="latent", **run).frames
 
-    def _conditioning(self, mode, shapes, sizes, image, video, extend, connect, prompts, negative_prompt, run):
-        """Per sample: clean latents, the mask of latent frames held at them, and (head, tail) pixel frames to trim
-        from the decoded result; or, for SDEdit, the initial latents."""
+    def _conditioning(self, mode, shapes, sizes, images, videos, extend, connects, prompts, negative_prompt, run):
+        """Per sample (its own image, video or connect pair): clean latents, the mask of latent frames held at them,
+        and (head, tail) pixel frames to trim from the decoded result; or, for SDEdit, the initial latents."""
         ft = self.video_vae.ft
         lat, masks, trim = [], [], []
-        if mode == "loop" and image is None:  # a first pass draws each sample's first frame; the clip ends on it
+        if mode == "loop" and images is None:  # a first pass draws each sample's first frame; the clip ends on it
             firsts = self._draw_images(prompts, negative_prompt, sizes, run)
         for i, ((C, Tl, h, w), (T, H, W)) in enumerate(zip(shapes, sizes)):
+            image, video, connect = (x and x[i] for x in (images, videos, connects))
             z = torch.zeros(C, Tl, h, w)
             if mode == "strength":  # SDEdit starts from the clip's latents
                 lat.append(self.encode_video(_fit(video, H, W)[:, :T]))
@@ -541,6 +540,25 @@ class VideoDiTPipeline(DiffusionPipeline):
         return lat, masks, None, trim
 
 
+def _per_prompt(x, name: str, B: int) -> list | None:
+    """An image, video or connect pair (two videos) for each of B prompts, as pixels (_as_clip): one serves every
+    prompt; a list (of pairs, for connect) gives one a prompt. None stays None."""
+    if x is None:
+        return None
+    pair = name == "connect"
+    many = isinstance(x, (list, tuple)) and (not pair or all(isinstance(v, (list, tuple)) for v in x))
+    if many and len(x) != B:
+        raise ValueError(f"{name} has {len(x)} inputs for {B} prompts; give one, or one per prompt")
+    done = {}  # one input shared by the prompts is converted once
+    for v in x if many else [x]:
+        if pair and (not isinstance(v, (list, tuple)) or len(v) != 2):
+            got = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
+            raise ValueError(f"connect takes two videos (video_a, video_b), or a list of such pairs, got {got}")
+        if id(v) not in done:
+            done[id(v)] = tuple(_as_clip(c, name) for c in v) if pair else _as_clip(v, name)
+    return [done[id(v)] for v in (x if many else [x] * B)]
+
+
 def _as_clip(x, name: str) -> torch.Tensor:
     """An image or video input as pixels (3, T, H, W) in [-1, 1]: such a tensor, a (3, H, W) tensor, a PIL image, or
     uint8 frames (H, W, 3) or (T, H, W, 3)."""
@@ -565,9 +583,8 @@ def _as_clip(x, name: str) -> torch.Tensor:
                           stacklevel=3)
         return x
     got = f"{tuple(x.shape)} {x.dtype}" if hasattr(x, "shape") else type(x).__name__
-    shared = "; one input serves every prompt of a call (one call per input)" if isinstance(x, (list, tuple)) else ""
     raise ValueError(f"{name} must be pixels (3, T, H, W) or (3, H, W) as a tensor in [-1, 1], a PIL image, or uint8 "
-                     f"frames (H, W, 3) / (T, H, W, 3); got {got}{shared}")
+                     f"frames (H, W, 3) / (T, H, W, 3); got {got}")
 
 
 def _fit(video: torch.Tensor, H: int, W: int) -> torch.Tensor:
