@@ -407,7 +407,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         refs = image or video or [pair[0] for pair in connect or []] or [None] * B  # each output takes its aspect
         if strength is not None and video is not None and num_frames is None:  # SDEdit: the whole clip
             num_frames = [self.geometry.frames(v.shape[1], v.shape[1]) for v in video]
-        sizes = [self.resolve_size(t, h, w, r if r is None else tuple(r.shape[-2:]), connect is not None,
+        sizes = [self.resolve_size(t, h, w, None if r is None else tuple(r.shape[-2:]), connect is not None,
                                    extend is not None and video is not None)
                  for t, h, w, r in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"), refs)]
         if strength is not None and video is not None:  # SDEdit: no more frames than the clip has
