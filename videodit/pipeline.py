@@ -37,7 +37,7 @@ from .data.video import from_uint8, resize_crop, to_uint8
 from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
 from .flow import cond_frames, guidance_distilled, sample
 from .text import encode_with, load_text_encoder
-from .vae import CausalVideoVAE, PretrainedVideoVAE, valid_size
+from .vae import CausalVideoVAE, PretrainedVideoVAE
 
 
 @dataclasses.dataclass
@@ -263,9 +263,7 @@ class VideoDiTPipeline(DiffusionPipeline):
     def valid_size(self, T: int, H: int, W: int) -> tuple[int, int, int]:
         """The nearest (T, H, W) the VAE and the patchifier take: T = 1 + ft*k, H and W multiples of fs*patch, each
         rounded once from the value asked, ties up (as the VAE's valid_size)."""
-        (mh, mw), ft = self.geometry.steps, self.video_vae.ft
-        T, H, _ = valid_size(T, H, W, ft, mh)
-        return self.geometry.snap(T, H, valid_size(T, H, W, ft, mw)[2])  # snap keeps these; it applies a pt > 1
+        return self.geometry.snap(T, H, W)
 
     def resolve_size(self, num_frames: int | None = None, height: int | None = None, width: int | None = None,
                      like: tuple[int, int] | None = None, connect: bool = False,
