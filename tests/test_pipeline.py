@@ -132,7 +132,7 @@ def test_each_prompt_may_have_its_own_input_and_samples_as_it_would_alone(tiny_p
         alone = tiny_pipe(prompts[i], generator=gen(1 + i), **own, **kw)
         assert both.sizes[i] == alone.sizes[0] and torch.allclose(both.frames[i], alone.frames[0], atol=1e-4)
     assert both.sizes[0][1:] != both.sizes[1][1:]  # each at its own input's aspect
-    with pytest.raises(ValueError, match="has 3 inputs for 2 prompts"):
+    with pytest.raises(ValueError, match="has 3 values for 2 prompts"):
         tiny_pipe(prompts, **{k: v + v[:1] if isinstance(v, list) else v for k, v in inputs.items()}, **kw)
 
 

@@ -520,7 +520,7 @@ class VideoDiT(ModelMixin, ConfigMixin):
             t_index = equal_runs(t_index, len(temb))
         if t_index is packed.sample_idx and not self.dynamic_blocks:  # a timestep per sample: runs of its tokens
             t_index = tuple(b - a for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:]))
-        grids = torch.tensor(packed.grids, device=tokens.device)[packed.sample_idx]  # (N, 3)
+        grids = torch.tensor(packed.grids).to(tokens.device, non_blocking=True)[packed.sample_idx]  # (N, 3)
         rot = self.rope(packed.coords, grids)
 
         x = self.patch_embed(packed.tokens.to(self.dtype)).float()  # (N, D) residual stream in float32

@@ -157,9 +157,12 @@ def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.
         mean = torch.tensor([image_mean if x.shape[1] == 1 else mean for x in latents], device=device)
     cond = cond or [torch.zeros(x.shape[1], dtype=torch.bool) for x in latents]
     packed = pack(latents, patch_size)
-    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in packed.seqlens], device=device)
+    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in packed.seqlens]).to(device, non_blocking=True)
     t = sample_t(len(latents), mean, std, shifts, generator, device)  # (B,)
-    frame_t = [torch.where(c.to(device), 0.0, t[i]).expand(x.shape[1]) for i, (x, c) in enumerate(zip(latents, cond))]
+    frames = [x.shape[1] for x in latents]  # held frames at 0, the rest at their sample's t, in one host-device copy
+    owner = torch.repeat_interleave(torch.arange(len(latents)), torch.tensor(frames))
+    held = torch.cat([c.cpu() for c in cond]).to(device, non_blocking=True)
+    frame_t = list(torch.where(held, 0.0, t[owner.to(device, non_blocking=True)]).split(frames))
     x0 = packed.tokens
     if shared_noise > 0:
         noise = pack(draw_noise([x.shape for x in latents], shared_noise, generator, device), patch_size).tokens
@@ -184,7 +187,7 @@ def _per_sample_mse(v, target, token_t, packed) -> tuple[torch.Tensor, torch.Ten
 def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
     """The squared error of v (N, D) against target, averaged over each sample's noisy tokens, then over samples."""
     err, valid = _per_sample_mse(v, target, token_t, packed)
-    return err[valid].mean()
+    return (err * valid).sum() / valid.sum()  # no boolean index: a GPU would wait for it
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class Packed:
 
     def frame_index(self, pt: int) -> torch.Tensor:
         """(N,) index of each token's (first) latent frame in the concatenation of all samples' latent frames."""
-        frames = torch.tensor([g[0] * pt for g in self.grids], device=self.coords.device)
+        frames = torch.tensor([g[0] * pt for g in self.grids]).to(self.coords.device, non_blocking=True)
         return (frames.cumsum(0) - frames)[self.sample_idx] + self.coords[:, 0] * pt
 
     def with_tokens(self, tokens: torch.Tensor) -> "Packed":
@@ -111,8 +111,8 @@ def pack(latents: list[torch.Tensor], patch_size=DEFAULT_PATCH) -> Packed:
         grids.append(check_patchable(x.shape, patch_size))
     seqlens = torch.tensor([t.shape[0] for t in tokens])
     device = latents[0].device
-    cu_seqlens = torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).to(device=device, dtype=torch.int32)
-    sample_idx = torch.repeat_interleave(torch.arange(len(latents)), seqlens).to(device)
+    cu_seqlens = torch.nn.functional.pad(seqlens.cumsum(0), (1, 0)).int().to(device, non_blocking=True)
+    sample_idx = torch.repeat_interleave(torch.arange(len(latents)), seqlens).to(device, non_blocking=True)
     return Packed(torch.cat(tokens), torch.cat(coords), cu_seqlens, sample_idx, grids)
 
 

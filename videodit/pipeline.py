@@ -370,19 +370,12 @@ class VideoDiTPipeline(DiffusionPipeline):
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
 
-        def per(v, name):  # one value for all prompts, or a list of one per prompt
-            if not isinstance(v, (list, tuple)):
-                return [v] * B
-            if len(v) != B:
-                raise ValueError(f"{name} has {len(v)} values for {B} prompts; give one value, or one per prompt")
-            return list(v)
-
         for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if any(x is not None and x < 1 for x in per(v, name)):
+            if any(x is not None and x < 1 for x in _per(v, name, B)):
                 raise ValueError(f"{name} must be positive, got {v}")
         if isinstance(negative_prompt, (list, tuple)):  # None in a list: no negative prompt for that one
             negative_prompt = [n or "" for n in negative_prompt]
-        if not all(n is None or isinstance(n, str) for n in per(negative_prompt, "negative_prompt")):
+        if not all(n is None or isinstance(n, str) for n in _per(negative_prompt, "negative_prompt", B)):
             raise ValueError(f"negative_prompt must be a string or a list of one per prompt, got "
                              f"{negative_prompt!r:.80}")
         gens = generator if isinstance(generator, (list, tuple)) else [generator]
@@ -407,7 +400,7 @@ class VideoDiTPipeline(DiffusionPipeline):
             num_frames = [self.geometry.frames(v.shape[1], v.shape[1]) for v in video]
         sizes = [self.resolve_size(t, h, w, None if r is None else tuple(r.shape[-2:]), connect is not None,
                                    extend is not None and video is not None)
-                 for t, h, w, r in zip(per(num_frames, "num_frames"), per(height, "height"), per(width, "width"), refs)]
+                 for t, h, w, r in zip(_per(num_frames, "num_frames", B), _per(height, "height", B), _per(width, "width", B), refs)]
         if strength is not None and video is not None:  # SDEdit: no more frames than the clip has
             sizes = [(self.geometry.frames(v.shape[1], t), h, w) for (t, h, w), v in zip(sizes, video)]
         vae = self.video_vae
@@ -442,7 +435,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         text, mask = self.encode_prompt(prompts)
         null_text = null_mask = None
         if guidance_scale != 1.0 and not guidance_distilled(self.transformer):
-            negs = per(negative_prompt or "", "negative_prompt")
+            negs = _per(negative_prompt or "", "negative_prompt", B)
             null_text, null_mask = self.encode_prompt(negs if len(set(negs)) > 1 else negs[:1])
         cache = StepCache(cache_threshold, self.cfg_group) if cache_threshold > 0 else None
         with self.on_device(self.transformer):
@@ -538,23 +531,31 @@ class VideoDiTPipeline(DiffusionPipeline):
         return lat, masks, None, trim
 
 
+def _per(v, name: str, B: int, is_list=lambda v: isinstance(v, (list, tuple))) -> list:
+    """One value for all B prompts, or a list (is_list) of one per prompt, as a list of B values."""
+    if not is_list(v):
+        return [v] * B
+    if len(v) != B:
+        raise ValueError(f"{name} has {len(v)} values for {B} prompts; give one, or one per prompt")
+    return list(v)
+
+
 def _per_prompt(x, name: str, B: int) -> list | None:
     """An image, video or connect pair (two videos) for each of B prompts, as pixels (_as_clip): one serves every
     prompt; a list (of pairs, for connect) gives one a prompt. None stays None."""
     if x is None:
         return None
     pair = name == "connect"
-    many = isinstance(x, (list, tuple)) and (not pair or all(isinstance(v, (list, tuple)) for v in x))
-    if many and len(x) != B:
-        raise ValueError(f"{name} has {len(x)} inputs for {B} prompts; give one, or one per prompt")
+    items = _per(x, name, B, lambda v: isinstance(v, (list, tuple)) and (not pair or all(
+        isinstance(c, (list, tuple)) for c in v)))
     done = {}  # one input shared by the prompts is converted once
-    for v in x if many else [x]:
+    for v in items:
         if pair and (not isinstance(v, (list, tuple)) or len(v) != 2):
             got = len(v) if isinstance(v, (list, tuple)) else type(v).__name__
             raise ValueError(f"connect takes two videos (video_a, video_b), or a list of such pairs, got {got}")
         if id(v) not in done:
             done[id(v)] = tuple(_as_clip(c, name) for c in v) if pair else _as_clip(v, name)
-    return [done[id(v)] for v in (x if many else [x] * B)]
+    return [done[id(v)] for v in items]
 
 
 def _as_clip(x, name: str) -> torch.Tensor:
