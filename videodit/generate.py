@@ -39,7 +39,9 @@ def png_error(path: str, frames: int | None = None, clip: bool = False) -> UserE
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description="Generate videos (or images) from text prompts.")
     p.add_argument("--prompt", action="append", default=[], help="a prompt; repeat for several")
-    p.add_argument("--prompt-file", help="a text file with one prompt a line")
+    p.add_argument("--prompt-file", help="a text file with one prompt a line, or JSON lines (.jsonl) with "
+                   "{\"prompt\": ...} and, for a mode, each prompt's own \"image\", \"video\" or \"connect\" "
+                   "([VID_A, VID_B]); paths relative to the file's folder")
     p.add_argument("--negative-prompt", default=None, help="what to steer away from (guidance)")
     p.add_argument("--height", type=int, help="default: the checkpoint's; with --image, --video or --connect, the "
                    "input's aspect ratio at the checkpoint's area (one of --height, --width: the other follows it)")
@@ -195,18 +197,85 @@ def read_prompts(a) -> list[str]:
             raise UserError(f"--prompt-file {a.prompt_file}: no such file")
         try:
             with open(a.prompt_file, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is no part of a prompt
-                prompts += [line.strip() for line in f if line.strip()]
+                lines = [line.strip() for line in f]
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt-file {a.prompt_file}: not UTF-8 text (byte {e.start}); save it as UTF-8") \
                 from None
+        if a.prompt_file.lower().endswith(".jsonl"):
+            prompts += read_rows(a, lines, bool(prompts))
+        else:
+            prompts += [line for line in lines if line]
     if not prompts:
         raise UserError("no prompt: give --prompt TEXT (repeatable) or --prompt-file FILE")
     return prompts
 
 
-def check_args(a, prompts) -> tuple[int, int] | None:
-    """Refuse bad arguments before any model loads. Returns the (height, width) of the input image or video (the
-    first of --connect), whose aspect the output takes; None without one."""
+INPUTS = {"image": "--image", "video": "--video", "connect": "--connect"}
+
+
+def read_rows(a, lines: list[str], others: bool) -> list[str]:
+    """The prompts of a JSON-lines prompt file. Rows that give inputs ("image", "video" or "connect", all rows the
+    same) set a.image, a.video or a.connect to one path (a pair for connect) per prompt, relative to the file's
+    folder; a.per_prompt says so."""
+    where = f"--prompt-file {a.prompt_file}"
+    root = os.path.dirname(os.path.abspath(a.prompt_file))
+    prompts, given, kinds = [], {k: [] for k in INPUTS}, set()
+    for n, line in enumerate(lines, 1):
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where} line {n}: not JSON ({e.msg}); each line is an object like "
+                            f'{{"prompt": "...", "image": "first.png"}}') from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not row["prompt"].strip():
+            raise UserError(f'{where} line {n}: a row needs "prompt", a non-empty string, got {line:.80}')
+        unknown = sorted(set(row) - {"prompt", *INPUTS})
+        if unknown:
+            raise UserError(f"{where} line {n}: unknown key(s) {unknown}; a row takes prompt and one of "
+                            f"{', '.join(INPUTS)}")
+        kinds.add(tuple(k for k in INPUTS if k in row))
+        for k in INPUTS:
+            v = row.get(k)
+            pair = k == "connect"
+            if k in row and not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
+                                 if pair else isinstance(v, str)):
+                raise UserError(f"{where} line {n}: {k} must be " +
+                                ("a list of two video paths [VID_A, VID_B]" if pair else "a file path") +
+                                f", got {v!r:.80}")
+            given[k].append(v and ([os.path.join(root, x) for x in v] if pair else os.path.join(root, v)))
+        prompts.append(row["prompt"].strip())
+    if len(kinds) > 1:
+        raise UserError(f"{where}: its rows give different inputs; every row gives the same one (image, video or "
+                        f"connect) or none")
+    kind = kinds.pop() if kinds else ()
+    if kind:
+        if len(kind) > 1:
+            raise UserError(f"{where}: rows give {' and '.join(kind)}; give one of them a row")
+        flags = [flag for k, flag in INPUTS.items() if getattr(a, k)]
+        if flags or others:
+            raise UserError(f"{where}: its rows give each prompt its {kind[0]}; leave out " +
+                            (" and ".join(flags) if flags else "--prompt (it would have none)"))
+        setattr(a, kind[0], given[kind[0]])
+        a.per_prompt = True
+    return prompts
+
+
+def first_file(files: dict) -> str:
+    """The input file whose aspect the output takes (the first of --connect's)."""
+    v = next(iter(files.values()))
+    return v[0] if isinstance(v, (list, tuple)) else v
+
+
+def inputs_of(a, i: int) -> dict:
+    """Prompt i's input files by flag ("--image": path, "--video": path, "--connect": (a, b)), those given: its
+    --prompt-file row's, or the flags' (one for every prompt)."""
+    per = getattr(a, "per_prompt", False)
+    return {flag: v[i] if per else v for flag, v in ((flag, getattr(a, k)) for k, flag in INPUTS.items()) if v}
+
+
+def check_args(a, prompts) -> dict:
+    """Refuse bad arguments before any model loads. Returns each input file's probe (input_probe), by path."""
     modes = [name for name, on in (("--image", a.image and not a.loop), ("--extend", a.extend),
                                    ("--strength", a.strength is not None), ("--loop", a.loop), ("--connect", a.connect))
              if on]  # --loop --image: a loop through the image
@@ -223,20 +292,12 @@ def check_args(a, prompts) -> tuple[int, int] | None:
         check_sampling(a.steps, a.guidance, a.guidance_parallel, a.shift, a.cache_threshold, a.strength, flags=True)
     except ValueError as e:
         raise UserError(str(e)) from None
-    from videodit.data.video import VideoReadError, probe, read_image
-
-    inputs = []
-    for name, path in (("--image", a.image), ("--video", a.video), *((("--connect", v) for v in a.connect or ()))):
-        if path:  # before any model loads: a bad input fails at once
-            try:
-                info = probe(path) if name != "--image" else dict(zip(("height", "width"),
-                                                                      read_image(path).shape[-2:]))
-            except VideoReadError as e:
-                if name == "--image" and os.path.isfile(path):  # PIL knows images by their content, not their name
-                    raise UserError(f"--image {e}; --image takes an image file (.png, .jpg, ...); to continue a "
-                                    f"video use --video VID --extend") from None
-                raise UserError(f"{name} {e}") from None
-            inputs.append((info["height"], info["width"]))
+    probed = {}  # each input probed once, before any model loads: a bad one fails at once
+    for i in range(len(prompts)):
+        for flag, v in inputs_of(a, i).items():
+            for path in v if flag == "--connect" else [v]:
+                if path not in probed:
+                    probed[path] = input_probe(flag, path)
     if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
         raise UserError("--height, --width and --num-frames must be positive")
     if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
@@ -280,7 +341,20 @@ def check_args(a, prompts) -> tuple[int, int] | None:
             check_local_model(a.upsampler_model, LM)
         except FileNotFoundError as e:
             raise UserError(f"--upsampler-model {e}") from None
-    return inputs[0] if inputs else None
+    return probed
+
+
+def input_probe(name: str, path: str) -> dict:
+    """An input file's height, width (and a video's fps), or a UserError naming what is wrong with it."""
+    from videodit.data.video import VideoReadError, probe, read_image
+
+    try:
+        return probe(path) if name != "--image" else dict(zip(("height", "width"), read_image(path).shape[-2:]))
+    except VideoReadError as e:
+        if name == "--image" and os.path.isfile(path):  # PIL knows images by their content, not their name
+            raise UserError(f"--image {e}; --image takes an image file (.png, .jpg, ...); to continue a video use "
+                            f"--video VID --extend") from None
+        raise UserError(f"{name} {e}") from None
 
 
 def check_folder(flag: str, folder: str, given: str):
@@ -321,42 +395,50 @@ def load_pipeline(path: str, device: str, offload: bool = False, loras=(), scale
     return pipe.to(device)
 
 
-def conditioning(a, size):
-    """Pipeline keyword arguments for the chosen mode, and the input clips the output is joined with. size: (T, H, W)
-    sampled; T None: the whole clip (SDEdit)."""
+def conditioning(a, i: int, size, cache: dict):
+    """Prompt i's pipeline inputs for the chosen mode (image=, video= or connect=), and the input clips its output is
+    joined with (before, after), at size (H, W). cache: the clips read so far, by file and size (an input shared by
+    prompts is read once)."""
     from videodit.data.video import VideoReadError, read_image, read_video
 
-    T, H, W = size
+    H, W = size
+    files = inputs_of(a, i)
+
+    def read(path, image=False):
+        if (path, H, W) not in cache:
+            cache[path, H, W] = read_image(path, H, W) if image else read_video(path, fps=a.fps, height=H, width=W)
+        return cache[path, H, W]
+
     try:
         if a.image:
-            return dict(image=read_image(a.image, H, W), loop=a.loop), None, None
+            return dict(image=read(files["--image"], image=True)), None, None
         if a.extend:
-            clip = read_video(a.video, fps=a.fps, height=H, width=W)
-            return dict(video=clip, extend=a.extend), clip if a.extend == "forward" else None, \
-                clip if a.extend == "backward" else None
+            clip = read(files["--video"])
+            return dict(video=clip), clip if a.extend == "forward" else None, clip if a.extend == "backward" else None
         if a.strength is not None:  # the whole clip: the frames edited are its first (run caps them to it)
-            clip = read_video(a.video, fps=a.fps, height=H, width=W)
-            return dict(video=clip, strength=a.strength), None, None
+            return dict(video=read(files["--video"])), None, None
         if a.connect:
-            clips = [read_video(v, fps=a.fps, height=H, width=W) for v in a.connect]
+            clips = [read(v) for v in files["--connect"]]
             return dict(connect=tuple(clips)), clips[0], clips[1]
     except VideoReadError as e:
         raise UserError(str(e)) from None
-    return dict(loop=a.loop), None, None
+    return {}, None, None
 
 
 def run(a):
     prompts = read_prompts(a)
-    like = check_args(a, prompts)
+    probed = check_args(a, prompts)
     device, ranks = setup(a)
     try:
-        sample_prompts(a, prompts, like, device, ranks)
+        sample_prompts(a, prompts, probed, device, ranks)
     finally:
         if ranks.world > 1:
             dist.destroy_process_group()
 
 
-def sample_prompts(a, prompts, like, device, ranks):
+def sample_prompts(a, prompts, probed, device, ranks):
+    """Sample this process's share of the prompts and write the videos. probed: each input file's probe (size, frame
+    rate), from check_args."""
     say = print if ranks.main else lambda *args: None  # noqa: E731
     t0 = time.time()
     pipe = load_pipeline(a.checkpoint, device, a.offload, a.lora, a.lora_scale)
@@ -377,6 +459,7 @@ def sample_prompts(a, prompts, like, device, ranks):
     for note in ignored_settings(a, guidance, guidance_distilled(pipe.transformer)):
         say(f"note: {note}")
     mine = ranks.share(len(prompts))
+    asked = list(prompts)  # as given: prompts.jsonl keeps them beside the upsampled ones
     if a.upsample_prompt:
         from videodit.upsample import upsample_prompt
 
@@ -389,41 +472,60 @@ def sample_prompts(a, prompts, like, device, ranks):
             if ranks.writer:
                 print(f"prompt: {prompts[i]}")
     a.fps = a.fps or pipe.config.default_fps
-    size = pipe.resolve_size(a.num_frames, a.height, a.width, like, connect=bool(a.connect), extend=bool(a.extend))
-    changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height, a.width),
-                                                   size) if v is not None and v != s]
-    frames = None if a.strength is not None else size[0]  # SDEdit: decided by the clip's length, below
-    if a.strength is not None:
-        changed = [c for c in changed if not c.startswith("frames")]
-    if changed:
-        shown = f"{size[1]}x{size[2]} (height x width)" if frames is None else \
-            f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
-        say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
-    kwargs, before, after = conditioning(a, (frames, *size[1:]))
-    from videodit.data.video import probe
+    per_prompt = getattr(a, "per_prompt", False)
+    files = [inputs_of(a, i) for i in range(len(prompts))]
+    likes = [None if not f else probed[first_file(f)] for f in files]  # each output takes its input's aspect
+    sizes = [pipe.resolve_size(a.num_frames, a.height, a.width, None if like is None else (like["height"], like[
+        "width"]), connect=bool(a.connect), extend=bool(a.extend)) for like in likes]
+    sdedit = a.strength is not None  # its frames are decided by each clip's length, below
+    for size in dict.fromkeys(sizes):
+        changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height,
+                                                                                       a.width), size)
+                   if v is not None and v != s and not (sdedit and name == "frames")]
+        if changed:
+            shown = f"{size[1]}x{size[2]} (height x width)" if sdedit else \
+                f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
+            say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
+    cache, said = {}, set()
 
-    for name, path, clip in ([("--video", a.video, kwargs["video"])] if a.extend else
-                             zip(("--connect",) * 2, a.connect, kwargs["connect"]) if a.connect else []):
-        fps = probe(path)["fps"]
-        if abs(fps - a.fps) > 1e-3:  # joined as the new frames are: at their rate
-            say(f"note: {name} {path} is {fps:g} fps; read at {a.fps:g} fps (--fps): {clip.shape[1]} frames")
+    def job(i):  # prompt i's pipeline inputs, the clips its output is joined with, and its size
+        T, H, W = sizes[i]
+        kwargs, before, after = conditioning(a, i, (H, W), cache)
+        if sdedit:  # SDEdit edits the longest 1 + ft*k frames of the clip, or of the --num-frames asked
+            n = kwargs["video"].shape[1]
+            T = pipe.geometry.frames(n, a.num_frames or n)
+            if T != (a.num_frames or n):
+                asked = f", --num-frames {a.num_frames}" if a.num_frames else ""
+                note = f"note: --video {files[i]['--video'] + ' ' if per_prompt else ''}has {n} frames at " \
+                       f"{a.fps:g} fps{asked}; SDEdit takes 1 + {pipe.geometry.ft}*k frames of it: using its first {T}"
+                if note not in said and ranks.main:
+                    said.add(note)
+                    tqdm.write(note)
+        return kwargs, before, after, (T, H, W)
+
+    videos = dict.fromkeys((flag, path) for f in files for flag, v in f.items() if flag != "--image"
+                           for path in (v if flag == "--connect" else [v]))
+    other_rate = [(flag, path) for flag, path in videos if abs(probed[path]["fps"] - a.fps) > 1e-3]
+    first = job(mine.start if len(mine) else 0)  # with one input for all: read once, here
+    if per_prompt and other_rate:  # joined as the new frames are: at their rate
+        say(f"note: {len(other_rate)} of the {len(videos)} input videos have another frame rate than {a.fps:g} fps "
+            f"(--fps); each is read at {a.fps:g} fps")
+    for flag, path in [] if per_prompt else other_rate:
+        frames_read = cache[path, *sizes[0][1:]].shape[1]
+        say(f"note: {flag} {path} is {probed[path]['fps']:g} fps; read at {a.fps:g} fps (--fps): {frames_read} frames")
+    frames = first[3][0]
     if a.connect and a.num_frames is None:
         say(f"note: --connect puts {frames} new frames between the clips (--num-frames sets how many)")
-    if frames is None:  # SDEdit edits the longest 1 + ft*k frames of the clip, or of the --num-frames asked
-        n = kwargs["video"].shape[1]
-        frames = pipe.geometry.frames(n, a.num_frames or n)
-        if frames != (a.num_frames or n):
-            asked = f", --num-frames {a.num_frames}" if a.num_frames else ""
-            say(f"note: --video has {n} frames at {a.fps:g} fps{asked}; SDEdit takes 1 + {pipe.geometry.ft}*k "
-                f"frames of it: using its first {frames}")
-    if a.output and a.output.lower().endswith(".png") and (frames != 1 or before is not None or after is not None):
-        clips = sum(v.shape[1] for v in (before, after) if v is not None)
+    if a.output and a.output.lower().endswith(".png") and (frames != 1 or first[1] is not None or
+                                                             first[2] is not None):
+        clips = sum(v.shape[1] for v in first[1:3] if v is not None)
         raise png_error(a.output, clips + frames, clip=bool(clips))
     if a.verbose:
         length = f"{frames} {'new ' if a.extend or a.connect else ''}frames"
+        shape = f"{sizes[0][1]}x{sizes[0][2]}" if len(set(sizes)) == 1 else "each input's aspect"
         procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.per_group})" if ranks.world > 1 else ""
         distilled = "; distilled: one pass a step" if guidance_distilled(pipe.transformer) else ""
-        say(f"sampling {len(prompts)} prompt(s) at {size[1]}x{size[2]}, {length}, {a.fps:g} fps, {a.steps} steps, "
+        say(f"sampling {len(prompts)} prompt(s) at {shape}, {length}, {a.fps:g} fps, {a.steps} steps, "
             f"guidance {guidance:g} (parallel part {parallel:g}{distilled}), seed {a.seed}{procs}")
     if a.output_dir and ranks.main:  # prompts.jsonl begins afresh; every writer appends its batches' rows
         os.makedirs(a.output_dir, exist_ok=True)
@@ -434,15 +536,22 @@ def sample_prompts(a, prompts, like, device, ranks):
     t1 = time.time()
     with tqdm(total=len(mine), desc="videos", unit="video", disable=not ranks.main or len(mine) <= a.batch_size) as bar:
         for start in range(mine.start, mine.stop, a.batch_size):
-            part = prompts[start:min(start + a.batch_size, mine.stop)]
-            gens = [torch.Generator(device).manual_seed(a.seed + start + j) for j in range(len(part))]
-            out = pipe(part, a.negative_prompt, size[1], size[2], frames, num_inference_steps=a.steps,
-                       guidance_scale=a.guidance, guidance_parallel=a.guidance_parallel, generator=gens,
-                       sampler=a.sampler, shift=a.shift, image_first=a.image_first, progress=ranks.main,
-                       cache_threshold=a.cache_threshold,
-                       output_type="pt" if ranks.writer else "latent", **kwargs)
+            batch = range(start, min(start + a.batch_size, mine.stop))
+            if per_prompt and start != mine.start:  # each prompt's own inputs: only this batch's in memory
+                cache.clear()
+            jobs = [first if i == mine.start else job(i) for i in batch]
+            part = [prompts[i] for i in batch]
+            gens = [torch.Generator(device).manual_seed(a.seed + i) for i in batch]
+            inputs = {k: [j[0][k] for j in jobs] for k in jobs[0][0]}
+            out = pipe(part, a.negative_prompt, [j[3][1] for j in jobs], [j[3][2] for j in jobs],
+                       [j[3][0] for j in jobs], num_inference_steps=a.steps, guidance_scale=a.guidance,
+                       guidance_parallel=a.guidance_parallel, generator=gens, sampler=a.sampler, shift=a.shift,
+                       image_first=a.image_first, progress=ranks.main, cache_threshold=a.cache_threshold,
+                       output_type="pt" if ranks.writer else "latent", loop=a.loop, extend=a.extend,
+                       strength=a.strength, **inputs)
             if ranks.writer:
-                write_outputs(a, start, part, out, before, after)
+                write_outputs(a, start, part, out, [j[1] for j in jobs], [j[2] for j in jobs],
+                              [asked[i] for i in batch])
             if a.verbose and a.cache_threshold and ranks.main:
                 tqdm.write(f"step cache: the later blocks were skipped at {out.skipped_steps} step(s)")
             bar.update(len(part))
@@ -481,20 +590,22 @@ def barrier(ranks):
         dist.barrier()
 
 
-def write_outputs(a, start, prompts, out, before, after):
-    """Write one batch's videos (prompts start, start + 1, ...), joined with the input clips they continue; with
-    --output-dir, their rows are appended to prompts.jsonl, so a stopped run lists what it wrote."""
+def write_outputs(a, start, prompts, out, befores, afters, asked):
+    """Write one batch's videos (prompts start, start + 1, ...), each joined with the input clips it continues (or
+    None); with --output-dir, their rows are appended to prompts.jsonl (with --upsample-prompt, each prompt as asked
+    too), so a stopped run lists what it wrote."""
     from videodit.data.video import write_video
 
     rows = []
-    for i, (prompt, video) in enumerate(zip(prompts, out.frames), start):
+    for i, (prompt, video, before, after, short) in enumerate(zip(prompts, out.frames, befores, afters, asked), start):
         parts = [v.cpu() for v in (before, video, after) if v is not None]
         video = torch.cat(parts, dim=1)
         ext = ".png" if video.shape[1] == 1 else ".mp4"
         path = a.output if a.output else os.path.join(a.output_dir or ".", f"{i:03d}{ext}")
         write_video(path, video, fps=a.fps)
         rows.append(dict(file=os.path.basename(path), prompt=prompt, seed=a.seed + i, num_frames=video.shape[1],
-                         height=video.shape[2], width=video.shape[3], fps=a.fps, steps=a.steps))
+                         height=video.shape[2], width=video.shape[3], fps=a.fps, steps=a.steps,
+                         **({"upsampled_from": short} if a.upsample_prompt else {})))
         tqdm.write(path)
     if a.output_dir:  # one write: rows of other processes' batches never interleave with these
         with open(os.path.join(a.output_dir, "prompts.jsonl"), "a", encoding="utf-8") as f:
