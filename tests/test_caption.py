@@ -155,6 +155,43 @@ def test_rows_of_one_clip_each_keep_their_caption_and_the_clip_is_captioned_once
     assert caption.caption_manifest(manifest, out, Counting(shapes_captioner, fail_after=0))["kept"] == 5
 
 
+class Mute:
+    """The shapes captioner, but writing an empty caption for every other clip (as a VLM that stops at once)."""
+
+    def __init__(self):
+        self.inner, self.model_id, self.calls = caption.ShapesCaptioner(), "mute", 0
+
+    def __call__(self, videos):
+        self.calls += 1
+        return ["" if (self.calls + i) % 2 else text for i, text in enumerate(self.inner(videos))]
+
+
+def test_a_rerun_takes_the_manifest_as_it_is_now_and_redoes_empty_captions(clips, tmp_path, caplog, capsys):
+    """Kept rows take IN's current metadata with OUT's caption; an empty caption is skipped, warned about and
+    redone by a rerun; clips outside OUT's folder keep absolute paths; captions by another model are named."""
+    rows = [dict(path=r.path, caption=r.caption) for r in read_manifest(clips) if "broken" not in r.path][:2]
+    manifest, out = write_manifest(str(tmp_path / "in.jsonl"), rows), str(tmp_path / "out" / "o.jsonl")
+    os.makedirs(tmp_path / "out")
+    counts = caption.caption_manifest(manifest, out, Mute(), frames=2, batch_size=2)
+    assert counts == dict(captioned=1, kept=0, skipped=1) and "wrote an empty caption" in caplog.text
+    first = [json.loads(line) for line in open(out)]
+    assert len(first) == 1 and first[0]["detailed_caption"] and os.path.isabs(first[0]["path"])
+    rows = [{**r, "split": "val"} for r in rows]  # a field added to the manifest since
+    write_manifest(manifest, rows)
+    caplog.clear()
+    counts = caption.caption_manifest(manifest, out, caption.ShapesCaptioner(), frames=2)
+    assert counts == dict(captioned=1, kept=1, skipped=0)
+    got = read_manifest(out)
+    assert [r.extra["split"] for r in got] == ["val", "val"] and all(r.detailed_caption for r in got)
+    assert got[[r.path for r in got].index(first[0]["path"])].detailed_caption == first[0]["detailed_caption"]
+    assert "kept as captioned by mute, not shapes:" in caplog.text
+    with pytest.raises(SystemExit):
+        caption.main(["--manifest", manifest, "--out", str(tmp_path / "o.json"), "--backend", "shapes"])
+    assert "a manifest is a .jsonl or .csv file" in capsys.readouterr().err
+    csv_path = write_manifest(str(tmp_path / "m.csv"), [dict(path="a.mp4", caption="x", tags=["a", "b"])])
+    assert json.loads(read_manifest(csv_path)[0].extra["tags"]) == ["a", "b"]  # JSON text, not a Python repr
+
+
 def test_command_refuses_to_caption_a_manifest_in_place(clips, tmp_path, capsys):
     """OUT holds only the captioned rows: written over IN it would lose the unreadable ones (and, on an
     interruption, all not yet reached); refused before the model loads, the manifest untouched."""
@@ -441,6 +478,9 @@ def test_caption_command_says_in_one_line_that_a_model_is_missing(offline, clips
     ("three red circles", dict(count=2, color="red", shape="circle")),
     ("a blue square, not a triangle", dict(count=1, color="blue", shape="square")),
     ("no circles, just one green square", dict(count=1, color="green", shape="square")),
+    ("one red circles", dict(count=1, color="red", shape="circle")),
+    ("twenty red circles", dict(count=2, color="red", shape="circle")),
+    ("a small red circle and a large red circle", dict(count=2, size="small", color="red", shape="circle")),
 ])
 def test_shapes_rules_read_common_wordings(prompt, named):
     assert parse_shapes_prompt(prompt) == named
@@ -471,6 +511,9 @@ def test_shapes_rules_read_every_paraphrase_of_the_evaluation():
     ("5 dots rising", "'5': the world shows at most two objects"),
     ("a circle moving up and to the right", "second direction 'to the right': objects move one way, up"),
     ("a red shape that is not a circle", "'not a circle': the shape is drawn.*drawn at random: size, shape"),
+    ("a hundred red circles moving up", "'hundred': the world shows at most two objects"),
+    ("a small red circle and a large red circle", "a second size 'large'"),
+    ("a large red circle starting on the right moving right", "large objects moving right cannot start at the right"),
 ])
 def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
     import re
@@ -491,6 +534,28 @@ def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
         assert all(d["shape"] != "circle" for d in drawn) and {d["shape"] for d in drawn} == {"square", "triangle"}
     if "three" in prompt or "5" in prompt:
         assert all(d["count"] == 2 for d in drawn)
+
+
+@pytest.mark.parametrize("prompt, cell", [
+    ("a small red circle starting on the right moving left", ("right", None)),
+    ("a blue square at the bottom", (None, "bottom")),
+    ("two green triangles on the left moving up", ("left", None)),
+    ("a white circle in the top right", ("right", "top")),
+    ("a red circle in the middle", ("center", "middle")),
+])
+def test_shapes_upsampler_starts_the_objects_where_the_prompt_places_them(prompt, cell):
+    import re
+
+    for seed in range(10):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # each of these places admits some size and motion: no warning
+            detailed = upsample_prompt(prompt, seed=seed)
+        said = re.search(r"starts? near (.*)\.$", detailed).group(1)
+        cells = []
+        for region in said.split(" and "):  # "the middle right", "the top center", "the center"
+            words = region.split()[1:]
+            cells.append(("center", "middle") if words == ["center"] else (words[-1], words[0]))
+        assert any(all(want in (None, g) for want, g in zip(cell, got)) for got in cells), (prompt, detailed)
 
 
 def test_shapes_upsampler_takes_any_int_seed_and_is_quiet_on_plain_prompts():

@@ -137,6 +137,10 @@ def test_images_draw_captions_at_their_own_rate():
         clip = make_clip(item_seed(src.seed, i), 32, 32, 9)
         assert data[(i, False, 0)]["prompt"] == clip["detailed_caption"] != clip["caption"]
         assert data[(i, True, 0)]["prompt"] == clip["caption"]
+    one_frame = ShapesSource([[1, 32, 32]], 20, 0, GEOM)  # drawn as clips, single frames all the same: photos
+    data = TrainData(one_frame, GEOM, 0, 1.0, 0.0, 0.0, image_detailed_prob=0.0)
+    for i in range(20):
+        assert data[(i, False, 0)]["prompt"] == make_clip(item_seed(src.seed, i), 32, 32, 1)["caption"]
 
 
 @pytest.fixture(scope="module")

@@ -442,6 +442,50 @@ def test_sample_command_takes_the_inputs_aspect_and_the_checkpoints_size(tiny_pi
     assert (r["num_frames"], r["height"], r["width"]) == (13, 40, 16)
 
 
+def test_a_jsonl_prompt_file_gives_each_prompt_its_own_input(saved, tmp_path, capsys):
+    """Rows of a .jsonl prompt file carry their own image, video or connect pair (paths relative to the file): each
+    video is the one its prompt gives alone with that input and seed, at that input's aspect; bad rows are refused
+    in one line."""
+    from videodit.data.video import read_video, write_video
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "in" / "square.png")
+    Image.fromarray(rng.integers(0, 255, (16, 32, 3), np.uint8)).save(tmp_path / "in" / "wide.png")
+    Image.fromarray(rng.integers(0, 255, (16, 16, 3), np.uint8)).save(tmp_path / "in" / "other.png")
+    rows = [{"prompt": "a red circle", "image": "in/square.png"}, {"prompt": "a blue square", "image": "in/wide.png"},
+            {"prompt": "a green triangle", "image": str(tmp_path / "in" / "other.png")}]  # an absolute path too
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    common = ["--checkpoint", saved, "--num-frames", "5", "--height", "16", "--seed", "5"]
+    main(["--prompt-file", str(tmp_path / "p.jsonl"), "--output-dir", str(tmp_path / "out"), *common])
+    written = [json.loads(x) for x in (tmp_path / "out" / "prompts.jsonl").read_text().splitlines()]
+    assert [(r["height"], r["width"]) for r in written] == [(16, 16), (16, 32), (16, 16)]
+    for i, row in enumerate(rows):
+        main(["--prompt", row["prompt"], "--image", str(tmp_path / row["image"]), "--output",
+              str(tmp_path / "alone.mp4"), *common[:-1], str(5 + i)])
+        alone, batched = (read_video(str(p)) for p in (tmp_path / "alone.mp4", tmp_path / "out" / f"{i:03d}.mp4"))
+        assert alone.shape == batched.shape and (alone - batched).abs().mean() < 0.02
+    write_video(str(tmp_path / "in" / "a.mp4"), torch.zeros(3, 5, 16, 16), fps=8.0)
+    (tmp_path / "v.jsonl").write_text(json.dumps({"prompt": "a red circle", "video": "in/a.mp4"}) + "\n")
+    main(["--prompt-file", str(tmp_path / "v.jsonl"), "--extend", "forward", "--output-dir", str(tmp_path / "v"),
+          *common[:-2]])
+    assert read_video(str(tmp_path / "v" / "000.mp4")).shape[1] == 5 + 5  # the row's clip, then the new frames
+    capsys.readouterr()
+    for text, extra, words in [
+            ('{"prompt": "a", "imgae": "x.png"}', [], ["line 1", "unknown key(s) ['imgae']"]),
+            ('{"prompt": "a", "image": "in/square.png"}\n{"prompt": "b"}', [], ["rows give different inputs"]),
+            ('{"prompt": "a", "image": "in/square.png"}', ["--prompt", "b"], ["leave out --prompt"]),
+            ('{"prompt": "a", "image": "in/square.png"}', ["--image", "x.png"], ["leave out --image"]),
+            ('{"prompt": "a", "connect": "in/a.mp4"}', [], ["connect must be a list of two video paths"]),
+            ('{"prompt": "a", "image": "in/none.png"}', [], ["none.png", "no such file"]),
+            ('not json', [], ["line 1: not JSON"])]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(SystemExit):
+            main(["--prompt-file", str(tmp_path / "bad.jsonl"), "--checkpoint", saved, *extra])
+        err = capsys.readouterr().err
+        assert all(w in err for w in words) and len(err.strip().splitlines()) == 1, err
+
+
 def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     """--connect adds the frames asked (rounded to whole latent frames, with a note), SDEdit notes the frames it
     leaves out, an image without an extension is an image, and a UTF-8 prompt file may open with a byte-order mark."""
@@ -616,6 +660,10 @@ def test_sample_command_upsamples_prompts(saved, tmp_path, capsys):
           str(tmp_path / "u.mp4"), "--height", "16", "--width", "16", "--num-frames", "5"])
     used = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prompt: ")]
     assert len(used) == 1 and "red circle" in used[0] and len(used[0]) > 60  # a detailed caption, synonyms mapped
+    main(["--prompt", "a crimson disc moving left", "--upsample-prompt", "--checkpoint", saved, "--output-dir",
+          str(tmp_path / "out"), "--height", "16", "--width", "16", "--num-frames", "5"])
+    row = json.loads((tmp_path / "out" / "prompts.jsonl").read_text())
+    assert row["upsampled_from"] == "a crimson disc moving left" and row["prompt"] == used[0][len("prompt: "):]
 
 
 def test_lean_save_takes_the_text_encoder_from_its_package(tmp_path, capfd):

@@ -104,10 +104,14 @@ def test_cache_skips_the_model(saved):
     enc.empty(), enc.empty()
     assert len(calls) == 2  # the empty prompt once; the cache keeps at most 3 prompts (LRU)
     enc.encode([PROMPTS[2]])  # the least recently used prompt was evicted: encoded again
-    assert len(calls) == 3 and list(enc._cache) == [PROMPTS[0], "", PROMPTS[2]]
+    assert len(calls) == 3 and [p for p, _ in enc._cache] == [PROMPTS[0], "", PROMPTS[2]]
     enc.to(torch.float64)  # moving the encoder drops stale cached embeddings
     emb, _ = enc.encode([PROMPTS[0]])
     assert len(calls) == 4 and emb.dtype == torch.float64
+    enc.max_length = 2  # another length: encoded again, cut
+    with pytest.warns(UserWarning, match="truncated to 2 tokens"):
+        short, _ = enc.encode([PROMPTS[0]])
+    assert len(calls) == 5 and short.shape[1] == 2
 
 
 def test_truncation_warns_and_clip_caps_length(saved):

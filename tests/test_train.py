@@ -631,6 +631,8 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     with pytest.raises(ConfigError, match=r"holds latents of another VAE .* \(they differ in latents_mean\)"):
         train(load_config(None, common + cached + [f"train.output_dir={tmp_path / 'stale'}",
                                                    f"train.vae={tmp_path / 'other_vae'}"]))
+    with pytest.raises(ConfigError, match=r"another text encoder setting \(text.max_length = \d+ there, 128 here\)"):
+        train(load_config(None, common + cached + [f"train.output_dir={tmp_path / 'longer'}", "text.max_length=128"]))
     import videodit.data.cache as cache_module
 
     def fail(*args, **kwargs):

@@ -330,7 +330,7 @@ def test_foreground_weight_marks_objects():
 def test_loss_with_discriminator_after_warmup():
     torch.manual_seed(0)
     vae = CausalVideoVAE(**TINY4)
-    loss_fn = VAELoss(fg_weight=4.0, disc_weight=0.5, disc_start=10)
+    loss_fn = VAELoss(foreground_weight=4.0, gan_weight=0.5, gan_start=10)
     x = shapes_clips(2, 5, 16, 16, torch.Generator().manual_seed(0))
     recon, posterior = vae(x)
     last = vae.decoder.conv_out.conv.weight
@@ -347,7 +347,7 @@ def test_loss_with_discriminator_after_warmup():
 def test_training_lowers_the_loss():
     torch.manual_seed(0)
     vae = CausalVideoVAE(**dict(TINY4, block_out_channels=(16, 32, 32), mid_attention=False))
-    loss_fn = VAELoss(fg_weight=4.0)
+    loss_fn = VAELoss(foreground_weight=4.0)
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     x = shapes_clips(4, 5, 16, 16, torch.Generator().manual_seed(0))
     losses = []

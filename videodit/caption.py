@@ -150,9 +150,11 @@ class ShapesNet(nn.Module):
         from safetensors import safe_open
         from safetensors.torch import load_file
 
+        if os.path.isdir(path):  # the folder train-shapes --out wrote
+            path = os.path.join(path, "shapes_captioner.safetensors")
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"shapes captioner weights not found: {path} (expected a .safetensors file "
-                                    f"written by `python -m videodit.caption train-shapes`)")
+            raise FileNotFoundError(f"shapes captioner weights not found: {path} (expected a .safetensors file, or "
+                                    f"the folder of one, written by `python -m videodit.caption train-shapes`)")
         try:
             with safe_open(path, "pt") as f:
                 meta = f.metadata() or {}
@@ -178,7 +180,7 @@ def render_set(num: int, seed: int, sizes) -> list:
     out = []
     for i in range(num):
         t, h, w = sizes[i % len(sizes)]
-        clip = shapes.make_clip(seed * 1_000_003 + i, h, w, t)
+        clip = shapes.make_clip(shapes.item_seed(seed, i), h, w, t)
         x = prepare(from_uint8(clip["frames"]))
         out.append((((x + 1) * 127.5).round().byte(), _labels(clip["attributes"], t)))
     return out
@@ -311,7 +313,8 @@ class VLMCaptioner:
         content = lambda k: [{"type": "image"}] * k + [{"type": "text", "text": self.prompt}]  # noqa: E731
         texts = [self.processor.apply_chat_template([{"role": "user", "content": content(len(im))}],
                                                     add_generation_prompt=True) for im in images]
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt",
+                                input_data_format="channels_last")  # (H, W, 3): a 1- or 3-pixel-high frame too
         inputs = inputs.to(self.model.device, dtype=self.model.dtype)  # casts the floating inputs (pixels) only
         out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
         new = out[:, inputs["input_ids"].shape[1]:]  # (B, new tokens)
@@ -345,7 +348,17 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
     for r in read_manifest(out) if os.path.isfile(out) else []:
         if "caption_model" in r.extra:
             done.setdefault((r.path, r.caption), []).append(r)
-    result = {i: done[r.path, r.caption].pop(0) for i, r in enumerate(rows) if done.get((r.path, r.caption))}
+    result, others = {}, {}  # a kept row: IN's row (its metadata as IN has it now) with OUT's detailed caption
+    for i, r in enumerate(rows):
+        if done.get((r.path, r.caption)):
+            old = done[r.path, r.caption].pop(0)
+            r.detailed_caption, r.extra["caption_model"] = old.detailed_caption, old.extra["caption_model"]
+            result[i] = r
+            if old.extra["caption_model"] != captioner.model_id:
+                others[old.extra["caption_model"]] = others.get(old.extra["caption_model"], 0) + 1
+    for model, n in others.items():
+        logger.warning(f"{out}: {n} row(s) kept as captioned by {model}, not {captioner.model_id}; to caption them "
+                       f"again, write to another --out or delete those rows")
     todo = {}  # clip path -> positions of its rows still to caption
     for i, r in enumerate(rows):
         if i not in result:
@@ -354,9 +367,12 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
     out_dir = os.path.dirname(os.path.abspath(out))
     counts = dict(captioned=0, kept=len(result), skipped=0)
 
+    def shown(path):  # relative under OUT's folder (they move together), else absolute
+        rel = os.path.relpath(path, out_dir)
+        return path if rel.startswith(os.pardir + os.sep) else rel
+
     def write():  # IN's order
-        write_manifest(out, [{**result[i].to_dict(), "path": os.path.relpath(result[i].path, out_dir)}
-                             for i in sorted(result)])
+        write_manifest(out, [{**result[i].to_dict(), "path": shown(result[i].path)} for i in sorted(result)])
 
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -374,6 +390,10 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
                     logger.warning(f"skipping an unreadable clip: {e}")
             if batch:
                 for ids, text in zip(batch, captioner(videos)):
+                    if not text.strip():  # left out of OUT, so that a rerun tries it again
+                        counts["skipped"] += len(ids)
+                        logger.warning(f"skipping {rows[ids[0]].path}: the captioner wrote an empty caption")
+                        continue
                     for i in ids:
                         rows[i].detailed_caption, rows[i].extra["caption_model"] = text, captioner.model_id
                         result[i] = rows[i]
@@ -406,7 +426,8 @@ def main(argv=None):
         return
     if argv[:1] == ["eval-shapes"]:
         p = argparse.ArgumentParser(prog="python -m videodit.caption eval-shapes")
-        p.add_argument("--model", default=SHAPES_WEIGHTS, help="shapes captioner weights (.safetensors)")
+        p.add_argument("--model", default=SHAPES_WEIGHTS, help="shapes captioner weights (.safetensors, or the "
+                       "folder train-shapes wrote)")
         p.add_argument("--num", type=int, default=200, help="fresh clips per size")
         p.add_argument("--seed", type=int, default=123)
         a = p.parse_args(argv[1:])
@@ -438,6 +459,11 @@ def main(argv=None):
         p.error("--backend vlm needs --model: a local folder or a hub id of a vision-language model")
     if os.path.isdir(a.out):
         p.error(f"--out {a.out} is a folder; give the path of the output manifest (.jsonl or .csv)")
+    if os.path.splitext(a.out)[1].lower() not in (".jsonl", ".csv"):
+        p.error(f"--out {a.out}: a manifest is a .jsonl or .csv file; name it so")
+    if a.backend == "shapes" and a.frames < 2:
+        p.error("--backend shapes reads motion from several frames: give --frames 2 or more (an image row is read "
+                "as one frame whatever --frames is)")
     if _same_file(a.out, a.manifest):  # OUT holds only the captioned rows: in place, the others would be lost
         p.error(f"--out {a.out} is the --manifest file; write the captions to another file")
     kw = dict(max_new_tokens=a.max_new_tokens, prompt=a.prompt, device=a.device,

@@ -93,7 +93,7 @@ class VAEConfig:
     shortcut: bool = False         # non-parametric shortcuts around encoder and decoder (fast to train; DC-AE)
     # training objective
     kl_weight: float = 1e-6
-    perceptual_weight: float = 0.1
+    perceptual_weight: float = 0.1   # weight of 1 - multi-scale SSIM (no pretrained perceptual network offline)
     foreground_weight: float = 0.0   # extra L1 weight on pixels far from the frame's border colour
     gan_weight: float = 0.0          # 0 turns the 3D PatchGAN off
     gan_start: int = 2000            # step at which the discriminator starts

@@ -157,7 +157,8 @@ def noised(patch_size, latents: list, cond: list | None = None, mean=0.0, std=1.
         mean = torch.tensor([image_mean if x.shape[1] == 1 else mean for x in latents], device=device)
     cond = cond or [torch.zeros(x.shape[1], dtype=torch.bool) for x in latents]
     packed = pack(latents, patch_size)
-    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in packed.seqlens]).to(device, non_blocking=True)
+    shifts = torch.tensor([shift or resolution_shift(n, base_tokens) for n in packed.seqlens])
+    shifts = shifts.to(device, non_blocking=True)
     t = sample_t(len(latents), mean, std, shifts, generator, device)  # (B,)
     frames = [x.shape[1] for x in latents]  # held frames at 0, the rest at their sample's t, in one host-device copy
     owner = torch.repeat_interleave(torch.arange(len(latents)), torch.tensor(frames))

@@ -400,7 +400,8 @@ class VideoDiTPipeline(DiffusionPipeline):
             num_frames = [self.geometry.frames(v.shape[1], v.shape[1]) for v in video]
         sizes = [self.resolve_size(t, h, w, None if r is None else tuple(r.shape[-2:]), connect is not None,
                                    extend is not None and video is not None)
-                 for t, h, w, r in zip(_per(num_frames, "num_frames", B), _per(height, "height", B), _per(width, "width", B), refs)]
+                 for t, h, w, r in zip(_per(num_frames, "num_frames", B), _per(height, "height", B),
+                                       _per(width, "width", B), refs)]
         if strength is not None and video is not None:  # SDEdit: no more frames than the clip has
             sizes = [(self.geometry.frames(v.shape[1], t), h, w) for (t, h, w), v in zip(sizes, video)]
         vae = self.video_vae

@@ -70,7 +70,7 @@ class TextEncoder(nn.Module):
         self.max_length = min(max_length, limit) if limit else max_length
         self.dim = model.config.hidden_size
         self.cache_size = cache_size
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # prompt -> (L_i, D), real tokens only
+        self._cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()  # (prompt, max_length) -> (L_i, D), real tokens
 
     def train(self, mode: bool = True):  # frozen: always in eval mode (no dropout)
         return super().train(False)
@@ -86,15 +86,16 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]):
         if isinstance(prompts, str) or not prompts:
             raise TypeError(f"encode takes a non-empty list of prompts, got {prompts!r:.200}")
-        missing = list(dict.fromkeys(p for p in prompts if p not in self._cache))
+        n = self.max_length
+        missing = list(dict.fromkeys(p for p in prompts if (p, n) not in self._cache))
         if missing:
-            emb, mask = encode_with(self.model, self.tokenizer, missing, self.max_length, self.device)
+            emb, mask = encode_with(self.model, self.tokenizer, missing, n, self.device)
             for p, e, m in zip(missing, emb, mask):
-                self._cache[p] = e[m]
+                self._cache[p, n] = e[m]
         rows = []
         for p in prompts:
-            self._cache.move_to_end(p)
-            rows.append(self._cache[p])
+            self._cache.move_to_end((p, n))
+            rows.append(self._cache[p, n])
         while len(self._cache) > self.cache_size:
             self._cache.popitem(last=False)
         return pad_rows(rows)

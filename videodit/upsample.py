@@ -12,7 +12,8 @@ Backends:
   world's nearest color by hue: "navy", "tomato", "forest green") and writes a detailed caption through the shapes
   world's templates (videodit.data.shapes.detailed_caption). Every attribute the prompt names is kept; the others,
   and the start positions, are drawn at random from the shapes world's distribution with `seed`, since the model was
-  trained on captions that state them all. A prompt with neither a color nor a shape it knows is returned unchanged,
+  trained on captions that state them all; a place ("starting on the right") starts the objects there where their
+  size and motion leave room. A prompt with neither a color nor a shape it knows is returned unchanged,
   with a warning. A prompt that says what the world cannot show ("a black circle", "rotating", a second object, "on a
   blue background", "three circles", "up and to the right") or holds words the rules do not read gets its caption
   with one warning that names what was drawn at random. Misspelled shape and color words are matched to the nearest
@@ -86,8 +87,11 @@ _NEGATED_RE = re.compile(r"\b(?:not|\w+n't|non)[\s-]+(?:be\s+|colou?red\s+)?([a-
 _NO_SHAPE_RE = re.compile(rf"\b(?:no|zero|not|never|without|non|\w+n't)[\s-]+(?:(?:be|a|an|any|the)\s+)*"
                           rf"({'|'.join(SHAPE_WORDS)})(?:e?s)?\b")  # "no circles", "not a square"
 _DIGITS = {"0": "no", "1": "one", "2": "two"}  # any other number is more than the world's two
-MANY_COUNT_WORDS = {"many", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "multiple",
-                    "numerous", "few", "dozen", "dozens", "lots", "crowd"}
+MANY_COUNT_WORDS = {"many", "several", "multiple", "numerous", "few", "dozen", "dozens", "lots", "crowd", *"""three
+                    four five six seven eight nine ten eleven twelve thirteen fourteen fifteen sixteen seventeen
+                    eighteen nineteen twenty thirty forty fifty sixty seventy eighty ninety hundred hundreds thousand
+                    thousands million millions""".split()}
+SINGLE_COUNT_WORDS = {"one", "single", "lone"}  # "one red circles": one, whatever the noun
 # Words the world cannot show, by the attribute they would set (the attribute is then drawn at random).
 UNSHOWABLE = {"color": {"black", "gray", "grey", "dark", "transparent", "striped", "rainbow", "multicolored"},
               "size": {"medium", "mid", "average", "normal", "growing", "shrinking"},
@@ -165,10 +169,23 @@ def _fuzzy(word: str, table: dict) -> str | None:
     return None
 
 
-def _parse(prompt: str) -> tuple[dict, list, set]:
+def _place(phrase: str) -> tuple[str | None, str | None]:
+    """The (column, row) of the frame a start or place phrase names ("starting on the right": ("right", None)), in
+    the words of shapes.cell."""
+    w = set(re.findall(r"[a-z]+", phrase))
+    col = "left" if "left" in w else "right" if "right" in w else None
+    row = "top" if w & {"top", "upper"} else "bottom" if w & {"bottom", "lower"} else None
+    if not (col or row) and w & {"middle", "center", "centre"}:
+        return "center", "middle"
+    return col, row
+
+
+def _parse(prompt: str) -> tuple[dict, list, set, tuple]:
     """(the attributes the prompt names, notes [(attribute or None, what could not be followed)], colors it rules
-    out). A note with an attribute matters only when that attribute is drawn at random."""
+    out, and the (column, row) where the objects start, None where it does not say). A note with an attribute
+    matters only when that attribute is drawn at random."""
     text = re.sub(r"\b[012]\b", lambda m: _DIGITS[m.group()], prompt.lower().replace("’", "'"))
+    starts = [m.group() for m in _START_RE.finditer(text)]
     text = _START_RE.sub(" ", text)
     found, notes, excluded = {}, [], set()
     for m in _NO_SHAPE_RE.finditer(text):
@@ -198,6 +215,8 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
             excluded.add(color)
             notes.append((None, f"{m.group().strip()!r}: the color is drawn among the others"))
             text = text.replace(m.group(), " ")
+    place = next((p for p in map(_place, starts + [m.group() for m in _PLACE_RE.finditer(text)]) if any(p)),
+                 (None, None))
     text = _PLACE_RE.sub(" ", text)
     words = re.findall(r"[a-z]+", text)
     plural, unknown = False, []
@@ -210,6 +229,8 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
                 plural = plural or (key == "shape" and noun != w)
             elif word in table and key in ("shape", "color") and table[word] != found[key]:
                 notes.append((None, f"a second {key} {w!r}: a clip shows one kind of object"))
+            elif word in table and key == "size" and table[word] != found[key]:
+                notes.append((None, f"a second size {w!r}: a clip's objects are one size"))
             elif word in table and key == "motion" and table[word] != found[key]:
                 notes.append((None, f"a second direction {w!r}: objects move one way, {found['motion']}"))
         if noun not in _KNOWN and w not in _color_name_words():
@@ -233,34 +254,34 @@ def _parse(prompt: str) -> tuple[dict, list, set]:
     many = sorted(MANY_COUNT_WORDS & set(words)) + re.findall(r"\b\d+\b", text)
     if many:
         notes.append((None, f"{many[0]!r}: the world shows at most two objects; two are drawn"))
-    if plural or many or PLURAL_COUNT_WORDS & set(words):
+    nouns = [w for w in words if w in SHAPE_WORDS]  # "a red circle and a blue circle": two objects
+    if many or PLURAL_COUNT_WORDS & set(words) or len(nouns) > 1 or plural and not SINGLE_COUNT_WORDS & set(words):
         found["count"] = 2
     elif "shape" in found:
         found["count"] = 1
     for key in ("color", "shape"):
         if found.get(key) in excluded:
             del found[key]
-    return found, notes, excluded
+    return found, notes, excluded, place
 
 
 def parse_shapes_prompt(prompt: str) -> dict:
     """The shapes-world attributes a prompt or caption names: a dict with some of count (1 | 2), size, color,
     shape, motion, background. Start-position and place phrases ("starting on the left", "in the top right") are
-    recognized and ignored; a side word after a motion verb ("moving right") is the motion."""
+    no attributes (the upsampler starts the objects there); a side word after a motion verb ("moving right") is the
+    motion."""
     return _parse(prompt)[0]
 
 
-def upsample_shapes(prompt: str, seed: int = 0, height: int = 64, width: int = 64) -> str:
-    """A detailed shapes-world caption keeping every attribute the prompt names; the rest drawn with `seed` (any int).
-    Warns, naming what is drawn at random, when the prompt says what the world cannot show or the rules do not read."""
-    return _upsample_shapes(prompt, seed, height, width)
-
-
-def _upsample_shapes(prompt: str, seed: int, height: int, width: int) -> str:  # warnings point 3 frames up
-    found, notes, excluded = _parse(prompt)
+def _upsample_shapes(prompt: str, seed: int) -> str:
+    """A detailed shapes-world caption (64x64 frames) keeping every attribute the prompt names; the rest drawn with
+    `seed` (any int). Warns, naming what is drawn at random, when the prompt says what the world cannot show or the
+    rules do not read."""
+    height = width = 64
+    found, notes, excluded, place = _parse(prompt)
     if "color" not in found and "shape" not in found:
         warnings.warn(f"the shapes upsampler found no color or shape in {prompt!r}; returning it unchanged",
-                      stacklevel=3)
+                      stacklevel=3)  # at upsample_prompt's caller
         return prompt
     if found.get("color") == found.get("background") == "white":
         notes.append((None, "a white object is never drawn on a white background: the background is drawn"))
@@ -274,12 +295,23 @@ def _upsample_shapes(prompt: str, seed: int, height: int, width: int) -> str:  #
     a.setdefault("motion", pick(shapes.MOTIONS))
     a.setdefault("background", pick([b for b in shapes.BACKGROUNDS if shapes.drawable(a.get("color"), b)]))
     a.setdefault("color", pick([c for c in shapes.COLORS if shapes.drawable(c, a["background"]) and c not in excluded]))
+    for tries in range(200):  # starts where the prompt places the objects, with a size and motion that leave room
+        if tries:
+            a.update({k: pick(options) for k, options in (("size", list(shapes.SIZES)), ("motion", shapes.MOTIONS))
+                      if k not in found})
+        starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
+        if any(all(want in (None, got) for want, got in zip(place, shapes.cell(x, y, height, width)))
+               for x, y in starts):  # two objects: one of them there (two in one ninth of the frame rarely fit)
+            break
+    else:
+        shown = "the center" if place == ("center", "middle") else "the " + " ".join(w for w in place[::-1] if w)
+        notes.append((None, f"{a['size']} objects moving {a['motion']} cannot start at {shown}: their start is "
+                            f"drawn"))
     drawn = [k for k in ("size", "color", "shape", "motion", "background") if k not in found]
     said = [note for key, note in notes if key is None or key in drawn or (key == "any" and drawn)]
     if said:
         warnings.warn(f"the shapes upsampler cannot follow all of {prompt!r}: {'; '.join(dict.fromkeys(said))}"
                       + (f"; drawn at random: {', '.join(drawn)}" if drawn else ""), stacklevel=3)
-    starts = shapes.sample_starts(rng, a["count"], a["size"], a["motion"], height, width)
     return shapes.detailed_caption(shapes.Attributes(starts=starts, **a), height, width, rng)
 
 
@@ -340,7 +372,7 @@ def upsample_prompt(prompt: str, backend: str = "shapes", model: str | None = No
     if not isinstance(prompt, str):
         raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
     if backend == "shapes":
-        return _upsample_shapes(prompt, seed, 64, 64)
+        return _upsample_shapes(prompt, seed)
     if backend == "lm":
         if not model:
             raise ValueError("the 'lm' prompt upsampler needs model=: a local folder or a hub id of a causal LM")

@@ -481,11 +481,11 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         shape = (1, C, 1, 1, 1)
         return z.new_tensor(mean).view(shape), z.new_tensor(std).view(shape)
 
-    def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
         """x: (B, 3, 1 + ft*k, H, W) -> normalized latents (B, C, 1 + k, H/fs, W/fs) of the C = denoiser_channels
-        used channels: a channel with std 0 (unused by the decoder, see `compute_latent_stats`) is left out. sample:
-        False takes the posterior mode; True or a torch.Generator draws from it."""
-        z = _draw(self.encode(x).latent_dist, sample)
+        used channels, from the posterior's mode: a channel with std 0 (unused by the decoder, see
+        `compute_latent_stats`) is left out."""
+        z = self.encode(x).latent_dist.mode()
         mean, std = self._stats(z)
         keep = self.used_channels
         return (z[:, keep] - mean[:, keep]) / std[:, keep]
@@ -503,16 +503,10 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
         return self.decode(full * std + mean).sample
 
 
-def _draw(posterior, sample):
-    if sample is False:
-        return posterior.mode()
-    return posterior.sample(generator=sample if isinstance(sample, torch.Generator) else None)
-
-
 @torch.no_grad()
-def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> tuple[list, list]:
-    """Per-channel mean and std of the raw latents of an iterable of pixel batches (B, 3, T, H, W); stored in the
-    VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
+def compute_latent_stats(vae: CausalVideoVAE, batches) -> tuple[list, list]:
+    """Per-channel mean and std of the raw latents (posterior modes) of an iterable of pixel batches (B, 3, T, H, W);
+    stored in the VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
 
     A channel the decoder does not use (`unused_channels`: tested on the last batch, set to the channel's mean over
     all of them, as decode_latents puts it back) gets std 0: encode_latents leaves
@@ -521,7 +515,7 @@ def compute_latent_stats(vae: CausalVideoVAE, batches, sample: bool = False) -> 
     total = total_sq = None
     count = 0
     for x in batches:
-        raw = _draw(vae.encode(x.to(vae.device, vae.dtype)).latent_dist, sample)
+        raw = vae.encode(x.to(vae.device, vae.dtype)).latent_dist.mode()
         z = rearrange(raw.double(), "b c t h w -> c (b t h w)")
         total = z.sum(1) if total is None else total + z.sum(1)
         total_sq = (z ** 2).sum(1) if total_sq is None else total_sq + (z ** 2).sum(1)
@@ -615,8 +609,8 @@ class PretrainedVideoVAE(nn.Module):
         shift, scale = getattr(cfg, "shift_factor", None) or 0.0, cfg.scaling_factor
         return z / scale + shift if inverse else (z - shift) * scale
 
-    def encode_latents(self, x: torch.Tensor, sample: bool | torch.Generator = False) -> torch.Tensor:
-        return self._normalize(_draw(self.encode(x).latent_dist, sample), inverse=False)
+    def encode_latents(self, x: torch.Tensor) -> torch.Tensor:
+        return self._normalize(self.encode(x).latent_dist.mode(), inverse=False)
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(self._normalize(z.to(self.dtype), inverse=True)).sample

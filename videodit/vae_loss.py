@@ -4,15 +4,17 @@ No pretrained network is needed (or available offline), so the perceptual term i
 averaged over a few dyadic scales of every frame. It is a structural similarity loss, not LPIPS.
 
 Trainer use:
-    loss_fn = VAELoss(fg_weight=4.0, disc_weight=0.5, disc_start=2000)
+    loss_fn = VAELoss(foreground_weight=4.0, gan_weight=0.5, gan_start=2000)
     recon, posterior = vae(x)
     loss, logs = loss_fn(x, recon, posterior, step, last_layer=vae.decoder.conv_out.conv.weight)
-    d_loss, d_logs = loss_fn.disc_loss(x, recon, step)   # None before disc_start; optimize loss_fn.discriminator
+    d_loss, d_logs = loss_fn.disc_loss(x, recon, step)   # None before gan_start; optimize loss_fn.discriminator
 """
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from .config import VAEConfig
 
 
 def foreground_weight(x: torch.Tensor, weight: float, threshold: float = 0.1) -> torch.Tensor:
@@ -83,53 +85,52 @@ class PatchDiscriminator3D(nn.Module):
 
 
 class VAELoss(nn.Module):
-    """loss = l1_weight * L1 (foreground-weighted mean) + ssim_weight * (1 - multi-scale SSIM)
-              + kl_weight * KL (mean per latent element) + GAN weight * (-D(recon)) from `disc_start` on.
-    fg_weight: extra weight on pixels far from the border's median colour (0 turns it off).
-    disc_weight: 0 builds no discriminator; with adaptive_disc_weight and a `last_layer` the GAN weight is
-        disc_weight * |grad L_rec| / |grad L_gan| at the decoder's last layer (as VQGAN), else disc_weight."""
+    """loss = L1 (foreground-weighted mean) + perceptual_weight * (1 - multi-scale SSIM)
+              + kl_weight * KL (mean per latent element) + GAN weight * (-D(recon)) from `gan_start` on.
+    The arguments are the config's `vae.*` keys, with their defaults.
+    foreground_weight: extra weight on pixels far from the border's median colour (0 turns it off).
+    gan_weight: 0 builds no discriminator; with a `last_layer` the GAN weight is
+        gan_weight * |grad L_rec| / |grad L_gan| at the decoder's last layer (as VQGAN), else gan_weight."""
 
-    def __init__(self, l1_weight: float = 1.0, ssim_weight: float = 0.2, kl_weight: float = 1e-6,
-                 fg_weight: float = 0.0, fg_threshold: float = 0.1, disc_weight: float = 0.0,
-                 disc_start: int = 2000, adaptive_disc_weight: bool = True, disc_channels: int = 32,
-                 disc_layers: int = 3):
+    def __init__(self, perceptual_weight: float = VAEConfig.perceptual_weight, kl_weight: float = VAEConfig.kl_weight,
+                 foreground_weight: float = VAEConfig.foreground_weight, gan_weight: float = VAEConfig.gan_weight,
+                 gan_start: int = VAEConfig.gan_start):
         super().__init__()
-        self.l1_weight, self.ssim_weight, self.kl_weight = l1_weight, ssim_weight, kl_weight
-        self.fg_weight, self.fg_threshold = fg_weight, fg_threshold
-        self.disc_weight, self.disc_start, self.adaptive_disc_weight = disc_weight, disc_start, adaptive_disc_weight
-        self.discriminator = PatchDiscriminator3D(3, disc_channels, disc_layers) if disc_weight > 0 else None
+        self.perceptual_weight, self.kl_weight, self.foreground_weight = perceptual_weight, kl_weight, foreground_weight
+        self.gan_weight, self.gan_start = gan_weight, gan_start
+        self.discriminator = PatchDiscriminator3D() if gan_weight > 0 else None
 
     def reconstruction(self, x, recon):
         err = (x - recon).abs()  # (B, 3, T, H, W)
-        if self.fg_weight <= 0:
+        if self.foreground_weight <= 0:
             return err.mean()
-        w = foreground_weight(x, self.fg_weight, self.fg_threshold)
+        w = foreground_weight(x, self.foreground_weight)
         return (err * w).mean() / w.mean()
 
     def forward(self, x: torch.Tensor, recon: torch.Tensor, posterior, step: int = 0,
                 last_layer: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         rec = self.reconstruction(x, recon)
-        ssim_term = ms_ssim_loss(x, recon) if self.ssim_weight > 0 else x.new_zeros(())
+        ssim_term = ms_ssim_loss(x, recon) if self.perceptual_weight > 0 else x.new_zeros(())
         kl = kl_loss(posterior)
-        rec_total = self.l1_weight * rec + self.ssim_weight * ssim_term
+        rec_total = rec + self.perceptual_weight * ssim_term
         loss = rec_total + self.kl_weight * kl
         logs = {"l1": rec.detach(), "ssim_loss": ssim_term.detach(), "kl": kl.detach()}
-        if self.discriminator is not None and step >= self.disc_start:
+        if self.discriminator is not None and step >= self.gan_start:
             gan = -self.discriminator(recon).mean()
-            weight = torch.tensor(self.disc_weight, device=x.device)
-            if self.adaptive_disc_weight and last_layer is not None and torch.is_grad_enabled():
+            weight = torch.tensor(self.gan_weight, device=x.device)
+            if last_layer is not None and torch.is_grad_enabled():
                 g_rec = torch.autograd.grad(rec_total, last_layer, retain_graph=True)[0]
                 g_gan = torch.autograd.grad(gan, last_layer, retain_graph=True)[0]
-                weight = self.disc_weight * (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(max=1e4).detach()
+                weight = self.gan_weight * (g_rec.norm() / (g_gan.norm() + 1e-4)).clamp(max=1e4).detach()
             loss = loss + weight * gan
             logs.update(gan=gan.detach(), gan_weight=weight)
         logs["loss"] = loss.detach()
         return loss, logs
 
     def disc_loss(self, x: torch.Tensor, recon: torch.Tensor, step: int) -> tuple[torch.Tensor | None, dict]:
-        """Hinge loss of the discriminator on real x and detached recon; (None, {}) before disc_start or
+        """Hinge loss of the discriminator on real x and detached recon; (None, {}) before gan_start or
         without a discriminator."""
-        if self.discriminator is None or step < self.disc_start:
+        if self.discriminator is None or step < self.gan_start:
             return None, {}
         real, fake = self.discriminator(x), self.discriminator(recon.detach())
         loss = F.relu(1 - real).mean() + F.relu(1 + fake).mean()

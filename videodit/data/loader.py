@@ -367,7 +367,8 @@ class TrainData(torch.utils.data.Dataset):
         except VideoReadError as e:
             logger.warning(f"skipping a sample: {e}")
             return None
-        p_detailed = self.image_detailed_prob if image else self.detailed_prob
+        single = (s["latent"] if "latent" in s else s["video"]).shape[1] == 1  # an image draw, a photo, a short clip
+        p_detailed = self.image_detailed_prob if single else self.detailed_prob
         prompt = drop_text([choose_caption(s, p_detailed, rng)], self.text_dropout, rng)[0]
         if "latent" in s:
             C, T, h, w = s["latent"].shape

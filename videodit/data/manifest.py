@@ -115,14 +115,18 @@ def read_manifest(path: str) -> list[Row]:
 
 def write_manifest(path: str, rows) -> str:
     """Write rows (Row or dict) as .jsonl or .csv, atomically."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".jsonl", ".csv"):
+        raise ManifestError(f"{path}: unknown manifest type {ext!r}; use .jsonl or .csv")
     dicts = [r.to_dict() if isinstance(r, Row) else dict(r) for r in rows]
     tmp = path + ".tmp"
     with open(tmp, "w", newline="", encoding="utf-8") as f:
-        if path.endswith(".csv"):
+        if ext == ".csv":
             keys = list(dict.fromkeys(k for d in dicts for k in d))
             w = csv.DictWriter(f, fieldnames=keys)
             w.writeheader()
-            w.writerows(dicts)
+            w.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in d.items()}
+                        for d in dicts)  # lists and objects as JSON text
         else:
             f.writelines(json.dumps(d) + "\n" for d in dicts)
     os.replace(tmp, path)

@@ -224,9 +224,14 @@ _TEMPLATES = [
 ]
 
 
+def cell(x: float, y: float, height: int, width: int) -> tuple[str, str]:
+    """The (column, row) of the frame's 3x3 grid that holds point (x, y)."""
+    return (["left", "center", "right"][min(2, int(3 * x / width))],
+            ["top", "middle", "bottom"][min(2, int(3 * y / height))])
+
+
 def region(x: float, y: float, height: int, width: int) -> str:
-    col = ["left", "center", "right"][min(2, int(3 * x / width))]
-    row = ["top", "middle", "bottom"][min(2, int(3 * y / height))]
+    col, row = cell(x, y, height, width)
     if (row, col) == ("middle", "center"):
         return "the center"
     if row == "middle":

@@ -1,13 +1,14 @@
 """Building the models a run trains or uses, from its config: the denoiser, a fresh VAE, a trained VAE."""
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 
 import torch
 
-from ..config import ConfigError, VAEConfig, as_saved
+from ..config import ConfigError, ModelConfig, VAEConfig, as_saved
 from ..dit import PRESETS, VideoDiT
 from ..text import is_local
 from ..flow import guidance_distilled
@@ -15,8 +16,7 @@ from ..vae import PRETRAINED_VAES, CausalVideoVAE, load_vae
 
 logger = logging.getLogger(__name__)
 
-MODEL_OVERRIDES = ("depth", "hidden_size", "num_heads", "mlp_ratio", "patch_size", "rope_base_grid", "qk_norm",
-                   "local_mlp", "pooled_text", "abs_pos")
+MODEL_OVERRIDES = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name != "preset")
 
 
 def denoiser_kwargs(cfg, in_channels: int, text_dim: int) -> dict:
@@ -130,24 +130,21 @@ def build_vae(cfg) -> CausalVideoVAE:
     if v.kind != "causal":
         raise ConfigError(f"train.task: vae trains our causal VAE; vae.kind = {v.kind!r} is a pretrained VAE "
                          f"(use it with train.vae instead)")
+    kwargs = dict(block_out_channels=[v.base_channels * m for m in v.channel_mults], layers_per_block=v.num_res_blocks,
+                  latent_channels=v.latent_channels, temporal_factor=v.ft, spatial_factor=v.fs,
+                  mid_attention=v.mid_attention, shortcut=v.shortcut)
     if cfg.train.init_from:
         vae = CausalVideoVAE.from_pretrained(cfg.train.init_from)
-        c = vae.config
-        _warn_ignored(dict(ft=v.ft, fs=v.fs, latent_channels=v.latent_channels, num_res_blocks=v.num_res_blocks,
-                           mid_attention=v.mid_attention, shortcut=v.shortcut,
-                           channels=[v.base_channels * m for m in v.channel_mults]),
-                      dict(ft=c.temporal_factor, fs=c.spatial_factor, latent_channels=c.latent_channels,
-                           num_res_blocks=c.layers_per_block, mid_attention=c.mid_attention, shortcut=c.shortcut,
-                           channels=list(c.block_out_channels)), cfg.train.init_from, "vae.")
+        names = dict(block_out_channels="channels", layers_per_block="num_res_blocks", temporal_factor="ft",
+                     spatial_factor="fs")  # the config's names where they differ from the model's
+        _warn_ignored({names.get(k, k): w for k, w in kwargs.items()},
+                      {names.get(k, k): vae.config[k] for k in kwargs}, cfg.train.init_from, "vae.")
         return vae
     levels = len(v.channel_mults)
     if 2 ** (levels - 1) != v.fs:
         raise ConfigError(f"vae.channel_mults has {levels} levels, which downsample by {2 ** (levels - 1)}, but "
                          f"vae.fs = {v.fs}: give log2(fs) + 1 = {v.fs.bit_length()} multipliers")
-    return CausalVideoVAE(block_out_channels=[v.base_channels * m for m in v.channel_mults],
-                          layers_per_block=v.num_res_blocks, latent_channels=v.latent_channels,
-                          temporal_factor=v.ft, spatial_factor=v.fs, mid_attention=v.mid_attention,
-                          shortcut=v.shortcut)
+    return CausalVideoVAE(**kwargs)
 
 
 def _vae_source(cfg) -> tuple[str, str | None, str | None]:
@@ -186,6 +183,17 @@ def check_cache_vae(index: dict, cfg):
         raise ConfigError(f"data.cache_dir holds latents of another VAE ({index.get('vae')}) than {key} = {path} "
                           f"(they differ in {', '.join(differ[:4])}): rebuild the cache with this VAE, or train with "
                           f"that one")
+
+
+def check_cache_text(index: dict, cfg):
+    """The run's text encoder must be the one that encoded a latent cache's captions, at its max_length (its
+    index.json's text; an older cache is not checked)."""
+    cached = index.get("text")
+    differ = [k for k in ("encoder", "path", "max_length") if cached and cached[k] != getattr(cfg.text, k)]
+    if differ:
+        said = ", ".join(f"text.{k} = {cached[k]!r} there, {getattr(cfg.text, k)!r} here" for k in differ)
+        raise ConfigError(f"data.cache_dir holds captions encoded with another text encoder setting ({said}): "
+                          f"rebuild the cache with this run's text section, or train with the cache's")
 
 
 def load_trained_vae(cfg):

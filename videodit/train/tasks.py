@@ -22,7 +22,7 @@ from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
 from .checkpoint import save_model, save_pipeline
 from .lora import add_lora, save_adapters
-from .models import build_denoiser, build_vae, check_cache_vae, load_teacher, load_trained_vae
+from .models import build_denoiser, build_vae, check_cache_text, check_cache_vae, load_teacher, load_trained_vae
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class DiTTask:
         if cfg.data.source == "cache":
             self.source = CacheSource(cfg.data.cache_dir)
             check_cache_vae(self.source.index, cfg)
+            check_cache_text(self.source.index, cfg)
             ft, fs, channels, text_dim = (self.source.ft, self.source.fs, self.source.latent_channels,
                                           self.source.text_dim)
             if cfg.train.sample_every and cfg.train.sample_prompts:  # sampling decodes and encodes prompts
@@ -271,8 +272,8 @@ class VAETask:
         self.model = build_vae(cfg)
         self.model_config = dict(self.model.config)
         self.geom, self.source = vae_source(cfg, self.model)
-        self.loss_fn = VAELoss(ssim_weight=v.perceptual_weight, kl_weight=v.kl_weight, fg_weight=v.foreground_weight,
-                               disc_weight=v.gan_weight, disc_start=v.gan_start).to(self.device)
+        self.loss_fn = VAELoss(v.perceptual_weight, v.kl_weight, v.foreground_weight, v.gan_weight,
+                               v.gan_start).to(self.device)
         self.disc = self.loss_fn.discriminator  # replicated on every rank; gradients averaged in after_step
         self.disc_opt, self.last_batch = None, None
         if self.disc is not None:
