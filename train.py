@@ -18,7 +18,7 @@ import sys
 
 from videodit.config import ConfigError, load_config, one_line_warnings
 from videodit.data.manifest import ManifestError
-from videodit.train.loop import STOP_SIGNALS, Stopped, train
+from videodit.train.loop import STOP_SIGNALS, Diverged, Stopped, train
 
 
 def main(argv=None):
@@ -34,7 +34,7 @@ def main(argv=None):
     try:
         cfg = load_config(args.config, args.set)
         print(train(cfg, args.resume))
-    except (ConfigError, ManifestError, OSError) as e:  # OSError: a file or model that cannot be read or loaded
+    except (ConfigError, ManifestError, OSError, Diverged) as e:  # OSError: a file that cannot be read or written
         raise SystemExit(f"error: {e}") from None
     except Stopped as e:  # the exit status of a process ended by the signal: the job did not finish
         for s in STOP_SIGNALS:  # a launcher's own SIGTERM to the processes still running must not change it

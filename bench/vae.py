@@ -101,7 +101,7 @@ def evaluate(name, model, video, T):
 
 
 @torch.no_grad()
-def throughput(name, model, T, size, repeats=3):
+def throughput(model, T, size, repeats=3):
     x = torch.rand(1, 3, T, size, size) * 2 - 1
     enc = dec = float("inf")
     for _ in range(repeats):
@@ -194,7 +194,7 @@ def main():
                  ("held-out SSIM", res["ours"][1], res["wan"][1], res["ours"][1] / res["wan"][1], "ratio"),
                  ("train s/step", res["ours"][2], res["wan"][2], res["wan"][2] / res["ours"][2], "wan/ours")]
     for size in (64, 128):
-        (oe, od), (we, wd) = (throughput(name, models[name], 17, size) for name in ("ours", "wan"))
+        (oe, od), (we, wd) = (throughput(models[name], 17, size) for name in ("ours", "wan"))
         rows += [(f"encode frames/s, 17x{size}x{size}", oe, we, oe / we, "ours/wan"),
                  (f"decode frames/s, 17x{size}x{size}", od, wd, od / wd, "ours/wan")]
 

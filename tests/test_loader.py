@@ -1,6 +1,7 @@
 import json
 import logging
 import os
+import random
 
 import numpy as np
 import pytest
@@ -218,6 +219,26 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
     (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
     assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)
+
+
+def test_a_missing_or_damaged_cache_shard_is_a_read_error_naming_it(tmp_path):
+    """As an unreadable clip: the loader skips, warns and counts the items of a shard that is gone or cut short."""
+    from safetensors.torch import save_file
+
+    from videodit.data.video import VideoReadError
+
+    save_file({"latent.0": torch.zeros(4, 1, 2, 2), "text.0": torch.zeros(3, 16)}, str(tmp_path / "a.safetensors"))
+    items = [dict(shard="a.safetensors", key="0", caption="c", shape=[4, 1, 2, 2]),
+             dict(shard="b.safetensors", key="1", caption="c", shape=[4, 1, 2, 2])]
+    (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
+    source = CacheSource(str(tmp_path))
+    assert source.load(0, False, random.Random(0))["latent"].shape == (4, 1, 2, 2)
+    with pytest.raises(VideoReadError, match="b.safetensors: cannot read item 1 of this cache shard"):
+        source.load(1, False, random.Random(0))
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "a.safetensors").write_bytes(data[:len(data) // 2])
+    with pytest.raises(VideoReadError, match="a.safetensors: cannot read item 0"):
+        source.load(0, False, random.Random(0))
 
 
 def test_a_row_without_its_frame_rate_is_probed_for_it(tmp_path):

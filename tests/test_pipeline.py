@@ -268,6 +268,7 @@ CLIP = torch.zeros(3, 5, 16, 16)
     (dict(prompt=None), "non-empty list"),
     (dict(prompt=["a", "b"], num_frames=[5]), "num_frames has 1 values for 2 prompts"),
     (dict(prompt=["a", "b"], height=[16, 16, 16]), "height has 3 values for 2 prompts"),
+    (dict(prompt=["a", "b"], generator=[torch.Generator()]), "generator has 1 values for 2 prompts"),
     (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 values"),
     (dict(height=0), "height must be positive"),
     (dict(num_frames=-3), "num_frames must be positive"),

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,6 +108,55 @@ def test_a_run_never_mixes_its_checkpoints_with_another_history(assets, referenc
     assert names(run / "checkpoints" / "abandoned") == ["step_00000003", "step_00000004"]
     assert load_config(os.path.join(find_checkpoint("latest", str(run)), "config.yaml")).train.lr == 1e-3
     assert [r["step"] for r in log(run)] == [1, 2, 3]
+
+
+def test_a_diverged_run_stops_before_a_checkpoint_of_it_and_logs_strict_json(assets, tmp_path, monkeypatch):
+    """A NaN loss from step 3 on: the run ends with Diverged naming the step and the newest good checkpoint (step 2),
+    writes no checkpoint or export of the poisoned weights, and its log holds null, not NaN."""
+    from videodit.train.loop import Diverged
+    from videodit.train.tasks import DiTTask
+
+    loss = DiTTask.loss
+
+    def poisoned(self, model, batch, generator, step):
+        value, logs = loss(self, model, batch, generator, step)
+        return (value * float("nan") if step >= 2 else value), logs
+
+    monkeypatch.setattr(DiTTask, "loss", poisoned)
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=6",
+                                              "train.checkpoint_every=2"])
+    with pytest.raises(Diverged, match=r"step 3: the loss is nan and the grad_norm is nan .* The newest is "
+                                       r".*step_00000002: go on from it"):
+        train(cfg)
+    assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step_00000002"]
+    assert not os.path.exists(tmp_path / "pipeline")
+    lines = (tmp_path / "log.jsonl").read_text().splitlines()
+    records = [json.loads(x, parse_constant=lambda c: pytest.fail(f"{c} in log.jsonl")) for x in lines]
+    assert records[-1]["step"] == 3 and records[-1]["loss"] is None
+
+
+def test_a_failed_checkpoint_write_is_one_line_and_leaves_nothing_half_written(assets, reference, tmp_path,
+                                                                               monkeypatch):
+    """A full disk surfaces as torch's or safetensors' own errors: the write fails with an OSError naming the
+    checkpoint and the space left, the unfinished folder removed; a resume after it skips a torn last log line."""
+    from accelerate import Accelerator
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    with open(tmp_path / "log.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 0.1')  # a kill or a full disk cut the last line short
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=6",
+                                              "train.grad_accum=2", "train.checkpoint_every=1"])
+
+    def full(self, folder):
+        (Path(folder) / "model.safetensors").write_bytes(b"part")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1150464 vs 1150356")
+
+    monkeypatch.setattr(Accelerator, "save_state", full)
+    with pytest.raises(OSError, match=r"could not write checkpoint 5 to .*checkpoints \(\[enforce fail.*; \d+ MB free "
+                                      r"there\); with room to write, go on with --resume latest"):
+        train(cfg, resume="latest")
+    assert not [n for n in os.listdir(tmp_path / "checkpoints") if n.startswith(".tmp")]
+    assert [r["step"] for r in log(tmp_path)] == [1, 2, 3, 4, 5]  # the torn line dropped, step 5 logged again
 
 
 def test_run_folder_and_checkpoint_rotation(reference):

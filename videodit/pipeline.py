@@ -378,8 +378,7 @@ class VideoDiTPipeline(DiffusionPipeline):
         if not all(n is None or isinstance(n, str) for n in _per(negative_prompt, "negative_prompt", B)):
             raise ValueError(f"negative_prompt must be a string or a list of one per prompt, got "
                              f"{negative_prompt!r:.80}")
-        gens = generator if isinstance(generator, (list, tuple)) else [generator]
-        if not all(g is None or isinstance(g, torch.Generator) for g in gens):
+        if not all(g is None or isinstance(g, torch.Generator) for g in _per(generator, "generator", B)):
             raise ValueError(f"generator must be a torch.Generator or a list of one per prompt (a seed s: "
                              f"torch.Generator().manual_seed(s)), got {generator!r:.80}")
         if output_type not in ("np", "pt", "latent"):

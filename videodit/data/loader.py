@@ -249,12 +249,16 @@ class CacheSource:
 
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         item = self.items[i]
-        with safe_open(os.path.join(self.dir, item["shard"]), "pt") as f:
-            key = item["key"]
-            latent = f.get_tensor(f"latent.{key}")  # (C, T', h, w)
-            text = {item["caption"]: f.get_tensor(f"text.{key}")}  # caption -> (L, D) real tokens
-            if item.get("detailed_caption"):
-                text[item["detailed_caption"]] = f.get_tensor(f"detailed.{key}")
+        shard = os.path.join(self.dir, item["shard"])
+        try:
+            with safe_open(shard, "pt") as f:
+                key = item["key"]
+                latent = f.get_tensor(f"latent.{key}")  # (C, T', h, w)
+                text = {item["caption"]: f.get_tensor(f"text.{key}")}  # caption -> (L, D) real tokens
+                if item.get("detailed_caption"):
+                    text[item["detailed_caption"]] = f.get_tensor(f"detailed.{key}")
+        except Exception as e:  # missing, truncated or damaged (safetensors raises its own error type): skipped
+            raise VideoReadError(shard, f"cannot read item {item['key']} of this cache shard ({e})") from None
         return dict(latent=latent[:, :1] if image else latent, caption=item["caption"],
                     detailed_caption=item.get("detailed_caption"), text=text)
 

@@ -1,7 +1,8 @@
 """Video and image I/O at the library's edge.
 
 Inside the library a clip is a float tensor (3, T, H, W) in [-1, 1] (batched: (B, 3, T, H, W)); an image is a clip
-with T = 1. Reading uses decord for videos and PIL for images; writing makes mp4 (h264), gif, or png (one frame).
+with T = 1. Reading uses decord for videos (ffmpeg for what decord cannot open) and PIL for images and GIFs; writing
+makes mp4 (h264), gif, or png (one frame).
 Every failure to read a file raises `VideoReadError`, which names the file, so a data pipeline can catch one type.
 """
 

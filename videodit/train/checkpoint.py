@@ -73,25 +73,42 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, m
     root = os.path.join(output_dir, "checkpoints")
     final, tmp = os.path.join(root, f"step_{step:08d}"), os.path.join(root, f".tmp_step_{step:08d}")
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        for name in os.listdir(root) if os.path.isdir(root) else []:  # this one's, and any a failed write left
+            if name.startswith(".tmp_step_"):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
         os.makedirs(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(tmp)
-    if also is not None:
-        also(tmp)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(tmp)
+        if also is not None:
+            also(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(tmp, "state.json"), "w") as f:
+                json.dump(state, f, indent=1)
+            with open(os.path.join(tmp, "model_config.json"), "w") as f:
+                json.dump(model_config, f, indent=1)
+            save_config(cfg, os.path.join(tmp, "config.yaml"))
+    except Exception as e:  # a full disk surfaces as torch's or safetensors' own errors
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(f"could not write checkpoint {step} to {root}", root, e) from e
     if accelerator.is_main_process:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(state, f, indent=1)
-        with open(os.path.join(tmp, "model_config.json"), "w") as f:
-            json.dump(model_config, f, indent=1)
-        save_config(cfg, os.path.join(tmp, "config.yaml"))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         for old in checkpoint_dirs(output_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+def write_error(what: str, folder: str, e: Exception) -> OSError:
+    """An error writing a run's files as one line: what failed, why, and the space left where it wrote."""
+    why = " ".join(str(e).split())[:200] or type(e).__name__
+    try:
+        free = f"; {shutil.disk_usage(folder).free / 2 ** 20:.0f} MB free there"
+    except OSError:
+        free = ""
+    return OSError(f"{what} ({why}{free}); with room to write, go on with --resume latest")
 
 
 def load_checkpoint(accelerator, path: str) -> dict:

@@ -32,7 +32,9 @@ mean is the same one, so sequence parallelism combines with either.
 import contextlib
 import json
 import logging
+import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -51,7 +53,8 @@ from ..config import ConfigError, as_saved, save_config
 from ..data.loader import DataPosition, make_loader
 from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
-from .checkpoint import abandon_checkpoints_after, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import (abandon_checkpoints_after, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint,
+                         write_error)
 from .models import named_vae_config
 from .tasks import DiTTask, VAETask
 
@@ -69,6 +72,18 @@ class Stopped(Exception):
                          f"{output_dir}/checkpoints: go on with --resume latest")
 
 
+class Diverged(Exception):
+    """The loss or the weights stopped being finite: the run ends before writing a checkpoint of them."""
+
+    def __init__(self, step: int, what: str, out: str):
+        last = (checkpoint_dirs(out) or [None])[-1]
+        super().__init__(f"step {step}: {what} (the run diverged, or a sample holds NaN or inf); no checkpoint of it "
+                         f"was written. " + (f"The newest is {last}: go on from it with --resume latest and a lower "
+                                             f"train.lr, or train.grad_clip > 0" if last else
+                                             "No checkpoint was written before: start again with a lower train.lr, "
+                                             "or train.grad_clip > 0"))
+
+
 def make_schedule(optimizer, t):
     if t.schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, t.warmup_steps)
@@ -77,13 +92,21 @@ def make_schedule(optimizer, t):
 
 
 def _truncate_log(path: str, step: int):
-    """Drop log lines after `step` (a resumed run rewrites them)."""
+    """Drop log lines after `step` (a resumed run rewrites them), and a last line a kill or a full disk cut short;
+    the file is replaced whole, never left half-written."""
     if not os.path.isfile(path):
         return
+    lines = []
     with open(path) as f:
-        lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= step]
-    with open(path, "w") as f:
+        for ln in f:
+            try:
+                if json.loads(ln)["step"] <= step:
+                    lines.append(ln if ln.endswith("\n") else ln + "\n")
+            except (ValueError, KeyError, TypeError):  # a torn or empty line
+                continue
+    with open(path + ".tmp", "w") as f:
         f.writelines(lines)
+    os.replace(path + ".tmp", path)
 
 
 def train(cfg, resume: str | None = None) -> str:
@@ -273,6 +296,9 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
             _write_record(acc, log_path, record)
+            bad = [f"the {k} is {record[k]}" for k in ("loss", "grad_norm") if not math.isfinite(record[k] or 0)]
+            if bad:
+                raise Diverged(step, " and ".join(bad), out)
             if acc.is_main_process:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
@@ -292,6 +318,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                 if alone:
                     unwrapped.set_sequence_parallel(group)
             acc.wait_for_everyone()
+        if checkpoint_now and not _all_finite(acc, params):
+            raise Diverged(step, "the weights are no longer finite", out)
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
                          world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None,
@@ -350,8 +378,18 @@ def _export(acc, task, model, unwrapped, fsdp: bool, out: str):
         if acc.is_main_process:
             final = type(unwrapped).from_config(task.model_config)
             final.load_state_dict(full)
-    if acc.is_main_process:
-        task.export(final, out)
+    if acc.is_main_process:  # into a temporary folder, then each part (pipeline/, vae/, lora/) moved in whole
+        tmp = os.path.join(out, ".tmp_export")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            task.export(final, tmp)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise write_error(f"could not export the run's model to {out}", out, e) from e
+        for name in os.listdir(tmp):
+            shutil.rmtree(os.path.join(out, name), ignore_errors=True)
+            os.replace(os.path.join(tmp, name), os.path.join(out, name))
+        os.rmdir(tmp)
 
 
 def _trackers(t, out: str) -> list:
@@ -483,11 +521,20 @@ def _held_out(acc, task, count: int):
     return held
 
 
+def _all_finite(acc, params) -> bool:
+    """Whether every trained weight is finite, on every rank (one device sync)."""
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in params]  # a sharded model's shards
+    bad = torch.stack([x.detach().float().sum() for x in local if x.numel()]).isfinite().all().logical_not()
+    return not acc.reduce(bad.float().reshape(1), "max").item()
+
+
 def _write_record(acc, path: str, record: dict):
-    """One line of log.jsonl and its scalars to TensorBoard, from the main process."""
+    """One line of log.jsonl (a NaN or inf as null: strict JSON) and its scalars to TensorBoard, from the main
+    process."""
     if acc.is_main_process:
         with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps({k: None if isinstance(v, float) and not math.isfinite(v) else v
+                                for k, v in record.items()}) + "\n")
         acc.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"])
 
 

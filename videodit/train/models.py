@@ -158,7 +158,7 @@ def _vae_source(cfg) -> tuple[str, str | None, str | None]:
 def named_vae_config(cfg) -> dict | None:
     """The config.json of the VAE folder the run names (latent normalization included; diffusers' private keys left
     out), None for a hub id or no VAE: what a latent cache and a checkpoint record of the VAE they were made with."""
-    key, path, sub = _vae_source(cfg)
+    _, path, sub = _vae_source(cfg)
     config = os.path.join(os.path.expanduser(path or ""), sub or "", "config.json")
     if not path or not os.path.isfile(config):
         return None

@@ -59,6 +59,11 @@ def _group_by_shape(tensors: list) -> dict:
     return groups
 
 
+def _reconstruct(vae, x: torch.Tensor) -> torch.Tensor:
+    """A VAE's reconstruction of pixels x through the posterior's mode, in [-1, 1]."""
+    return vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+
+
 class DiTTask:
     """Rectified flow on packed latents: live (decode + VAE encode + text encode per batch) or from the cache."""
 
@@ -339,7 +344,7 @@ class VAETask:
         for x in held["clips"][rank::ranks]:
             x = x.to(self.device)
             with self.acc.autocast():
-                recon = model.decode(model.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+                recon = _reconstruct(model, x).float()
             mse = (recon - x).pow(2).mean().clamp_min(1e-12)
             out[0] += torch.stack([10 * torch.log10(4 / mse), (recon - x).abs().mean()]).double()
             out[1] += 1
@@ -349,7 +354,7 @@ class VAETask:
     def write_samples(self, model, step: int, folder: str, count: int = 4):
         """Reconstructions of the source's first `count` clips, each written as [input | reconstruction]."""
         for i, x in enumerate(self.clips(count)):
-            recon = model.decode_latents(model.encode_latents(x)).clamp(-1, 1)
+            recon = _reconstruct(model, x)
             write_video(os.path.join(folder, f"step_{step:08d}_recon_{i}.mp4"), torch.cat([x, recon], -1)[0],
                         fps=self.cfg.sample.fps)
 
