@@ -40,7 +40,7 @@ def test_a_bare_no_is_the_choice_no_not_false(tmp_path):
 
 
 def test_base_inheritance_and_overrides(tmp_path):
-    base = write(tmp_path, "base.yaml", "train:\n  lr: 0.001\n  max_steps: 50\ndata:\n  max_tokens: 1000\n")
+    write(tmp_path, "base.yaml", "train:\n  lr: 0.001\n  max_steps: 50\ndata:\n  max_tokens: 1000\n")
     (tmp_path / "stage").mkdir()
     child = write(tmp_path, "stage/child.yaml", "base: ../base.yaml\ntrain:\n  max_steps: 80\n")
     cfg = load_config(child)

@@ -159,6 +159,33 @@ def test_a_failed_checkpoint_write_is_one_line_and_leaves_nothing_half_written(a
     assert [r["step"] for r in log(tmp_path)] == [1, 2, 3, 4, 5]  # the torn line dropped, step 5 logged again
 
 
+def test_a_run_folder_takes_one_run_at_a_time_and_a_resume_names_what_changes_its_data(assets, reference,
+                                                                                       tmp_path, caplog):
+    """A second run writing a folder that a live run holds is refused (the lock goes with its process); a resume
+    with keys that change what the run draws is warned about, naming them; the weights are readable by others."""
+    import fcntl
+
+    shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
+    cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=5",
+                                              "train.grad_accum=2", "train.checkpoint_every=1", "data.max_tokens=512",
+                                              "train.seed=7"])
+    with open(tmp_path / ".lock", "w") as held:
+        held.write("pid 12345 on elsewhere")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ConfigError, match=r"is being written by a run still going \(pid 12345 on elsewhere\)"):
+            train(cfg, resume="latest")
+    mask = os.umask(0o022)
+    try:
+        train(cfg, resume="latest")
+    finally:
+        os.umask(mask)
+    assert re.search(r"data.max_tokens \d+ -> 512; train.seed 0 -> 7: the data, captions or noise the run draws change",
+                     caplog.text)
+    weights = tmp_path / "checkpoints" / "step_00000005" / "model.safetensors"
+    assert os.stat(weights).st_mode & 0o044 == 0o044  # safetensors writes 0600
+
+
 def test_run_folder_and_checkpoint_rotation(reference):
     assert [os.path.basename(d) for d in checkpoint_dirs(reference)] == ["step_00000002", "step_00000003",
                                                                         "step_00000004"]
@@ -248,24 +275,26 @@ def test_trackers_tensorboard_wandb_or_none(assets, tmp_path, monkeypatch):
         load_config(None, base + ["train.report_to=[mlflow]"])
 
 
-def test_a_stop_signal_checkpoints_its_step_and_resume_repeats_the_run(assets, reference, tmp_path, monkeypatch):
-    """SIGTERM during step 2 ends the run after step 2 with that step's checkpoint and no export, the signal handlers
-    as they were; --resume latest then ends where the uninterrupted run ends."""
-    calls, before = [], signal.getsignal(signal.SIGTERM)
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_checkpoints_its_step_and_resume_repeats_the_run(assets, reference, tmp_path, monkeypatch,
+                                                                       signum):
+    """SIGTERM (a preemption) or SIGINT (Ctrl-C) during step 2 ends the run after step 2 with that step's checkpoint
+    and no export, the signal handlers as they were; --resume latest then ends where the uninterrupted run ends."""
+    calls, before = [], signal.getsignal(signum)
 
     def after_step(self):
         calls.append(1)
         if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
 
     monkeypatch.setattr(DiTTask, "after_step", after_step)
     cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=4",
                                               "train.grad_accum=2", "train.checkpoint_every=3"])
-    with pytest.raises(Stopped, match="stopped by SIGTERM at step 2; .*--resume latest") as err:
+    with pytest.raises(Stopped, match=f"stopped by {signum.name} at step 2; .*--resume latest") as err:
         train(cfg)
-    assert (err.value.signum, err.value.step) == (signal.SIGTERM, 2)
+    assert (err.value.signum, err.value.step) == (signum, 2)
     assert [os.path.basename(d) for d in checkpoint_dirs(str(tmp_path))] == ["step_00000002"]
-    assert not (tmp_path / "pipeline").exists() and signal.getsignal(signal.SIGTERM) == before
+    assert not (tmp_path / "pipeline").exists() and signal.getsignal(signum) == before
     monkeypatch.undo()
     train(cfg, "latest")
     assert [r["loss"] for r in log(tmp_path)] == [r["loss"] for r in log(reference)]

@@ -38,7 +38,7 @@ from torch import nn
 from videodit.config import as_saved, one_line_warnings
 from videodit.data import shapes
 from videodit.data.manifest import ManifestError, read_manifest, write_manifest
-from videodit.data.video import VideoReadError, from_uint8, probe, read_video, to_uint8
+from videodit.data.video import VideoReadError, from_uint8, probe, read_video, readable, to_uint8
 from videodit.text import check_local_model, from_hub, load_error
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class ShapesNet(nn.Module):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         save_file({k: v.contiguous() for k, v in self.state_dict().items()}, path,
                   metadata={"config": json.dumps(self.config), "heads": json.dumps(HEADS)})
-        return path
+        return readable(path)
 
     @classmethod
     def load(cls, path: str) -> "ShapesNet":

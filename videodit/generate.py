@@ -511,7 +511,7 @@ def sample_prompts(a, prompts, probed, device, ranks):
         say(f"note: {len(other_rate)} of the {len(videos)} input videos have another frame rate than {a.fps:g} fps "
             f"(--fps); each is read at {a.fps:g} fps")
     for flag, path in [] if per_prompt else other_rate:
-        frames_read = cache[path, *sizes[0][1:]].shape[1]
+        frames_read = cache[(path, *sizes[0][1:])].shape[1]
         say(f"note: {flag} {path} is {probed[path]['fps']:g} fps; read at {a.fps:g} fps (--fps): {frames_read} frames")
     frames = first[3][0]
     if a.connect and a.num_frames is None:

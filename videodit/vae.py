@@ -506,7 +506,8 @@ class CausalVideoVAE(ModelMixin, ConfigMixin):
 @torch.no_grad()
 def compute_latent_stats(vae: CausalVideoVAE, batches) -> tuple[list, list]:
     """Per-channel mean and std of the raw latents (posterior modes) of an iterable of pixel batches (B, 3, T, H, W);
-    stored in the VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance latents.
+    stored in the VAE's config (latents_mean, latents_std), so encode_latents gives roughly zero-mean unit-variance
+    latents.
 
     A channel the decoder does not use (`unused_channels`: tested on the last batch, set to the channel's mean over
     all of them, as decode_latents puts it back) gets std 0: encode_latents leaves

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..config import ConfigError, as_saved, load_config, one_line_warnings
 from .loader import Geometry, make_source
 from .manifest import ManifestError
-from .video import VideoReadError, read_video
+from .video import VideoReadError, read_video, readable
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
                              if not k.startswith("_")})  # as its config.json holds it: checked by a cached run
     with open(os.path.join(tmp, "index.json"), "w") as f:
         json.dump(index, f)
+    readable(tmp)
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp, out)
     if skipped:

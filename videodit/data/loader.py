@@ -420,8 +420,8 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
 
 
 def _worker_init(_):
-    """Data workers leave the stop signals (SIGTERM, SIGUSR1: a preemption, sent to every process of a job) to the
-    training process, which ends the run with a checkpoint and then stops them; they would otherwise die first and
-    take the run down without one."""
-    for s in (signal.SIGTERM, signal.SIGUSR1):
+    """Data workers leave the stop signals (SIGTERM, SIGUSR1: a preemption, sent to every process of a job; SIGINT:
+    Ctrl-C, sent to the terminal's process group) to the training process, which ends the run with a checkpoint and
+    then stops them; they would otherwise die first and take the run down without one."""
+    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         signal.signal(s, signal.SIG_IGN)

@@ -25,6 +25,17 @@ class VideoReadError(Exception):
         self.path, self.reason = path, reason
 
 
+
+def readable(path: str) -> str:
+    """A written file, or every file under a folder, readable by whom the umask lets read (safetensors writes its
+    files owner-only, 0600: a shared cluster's other users could read a run's configs, not its weights)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    files = [path] if os.path.isfile(path) else [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
+    for f in files:
+        os.chmod(f, os.stat(f).st_mode | (0o444 & ~mask))
+    return path
+
 def is_image(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTS
 

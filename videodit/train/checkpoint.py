@@ -26,6 +26,8 @@ import shutil
 import torch
 from safetensors.torch import load_file
 
+from ..data.video import readable
+
 STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -89,6 +91,7 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, m
             with open(os.path.join(tmp, "model_config.json"), "w") as f:
                 json.dump(model_config, f, indent=1)
             save_config(cfg, os.path.join(tmp, "config.yaml"))
+            readable(tmp)
     except Exception as e:  # a full disk surfaces as torch's or safetensors' own errors
         shutil.rmtree(tmp, ignore_errors=True)
         raise write_error(f"could not write checkpoint {step} to {root}", root, e) from e
@@ -182,7 +185,7 @@ def save_model(model, out: str, merge_lora: bool = True) -> str:
         forget_origin(model)
         _remove_shard_indexes(out)
         model.save_pretrained(out)
-    return out
+    return readable(out)
 
 
 def _remove_shard_indexes(*folders):
@@ -231,7 +234,7 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, sou
     else:
         raise ValueError(f"a lean pipeline leaves out the text encoder, so it must come from a package: text.encoder "
                          f"must be 'minilm' with no text.path, not {cfg.text.encoder!r} / {cfg.text.path!r}")
-    return out
+    return readable(out)
 
 
 def main(argv=None):

@@ -19,9 +19,9 @@ seeded with (train.seed, global batch index), so a resumed run repeats the unint
 run on W processes with grad_accum A sees the same global batches as one on W' processes with A' = W * A / W'.
 
 Stopping early: SIGTERM or SIGUSR1 (a scheduler's preemption or time-limit warning, e.g. SLURM's
-`--signal=USR1@120`; torchrun passes SIGTERM on to its processes) ends the run at the end of the step under way on
-every rank alike: it writes that step's checkpoint and raises Stopped, and `--resume latest` goes on from there as if
-nothing had happened.
+`--signal=USR1@120`; torchrun passes SIGTERM on to its processes), or SIGINT (Ctrl-C) ends the run at the end of the
+step under way on every rank alike: it writes that step's checkpoint and raises Stopped, and `--resume latest` goes
+on from there as if nothing had happened.
 
 Sequence parallelism (`parallel.sequence_parallel: S`, dit only): consecutive groups of S ranks split each sequence
 (videodit.parallel); the W / S groups are the data-parallel ranks: the ranks of a group read the same batches and
@@ -36,6 +36,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import uuid
@@ -60,7 +61,7 @@ from .tasks import DiTTask, VAETask
 
 logger = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
 class Stopped(Exception):
@@ -125,6 +126,33 @@ def train(cfg, resume: str | None = None) -> str:
 
 
 @contextlib.contextmanager
+def _run_lock(out: str):
+    """Hold <out>/.lock while the run lives: a second run writing the same folder (a job submitted twice) is refused.
+    The lock goes with its process, a killed one too, so a restart is never locked out."""
+    import fcntl
+    import socket
+
+    os.makedirs(out, exist_ok=True)
+    f = open(os.path.join(out, ".lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        who = f.read().strip() or "another process"
+        f.close()
+        raise ConfigError(f"{out} is being written by a run still going ({who}): stop it first, or give another "
+                          f"train.output_dir") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    f.flush()
+    try:
+        yield
+    finally:
+        f.close()
+
+
+@contextlib.contextmanager
 def _batches(loader):
     """Iterate over the loader; its data workers stop when the block ends, on an error too. Left to the garbage
     collector, they would outlive a run whose traceback is kept (it holds the iterator), and Python's exit would wait
@@ -145,7 +173,13 @@ def _stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
-    previous = {s: signal.signal(s, lambda signum, frame: received.append(signum)) for s in STOP_SIGNALS}
+    def stop(signum, frame):
+        received.append(signum)
+        if signum == signal.SIGINT:  # a second Ctrl-C stops at once, without the checkpoint
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            print("Ctrl-C: stopping after this step's checkpoint (press it again to stop at once)", file=sys.stderr)
+
+    previous = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield received
     finally:
@@ -160,6 +194,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
+    if acc.is_main_process:  # before anything in the folder changes
+        closing.enter_context(_run_lock(out))
     set_seed(t.seed)  # the same initial weights on every rank
     fsdp = cfg.parallel.fsdp
     if acc.distributed_type == DistributedType.FSDP:
@@ -173,34 +209,15 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                           f"give another train.output_dir (or remove {os.path.join(out, 'checkpoints')})")
     if checkpoint:
         _check_resume(checkpoint, t, fsdp, holdout)
+        changed = _changed_stream(checkpoint, cfg)
+        if changed and acc.is_main_process:
+            logger.warning(f"--resume {checkpoint}: {'; '.join(changed[:6])}: the data, captions or noise the run "
+                           f"draws change from here on (it no longer repeats the run it resumes)")
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
     group, dp_rank, dp_size = _sequence_parallel(S, task, acc) if S > 1 else (None, acc.process_index, W)
-    if t.compile:  # the denoiser's blocks (one graph serves all), the VAE whole
-        if hasattr(task.model, "compile_blocks"):
-            task.model.compile_blocks(dynamic=True)
-        else:
-            task.model.compile(dynamic=True)
-    if fsdp:  # before the optimizer: it takes the shards
-        for m in (task.model, getattr(task, "teacher", None)):  # a distillation's frozen teacher too
-            if m is not None:
-                sharded.shard(m, acc.device, cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_shard_size)
-    trainable = [p for p in task.model.parameters() if p.requires_grad]
-    # fused: one kernel over all tensors (on CPU 5x the default's speed for the B preset's 122M weights)
-    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
-    if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
-        model, scheduler = task.model, acc.prepare(make_schedule(optimizer, t))
-    else:
-        model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
-    unwrapped = acc.unwrap_model(model)
-    if hasattr(unwrapped, "patch_size"):
-        model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
-    params = [p for p in unwrapped.parameters() if p.requires_grad]
-    # EMAModel's foreach ops have no sharded (DTensor) form: per tensor under FSDP
-    ema = EMAModel(params, decay=t.ema_decay, foreach=not fsdp) if t.ema_decay > 0 else None
-    for obj in ([ema] if ema and not fsdp else []) + task.extra_state():
-        acc.register_for_checkpointing(obj)
+    model, optimizer, scheduler, unwrapped, params, ema = _prepare(cfg, task, acc)
 
     step, position, skipped_total = 0, DataPosition(), 0
     vae_config = named_vae_config(cfg) if t.task == "dit" else None  # what an export checks its VAE against
@@ -307,17 +324,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
 
         pause = time.perf_counter()  # sampling and checkpointing are left out of the next log line's rates
         if t.sample_every and step % t.sample_every == 0 and not stop:
-            # a sharded model's forward is collective: every rank samples, in its group, and the main one writes;
-            # otherwise the main process samples alone, without its sequence-parallel group
-            if fsdp or acc.is_main_process:
-                alone = not fsdp and S > 1
-                if alone:
-                    unwrapped.set_sequence_parallel(None)
-                with _ema_weights(ema, params, model), acc.autocast():
-                    task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
-                if alone:
-                    unwrapped.set_sequence_parallel(group)
-            acc.wait_for_everyone()
+            _write_samples(acc, task, model, unwrapped, ema, params, step, out, fsdp, group if S > 1 else None)
         if checkpoint_now and not _all_finite(acc, params):
             raise Diverged(step, "the weights are no longer finite", out)
         if checkpoint_now:
@@ -416,6 +423,53 @@ def _wandb_id(out: str, resumed: bool) -> str:
     return run_id
 
 
+def _write_samples(acc, task, model, unwrapped, ema, params, step: int, out: str, fsdp: bool, group):
+    """The task's samples at `step` by the EMA weights, into <out>/samples. A sharded model's forward is collective:
+    every rank samples, in its group, and the main one writes; otherwise the main process samples alone, without its
+    sequence-parallel group (collective: every process calls this)."""
+    if fsdp or acc.is_main_process:
+        alone = not fsdp and group is not None
+        if alone:
+            unwrapped.set_sequence_parallel(None)
+        with _ema_weights(ema, params, model), acc.autocast():
+            task.write_samples(unwrapped, step, os.path.join(out, "samples") if acc.is_main_process else None)
+        if alone:
+            unwrapped.set_sequence_parallel(group)
+    acc.wait_for_everyone()
+
+
+def _prepare(cfg, task, acc) -> tuple:
+    """The task's model compiled (train.compile) and sharded (parallel.fsdp) as asked, its optimizer and LR schedule,
+    prepared by accelerate, and the EMA of its trained weights: (model, optimizer, scheduler, the unwrapped model,
+    the trained weights, the EMA or None)."""
+    t, fsdp = cfg.train, cfg.parallel.fsdp
+    if t.compile:  # the denoiser's blocks (one graph serves all), the VAE whole
+        if hasattr(task.model, "compile_blocks"):
+            task.model.compile_blocks(dynamic=True)
+        else:
+            task.model.compile(dynamic=True)
+    if fsdp:  # before the optimizer: it takes the shards
+        for m in (task.model, getattr(task, "teacher", None)):  # a distillation's frozen teacher too
+            if m is not None:
+                sharded.shard(m, acc.device, cfg.parallel.fsdp_param_dtype, cfg.parallel.fsdp_shard_size)
+    trainable = [p for p in task.model.parameters() if p.requires_grad]
+    # fused: one kernel over all tensors (on CPU 5x the default's speed for the B preset's 122M weights)
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=True)
+    if fsdp:  # accelerate keeps the schedule and RNG states; the shards are sharded.py's
+        model, scheduler = task.model, acc.prepare(make_schedule(optimizer, t))
+    else:
+        model, optimizer, scheduler = acc.prepare(task.model, optimizer, make_schedule(optimizer, t))
+    unwrapped = acc.unwrap_model(model)
+    if hasattr(unwrapped, "patch_size"):
+        model.patch_size = unwrapped.patch_size  # flow_loss reads it; DDP does not forward attributes
+    params = [p for p in unwrapped.parameters() if p.requires_grad]
+    # EMAModel's foreach ops have no sharded (DTensor) form: per tensor under FSDP
+    ema = EMAModel(params, decay=t.ema_decay, foreach=not fsdp) if t.ema_decay > 0 else None
+    for obj in ([ema] if ema and not fsdp else []) + task.extra_state():
+        acc.register_for_checkpointing(obj)
+    return model, optimizer, scheduler, unwrapped, params, ema
+
+
 def _check_resume(checkpoint: str, t, fsdp: bool, holdout: int):
     """A checkpoint resumes only as the run it came from trained (the task, LoRA or not, at its rank), sharded as
     it was, with an EMA if it kept one, and with the same items held out (the data stream depends on them)."""
@@ -439,6 +493,21 @@ def _check_resume(checkpoint: str, t, fsdp: bool, holdout: int):
         fix = "--set train.eval_every=0" if not was else f"--set train.eval_every=N train.eval_clips={was}"
         raise ConfigError(f"--resume {checkpoint}: that run held out {was} items of the data for evaluation, this one "
                           f"{holdout}, which would change the data it trains on; resume with {fix}")
+
+
+def _changed_stream(checkpoint: str, cfg) -> list[str]:
+    """The keys that decide what a run trains on (data.*, flow.*, text.*, train.seed) that differ from the
+    checkpoint's config: each 'key old -> new'. A checkpoint config that no longer loads is not compared."""
+    from ..config import load_config
+
+    try:
+        was = load_config(os.path.join(checkpoint, "config.yaml")).to_dict()
+    except (ConfigError, OSError):
+        return []
+    now = cfg.to_dict()
+    pairs = [(f"{s}.{k}", v, now[s][k]) for s in ("data", "flow", "text") for k, v in was[s].items()
+             if k != "num_workers"] + [("train.seed", was["train"]["seed"], now["train"]["seed"])]
+    return [f"{key} {a!r} -> {b!r}" for key, a, b in pairs if as_saved(a) != as_saved(b)]
 
 
 def _check_resumed_model(checkpoint: str, model_config: dict, batch: int, main: bool):
