@@ -802,7 +802,8 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
         assert torch.equal(x, y)
 
 
-def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
+def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path, caplog):
+    """Each skip the log counts is warned about once, and no other: the data workers read batches ahead."""
     from videodit.data.shapes import make_clip
     from videodit.data.video import write_video
 
@@ -818,9 +819,11 @@ def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path):
     run = tmp_path / "run"
     train(load_config(None, assets["base"] + [
         "data.source=manifest", f"data.manifest={tmp_path / 'data.jsonl'}", "data.target_area=256",
-        "data.num_frames=[5]", "data.image_ratio=0", f"train.output_dir={run}", "train.max_steps=2"]))
+        "data.num_frames=[5]", "data.image_ratio=0", f"train.output_dir={run}", "train.max_steps=2",
+        "data.num_workers=1"]))
     records = log(run)
     assert records[-1]["skipped"] == 2  # all four fit one batch: each step is an epoch and meets the bad file once
+    assert caplog.text.count("skipping a sample: ") == 2 and "bad.mp4" in caplog.text
     assert all(r["samples_per_s"] > 0 for r in records)
 
 

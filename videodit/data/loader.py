@@ -353,7 +353,8 @@ class TrainData(torch.utils.data.Dataset):
     """Loads a sample by its (index, is_image, epoch) key and draws its prompt and conditioning frames.
 
     Returns dict(video (3, T, H, W) | latent (C, T', h, w), prompt str | text (L, D), cond (T',) bool, tokens),
-    or None when the file cannot be read."""
+    or dict(error=why) when the file cannot be read (said by the process that trains on the batch: a data worker
+    reads ahead, and would warn of batches no step uses)."""
 
     def __init__(self, source, geom: Geometry, seed: int, detailed_prob: float, text_dropout: float,
                  cond_prob: float, cond_weights=None, image_detailed_prob: float | None = None):
@@ -369,8 +370,7 @@ class TrainData(torch.utils.data.Dataset):
         try:
             s = self.source.load(i, image, rng)
         except VideoReadError as e:
-            logger.warning(f"skipping a sample: {e}")
-            return None
+            return dict(error=str(e))
         single = (s["latent"] if "latent" in s else s["video"]).shape[1] == 1  # an image draw, a photo, a short clip
         p_detailed = self.image_detailed_prob if single else self.detailed_prob
         prompt = drop_text([choose_caption(s, p_detailed, rng)], self.text_dropout, rng)[0]
@@ -387,10 +387,12 @@ class TrainData(torch.utils.data.Dataset):
 
 
 def collate(items: list) -> dict:
-    """A packed batch: lists of samples of any shapes (no padding), the token count and the skipped count."""
-    ok = [x for x in items if x is not None]
+    """A packed batch: lists of samples of any shapes (no padding), the token count, and the samples that could not
+    be read (`errors`: why, each; `skipped`: how many)."""
+    ok = [x for x in items if "error" not in x]
     batch = {k: [x[k] for x in ok] for k in (ok[0] if ok else {})}
-    batch.update(tokens=sum(x["tokens"] for x in ok), skipped=len(items) - len(ok), size=len(ok))
+    errors = [x["error"] for x in items if "error" in x]
+    batch.update(tokens=sum(x["tokens"] for x in ok), skipped=len(errors), errors=errors, size=len(ok))
     return batch
 
 

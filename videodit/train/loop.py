@@ -277,6 +277,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             window["tokens"] += batch["tokens"]
             window["samples"] += batch["size"]
             window["skipped"] += batch["skipped"]
+            for why in batch["errors"]:  # said here, as counted: the loader's workers read ahead
+                logger.warning(f"skipping a sample: {why}")
             live += batch["size"]
             window["flops"] += logs.pop("flops", 0)
             for k, v in logs.items():
