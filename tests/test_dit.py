@@ -53,6 +53,59 @@ def test_packed_forward_equals_separate_forwards(pooled_text, local_mlp, abs_pos
     assert packed[0].abs().mean() > 0.1
 
 
+def reference_forward(model, latent, frame_t, text, mask):
+    """One sample through the block equations of videodit/dit.py's docstring, written out densely from the model's
+    weights (its RoPE rotations and norms reused): per-token timesteps from its frame's, full softmax attention."""
+    import torch.nn.functional as F
+
+    packed = pack([latent], model.patch_size)
+    coords, D, H = packed.coords, model.config.hidden_size, model.config.num_heads
+    N, d = len(coords), D // H
+    t = frame_t[coords[:, 0]]  # each token its frame's timestep (pt = 1)
+    txt = text[mask]  # (L, text_dim) the prompt's real tokens
+    temb = model.t_embed(t)
+    if model.text_pool is not None:
+        temb = temb + model.text_pool(txt.mean(0))
+    mod = model.time_proj(temb).view(N, 6, D)
+    rot = model.rope(coords, torch.tensor(packed.grids[0]).expand(N, 3))
+    context = model.text_embed(txt)
+    ln = lambda v: F.layer_norm(v, (D,), eps=1e-6)  # noqa: E731
+
+    def attend(q, k, v):  # (N, H, d), (M, H, d), (M, H, d) -> (N, D)
+        w = torch.einsum("nhd,mhd->hnm", q, k).mul(d ** -0.5).softmax(-1)
+        return torch.einsum("hnm,mhd->nhd", w, v).reshape(len(q), D)
+
+    x = model.patch_embed(packed.tokens)
+    for blk in model.blocks:
+        m = mod + blk.modulation
+        h = ln(x) * (1 + m[:, 1]) + m[:, 0]
+        q, k, v = blk.attn.qkv(h).view(N, 3, H, d).unbind(1)
+        q, k = apply_rope(blk.attn.q_norm(q), rot), apply_rope(blk.attn.k_norm(k), rot)
+        x = x + m[:, 2] * blk.attn.proj(attend(q, k, v))
+        c = blk.cross_attn
+        q = c.q_norm(c.q(blk.norm2(x)).view(N, H, d))
+        k, v = c.kv(context).view(len(txt), 2, H, d).unbind(1)
+        x = x + c.proj(attend(q, c.k_norm(k), v))
+        h = ln(x) * (1 + m[:, 4]) + m[:, 3]
+        x = x + m[:, 5] * blk.mlp.fc2(F.gelu(blk.mlp.fc1(h), approximate="tanh"))
+    f = temb[:, None] + model.final.modulation
+    return model.final.linear(ln(x) * (1 + f[:, 1]) + f[:, 0])
+
+
+@pytest.mark.parametrize("pooled_text", [False, True])
+def test_the_packed_model_computes_its_documented_blocks(pooled_text):
+    """Each sample of a packed batch (per-frame timesteps, padded prompts) gets what the written-out equations give."""
+    model = random_model(pooled_text=pooled_text, qk_norm=True)
+    latents, _, text, mask = mixed_batch()
+    frame_t = [torch.rand(x.shape[1], generator=torch.Generator().manual_seed(i)) for i, x in enumerate(latents)]
+    with torch.no_grad():
+        packed = pack(latents, model.patch_size)
+        out = model(packed, frame_t, text, mask)
+        for i, (x, tok) in enumerate(zip(latents, out.split(packed.seqlens))):
+            torch.testing.assert_close(tok, reference_forward(model, x, frame_t[i], text[i], mask[i]), rtol=1e-4,
+                                       atol=1e-4)
+
+
 def test_abs_pos_adds_each_tokens_place_in_its_clip():
     """abs_pos adds an embedding of the token's place, as fractions of its clip's grid, to the token embedding and
     changes nothing else; a place has the same features in a clip of another size and length."""
@@ -252,7 +305,10 @@ def test_rope_is_relative():
 
     shifted = coords + torch.tensor([7, -3, 11])
     torch.testing.assert_close(scores(coords), scores(shifted), rtol=1e-4, atol=1e-4)
-    assert not torch.allclose(scores(coords), scores(coords * 2), atol=1e-2)
+    for axis in range(3):  # each axis rotates pairs of its own: spreading the tokens along it changes the scores
+        spread = coords.clone()
+        spread[:, axis] *= 2
+        assert not torch.allclose(scores(coords), scores(spread), atol=1e-2), axis
 
 
 def test_rope_gradient_is_the_inverse_rotation():

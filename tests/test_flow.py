@@ -147,6 +147,45 @@ def test_guidance_one_equals_conditional_and_seed_determinism():
     assert all(torch.equal(x, y) for x, y in zip(c, run(4.0)))
 
 
+class TextVelocity(torch.nn.Module):
+    """Each token's velocity is the first number of its sample's text (found by cu_seqlens, checked against
+    sample_idx); keeps every call's per-frame timesteps."""
+    patch_size = (1, 1, 1)
+
+    def forward(self, packed, frame_t, text, mask):
+        n = packed.tokens.shape[0]
+        owner = torch.searchsorted(packed.cu_seqlens[1:], torch.arange(n), right=True)
+        assert torch.equal(owner, packed.sample_idx) and len(packed.cu_seqlens) == len(text) + 1 == len(frame_t) + 1
+        self.frame_t = [f.clone() for f in frame_t]
+        return text[packed.sample_idx, 0, :1].expand(n, packed.tokens.shape[1]).clone()
+
+
+@pytest.mark.parametrize("guidance", [1.0, 3.0, 7.5])
+def test_guidance_steers_towards_the_prompt_and_away_from_the_negative_one(guidance):
+    """With velocity c for the prompt and u for the negative prompt, every step moves by v_c + (g - 1)(v_c - v_u):
+    from t = 1 to 0 the sample ends at noise - that, each sample by its own prompts; held frames stay at t = 0."""
+    m = TextVelocity()
+    c = torch.tensor([1.0, -2.0])
+    text = torch.zeros(2, 3, 4)
+    text[:, :, 0] = c[:, None]
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    null, null_mask = torch.full((1, 2, 4), 0.5), torch.ones(1, 2, dtype=torch.bool)
+    shapes = [(2, 3, 2, 2), (2, 1, 2, 4)]
+    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+    noise = draw_noise(shapes, generator=gen())
+    out = sample(m, shapes, text, mask, null, null_mask, guidance=guidance, steps=4, shift=1.0, generator=gen(),
+                 progress=False)
+    for z, n, ci in zip(out, noise, c):
+        torch.testing.assert_close(z, n - (ci + (guidance - 1) * (ci - 0.5)))
+    held = cond_frames(3, "first")
+    sample(m, shapes, text, mask, null, null_mask, guidance=guidance, steps=2, shift=1.0, generator=gen(),
+           cond_latents=[torch.zeros(shapes[0]), None], cond_masks=[held, None], progress=False)
+    last = torch.tensor(0.5)  # the second of two steps starts at t = 0.5
+    assert torch.equal(m.frame_t[0], torch.where(held, 0.0, last)) and torch.equal(m.frame_t[1], last.expand(1))
+    if guidance != 1.0:  # the negative prompt's pass, at the same times
+        assert len(m.frame_t) == 4 and all(torch.equal(a, b) for a, b in zip(m.frame_t[:2], m.frame_t[2:]))
+
+
 def test_projected_guidance_drops_only_the_part_along_each_samples_clean_estimate():
     g = torch.Generator().manual_seed(0)
     idx = torch.tensor([0] * 5 + [1] * 7)  # two packed samples
