@@ -165,6 +165,25 @@ def test_local_mlp_on_images_equals_the_spacetime_convolution():
         torch.testing.assert_close(mix(x, [(1, 3, 5)] * 2), want)
 
 
+def test_local_mlp_on_clips_is_a_space_convolution_then_a_time_one_with_a_residual():
+    """Written out with the weights: s = 3x3 depthwise in each frame, then s + 3-tap depthwise in time."""
+    import torch.nn.functional as F
+
+    from videodit.dit import LocalMix
+
+    torch.manual_seed(0)
+    mix = LocalMix(4)
+    torch.nn.init.normal_(mix.time.weight)
+    torch.nn.init.normal_(mix.time.bias)
+    (t, h, w), C = (3, 4, 5), 4
+    x = torch.randn(t * h * w, C)
+    with torch.no_grad():
+        s = F.conv2d(x.view(t, h, w, C).permute(0, 3, 1, 2), mix.space.weight, mix.space.bias, padding=1, groups=C)
+        s = s.permute(2, 3, 1, 0).reshape(h * w, C, t)  # each pixel's channels over time
+        s = s + F.conv1d(s, mix.time.weight[..., 0], mix.time.bias, padding=1, groups=C)
+        torch.testing.assert_close(mix(x, [(t, h, w)]), s.permute(2, 0, 1).reshape(t * h * w, C))
+
+
 @pytest.mark.parametrize("local_mlp", [False, True])
 def test_step_cache_runs_every_block_until_the_first_settles_and_then_reuses_the_rest(local_mlp):
     """A cache that never skips gives the uncached output; on an unchanged input a skip gives the full forward's

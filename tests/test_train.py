@@ -199,6 +199,19 @@ def test_run_folder_and_checkpoint_rotation(reference):
     assert not [n for n in os.listdir(os.path.join(reference, "checkpoints")) if n.startswith(".tmp")]
 
 
+def test_the_ema_follows_the_weights_a_step_behind(reference):
+    """The checkpoint's EMA moved from the initial weights (the zero-initialized output layer) towards the trained
+    ones, and lags them: neither the initial nor the current weights."""
+    ckpt = os.path.join(reference, "checkpoints", "step_00000004")
+    weights = load_file(os.path.join(ckpt, "model.safetensors"))
+    with open(os.path.join(ckpt, "model_config.json")) as f:
+        names = [n for n, _ in VideoDiT.from_config(json.load(f)).named_parameters()]  # EMAModel's order
+    shadow = dict(zip(names, torch.load(os.path.join(ckpt, "custom_checkpoint_0.pkl"))["shadow_params"]))
+    out = "final.linear.weight"
+    assert weights[out].abs().sum() > 0 and shadow[out].abs().sum() > 0  # both left zero
+    assert not torch.equal(shadow[out], weights[out])
+
+
 def test_resume_latest_is_bit_exact(assets, reference, tmp_path):
     """A run stopped after step 2 (its newest checkpoint is step 2, its log ran ahead to step 4) and resumed with
     --resume latest repeats the uninterrupted run: the same losses, weights and EMA."""
