@@ -28,3 +28,21 @@ def test_readme_sample_command_writes_a_video(tmp_path):
     assert frames.shape == (17, 64, 64, 3)
     assert frames.std(axis=(1, 2)).mean() > 5  # a picture, not a flat frame
     assert np.abs(np.diff(frames, axis=0)).mean() > 0.1  # and the frames are not all the same
+
+
+def test_the_default_model_draws_each_prompts_colour_and_background():
+    """What the shipped model has learned (README: colour in 86-100% of videos): reading its videos back by the
+    world's rules finds the colour and background each prompt names. Guidance steering the wrong way, or a denoiser
+    computing something else than it was trained with, loses them."""
+    import torch
+
+    from videodit.data.shapes import read_back
+    from videodit.pipeline import VideoDiTPipeline
+
+    pipe = VideoDiTPipeline.from_pretrained(str(MODEL))
+    cases = [("a red circle moving right", "red", None), ("a blue square on a white background", "blue", "white"),
+             ("two green triangles moving up on a gray background", "green", "gray"), ("a yellow circle", "yellow", None)]
+    out = pipe([p for p, _, _ in cases], generator=[torch.Generator().manual_seed(0) for _ in cases], progress=False)
+    for (prompt, color, background), frames in zip(cases, out.frames):
+        got = read_back(frames)
+        assert got["color"] == color and background in (None, got["background"]), (prompt, got)

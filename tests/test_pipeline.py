@@ -100,7 +100,7 @@ def test_a_generator_per_prompt_makes_each_video_independent_of_the_batch(tiny_p
     assert torch.allclose(both[1], alone, atol=1e-4)
     assert not torch.allclose(both[0], tiny_pipe("a red circle moving left", generator=gen(6), **kw).frames[0],
                               atol=1e-2)
-    with pytest.raises(ValueError, match="2 generators for 3 samples"):
+    with pytest.raises(ValueError, match="generator has 2 values for 3 prompts"):
         tiny_pipe(["a", "b", "c"], generator=[gen(0), gen(1)], **kw)
     # of other sizes too (each samples at its own resolution shift), with negative prompts of their own
     kw = dict(output_type="pt", progress=False, guidance_scale=3.0)

@@ -194,8 +194,6 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
     acc = Accelerator(mixed_precision=t.mixed_precision, cpu=not torch.cuda.is_available(), log_with=trackers or None,
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
-    if acc.is_main_process:  # before anything in the folder changes
-        closing.enter_context(_run_lock(out))
     set_seed(t.seed)  # the same initial weights on every rank
     fsdp = cfg.parallel.fsdp
     if acc.distributed_type == DistributedType.FSDP:
@@ -235,7 +233,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
     elif resume:
         logger.info(f"--resume {resume}: no checkpoint in {out} yet, starting fresh")
-    if acc.is_main_process:
+    if acc.is_main_process:  # the folder is this run's from here on (a run refused before leaves no trace)
+        closing.enter_context(_run_lock(out))
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         save_config(cfg, os.path.join(out, "config.yaml"))
         if checkpoint:
