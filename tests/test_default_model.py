@@ -46,3 +46,4 @@ def test_the_default_model_draws_each_prompts_colour_and_background():
     for (prompt, color, background), frames in zip(cases, out.frames):
         got = read_back(frames)
         assert got["color"] == color and background in (None, got["background"]), (prompt, got)
+

@@ -319,6 +319,9 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
     c = tiny_pipe("a red circle", negative_prompt="green", guidance_scale=4.0, height=16, width=16, num_frames=5,
                   generator=gen(0), progress=False).frames[0]
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    d = tiny_pipe("a red circle", negative_prompt="blue", guidance_scale=4.0, height=16, width=16, num_frames=5,
+                  generator=gen(0), progress=False).frames[0]
+    assert not np.array_equal(c, d)  # above 1 the negative prompt steers
     kw = dict(guidance_scale=4.0, height=16, width=16, num_frames=5, progress=False)
     none, empty = (tiny_pipe(["a red circle", "a blue square"], negative_prompt=["green", n],  # None: no negative
                              generator=[gen(0), gen(1)], **kw).frames for n in (None, ""))
@@ -485,6 +488,40 @@ def test_a_jsonl_prompt_file_gives_each_prompt_its_own_input(saved, tmp_path, ca
             main(["--prompt-file", str(tmp_path / "bad.jsonl"), "--checkpoint", saved, *extra])
         err = capsys.readouterr().err
         assert all(w in err for w in words) and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_sample_command_joins_an_extension_on_the_side_it_continues(saved, tmp_path, direction):
+    """--extend forward writes the clip, then the new frames; backward the new frames, then the clip: a white clip
+    shows where it went."""
+    from videodit.data.video import read_video, write_video
+
+    write_video(str(tmp_path / "white.mp4"), torch.ones(3, 5, 16, 16), fps=8.0)
+    main(["--prompt", "a red circle", "--checkpoint", saved, "--video", str(tmp_path / "white.mp4"), "--extend",
+          direction, "--num-frames", "4", "--output", str(tmp_path / "o.mp4"), "--height", "16", "--width", "16"])
+    video = read_video(str(tmp_path / "o.mp4"))
+    clip, new = (video[:, :5], video[:, 5:]) if direction == "forward" else (video[:, 4:], video[:, :4])
+    assert video.shape[1] == 9 and clip.mean() > 0.95 and new.mean() < 0.8, video.mean((0, 2, 3))
+
+
+def test_a_held_latent_is_the_latent_of_the_frames_that_hold_still_after_it(tiny_pipe):
+    """held_latent(f), how a clip ends on f: the latent frame that ft copies of f following f encode to, whatever
+    follows them (causal), not f's own first latent frame."""
+    f = torch.rand(3, 16, 16) * 2 - 1
+    ft = tiny_pipe.video_vae.ft
+    still = tiny_pipe.encode_video(f[:, None].expand(-1, 1 + 2 * ft, -1, -1))  # f, then two groups of ft copies
+    held = tiny_pipe.held_latent(f)
+    torch.testing.assert_close(held, still[:, 1], rtol=1e-4, atol=1e-4)
+    assert (held - still[:, 0]).abs().mean() > 1e-3
+
+
+def test_sdedit_of_fewer_frames_than_the_clip_edits_its_first_ones(tiny_pipe):
+    """num_frames below the clip's length: SDEdit edits the clip's first frames, as if given only those."""
+    clip = torch.rand(3, 9, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    run = lambda video: tiny_pipe("a red circle", video=video, strength=0.5, num_frames=5, height=16,  # noqa: E731
+                                  width=16, generator=gen(0), output_type="pt", progress=False).frames[0]
+    first = run(clip[:, :5])
+    assert torch.equal(run(clip), first) and not torch.allclose(run(clip[:, 4:]), first)
 
 
 def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
