@@ -113,6 +113,8 @@ def test_circular_base(tmp_path):
     ("sample.negative_prompt=no", ["sample.negative_prompt", "quote words YAML reads as true or false"]),
     ("sample.guidance=.inf", ["sample.guidance", "is not a finite number"]),
     ("flow.cond_weights=[1,0,0]", ["flow.cond_weights", "first, first_k, last, first_last"]),
+    ("flow.cond_weights=[0,0,0,0]", ["flow.cond_weights", "not all 0"]),
+    ("data.image_ratio=1.5", ["data.image_ratio", "a fraction in [0, 1]"]),
     ("text.image_detailed_caption_prob=1.5", ["text.image_detailed_caption_prob", "probability in [0, 1] or null"]),
     ("sample.guidance_parallel=-1", ["sample.guidance_parallel", "a number in [0, 1]"]),
     ("flow.shared_noise=1.0", ["flow.shared_noise", "a number in [0, 1)"]),

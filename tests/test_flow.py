@@ -134,6 +134,18 @@ def test_images_train_at_their_own_logit_mean():
     assert abs(same[1::2].median() - 0.5) < 0.1
 
 
+def test_each_sample_trains_at_its_own_resolution_shift():
+    """Without a fixed shift, a clip of n tokens draws its timesteps shifted by sqrt(n / base_tokens): the median t of
+    a 16-token and a 1024-token clip is time_shift(0.5, 0.5) and time_shift(0.5, 4)."""
+    m = TimestepRecorder()
+    latents = [torch.randn(1, 1, 4, 4) if i % 2 else torch.randn(1, 4, 16, 16) for i in range(600)]
+    text, mask = torch.zeros(600, 1, 4), torch.ones(600, 1, dtype=torch.bool)
+    flow_loss(m, latents, text, mask, base_tokens=64, generator=torch.Generator().manual_seed(0))
+    small, large = m.t[1::2].median(), m.t[0::2].median()
+    half = torch.tensor(0.5)
+    assert abs(small - time_shift(half, 0.5)) < 0.05 and abs(large - time_shift(half, 4.0)) < 0.05
+
+
 def test_guidance_one_equals_conditional_and_seed_determinism():
     m = tiny_model()
     text, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
@@ -326,7 +338,8 @@ class PlainGuidance(torch.nn.Module):
     def forward(self, packed, frame_t, text, mask, guidance):
         B = len(packed.grids)
         v_c = self.teacher(packed, frame_t, text, mask)
-        null, null_mask = (text, mask) if self.wrong_null else (self.null.expand(B, -1, -1), self.null_mask.expand(B, -1))
+        null, null_mask = (text, mask) if self.wrong_null else (self.null.expand(B, -1, -1),
+                                                                self.null_mask.expand(B, -1))
         v_u = self.teacher(packed, frame_t, null, null_mask)
         token_t = torch.cat(frame_t)[packed.frame_index(self.patch_size[0])]
         return guide(v_c, v_u, packed.tokens, token_t[:, None], guidance[packed.sample_idx, None], self.parallel,

@@ -50,7 +50,8 @@ def test_packing_respects_budget_and_drops_nothing():
         assert 0.2 < share < 0.4  # the image ratio
         fill = sum(image[i] if im else video[i] for b in batches for i, im, _ in b) / (512 * len(batches))
         assert fill > 0.85  # first fit leaves little room unused
-    assert sampler.epoch(0) != sampler.epoch(1)  # reshuffled per epoch
+    indices = lambda epoch: [[i for i, _, _ in b] for b in sampler.epoch(epoch)]  # noqa: E731
+    assert indices(0) != indices(1)  # reshuffled per epoch (the keys always differ: each holds its epoch)
     again = PackedBatchSampler(video, image, max_tokens=512, image_ratio=0.3, seed=1)
     assert again.epoch(1) == sampler.epoch(1)  # deterministic by seed and epoch
     with pytest.raises(ValueError, match="max_tokens"):
@@ -114,6 +115,49 @@ def test_held_out_items_are_never_drawn():
         assert sorted(i for b in sampler.epoch(epoch) for i, _, _ in b) == list(range(24))  # 24-29 held out
     with pytest.raises(ConfigError, match="eval_clips = 30 would hold out all 30 items"):
         make_loader(cfg, source, GEOM, holdout=30)
+
+
+def test_held_out_items_leave_the_token_budget_to_the_items_drawn():
+    """Each item is packed by its own token count, whatever the holdout: with 3 sizes of very different counts and a
+    holdout of 5 (not a multiple of 3), every batch holds at most max_tokens tokens of the items it really holds."""
+    cfg = load_config(None, ["data.sizes=[[17,32,32],[1,16,16],[9,16,16]]", "data.shapes_count=20",
+                             "data.max_tokens=80", "data.image_ratio=0.2", "data.num_workers=0"])
+    source = ShapesSource(cfg.data.sizes, 20, 0, GEOM)
+    video, image = source.token_counts(GEOM)
+    assert video.tolist()[:3] == [80, 4, 12]  # clips of 80, 4 and 12 tokens, in turn
+    sampler = make_loader(cfg, source, GEOM, holdout=5).batch_sampler
+    for epoch in range(3):
+        batches = sampler.epoch(epoch)
+        assert sorted(i for b in batches for i, _, _ in b) == list(range(15))
+        for b in batches:
+            assert sum(image[i] if im else video[i] for i, im, _ in b) <= 80, b
+
+
+def test_each_epoch_draws_a_samples_randomness_afresh():
+    """Caption choice, text dropout and conditioning frames are drawn per (seed, epoch, index): one item over 20
+    epochs takes both captions, is sometimes dropped and sometimes kept, and gets several conditioning masks; an
+    epoch drawn again gives the same."""
+    src = ShapesSource([[9, 16, 16]], 4, 0, GEOM)
+    data = TrainData(src, GEOM, 0, detailed_prob=0.5, text_dropout=0.5, cond_prob=0.5)
+    clip = make_clip(item_seed(src.seed, 1), 16, 16, 9)
+    draws = [data[(1, False, epoch)] for epoch in range(20)]
+    prompts = [d["prompt"] for d in draws]
+    assert {"", clip["caption"], clip["detailed_caption"]} == set(prompts)
+    assert len({tuple(d["cond"].tolist()) for d in draws}) > 1
+    assert [data[(1, False, epoch)]["prompt"] for epoch in range(20)] == prompts
+
+
+def test_cond_weights_decide_the_conditioning_frames_drawn():
+    """flow.cond_weights reach the data: with all the weight on 'last' (and cond_prob 1), every sample of every
+    epoch holds its last latent frame clean, and only that one."""
+    from videodit.flow import COND_MODES, cond_frames
+
+    weights = [float(m == "last") for m in COND_MODES]
+    data = TrainData(ShapesSource([[17, 16, 16]], 10, 0, GEOM), GEOM, 0, 0.5, 0.0, cond_prob=1.0,
+                     cond_weights=weights)
+    for epoch in range(3):
+        for i in range(10):
+            assert torch.equal(data[(i, False, epoch)]["cond"], cond_frames(5, "last")), (i, epoch)
 
 
 def test_shapes_source_items_and_determinism():
@@ -183,6 +227,23 @@ def test_manifest_clips_keep_aspect_and_fit_the_vae(manifest, caplog):
         missing, corrupt = data[(5, False, 0)], data[(6, False, 0)]
     assert "missing.mp4" in missing["error"] and "corrupt.mp4" in corrupt["error"]
     assert not caplog.text  # said by the process that trains on it, as it counts it
+
+
+def test_manifest_clips_are_read_from_a_random_frame(tmp_path):
+    """A clip longer than the frames read starts anywhere it fits: over 20 draws, a 40-frame clip (frame k grey
+    6k) read as 9 frames gives consecutive frames, starting at several frames in 0..31."""
+    frames = np.repeat((np.arange(40) * 6).astype(np.uint8), 32 * 32 * 3).reshape(40, 32, 32, 3)
+    write_video(str(tmp_path / "ramp.mp4"), frames, fps=8)
+    write_manifest(str(tmp_path / "m.jsonl"), [dict(path="ramp.mp4", caption="c", num_frames=40, fps=8.0,
+                                                    height=32, width=32)])
+    src = ManifestSource(str(tmp_path / "m.jsonl"), target_area=32 * 32, num_frames=[9], fps=8.0, geom=GEOM)
+    starts = set()
+    for seed in range(20):
+        grey = (src.load(0, False, random.Random(seed))["video"] + 1).mul(127.5).mean(dim=(0, 2, 3))  # (9,)
+        k = (grey / 6).round().long()
+        assert torch.equal(k, k[0] + torch.arange(9)) and (grey - 6 * k).abs().max() < 2, grey
+        starts.add(int(k[0]))
+    assert len(starts) >= 5 and min(starts) >= 0 and max(starts) <= 31, starts
 
 
 def test_each_clip_is_read_at_the_longest_listed_length_it_holds(tmp_path):

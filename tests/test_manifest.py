@@ -39,6 +39,7 @@ def test_write_read_round_trip(tmp_path):
     (['{"path": "a.mp4", "caption": "ok", "num_frames": "many"}'], 1, ["num_frames", "integer"]),
     (['{"path": "a.mp4", "caption": "ok", "num_frames": 4.5}'], 1, ["num_frames", "integer"]),
     (['{"path": "a.mp4", "caption": "ok", "fps": -3}'], 1, ["fps", "positive"]),
+    (['{"path": "a.mp4", "caption": "ok", "num_frames": 0}'], 1, ["num_frames", "positive"]),
     (['{"path": "a.mp4", "caption": "ok"}', '', '{"path": "a.mp4", "caption": 5}'], 3, ["caption", "string"]),
     (['{"path": "a.mp4", "caption": "ok"}', '{"path": "b.mp4", "caption": ""}'], 2, ["caption", "non-empty"]),
     (['{"path": "a.mp4", "caption": "ok"}', '{not json'], 2, ["JSON"]),

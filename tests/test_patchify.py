@@ -50,3 +50,10 @@ def test_not_divisible_names_nearest_valid():
         pack([torch.randn(4, 1, 4, 4), torch.randn(4, 1, 4, 5)])
     with pytest.raises(ValueError, match=r"\(C, T, H, W\)"):
         patchify(torch.randn(4, 8, 8))
+
+
+def test_frame_index_names_each_tokens_first_latent_frame_with_temporal_patches():
+    """With pt = 2 a token covers latent frames 2k and 2k + 1 of its sample: its index is 2k, counted after the
+    frames of the samples before it."""
+    p = pack([torch.randn(4, 4, 4, 4), torch.randn(4, 2, 2, 2)], (2, 2, 2))
+    assert p.frame_index(2).tolist() == [0] * 4 + [2] * 4 + [4]

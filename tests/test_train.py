@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -734,6 +735,26 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     with pytest.raises(OSError, match="disk full"):
         build_cache(load_config(None, common), str(tmp_path / "cache"))
     assert sorted(os.listdir(tmp_path)) == ["cache", "cached", "live", "other_vae"] and os.listdir(tmp_path / "cache")
+
+
+def test_the_cache_stores_each_captions_own_embedding(assets, tmp_path):
+    """A cached item holds, under its short and its detailed caption, the text encoder's embedding of that very
+    caption (real tokens), as a live run would encode it."""
+    from videodit.data.loader import CacheSource
+    from videodit.text import load_text_encoder
+
+    cfg = load_config(None, assets["base"] + ["data.shapes_count=3"])
+    build_cache(cfg, str(tmp_path / "cache"))
+    text = load_text_encoder(cfg.text.encoder, cfg.text.path, cfg.text.max_length)
+    source = CacheSource(str(tmp_path / "cache"))
+    assert len(source) == 3
+    for i, item in enumerate(source.items):
+        assert item["detailed_caption"] and item["detailed_caption"] != item["caption"]
+        cached = source.load(i, False, random.Random(0))["text"]
+        for caption in (item["caption"], item["detailed_caption"]):
+            emb, mask = text.encode([caption])
+            live = emb[0][mask[0]].float()
+            assert cached[caption].shape == live.shape and torch.allclose(cached[caption], live, atol=1e-5), caption
 
 
 def test_data_sizes_that_do_not_fit_the_vae_are_a_config_error(assets, tmp_path):

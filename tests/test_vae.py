@@ -193,6 +193,17 @@ def test_tiling_close_to_untiled():
         assert torch.equal(tiled, vae.encode(small).latent_dist.mean)
 
 
+def test_tiles_overlap_by_at_least_the_overlap_and_cover_the_frame():
+    """Every pair of neighbouring tiles shares at least `overlap` pixels (where the blend hides the seam), and the
+    tiles reach both edges."""
+    from videodit.vae import _tile_starts
+
+    for size, tile, overlap in [(160, 64, 32), (200, 64, 16), (65, 64, 32), (64, 64, 32), (300, 96, 40)]:
+        starts = _tile_starts(size, tile, tile - overlap)
+        assert starts[0] == 0 and starts[-1] + tile == max(size, tile)
+        assert all(0 < b - a <= tile - overlap for a, b in zip(starts, starts[1:])), (size, starts)
+
+
 def test_bad_sizes_name_the_nearest_valid():
     vae = make_vae(TINY8)
     assert valid_size(6, 30, 33, ft=4, fs=8) == (5, 32, 32)
