@@ -355,7 +355,8 @@ def test_colors_by_name_map_to_the_world_color_of_their_hue():
         assert color_by_name(c) == c
     named = {"ruby": "red", "tomato": "red", "navy": "blue", "sapphire": "blue", "jade": "green", "grass": "green",
              "mustard": "yellow", "amber": "yellow", "lavender": "purple", "plum": "purple", "cream": "white",
-             "forest green": "green", "sky blue": "blue", "charcoal": None, "teapot": None}
+             "forest green": "green", "sky blue": "blue", "charcoal": None, "teapot": None,
+             "hot pink": "red", "crimson": "red", "raspberry": "red"}  # hues just below 360 wrap round to red
     assert {n: color_by_name(n) for n in named} == named
     said = parse_shapes_prompt("two navy cubes drifting west on a grey backdrop")
     assert said == dict(count=2, color="blue", shape="square", motion="left", background="gray")
