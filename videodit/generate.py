@@ -495,9 +495,9 @@ def sample_prompts(a, prompts, probed, device, ranks):
             n = kwargs["video"].shape[1]
             T = pipe.geometry.frames(n, a.num_frames or n)
             if T != (a.num_frames or n):
-                asked = f", --num-frames {a.num_frames}" if a.num_frames else ""
+                wanted = f", --num-frames {a.num_frames}" if a.num_frames else ""
                 note = f"note: --video {files[i]['--video'] + ' ' if per_prompt else ''}has {n} frames at " \
-                       f"{a.fps:g} fps{asked}; SDEdit takes 1 + {pipe.geometry.ft}*k frames of it: using its first {T}"
+                       f"{a.fps:g} fps{wanted}; SDEdit takes 1 + {pipe.geometry.ft}*k frames of it: using its first {T}"
                 if note not in said and ranks.main:
                     said.add(note)
                     tqdm.write(note)
