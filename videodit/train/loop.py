@@ -283,9 +283,12 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + v / A
         # a step whose every micro-batch, on every rank, failed to load leaves the weights, AdamW's moments, the LR
-        # schedule and the EMA as they were (a zero gradient would still move the weights: momentum, weight decay)
+        # schedule and the EMA as they were (a zero gradient would still move the weights: momentum, weight decay);
+        # a stop signal may reach the ranks at different steps: they agree to stop after the first step any has it at
+        # (several processes: as it stands here, in the same reduction, one device sync for both)
+        stop = received[0] if received else 0
         if W > 1:
-            live = int(acc.reduce(torch.tensor([live], device=acc.device), "max").item())
+            live, stop = (int(v) for v in acc.reduce(torch.tensor([live, stop], device=acc.device), "max").tolist())
         grad_norm, lr = None, optimizer.param_groups[0]["lr"]  # the rate this step runs at, for the log
         if live:
             if t.grad_clip > 0:
@@ -296,14 +299,12 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             if ema:
                 ema.step(params)
         optimizer.zero_grad(set_to_none=True)
+        if W == 1:  # alone, a signal that came during the update counts for this step too
+            stop = received[0] if received else 0
         step += 1
         consumed += dp_size * A
         window["steps"] += 1
 
-        # a signal may reach the ranks at different steps: they agree on the first step after any of them has it
-        stop = received[0] if received else 0
-        if W > 1:
-            stop = int(acc.reduce(torch.tensor([stop], device=acc.device), "max").item())
         checkpoint_now = step % t.checkpoint_every == 0 or step == t.max_steps or stop
         eval_now = held is not None and step % t.eval_every == 0
         if step % t.log_every == 0 or checkpoint_now or eval_now:  # a checkpoint's skipped count is then exact
