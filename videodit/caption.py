@@ -16,9 +16,11 @@ Each clip is read through videodit.data.video (decord): K frames spread evenly o
 
 OUT holds the captioned rows, in the order of IN, with `detailed_caption` and `caption_model`; it is rewritten
 atomically after each batch. Each clip is captioned once, and all of its rows (several captions of one clip) get that
-detailed caption, each keeping its own caption and metadata. A rerun keeps the rows already in OUT (matched to IN's
-by path and caption) and captions only the others. Unreadable clips are skipped with a warning, counted, and left out
-of OUT (a rerun tries them again); so OUT must be another file than IN, and the command refuses to write in place.
+detailed caption, each keeping its own caption and metadata. A rerun keeps the detailed captions already in OUT
+(matched to IN's rows by path and caption; every other field as IN has it now; those of another captioner named in a
+warning) and captions only the others. Unreadable clips and empty captions are skipped with a warning, counted, and
+left out of OUT (a rerun tries them again); so OUT must be another file than IN, and the command refuses to write in
+place. Paths are written relative to OUT's folder when they lie under it, else absolute.
 """
 
 import argparse
