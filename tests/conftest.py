@@ -12,11 +12,11 @@ WORDS = "a two red green blue yellow purple white circle circles square squares 
         "right up down staying still small large on black gray background".split()
 
 
-def tiny_text(tmp_path):
+def tiny_text():
     """A tiny random BERT and a word-level tokenizer: the same transformers classes as MiniLM, built offline."""
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(vocab))
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
+    tok = BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})  # (transformers 5 ignores vocab_file=)
+    assert tok.convert_ids_to_tokens(tok("red circles")["input_ids"]) == ["[CLS]", "red", "circles", "[SEP]"]
     torch.manual_seed(0)
     model = BertModel(BertConfig(vocab_size=len(WORDS) + 5, hidden_size=16, num_hidden_layers=1,
                                  num_attention_heads=2, intermediate_size=32, max_position_embeddings=64))
@@ -34,11 +34,11 @@ def random_dit(**kw) -> VideoDiT:
 
 
 @pytest.fixture
-def tiny_pipe(tmp_path):
+def tiny_pipe():
     torch.manual_seed(0)
     vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
                          temporal_factor=4, mid_attention=False)
     dit = random_dit()
-    text_encoder, tokenizer = tiny_text(tmp_path)
+    text_encoder, tokenizer = tiny_text()
     return VideoDiTPipeline(vae.eval(), dit.eval(), text_encoder, tokenizer, FlowMatchEulerDiscreteScheduler(),
                             default_steps=3, default_guidance=3.0)

@@ -261,7 +261,7 @@ def torchrun(script: str, args: list, processes: int, fails: bool = False) -> st
 
 def tiny_run_assets(folder) -> list:
     """A tiny text encoder and VAE saved in `folder`: the overrides of a tiny training run that uses them."""
-    model, tok = tiny_text(folder)
+    model, tok = tiny_text()
     model.save_pretrained(folder / "text")
     tok.save_pretrained(folder / "text")
     torch.manual_seed(0)

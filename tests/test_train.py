@@ -48,7 +48,7 @@ def log(run):
 def assets(tmp_path_factory):
     """A tiny text encoder folder and a tiny VAE trained for 2 steps by a VAE run (GAN on from step 1)."""
     d = tmp_path_factory.mktemp("assets")
-    model, tok = tiny_text(d)
+    model, tok = tiny_text()
     model.save_pretrained(d / "text")
     tok.save_pretrained(d / "text")
     base = TINY + [f"text.path={d / 'text'}"]
