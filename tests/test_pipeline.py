@@ -469,6 +469,11 @@ def test_a_jsonl_prompt_file_gives_each_prompt_its_own_input(saved, tmp_path, ca
               str(tmp_path / "alone.mp4"), *common[:-1], str(5 + i)])
         alone, batched = (read_video(str(p)) for p in (tmp_path / "alone.mp4", tmp_path / "out" / f"{i:03d}.mp4"))
         assert alone.shape == batched.shape and (alone - batched).abs().mean() < 0.02
+    from videodit.generate import parse_args, read_prompts
+
+    (tmp_path / "p.json").write_text((tmp_path / "p.jsonl").read_text())  # JSON lines under another name: read so
+    a = parse_args(["--prompt-file", str(tmp_path / "p.json")])
+    assert read_prompts(a) == [r["prompt"] for r in rows] and a.image[1] == str(tmp_path / "in" / "wide.png")
     write_video(str(tmp_path / "in" / "a.mp4"), torch.zeros(3, 5, 16, 16), fps=8.0)
     (tmp_path / "v.jsonl").write_text(json.dumps({"prompt": "a red circle", "video": "in/a.mp4"}) + "\n")
     main(["--prompt-file", str(tmp_path / "v.jsonl"), "--extend", "forward", "--output-dir", str(tmp_path / "v"),
@@ -481,7 +486,9 @@ def test_a_jsonl_prompt_file_gives_each_prompt_its_own_input(saved, tmp_path, ca
             ('{"prompt": "a", "image": "in/square.png"}', ["--prompt", "b"], ["leave out --prompt"]),
             ('{"prompt": "a", "image": "in/square.png"}', ["--image", "x.png"], ["leave out --image"]),
             ('{"prompt": "a", "connect": "in/a.mp4"}', [], ["connect must be a list of two video paths"]),
-            ('{"prompt": "a", "image": "in/none.png"}', [], ["none.png", "no such file"]),
+            ('{"prompt": "a", "image": "in/square.png"}\n{"prompt": "b", "image": "in/none.png"}', [],
+             ["bad.jsonl line 2: image", "none.png", "no such file"]),
+            ('{"prompt": "a", "image": ""}', [], ["image must be a file path"]),
             ('not json', [], ["line 1: not JSON"])]:
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(SystemExit):

@@ -201,7 +201,8 @@ def read_prompts(a) -> list[str]:
         except UnicodeDecodeError as e:
             raise UserError(f"--prompt-file {a.prompt_file}: not UTF-8 text (byte {e.start}); save it as UTF-8") \
                 from None
-        if a.prompt_file.lower().endswith(".jsonl"):
+        rows = [line for line in lines if line]
+        if a.prompt_file.lower().endswith(".jsonl") or rows and all(line.startswith("{") for line in rows):
             prompts += read_rows(a, lines, bool(prompts))
         else:
             prompts += [line for line in lines if line]
@@ -216,10 +217,10 @@ INPUTS = {"image": "--image", "video": "--video", "connect": "--connect"}
 def read_rows(a, lines: list[str], others: bool) -> list[str]:
     """The prompts of a JSON-lines prompt file. Rows that give inputs ("image", "video" or "connect", all rows the
     same) set a.image, a.video or a.connect to one path (a pair for connect) per prompt, relative to the file's
-    folder; a.per_prompt says so."""
+    folder; a.per_prompt says so, and a.origins names each prompt's row (for errors about its input)."""
     where = f"--prompt-file {a.prompt_file}"
     root = os.path.dirname(os.path.abspath(a.prompt_file))
-    prompts, given, kinds = [], {k: [] for k in INPUTS}, set()
+    prompts, given, kinds, origins = [], {k: [] for k in INPUTS}, set(), []
     for n, line in enumerate(lines, 1):
         if not line:
             continue
@@ -238,13 +239,14 @@ def read_rows(a, lines: list[str], others: bool) -> list[str]:
         for k in INPUTS:
             v = row.get(k)
             pair = k == "connect"
-            if k in row and not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) for x in v)
-                                 if pair else isinstance(v, str)):
+            if k in row and not (isinstance(v, list) and len(v) == 2 and all(isinstance(x, str) and x for x in v)
+                                 if pair else isinstance(v, str) and v):
                 raise UserError(f"{where} line {n}: {k} must be " +
                                 ("a list of two video paths [VID_A, VID_B]" if pair else "a file path") +
                                 f", got {v!r:.80}")
             given[k].append(v and ([os.path.join(root, x) for x in v] if pair else os.path.join(root, v)))
         prompts.append(row["prompt"].strip())
+        origins.append(f"{where} line {n}")
     if len(kinds) > 1:
         raise UserError(f"{where}: its rows give different inputs; every row gives the same one (image, video or "
                         f"connect) or none")
@@ -257,7 +259,7 @@ def read_rows(a, lines: list[str], others: bool) -> list[str]:
             raise UserError(f"{where}: its rows give each prompt its {kind[0]}; leave out " +
                             (" and ".join(flags) if flags else "--prompt (it would have none)"))
         setattr(a, kind[0], given[kind[0]])
-        a.per_prompt = True
+        a.per_prompt, a.origins = True, origins
     return prompts
 
 
@@ -297,7 +299,8 @@ def check_args(a, prompts) -> dict:
         for flag, v in inputs_of(a, i).items():
             for path in v if flag == "--connect" else [v]:
                 if path not in probed:
-                    probed[path] = input_probe(flag, path)
+                    where = f"{a.origins[i]}: {flag[2:]}" if getattr(a, "per_prompt", False) else flag
+                    probed[path] = input_probe(flag, path, where)
     if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
         raise UserError("--height, --width and --num-frames must be positive")
     if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
@@ -344,17 +347,18 @@ def check_args(a, prompts) -> dict:
     return probed
 
 
-def input_probe(name: str, path: str) -> dict:
-    """An input file's height, width (and a video's fps), or a UserError naming what is wrong with it."""
+def input_probe(name: str, path: str, where: str) -> dict:
+    """An input file's height, width (and a video's fps), or a UserError naming what is wrong with it and where it
+    was given (a flag, or a prompt file's row)."""
     from videodit.data.video import VideoReadError, probe, read_image
 
     try:
         return probe(path) if name != "--image" else dict(zip(("height", "width"), read_image(path).shape[-2:]))
     except VideoReadError as e:
         if name == "--image" and os.path.isfile(path):  # PIL knows images by their content, not their name
-            raise UserError(f"--image {e}; --image takes an image file (.png, .jpg, ...); to continue a video use "
-                            f"--video VID --extend") from None
-        raise UserError(f"{name} {e}") from None
+            raise UserError(f"{where} {e}; an image input takes an image file (.png, .jpg, ...); to continue a video "
+                            f"use --video VID --extend") from None
+        raise UserError(f"{where} {e}") from None
 
 
 def check_folder(flag: str, folder: str, given: str):
@@ -521,7 +525,8 @@ def sample_prompts(a, prompts, probed, device, ranks):
         clips = sum(v.shape[1] for v in first[1:3] if v is not None)
         raise png_error(a.output, clips + frames, clip=bool(clips))
     if a.verbose:
-        length = f"{frames} {'new ' if a.extend or a.connect else ''}frames"
+        length = "each clip's frames" if sdedit and per_prompt else \
+            f"{frames} {'new ' if a.extend or a.connect else ''}frames"
         shape = f"{sizes[0][1]}x{sizes[0][2]}" if len(set(sizes)) == 1 else "each input's aspect"
         procs = f" on {ranks.world} processes ({ranks.dp_size} x {ranks.per_group})" if ranks.world > 1 else ""
         distilled = "; distilled: one pass a step" if guidance_distilled(pipe.transformer) else ""
