@@ -36,6 +36,10 @@ def main(argv=None):
         print(train(cfg, args.resume))
     except (ConfigError, ManifestError, OSError, Diverged) as e:  # OSError: a file that cannot be read or written
         raise SystemExit(f"error: {e}") from None
+    except KeyboardInterrupt:  # a second Ctrl-C: at once, without the step's checkpoint
+        print("interrupted: no checkpoint of the step under way; go on from the newest with --resume latest",
+              file=sys.stderr)
+        raise SystemExit(130) from None
     except Stopped as e:  # the exit status of a process ended by the signal: the job did not finish
         for s in STOP_SIGNALS:  # a launcher's own SIGTERM to the processes still running must not change it
             signal.signal(s, signal.SIG_IGN)

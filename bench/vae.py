@@ -188,8 +188,8 @@ def main():
             res[name] = (*evaluate(name, models[name], held_out, 17), sec)
         print(f"\nBudget: {args.steps} steps x batch {args.batch} of {args.frames}x{args.crop}x{args.crop} crops of "
               f"frames 0-{split - 1} of vtest.avi at 128x96, AdamW lr {args.lr}, VAELoss(perceptual_weight=0.2) "
-              f"(L1 + 0.2 MS-SSIM + 1e-6 KL), {args.threads} thread(s). Held out: frames {split}-{frames.shape[1] - 1}, full 128x96 "
-              f"frames, {held_out.shape[1] // 17} clips of 17 frames.\n")
+              f"(L1 + 0.2 MS-SSIM + 1e-6 KL), {args.threads} thread(s). Held out: frames {split}-"
+              f"{frames.shape[1] - 1}, full 128x96 frames, {held_out.shape[1] // 17} clips of 17 frames.\n")
         rows += [("held-out PSNR (dB)", res["ours"][0], res["wan"][0], res["ours"][0] - res["wan"][0], "diff"),
                  ("held-out SSIM", res["ours"][1], res["wan"][1], res["ours"][1] / res["wan"][1], "ratio"),
                  ("train s/step", res["ours"][2], res["wan"][2], res["wan"][2] / res["ours"][2], "wan/ours")]

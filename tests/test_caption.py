@@ -480,6 +480,8 @@ def test_caption_command_says_in_one_line_that_a_model_is_missing(offline, clips
     ("a blue square, not a triangle", dict(count=1, color="blue", shape="square")),
     ("no circles, just one green square", dict(count=1, color="green", shape="square")),
     ("one red circles", dict(count=1, color="red", shape="circle")),
+    ("a red circle starting top left moving down", dict(count=1, color="red", shape="circle", motion="down")),
+    ("a red circle moving down from the top left", dict(count=1, color="red", shape="circle", motion="down")),
     ("twenty red circles", dict(count=2, color="red", shape="circle")),
     ("a small red circle and a large red circle", dict(count=2, size="small", color="red", shape="circle")),
 ])
@@ -543,6 +545,7 @@ def test_shapes_upsampler_warns_once_about_what_it_cannot_follow(prompt, drawn):
     ("two green triangles on the left moving up", ("left", None)),
     ("a white circle in the top right", ("right", "top")),
     ("a red circle in the middle", ("center", "middle")),
+    ("a red circle moving down from the top left", ("left", "top")),
 ])
 def test_shapes_upsampler_starts_the_objects_where_the_prompt_places_them(prompt, cell):
     import re

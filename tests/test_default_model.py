@@ -41,7 +41,8 @@ def test_the_default_model_draws_each_prompts_colour_and_background():
 
     pipe = VideoDiTPipeline.from_pretrained(str(MODEL))
     cases = [("a red circle moving right", "red", None), ("a blue square on a white background", "blue", "white"),
-             ("two green triangles moving up on a gray background", "green", "gray"), ("a yellow circle", "yellow", None)]
+             ("two green triangles moving up on a gray background", "green", "gray"),
+             ("a yellow circle", "yellow", None)]
     out = pipe([p for p, _, _ in cases], generator=[torch.Generator().manual_seed(0) for _ in cases], progress=False)
     for (prompt, color, background), frames in zip(cases, out.frames):
         got = read_back(frames)

@@ -70,8 +70,9 @@ _BACKGROUND_RE = re.compile(
     rf"|\b({_BG_MOD}[a-z]+[\s-]+)(?:background|backdrop)\b"
     rf"|\b(?:on|against|over)\s+(?:(?:a|an|the)\s+)?{_BG_ADJ}({_BG_MOD}(?:{_BG}))\b")
 _PLACE = r"(?:\s+(?:the|top|bottom|middle|center|centre|upper|lower|left|right|side|corner|edge|and|of|frame|screen))+"
-_START_RE = re.compile(rf"\b(?:(?:it|they)\s+)?start(?:s|ed|ing)?\s+(?:out\s+)?(?:at|near|in|from|on){_PLACE}\b")
-_PLACE_RE = re.compile(rf"\b(?:on|in|at|near)\s+the{_PLACE}\b")  # "on the right", "in the top left": no motion
+_START_RE = re.compile(rf"\b(?:(?:it|they)\s+)?start(?:s|ed|ing)?(?:\s+out)?(?:\s+(?:at|near|in|from|on))?{_PLACE}\b")
+# "on the right", "in the top left", "from the top left": where the objects are, not how they move
+_PLACE_RE = re.compile(rf"\b(?:on|in|at|near|from)\s+the{_PLACE}\b")
 _VERB = (r"(?:mov|go|goes|going|went|travel|slid|glid|drift|head|roll|float|run|ran|shift|fl[yi]|flew|pan|scroll|"
          r"walk|zoom|speed|rac|swim|swam|cross|pass|sweep|swept|sail|coast|creep|crept|wander|push|pull|track)\w*")
 _MOTION_PHRASES = [

@@ -25,7 +25,6 @@ class VideoReadError(Exception):
         self.path, self.reason = path, reason
 
 
-
 def readable(path: str) -> str:
     """A written file, or every file under a folder, readable by whom the umask lets read (safetensors writes its
     files owner-only, 0600: a shared cluster's other users could read a run's configs, not its weights)."""
@@ -35,6 +34,7 @@ def readable(path: str) -> str:
     for f in files:
         os.chmod(f, os.stat(f).st_mode | (0o444 & ~mask))
     return path
+
 
 def is_image(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTS

@@ -76,13 +76,12 @@ class Stopped(Exception):
 class Diverged(Exception):
     """The loss or the weights stopped being finite: the run ends before writing a checkpoint of them."""
 
-    def __init__(self, step: int, what: str, out: str):
+    def __init__(self, step: int, what: str, out: str, clipped: bool):
         last = (checkpoint_dirs(out) or [None])[-1]
+        fix = "a lower train.lr" + ("" if clipped else ", or train.grad_clip > 0")
         super().__init__(f"step {step}: {what} (the run diverged, or a sample holds NaN or inf); no checkpoint of it "
-                         f"was written. " + (f"The newest is {last}: go on from it with --resume latest and a lower "
-                                             f"train.lr, or train.grad_clip > 0" if last else
-                                             "No checkpoint was written before: start again with a lower train.lr, "
-                                             "or train.grad_clip > 0"))
+                         f"was written. " + (f"The newest is {last}: go on from it with --resume latest and {fix}"
+                                             if last else f"No checkpoint was written before: start again with {fix}"))
 
 
 def make_schedule(optimizer, t):
@@ -209,8 +208,9 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         _check_resume(checkpoint, t, fsdp, holdout)
         changed = _changed_stream(checkpoint, cfg)
         if changed and acc.is_main_process:
-            logger.warning(f"--resume {checkpoint}: {'; '.join(changed[:6])}: the data, captions or noise the run "
-                           f"draws change from here on (it no longer repeats the run it resumes)")
+            more = f" and {len(changed) - 6} more" if len(changed) > 6 else ""
+            logger.warning(f"--resume {checkpoint}: {'; '.join(changed[:6])}{more}: the data, captions or noise the "
+                           f"run draws change from here on (it no longer repeats the run it resumes)")
 
     task = (DiTTask if t.task == "dit" else VAETask)(cfg, acc)
     S, W, A = cfg.parallel.sequence_parallel, acc.num_processes, t.grad_accum
@@ -315,9 +315,11 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             skipped_total += record.pop("skipped_now")
             record["skipped"] = skipped_total
             _write_record(acc, log_path, record)
-            bad = [f"the {k} is {record[k]}" for k in ("loss", "grad_norm") if not math.isfinite(record[k] or 0)]
+            # (fp16's loss scaling meets inf gradients by design: it skips those steps itself)
+            bad = [f"the {k} is {record[k]}" for k in ("loss", "grad_norm")[:1 if acc.scaler else 2]
+                   if not math.isfinite(record[k] or 0)]
             if bad:
-                raise Diverged(step, " and ".join(bad), out)
+                raise Diverged(step, " and ".join(bad), out, t.grad_clip > 0)
             if acc.is_main_process:
                 bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
@@ -328,7 +330,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         if t.sample_every and step % t.sample_every == 0 and not stop:
             _write_samples(acc, task, model, unwrapped, ema, params, step, out, fsdp, group if S > 1 else None)
         if checkpoint_now and not _all_finite(acc, params):
-            raise Diverged(step, "the weights are no longer finite", out)
+            raise Diverged(step, "the weights are no longer finite", out, t.grad_clip > 0)
         if checkpoint_now:
             state = dict(step=step, data=loader.batch_sampler.position(consumed).to_dict(), skipped=skipped_total,
                          world_size=W, grad_accum=A, sequence_parallel=S, holdout=holdout, ema=ema is not None,
@@ -507,8 +509,10 @@ def _changed_stream(checkpoint: str, cfg) -> list[str]:
     except (ConfigError, OSError):
         return []
     now = cfg.to_dict()
+    unused = {"num_workers", *{"shapes": ("manifest", "cache_dir"), "manifest": ("cache_dir",),
+                               "cache": ("manifest",)}.get(now["data"]["source"], ())}  # the other sources' paths
     pairs = [(f"{s}.{k}", v, now[s][k]) for s in ("data", "flow", "text") for k, v in was[s].items()
-             if k != "num_workers"] + [("train.seed", was["train"]["seed"], now["train"]["seed"])]
+             if not (s == "data" and k in unused)] + [("train.seed", was["train"]["seed"], now["train"]["seed"])]
     return [f"{key} {a!r} -> {b!r}" for key, a, b in pairs if as_saved(a) != as_saved(b)]
 
 
