@@ -185,11 +185,14 @@ def test_a_rerun_takes_the_manifest_as_it_is_now_and_redoes_empty_captions(clips
     assert [r.extra["split"] for r in got] == ["val", "val"] and all(r.detailed_caption for r in got)
     assert got[[r.path for r in got].index(first[0]["path"])].detailed_caption == first[0]["detailed_caption"]
     assert "kept as captioned by mute, not shapes:" in caplog.text
+    write_manifest(manifest, rows[:1])  # a row gone from the manifest: gone from OUT, though nothing is captioned
+    assert caption.caption_manifest(manifest, out, caption.ShapesCaptioner(), frames=2)["captioned"] == 0
+    assert len(read_manifest(out)) == 1
     with pytest.raises(SystemExit):
         caption.main(["--manifest", manifest, "--out", str(tmp_path / "o.json"), "--backend", "shapes"])
     assert "a manifest is a .jsonl or .csv file" in capsys.readouterr().err
     csv_path = write_manifest(str(tmp_path / "m.csv"), [dict(path="a.mp4", caption="x", tags=["a", "b"])])
-    assert json.loads(read_manifest(csv_path)[0].extra["tags"]) == ["a", "b"]  # JSON text, not a Python repr
+    assert read_manifest(csv_path)[0].extra["tags"] == ["a", "b"]  # written as JSON text, read back as the list
 
 
 def test_command_refuses_to_caption_a_manifest_in_place(clips, tmp_path, capsys):

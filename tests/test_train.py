@@ -26,7 +26,7 @@ from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoi
 from videodit.train.lora import load_lora
 from videodit.train.loop import Stopped, train
 from videodit.train.tasks import DiTTask, VAETask
-from videodit.train.models import build_denoiser
+from videodit.train.models import build_denoiser, check_cache_text
 from videodit.vae import CausalVideoVAE
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -164,18 +164,22 @@ def test_a_run_folder_takes_one_run_at_a_time_and_a_resume_names_what_changes_it
                                                                                        tmp_path, caplog):
     """A second run writing a folder that a live run holds is refused (the lock goes with its process); a resume
     with keys that change what the run draws is warned about, naming them; the weights are readable by others."""
-    import fcntl
-
     shutil.copytree(reference, tmp_path, dirs_exist_ok=True)
     cfg = load_config(None, assets["base"] + [f"train.output_dir={tmp_path}", "train.max_steps=5",
                                               "train.grad_accum=2", "train.checkpoint_every=1", "data.max_tokens=512",
                                               "train.seed=7"])
-    with open(tmp_path / ".lock", "w") as held:
-        held.write("pid 12345 on elsewhere")
-        held.flush()
-        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"  # another process's run
+                               f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
+                               "f.truncate(0); f.write('pid 12345 on elsewhere'); f.flush(); print('held', flush=True)\n"
+                               "time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(ConfigError, match=r"is being written by a run still going \(pid 12345 on elsewhere\)"):
             train(cfg, resume="latest")
+    finally:
+        holder.kill()
+        holder.wait()
     mask = os.umask(0o022)
     try:
         train(cfg, resume="latest")
@@ -726,6 +730,11 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
                                                    f"train.vae={tmp_path / 'other_vae'}"]))
     with pytest.raises(ConfigError, match=r"another text encoder setting \(text.max_length = \d+ there, 128 here\)"):
         train(load_config(None, common + cached + [f"train.output_dir={tmp_path / 'longer'}", "text.max_length=128"]))
+    from videodit.data.loader import CacheSource
+
+    text = load_config(None, common).text.path  # the same folder written another way is the same encoder
+    check_cache_text(CacheSource(str(tmp_path / "cache")).index,
+                     load_config(None, common + [f"text.path={os.path.relpath(text)}/."]))
     import videodit.data.cache as cache_module
 
     def fail(*args, **kwargs):

@@ -404,6 +404,8 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
             bar.set_postfix(counts, refresh=False)
             bar.update(sum(len(ids) for _, ids in todo[start:start + batch_size]))
     bar.close()
+    if result:  # kept rows take IN's current fields, and rows gone from IN leave: also when nothing was captioned
+        write()
     return counts
 
 

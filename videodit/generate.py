@@ -253,7 +253,8 @@ def read_rows(a, lines: list[str], others: bool) -> list[str]:
     kind = kinds.pop() if kinds else ()
     if kind:
         if len(kind) > 1:
-            raise UserError(f"{where}: rows give {' and '.join(kind)}; give one of them a row")
+            raise UserError(f"{where}: its rows give {' and '.join(kind)}; a row gives one input: image, video or "
+                            f"connect")
         flags = [flag for k, flag in INPUTS.items() if getattr(a, k)]
         if flags or others:
             raise UserError(f"{where}: its rows give each prompt its {kind[0]}; leave out " +
@@ -520,8 +521,8 @@ def sample_prompts(a, prompts, probed, device, ranks):
     frames = first[3][0]
     if a.connect and a.num_frames is None:
         say(f"note: --connect puts {frames} new frames between the clips (--num-frames sets how many)")
-    if a.output and a.output.lower().endswith(".png") and (frames != 1 or first[1] is not None or
-                                                             first[2] is not None):
+    joined = first[1] is not None or first[2] is not None  # input clips written with the new frames
+    if a.output and a.output.lower().endswith(".png") and (frames != 1 or joined):
         clips = sum(v.shape[1] for v in first[1:3] if v is not None)
         raise png_error(a.output, clips + frames, clip=bool(clips))
     if a.verbose:

@@ -112,6 +112,12 @@ def is_local(path: str) -> bool:
     return os.path.exists(os.path.expanduser(path)) or path.startswith(("/", ".", "~")) or path.count("/") > 1
 
 
+def canonical(path: str | None) -> str | None:
+    """A model path as one string whichever way it was written: a local folder's real absolute path, a hub id as it
+    is (None stays None)."""
+    return path and (os.path.realpath(os.path.expanduser(path)) if is_local(path) else path)
+
+
 def check_local_model(path: str, what: str) -> str:
     """The folder (~ expanded) or hub id to load `what` (say "a causal LM") from: FileNotFoundError, naming `path`,
     when it names a local folder (is_local) without config.json."""

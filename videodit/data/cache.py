@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 @torch.no_grad()
 def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, device: str = "cpu") -> dict:
     """Encode the config's data source into `out` (written to a temporary folder, then moved). Returns the index."""
-    from ..text import load_text_encoder
+    from ..text import canonical, load_text_encoder
     from ..train.models import denoiser_kwargs, load_trained_vae
 
     if cfg.data.source == "cache":
@@ -61,7 +61,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
-                 text_encoder=cfg.text.encoder, text=dict(encoder=cfg.text.encoder, path=cfg.text.path,
+                 text_encoder=cfg.text.encoder, text=dict(encoder=cfg.text.encoder, path=canonical(cfg.text.path),
                                                           max_length=cfg.text.max_length),
                  vae=cfg.train.vae or cfg.vae.path, skipped=skipped,
                  vae_config={k: v for k, v in as_saved(dict(getattr(vae, "model", vae).config)).items()

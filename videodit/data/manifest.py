@@ -54,6 +54,13 @@ def _coerce(value, kind, where: str, key: str):
     return out
 
 
+def _json_cell(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def parse_row(raw: dict, where: str, root: str) -> Row:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: a row must be an object with 'path' and 'caption', got {type(raw).__name__}")
@@ -63,8 +70,8 @@ def parse_row(raw: dict, where: str, root: str) -> Row:
     values, extra = {}, {}
     for key, value in raw.items():
         kind = REQUIRED.get(key) or OPTIONAL.get(key)
-        if kind is None:
-            extra[key] = value
+        if kind is None:  # a CSV cell holding a list or an object as JSON (as write_manifest writes them) is read so
+            extra[key] = _json_cell(value) if isinstance(value, str) and value[:1] in "[{" else value
         elif key in REQUIRED or value not in (None, ""):  # an empty optional CSV cell means absent
             values[key] = _coerce(value, kind, where, key)
     path = values["path"]

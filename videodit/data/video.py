@@ -28,12 +28,21 @@ class VideoReadError(Exception):
 def readable(path: str) -> str:
     """A written file, or every file under a folder, readable by whom the umask lets read (safetensors writes its
     files owner-only, 0600: a shared cluster's other users could read a run's configs, not its weights)."""
-    mask = os.umask(0)
-    os.umask(mask)
+    mask = _umask()
     files = [path] if os.path.isfile(path) else [os.path.join(r, n) for r, _, names in os.walk(path) for n in names]
     for f in files:
         os.chmod(f, os.stat(f).st_mode | (0o444 & ~mask))
     return path
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it (os.umask sets it: a file another thread created meanwhile would
+    get mode 0666)."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        return 0o022
 
 
 def is_image(path: str) -> bool:

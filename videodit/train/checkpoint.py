@@ -92,8 +92,10 @@ def save_checkpoint(accelerator, output_dir: str, step: int, state: dict, cfg, m
                 json.dump(model_config, f, indent=1)
             save_config(cfg, os.path.join(tmp, "config.yaml"))
             readable(tmp)
-    except Exception as e:  # a full disk surfaces as torch's or safetensors' own errors
+    except BaseException as e:  # a full disk surfaces as torch's or safetensors' own errors
         shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, Exception):  # Ctrl-C
+            raise
         raise write_error(f"could not write checkpoint {step} to {root}", root, e) from e
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)

@@ -127,15 +127,16 @@ def train(cfg, resume: str | None = None) -> str:
 @contextlib.contextmanager
 def _run_lock(out: str):
     """Hold <out>/.lock while the run lives: a second run writing the same folder (a job submitted twice) is refused.
-    The lock goes with its process, a killed one too, so a restart is never locked out."""
+    A POSIX record lock: it goes with its process, a killed one too (forked data workers do not inherit it), so a
+    restart is never locked out."""
     import fcntl
     import socket
 
     os.makedirs(out, exist_ok=True)
     f = open(os.path.join(out, ".lock"), "a+")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
         f.seek(0)
         who = f.read().strip() or "another process"
         f.close()
@@ -172,6 +173,7 @@ def _stop_signals():
     if threading.current_thread() is not threading.main_thread():
         yield received
         return
+
     def stop(signum, frame):
         received.append(signum)
         if signum == signal.SIGINT:  # a second Ctrl-C stops at once, without the checkpoint
@@ -199,6 +201,9 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
         raise ConfigError("accelerate's FSDP flags are not used by train.py: set parallel.fsdp: true (--set "
                           "parallel.fsdp=true) and launch with torchrun or accelerate launch --multi_gpu")
     holdout = t.eval_clips if t.eval_every else 0  # items the loader leaves out, for evaluation
+    locked = acc.is_main_process and os.path.isdir(out)  # a folder in use is refused before anything loads
+    if locked:
+        closing.enter_context(_run_lock(out))
     checkpoint = find_checkpoint(resume, out) if resume else None
     if not checkpoint and checkpoint_dirs(out):  # its rotation would delete this run's checkpoints, not those
         raise ConfigError(f"{out} holds checkpoints of an earlier run (the newest: "
@@ -233,8 +238,9 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             logger.info(f"resumed from {checkpoint} at step {step} ({position.batches} global batches consumed)")
     elif resume:
         logger.info(f"--resume {resume}: no checkpoint in {out} yet, starting fresh")
-    if acc.is_main_process:  # the folder is this run's from here on (a run refused before leaves no trace)
-        closing.enter_context(_run_lock(out))
+    if acc.is_main_process:  # the folder is this run's from here on (a run refused before leaves no new folder)
+        if not locked:
+            closing.enter_context(_run_lock(out))
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
         save_config(cfg, os.path.join(out, "config.yaml"))
         if checkpoint:

@@ -12,6 +12,8 @@ import os
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 
+from ..data.video import readable
+
 # self-attention qkv/proj, cross-attention q/kv/proj, MLP fc1/fc2 of every block (regex over module names)
 TARGET_MODULES = r"blocks\.\d+\.(attn\.(qkv|proj)|cross_attn\.(q|kv|proj)|mlp\.(fc1|fc2))"
 
@@ -39,6 +41,7 @@ def save_adapters(model, folder: str, merge: bool = True):
     for config in model.peft_config.values():
         config.base_model_name_or_path = None
     model.save_pretrained(os.path.join(folder, "lora"))
+    readable(os.path.join(folder, "lora"))
     return model.merge_and_unload() if merge else None
 
 

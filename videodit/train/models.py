@@ -10,7 +10,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig, VAEConfig, as_saved
 from ..dit import PRESETS, VideoDiT
-from ..text import is_local
+from ..text import canonical, is_local
 from ..flow import guidance_distilled
 from ..vae import PRETRAINED_VAES, CausalVideoVAE, load_vae
 
@@ -189,7 +189,8 @@ def check_cache_text(index: dict, cfg):
     """The run's text encoder must be the one that encoded a latent cache's captions, at its max_length (its
     index.json's text; an older cache is not checked)."""
     cached = index.get("text")
-    differ = [k for k in ("encoder", "path", "max_length") if cached and cached[k] != getattr(cfg.text, k)]
+    now = dict(encoder=cfg.text.encoder, path=canonical(cfg.text.path), max_length=cfg.text.max_length)
+    differ = [k for k in now if cached and (canonical(cached[k]) if k == "path" else cached[k]) != now[k]]
     if differ:
         said = ", ".join(f"text.{k} = {cached[k]!r} there, {getattr(cfg.text, k)!r} here" for k in differ)
         raise ConfigError(f"data.cache_dir holds captions encoded with another text encoder setting ({said}): "
