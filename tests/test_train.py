@@ -170,8 +170,8 @@ def test_a_run_folder_takes_one_run_at_a_time_and_a_resume_names_what_changes_it
                                               "train.seed=7"])
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time\n"  # another process's run
                                f"f = open({str(tmp_path / '.lock')!r}, 'a+'); fcntl.lockf(f, fcntl.LOCK_EX)\n"
-                               "f.truncate(0); f.write('pid 12345 on elsewhere'); f.flush(); print('held', flush=True)\n"
-                               "time.sleep(60)"],
+                               "f.truncate(0); f.write('pid 12345 on elsewhere'); f.flush()\n"
+                               "print('held', flush=True); time.sleep(60)"],
                               stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
