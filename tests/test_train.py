@@ -834,6 +834,10 @@ def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
             name = k.replace("base_model.model.", "").replace(".base_layer", "")
             assert torch.equal(v, base_sd[name]), k
     assert os.listdir(run / "lora") and str(tmp_path) not in (run / "lora" / "README.md").read_text()  # alone
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in (run / "lora").iterdir():  # readable as the umask allows (safetensors writes 0600)
+        assert os.stat(f).st_mode & 0o444 & ~mask == 0o444 & ~mask, f
     with_adapters = load_lora(VideoDiT.from_pretrained(tmp_path / "base"), str(run / "lora"))
     merged = VideoDiT.from_pretrained(run / "pipeline", subfolder="transformer")
     packed = pack([torch.randn(4, 2, 4, 4), torch.randn(4, 1, 4, 8)], (1, 2, 2))
