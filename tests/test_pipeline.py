@@ -194,6 +194,9 @@ def test_image_first_animates_the_image_its_first_pass_draws(tiny_pipe):
     mixed = tiny_pipe(["a red circle", "a blue square"], height=16, width=[16, 32], num_frames=[9, 1],
                       image_first=True, output_type="pt", generator=gen(3), progress=False).frames
     assert [tuple(v.shape) for v in mixed] == [(3, 9, 16, 16), (3, 1, 16, 32)]
+    drawn = tiny_pipe(["a red circle", "a blue square"], height=16, width=[16, 32], num_frames=1, output_type="pt",
+                      generator=gen(3), progress=False).frames
+    assert torch.allclose(mixed[1], drawn[1], atol=1e-5)  # an image asked for is the first pass's, kept whole
 
 
 def test_other_modes_run_with_the_expected_lengths(tiny_pipe, monkeypatch):
