@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import time
+from collections import Counter
 from dataclasses import asdict
 
 import numpy as np
@@ -350,14 +351,14 @@ def caption_manifest(manifest: str, out: str, captioner, frames: int = 8, batch_
     for r in read_manifest(out) if os.path.isfile(out) else []:
         if "caption_model" in r.extra:
             done.setdefault((r.path, r.caption), []).append(r)
-    result, others = {}, {}  # a kept row: IN's row (its metadata as IN has it now) with OUT's detailed caption
+    result, others = {}, Counter()  # a kept row: IN's row (its metadata as IN has it now) with OUT's detailed caption
     for i, r in enumerate(rows):
         if done.get((r.path, r.caption)):
             old = done[r.path, r.caption].pop(0)
             r.detailed_caption, r.extra["caption_model"] = old.detailed_caption, old.extra["caption_model"]
             result[i] = r
             if old.extra["caption_model"] != captioner.model_id:
-                others[old.extra["caption_model"]] = others.get(old.extra["caption_model"], 0) + 1
+                others[old.extra["caption_model"]] += 1
     for model, n in others.items():
         logger.warning(f"{out}: {n} row(s) kept as captioned by {model}, not {captioner.model_id}; to caption them "
                        f"again, write to another --out or delete those rows")

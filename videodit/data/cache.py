@@ -61,8 +61,7 @@ def build_cache(cfg, out: str, num: int | None = None, shard_size: int = 256, de
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     index = dict(items=items, ft=vae.ft, fs=vae.fs, latent_channels=vae.denoiser_channels, text_dim=text.dim,
-                 text_encoder=cfg.text.encoder, text=dict(encoder=cfg.text.encoder, path=canonical(cfg.text.path),
-                                                          max_length=cfg.text.max_length),
+                 text=dict(encoder=cfg.text.encoder, path=canonical(cfg.text.path), max_length=cfg.text.max_length),
                  vae=cfg.train.vae or cfg.vae.path, skipped=skipped,
                  vae_config={k: v for k, v in as_saved(dict(getattr(vae, "model", vae).config)).items()
                              if not k.startswith("_")})  # as its config.json holds it: checked by a cached run

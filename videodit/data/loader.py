@@ -421,9 +421,12 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
                                        persistent_workers=d.num_workers > 0, pin_memory=torch.cuda.is_available())
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # what ends a training run after its step's checkpoint
+
+
 def _worker_init(_):
     """Data workers leave the stop signals (SIGTERM, SIGUSR1: a preemption, sent to every process of a job; SIGINT:
     Ctrl-C, sent to the terminal's process group) to the training process, which ends the run with a checkpoint and
     then stops them; they would otherwise die first and take the run down without one."""
-    for s in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for s in STOP_SIGNALS:
         signal.signal(s, signal.SIG_IGN)

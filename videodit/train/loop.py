@@ -51,7 +51,7 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup, get_cosine_with_min_lr_schedule_with_warmup
 
 from ..config import ConfigError, as_saved, save_config
-from ..data.loader import DataPosition, make_loader
+from ..data.loader import STOP_SIGNALS, DataPosition, make_loader
 from ..parallel import degrees, sequence_parallel_groups
 from . import sharded
 from .checkpoint import (abandon_checkpoints_after, checkpoint_dirs, find_checkpoint, load_checkpoint, save_checkpoint,
@@ -60,8 +60,6 @@ from .models import named_vae_config
 from .tasks import DiTTask, VAETask
 
 logger = logging.getLogger(__name__)
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)  # SIGINT: Ctrl-C
 
 
 class Stopped(Exception):
