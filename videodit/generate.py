@@ -441,11 +441,8 @@ def run(a):
             dist.destroy_process_group()
 
 
-def sample_prompts(a, prompts, probed, device, ranks):
-    """Sample this process's share of the prompts and write the videos. probed: each input file's probe (size, frame
-    rate), from check_args."""
-    say = print if ranks.main else lambda *args: None  # noqa: E731
-    t0 = time.time()
+def prepare_pipeline(a, device, ranks, say):
+    """Load the checkpoint for these processes; returns it with the guidance used and its parallel part."""
     pipe = load_pipeline(a.checkpoint, device, a.offload, a.lora, a.lora_scale)
     heads, S = pipe.transformer.config.num_heads, a.sequence_parallel
     if heads % S:
@@ -463,34 +460,57 @@ def sample_prompts(a, prompts, probed, device, ranks):
         raise UserError(str(e)) from None
     for note in ignored_settings(a, guidance, guidance_distilled(pipe.transformer)):
         say(f"note: {note}")
-    mine = ranks.share(len(prompts))
-    asked = list(prompts)  # as given: prompts.jsonl keeps them beside the upsampled ones
-    if a.upsample_prompt:
-        from videodit.upsample import upsample_prompt
+    return pipe, guidance, parallel
 
-        for i in mine:
-            try:
-                prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
-                                             model=a.upsampler_model, seed=a.seed + i)
-            except OSError as e:  # a hub id that cannot be fetched, a folder with broken files
-                raise UserError(f"--upsampler-model {e}") from None
-            if ranks.writer:
-                print(f"prompt: {prompts[i]}")
-    a.fps = a.fps or pipe.config.default_fps
-    per_prompt = getattr(a, "per_prompt", False)
-    files = [inputs_of(a, i) for i in range(len(prompts))]
-    likes = [None if not f else probed[first_file(f)] for f in files]  # each output takes its input's aspect
-    sizes = [pipe.resolve_size(a.num_frames, a.height, a.width, None if like is None else (like["height"], like[
-        "width"]), connect=bool(a.connect), extend=bool(a.extend)) for like in likes]
-    sdedit = a.strength is not None  # its frames are decided by each clip's length, below
+
+def upsample_prompts(a, prompts, mine, ranks):
+    """Rewrite this process's prompts (in place) as detailed captions, each printed once."""
+    from videodit.upsample import upsample_prompt
+
+    for i in mine:
+        try:
+            prompts[i] = upsample_prompt(prompts[i], backend="lm" if a.upsampler_model else "shapes",
+                                         model=a.upsampler_model, seed=a.seed + i)
+        except OSError as e:  # a hub id that cannot be fetched, a folder with broken files
+            raise UserError(f"--upsampler-model {e}") from None
+        if ranks.writer:
+            print(f"prompt: {prompts[i]}")
+
+
+def output_sizes(a, pipe, files, probed, say) -> list[tuple]:
+    """Each prompt's (frames, height, width): the sizes asked, each output taking its input's aspect where it has
+    one, rounded to sizes the model takes (said once per size where that changed them)."""
+    likes = [None if not f else probed[first_file(f)] for f in files]
+    sizes = [pipe.resolve_size(a.num_frames, a.height, a.width, None if like is None else
+                               (like["height"], like["width"]), connect=bool(a.connect), extend=bool(a.extend))
+             for like in likes]
+    sdedit = a.strength is not None  # its frames are decided by each clip's length
     for size in dict.fromkeys(sizes):
-        changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"), (a.num_frames, a.height,
-                                                                                       a.width), size)
+        changed = [f"{name} {v}" for name, v, s in zip(("frames", "height", "width"),
+                                                        (a.num_frames, a.height, a.width), size)
                    if v is not None and v != s and not (sdedit and name == "frames")]
         if changed:
             shown = f"{size[1]}x{size[2]} (height x width)" if sdedit else \
                 f"{size[0]}x{size[1]}x{size[2]} (frames x height x width)"
             say(f"note: {', '.join(changed)}: not a size this model takes; using {shown}")
+    return sizes
+
+
+def sample_prompts(a, prompts, probed, device, ranks):
+    """Sample this process's share of the prompts and write the videos. probed: each input file's probe (size, frame
+    rate), from check_args."""
+    say = print if ranks.main else lambda *args: None  # noqa: E731
+    t0 = time.time()
+    pipe, guidance, parallel = prepare_pipeline(a, device, ranks, say)
+    mine = ranks.share(len(prompts))
+    asked = list(prompts)  # as given: prompts.jsonl keeps them beside the upsampled ones
+    if a.upsample_prompt:
+        upsample_prompts(a, prompts, mine, ranks)
+    a.fps = a.fps or pipe.config.default_fps
+    per_prompt = getattr(a, "per_prompt", False)
+    files = [inputs_of(a, i) for i in range(len(prompts))]
+    sizes = output_sizes(a, pipe, files, probed, say)
+    sdedit = a.strength is not None
     cache, said = {}, set()
 
     def job(i):  # prompt i's pipeline inputs, the clips its output is joined with, and its size
