@@ -278,9 +278,12 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = ManifestSource(str(tmp_path / "m.jsonl"), target_area=64 * 64, num_frames=[17], fps=8.0, geom=GEOM)
     assert manifest.typical_size() == (17, *GEOM.resize(720, 1280, 64 * 64))  # 16:9, the most common aspect
-    items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])]  # latents (C, T', h, w)
-    (tmp_path / "index.json").write_text(json.dumps(dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)))
-    assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)
+    items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])] * 3  # latents (C, T', h, w)
+    index = dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)
+    (tmp_path / "index.json").write_text(json.dumps(index))
+    assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)  # the commonest video, though images outnumber
+    (tmp_path / "index.json").write_text(json.dumps(dict(index, items=items[2:])))
+    assert CacheSource(str(tmp_path)).typical_size() == (1, 128, 128)  # images only
 
 
 def test_a_missing_or_damaged_cache_shard_is_a_read_error_naming_it(tmp_path):

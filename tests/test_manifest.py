@@ -63,6 +63,9 @@ def test_csv_errors_name_line_and_field(tmp_path):
     p.write_text("file,text\na.mp4,x\n")
     with pytest.raises(ManifestError, match=r"m\.csv:1: .*'path' and 'caption'"):
         read_manifest(str(p))
+    p.write_text("path,caption\na.mp4,a grey square, seen from above\n")  # an unquoted comma: a caption cut short
+    with pytest.raises(ManifestError, match=r"m\.csv:2: 3 cells, but the header names 2 columns; quote"):
+        read_manifest(str(p))
 
 
 def test_missing_empty_and_unknown_manifests(tmp_path):

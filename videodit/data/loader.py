@@ -236,8 +236,9 @@ class CacheSource:
                 np.array([geom.latent_tokens(1, h, w) for _, _, h, w in shapes]))
 
     def typical_size(self) -> tuple[int, int, int]:
-        """The most common (T, H, W) in pixels of the cached clips."""
-        _, t, h, w = Counter(tuple(x["shape"]) for x in self.items).most_common(1)[0][0]
+        """The most common (T, H, W) in pixels of the cached videos (images left out unless there are none)."""
+        shapes = [tuple(x["shape"]) for x in self.items]
+        _, t, h, w = Counter([s for s in shapes if s[1] > 1] or shapes).most_common(1)[0][0]
         return 1 + self.ft * (t - 1), h * self.fs, w * self.fs
 
     def null_text(self) -> torch.Tensor:

@@ -67,6 +67,9 @@ def parse_row(raw: dict, where: str, root: str) -> Row:
     for key in REQUIRED:
         if key not in raw or raw[key] is None:
             raise ManifestError(f"{where}: missing required field {key!r} (rows need 'path' and 'caption')")
+    if None in raw:  # csv.DictReader's key for the cells past the header's columns: an unquoted comma
+        raise ManifestError(f"{where}: {len(raw) - 1 + len(raw[None])} cells, but the header names {len(raw) - 1} "
+                            f"columns; quote a field that holds a comma (\"a grey square, seen from above\")")
     values, extra = {}, {}
     for key, value in raw.items():
         kind = REQUIRED.get(key) or OPTIONAL.get(key)
