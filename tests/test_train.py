@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from conftest import random_dit, tiny_text
 from videodit.config import ConfigError, load_config, save_config
 from videodit.data.cache import build_cache
+from videodit.data.video import probe
 from videodit.dit import VideoDiT
 from videodit.patchify import pack
 from videodit.train.checkpoint import checkpoint_dirs, export_ema, find_checkpoint
@@ -53,7 +54,7 @@ def assets(tmp_path_factory):
     tok.save_pretrained(d / "text")
     base = TINY + [f"text.path={d / 'text'}"]
     cfg = load_config(None, base + ["train.task=vae", f"train.output_dir={d / 'vae_run'}", "train.max_steps=2",
-                                    "vae.gan_weight=0.1", "vae.gan_start=1", "train.sample_every=2"])
+                                    "vae.gan_weight=0.1", "vae.gan_start=1", "train.sample_every=2", "data.fps=6"])
     train(cfg)
     return dict(dir=d, base=base + [f"train.vae={d / 'vae_run' / 'vae'}"], vae_run=str(d / "vae_run"))
 
@@ -63,7 +64,8 @@ def test_vae_run_writes_reconstructions_and_exports_a_normalized_vae(assets):
     records = log(run)
     assert [r["step"] for r in records] == [1, 2]
     assert "gan" not in records[0] and "gan" in records[1] and "disc_loss" in records[1]  # GAN after warm-up
-    assert any(f.endswith(".mp4") for f in os.listdir(os.path.join(run, "samples")))
+    previews = [f for f in os.listdir(os.path.join(run, "samples")) if f.endswith(".mp4")]
+    assert previews and probe(os.path.join(run, "samples", previews[0]))["fps"] == 6  # at data.fps, as read
     vae = CausalVideoVAE.from_pretrained(os.path.join(run, "vae"))
     assert vae.config.latents_mean is not None and len(vae.config.latents_std) == 4
     assert os.path.isfile(os.path.join(run, "config.yaml")) and os.listdir(os.path.join(run, "tensorboard"))
@@ -714,7 +716,7 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     build_cache(load_config(None, common), str(tmp_path / "cache"))
     records = []
     cached = ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every=1",
-              "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # samples from a cached run
+              "train.sample_prompts=['a red circle moving left']", "sample.steps=2", "data.fps=6"]  # samples from a cache
     for name, extra in (("live", []), ("cached", cached)):
         train(load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"]))
         records.append(log(tmp_path / name))
@@ -722,6 +724,7 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
     assert live[0] is cache[0] is None and None not in live[1:]  # step 0: the held-out loss alone
     assert live[1:] == pytest.approx(cache[1:], rel=1e-4)
     assert os.listdir(tmp_path / "cached" / "samples") == ["step_00000001_0.mp4"]
+    assert probe(str(tmp_path / "cached" / "samples" / "step_00000001_0.mp4"))["fps"] == 6  # data.fps
     other = CausalVideoVAE.from_pretrained(assets["dir"] / "vae_run" / "vae")  # retrained: other statistics
     other.register_to_config(latents_mean=[m + 0.1 for m in other.config.latents_mean])
     other.save_pretrained(tmp_path / "other_vae")

@@ -295,7 +295,7 @@ class SampleConfig:
     guidance_parallel: float = 1.0   # 1: plain classifier-free guidance; 0: projected (videodit.flow.guide)
     sampler: Literal["euler", "flow_euler", "unipc"] = "euler"
     shift: float | None = None       # None: the same resolution-dependent shift as training
-    fps: float = 8.0
+    fps: float | None = None         # the previews' frame rate; None: data.fps, the rate the clips are read at
     negative_prompt: str = ""
     seed: int = 0
     image_first: bool = False        # text-to-video draws the first frame, then animates it (VideoDiTPipeline)
@@ -309,8 +309,8 @@ class SampleConfig:
             bad("guidance", "a number >= 0 (1 turns guidance off)")
         if not 0 <= self.guidance_parallel <= 1:
             bad("guidance_parallel", "a number in [0, 1] (1: plain guidance, 0: projected)")
-        if self.fps <= 0:
-            bad("fps", "a positive number")
+        if self.fps is not None and self.fps <= 0:
+            bad("fps", "a positive number, or null (data.fps)")
         if self.size is not None and (len(self.size) != 3 or min(self.size) < 1):
             bad("size", "null or [T, H, W], three positive integers")
 

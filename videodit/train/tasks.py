@@ -232,7 +232,7 @@ class DiTTask:
             return
         for i, z in enumerate(latents):
             video = self.vae.decode_latents(z[None].to(self.vae.dtype))[0]
-            write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps)
+            write_video(os.path.join(folder, f"step_{step:08d}_{i}.mp4"), video, fps=s.fps or cfg.data.fps)
 
     def export(self, model, folder: str) -> str:
         """<folder>/pipeline: the denoiser with the run's VAE and text encoder, for sample.py (init_from takes it
@@ -356,7 +356,7 @@ class VAETask:
         for i, x in enumerate(self.clips(count)):
             recon = _reconstruct(model, x)
             write_video(os.path.join(folder, f"step_{step:08d}_recon_{i}.mp4"), torch.cat([x, recon], -1)[0],
-                        fps=self.cfg.sample.fps)
+                        fps=self.cfg.sample.fps or self.cfg.data.fps)
 
     @torch.no_grad()
     def export(self, model, folder: str, stats_clips: int = 32) -> str:
