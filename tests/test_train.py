@@ -883,8 +883,8 @@ def test_a_corrupt_file_is_skipped_and_counted_in_the_log(assets, tmp_path, capl
 @pytest.mark.parametrize("task", ["dit", "vae"])
 def test_a_batch_of_unreadable_files_is_skipped_from_the_first_step_on(assets, tmp_path, task):
     """One readable clip and two broken files, a batch each: a batch that fails to load whole, even the first, runs
-    at weight 0 (loss 0, counted as skipped), leaves the weights and AdamW's state as they were, and the run goes
-    on."""
+    at weight 0 (counted as skipped; its log line's loss null, and a line over several steps averages the loss of
+    those that trained), leaves the weights and AdamW's state as they were, and the run goes on."""
     from videodit.data.loader import PackedBatchSampler
     from videodit.data.shapes import make_clip
     from videodit.data.video import write_video
@@ -898,16 +898,20 @@ def test_a_batch_of_unreadable_files_is_skipped_from_the_first_step_on(assets, t
     # a data order whose first batch is a broken file (each sample is 8 tokens, a batch's budget)
     seed = next(s for s in range(100) if PackedBatchSampler([8] * 3, [4] * 3, 8, 0.0, s).epoch(0)[0][0][0] != 0)
     run = tmp_path / "run"
-    train(load_config(None, assets["base"] + [
+    config = assets["base"] + [
         "data.source=manifest", f"data.manifest={tmp_path / 'data.jsonl'}", "data.target_area=256",
         "data.num_frames=[5]", "data.image_ratio=0", "data.max_tokens=8", f"data.seed={seed}", f"train.task={task}",
-        f"train.output_dir={run}", "train.max_steps=3", "train.sample_every=0", "train.checkpoint_every=1",
-        "train.keep_checkpoints=3"]))
+        "train.max_steps=3", "train.sample_every=0"]
+    train(load_config(None, config + [f"train.output_dir={run}", "train.checkpoint_every=1",
+                                      "train.keep_checkpoints=3"]))
     records = log(run)
-    assert [r["skipped"] for r in records][-1] == 2 and records[0]["skipped"] == 1 and records[0]["loss"] == 0
-    assert sum(r["loss"] > 0 for r in records) == 1
+    assert [r["skipped"] for r in records][-1] == 2 and records[0]["skipped"] == 1 and records[0]["loss"] is None
+    trained = [r["loss"] for r in records if r["loss"] is not None]
+    assert len(trained) == 1 and trained[0] > 0
+    train(load_config(None, config + [f"train.output_dir={tmp_path / 'one_line'}", "train.log_every=3"]))
+    assert [r["loss"] for r in log(tmp_path / "one_line")] == pytest.approx(trained)  # not a third of it
     # AdamW keeps no state until its first step: only the readable batch's step made one
-    first = next(i for i, r in enumerate(records) if r["loss"] > 0)
+    first = next(i for i, r in enumerate(records) if r["loss"] is not None)
     stepped = [bool(torch.load(os.path.join(c, "optimizer.bin"))["state"]) for c in checkpoint_dirs(str(run))]
     assert stepped == [i >= first for i in range(3)]
 

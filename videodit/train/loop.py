@@ -276,7 +276,8 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             with sync:
                 loss, logs = task.loss(model, batch, generator, step)
                 acc.backward(loss / A)
-            window["loss"] += loss.detach().float() / A  # summed on the device: read at log steps (no sync here)
+            window["loss"] += loss.detach().float()  # summed on the device: read at log steps (no sync here)
+            window["batches"] += batch["size"] > 0  # the loss's mean leaves out micro-batches that all failed
             window["tokens"] += batch["tokens"]
             window["samples"] += batch["size"]
             window["skipped"] += batch["skipped"]
@@ -325,7 +326,7 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
             if bad:
                 raise Diverged(step, " and ".join(bad), out, t.grad_clip > 0)
             if acc.is_main_process:
-                bar.set_postfix(loss=f"{record['loss']:.4f}", it_s=f"{record['steps_per_s']:.2f}",
+                bar.set_postfix(loss=f"{record['loss'] or 0:.4f}", it_s=f"{record['steps_per_s']:.2f}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", skipped=skipped_total)
             window = _window()
         bar.update(1)
@@ -566,12 +567,13 @@ def _check_fsdp(cfg):
 
 
 def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp: int, peak_tflops: float) -> dict:
-    """One log line: the window's sums over all ranks (collective), as rates; the task's logs of the last step
+    """One log line: the window's sums over all ranks (collective), as rates, and the loss's mean over the
+    micro-batches that trained (null if none did: every sample failed to load); the task's logs of the last step
     averaged over ranks (the same names on every rank). The sp ranks of a sequence-parallel group share a batch:
     its tokens, samples and FLOPs count once."""
-    stats = torch.tensor([float(window[k]) for k in ("loss", "tokens", "samples", "skipped", "wait", "flops")],
-                         dtype=torch.float64, device=acc.device)
-    loss, tokens, samples, skipped, wait, flops = acc.reduce(stats, "sum").tolist()
+    names = ("loss", "batches", "tokens", "samples", "skipped", "wait", "flops")
+    stats = torch.tensor([float(window[k]) for k in names], dtype=torch.float64, device=acc.device)
+    loss, batches, tokens, samples, skipped, wait, flops = acc.reduce(stats, "sum").tolist()
     tokens, samples, skipped, flops = tokens / sp, samples / sp, skipped / sp, flops / sp
     names = sorted(extra)
     if names:
@@ -579,7 +581,7 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
         extra = dict(zip(names, values.tolist()))
     W, n, elapsed = acc.num_processes, window["steps"], time.perf_counter() - window["start"]
     counted = flops > 0 or None  # a VAE run counts no FLOPs: null, not 0
-    return dict(step=step, loss=loss / (n * W), lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+    return dict(step=step, loss=loss / batches if batches else None, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
                 data_wait=wait / W / elapsed, flops_per_step=counted and flops / n,
                 tflops_per_s=counted and flops / elapsed / 1e12,
@@ -626,7 +628,8 @@ def _evaluate(acc, task, model, held, dp_rank: int, dp_size: int) -> dict:
 
 def _window() -> dict:
     """Sums over the steps since the last log line."""
-    return dict(loss=0.0, tokens=0, samples=0, skipped=0, wait=0.0, flops=0, steps=0, start=time.perf_counter())
+    return dict(loss=0.0, batches=0, tokens=0, samples=0, skipped=0, wait=0.0, flops=0, steps=0,
+                start=time.perf_counter())
 
 
 @contextlib.contextmanager
