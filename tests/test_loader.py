@@ -102,8 +102,18 @@ def test_the_token_budget_must_hold_the_largest_sample_drawn():
         make_loader(cfg(), source, GEOM)
     batch = next(iter(make_loader(cfg("data.image_ratio=1"), source, GEOM)))
     assert all(v.shape[1] == 1 for v in batch["video"]) and batch["tokens"] <= 100
-    with pytest.raises(ConfigError, match="largest sample \\(320"):
+    with pytest.raises(ConfigError, match="largest sample \\(320 latent tokens: a clip of data.sizes"):
         make_loader(cfg("data.image_ratio=1"), source, GEOM, holdout=2)
+
+
+def test_a_manifest_too_large_for_the_token_budget_names_the_largest_clip(tmp_path):
+    rows = [dict(path=f"{name}.mp4", caption="c", num_frames=n, fps=8.0, height=h, width=w)  # metadata: no probing
+            for name, n, h, w in [("short", 9, 64, 64), ("long", 300, 64, 64), ("middle", 20, 64, 64)]]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    source = ManifestSource(str(tmp_path / "m.jsonl"), 64 * 64, [9, 17, 33], 8.0, GEOM)
+    cfg = load_config(None, ["data.max_tokens=400", "data.num_workers=0"])
+    with pytest.raises(ConfigError, match=r"\(576 latent tokens: .*long\.mp4, read at 33x64x64 \(frames x height x "):
+        make_loader(cfg, source, GEOM)
 
 
 def test_held_out_items_are_never_drawn():
@@ -278,10 +288,12 @@ def test_each_source_knows_its_most_common_clip_size(tmp_path):
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     manifest = ManifestSource(str(tmp_path / "m.jsonl"), target_area=64 * 64, num_frames=[17], fps=8.0, geom=GEOM)
     assert manifest.typical_size() == (17, *GEOM.resize(720, 1280, 64 * 64))  # 16:9, the most common aspect
-    items = [dict(shape=[4, 5, 8, 16])] * 2 + [dict(shape=[4, 1, 16, 16])] * 3  # latents (C, T', h, w)
+    items = [dict(shape=[4, 5, 8, 16], caption="a red circle")] * 2 + [dict(shape=[4, 1, 16, 16], caption="c")] * 3
     index = dict(items=items, ft=4, fs=8, text_dim=16, latent_channels=4)
     (tmp_path / "index.json").write_text(json.dumps(index))
     assert CacheSource(str(tmp_path)).typical_size() == (17, 64, 128)  # the commonest video, though images outnumber
+    assert CacheSource(str(tmp_path)).describe(1) == 'cached item 1 ("a red circle"), latents 5x8x16 (frames x ' \
+        'height x width)'  # how an error names it
     (tmp_path / "index.json").write_text(json.dumps(dict(index, items=items[2:])))
     assert CacheSource(str(tmp_path)).typical_size() == (1, 128, 128)  # images only
 

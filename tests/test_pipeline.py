@@ -565,6 +565,8 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
         in capsys.readouterr().out
     run("--image", str(tmp_path / "noext"), "--num-frames", "5")
     assert read_video(str(tmp_path / "o.mp4")).shape[1] == 5
+    run("--video", str(tmp_path / "noext"), "--strength", "0.5")  # an image edited: one frame, no frame rate
+    assert read_video(str(tmp_path / "o.mp4")).shape[1] == 1 and " fps" not in capsys.readouterr().out
     (tmp_path / "bom.txt").write_bytes("\ufeffa red circle\r\ntwo blue squares\n".encode("utf-8"))
     assert read_prompts(parse_args(["--prompt-file", str(tmp_path / "bom.txt")])) == ["a red circle",
                                                                                       "two blue squares"]

@@ -715,8 +715,8 @@ def test_cache_gives_the_same_loss_as_live_encoding(assets, tmp_path, monkeypatc
                                "train.eval_every=1", "train.eval_clips=3"]
     build_cache(load_config(None, common), str(tmp_path / "cache"))
     records = []
-    cached = ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every=1",
-              "train.sample_prompts=['a red circle moving left']", "sample.steps=2", "data.fps=6"]  # samples from a cache
+    cached = ["data.source=cache", f"data.cache_dir={tmp_path / 'cache'}", "train.sample_every=1", "data.fps=6",
+              "train.sample_prompts=['a red circle moving left']", "sample.steps=2"]  # samples from a cached run
     for name, extra in (("live", []), ("cached", cached)):
         train(load_config(None, common + extra + [f"train.output_dir={tmp_path / name}"]))
         records.append(log(tmp_path / name))

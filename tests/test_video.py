@@ -1,3 +1,5 @@
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -127,6 +129,12 @@ def test_bad_files_raise_one_error_type_naming_the_file(tmp_path):
         assert name in str(e.value) and "\n" not in str(e.value)
     with pytest.raises(VideoReadError, match="corrupt.mp4"):
         probe(str(tmp_path / "corrupt.mp4"))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    (tmp_path / "clips.mp4").mkdir()
+    for name, why in [("missing.mp4", "no such file"), ("empty.mp4", "is an empty file (0 bytes)"),
+                      ("clips.mp4", "is a folder, not a file")]:
+        with pytest.raises(VideoReadError, match=re.escape(f"{name}: {why}")):
+            probe(str(tmp_path / name))
 
 
 def grey_ramp(t, h=32, w=32, step=8):

@@ -530,7 +530,8 @@ def sample_prompts(a, prompts, probed, device, ranks):
 
     videos = dict.fromkeys((flag, path) for f in files for flag, v in f.items() if flag != "--image"
                            for path in (v if flag == "--connect" else [v]))
-    other_rate = [(flag, path) for flag, path in videos if abs(probed[path]["fps"] - a.fps) > 1e-3]
+    other_rate = [(flag, path) for flag, path in videos  # an image given as a video has no rate
+                  if probed[path]["num_frames"] > 1 and abs(probed[path]["fps"] - a.fps) > 1e-3]
     first = job(mine.start if len(mine) else 0)  # with one input for all: read once, here
     if per_prompt and other_rate:  # joined as the new frames are: at their rate
         say(f"note: {len(other_rate)} of the {len(videos)} input videos have another frame rate than {a.fps:g} fps "

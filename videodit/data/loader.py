@@ -140,6 +140,9 @@ class ShapesSource:
         """The most common (T, H, W) of the items (the first of data.sizes on a tie)."""
         return Counter(self.sizes).most_common(1)[0][0]
 
+    def describe(self, i: int) -> str:
+        return f"a clip of data.sizes {list(self.sizes[i % len(self.sizes)])}"
+
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         T, H, W = self.sizes[i % len(self.sizes)]
         clip = make_clip(item_seed(self.seed, i), H, W, 1 if image else T, self.only)
@@ -202,6 +205,10 @@ class ManifestSource:
         videos = [p for p in readable if p[0] > 1]
         return Counter(videos or readable).most_common(1)[0][0]
 
+    def describe(self, i: int) -> str:
+        T, H, W = self.plans[i][:3]
+        return f"{self.rows[i].path}, read at {T}x{H}x{W} (frames x height x width)"
+
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         row, (T, H, W, n, src_fps) = self.rows[i], self.plans[i]
         T = 1 if image else T
@@ -247,6 +254,10 @@ class CacheSource:
             with safe_open(os.path.join(self.dir, "null.safetensors"), "pt") as f:
                 self._null = f.get_tensor("text")
         return self._null
+
+    def describe(self, i: int) -> str:
+        _, t, h, w = self.items[i]["shape"]
+        return f"cached item {i} (\"{self.items[i]['caption'][:40]}\"), latents {t}x{h}x{w} (frames x height x width)"
 
     def load(self, i: int, image: bool, rng: random.Random) -> dict:
         item = self.items[i]
@@ -406,10 +417,12 @@ def make_loader(cfg, source, geom: Geometry, rank: int = 0, world_size: int = 1,
         raise ConfigError(f"model.patch_size {list(geom.patch)}: the loader makes images and 1 + ft*k frames, which "
                           f"need a temporal patch pt = 1")
     video, image = source.token_counts(geom)
-    largest = (image if d.image_ratio >= 1 and not holdout else video).max()  # the evaluation packs whole clips
-    if largest > d.max_tokens:
-        raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({largest} latent "
-                          f"tokens); raise it or lower data.target_area / data.num_frames / data.sizes")
+    counts = image if d.image_ratio >= 1 and not holdout else video  # the evaluation packs whole clips
+    if counts.max() > d.max_tokens:
+        i = int(counts.argmax())
+        raise ConfigError(f"data.max_tokens = {d.max_tokens} is smaller than the largest sample ({counts[i]} latent "
+                          f"tokens: {source.describe(i)}); raise it or lower data.target_area / data.num_frames / "
+                          f"data.sizes")
     if holdout >= len(video):
         raise ConfigError(f"train.eval_clips = {holdout} would hold out all {len(video)} items of the data for "
                           f"evaluation; hold out fewer")

@@ -150,7 +150,9 @@ def _open(path: str) -> _Reader | None:
     """A reader for a video, or None for an image. The file is tried as the kind its extension says first, then as
     the other kind (content decides: a PNG named .mp4, an mp4 named .jpg), then with ffmpeg."""
     if not os.path.isfile(path):
-        raise VideoReadError(path, "no such file")
+        raise VideoReadError(path, "is a folder, not a file" if os.path.isdir(path) else "no such file")
+    if os.path.getsize(path) == 0:
+        raise VideoReadError(path, "is an empty file (0 bytes)")
     errors = []
     order = ("image", "decord", "ffmpeg") if is_image(path) else ("gif", "decord", "ffmpeg") \
         if os.path.splitext(path)[1].lower() == ".gif" else ("decord", "image", "ffmpeg")  # the gif reader is PIL's

@@ -581,7 +581,8 @@ def _record(acc, step: int, window: dict, extra: dict, lr: float, grad_norm, sp:
         extra = dict(zip(names, values.tolist()))
     W, n, elapsed = acc.num_processes, window["steps"], time.perf_counter() - window["start"]
     counted = flops > 0 or None  # a VAE run counts no FLOPs: null, not 0
-    return dict(step=step, loss=loss / batches if batches else None, lr=lr, grad_norm=float(grad_norm) if grad_norm is not None else None,
+    return dict(step=step, loss=loss / batches if batches else None, lr=lr,
+                grad_norm=float(grad_norm) if grad_norm is not None else None,
                 tokens_per_s=tokens / elapsed, samples_per_s=samples / elapsed, steps_per_s=n / elapsed,
                 data_wait=wait / W / elapsed, flops_per_step=counted and flops / n,
                 tflops_per_s=counted and flops / elapsed / 1e12,
