@@ -7,8 +7,9 @@
 3. Throughput: frames/s encoded and decoded, ours vs the same Wan, same sizes, in this run.
 
 The video is OpenCV's sample vtest.avi (768x576, 795 frames):
-    cd /tmp && apt-get download opencv-doc && dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x --wildcards '*vtest.avi'
-    python bench/vae.py --video /tmp/usr/share/doc/opencv-doc/examples/data/vtest.avi
+    apt-get download opencv-doc
+    dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x --strip-components=7 --wildcards '*vtest.avi'
+    python bench/vae.py --video vtest.avi
 """
 import argparse
 import importlib.util
@@ -173,9 +174,9 @@ def main():
     models = {name: build(name).eval() for name in ("ours", "wan")}
     if not args.skip_train:
         if not os.path.exists(args.video):
-            sys.exit(f"{args.video} not found; get vtest.avi with:\n  cd /tmp && apt-get download opencv-doc && "
-                     f"dpkg-deb --fsys-tarfile opencv-doc_*.deb | tar -x --wildcards '*vtest.avi'\n"
-                     f"then pass --video /tmp/usr/share/doc/opencv-doc/examples/data/vtest.avi (or --skip-train)")
+            sys.exit(f"{args.video} not found; get vtest.avi with:\n  apt-get download opencv-doc && dpkg-deb "
+                     f"--fsys-tarfile opencv-doc_*.deb | tar -x --strip-components=7 --wildcards '*vtest.avi'\n"
+                     f"then pass --video vtest.avi (or --skip-train)")
         frames = load_video(args.video, HEIGHT, WIDTH)  # 768x576 -> 128x96
         split = int(0.8 * frames.shape[1])
         if args.frames > split:
