@@ -423,3 +423,17 @@ def test_velocity_error_asks_a_distilled_model_for_its_unguided_velocity():
     model, x = Distilled(), [torch.randn(3, 1, 4, 4), torch.randn(3, 2, 4, 4)]
     velocity_error(model, x, x, torch.tensor([0.3, 0.8]), torch.zeros(2, 1, 4), torch.ones(2, 1, dtype=torch.bool))
     assert model.guidance.tolist() == [1.0, 1.0]
+
+
+def test_unipc_sdedit_at_a_strength_sharing_its_integer_timestep_with_the_next_time():
+    """SDEdit's first time (the strength) and the schedule's next one may truncate to one integer timestep (0.85734
+    and 0.85714: 857): the scheduler steps through the times in order, not by looking them up (diffusers' lookup
+    takes the second match and runs out of times at the last step)."""
+    ts = schedule(30, 3.0)
+    strength = float(ts[10]) + 2e-4
+    assert int(strength * 1000) == int(float(ts[10]) * 1000)
+    text, mask = torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    out = sample(GaussianVelocity(), [(1, 1, 10, 10)], text, mask, steps=30, shift=3.0, sampler="unipc",
+                 init_latents=[torch.full((1, 1, 10, 10), MU)], strength=strength,
+                 generator=torch.Generator().manual_seed(0), progress=False)[0]
+    assert torch.isfinite(out).all()

@@ -983,3 +983,15 @@ def test_prompts_file_rows_sort_by_their_files_number(tmp_path):
     sort_prompts_file(str(tmp_path / "p.jsonl"))
     rows = [json.loads(r)["file"] for r in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert rows == ["002.mp4", "010.mp4", "101.mp4", "999.mp4", "1000.mp4"]  # a string sort puts 1000 before 101
+
+
+def test_a_checkpoint_trained_at_a_fixed_shift_samples_at_it(tiny_pipe):
+    """default_shift (a run's fixed flow.shift, in model_index.json) is the shift of a call that gives none; a
+    checkpoint without one shifts by resolution."""
+    run = lambda **kw: tiny_pipe("a red circle", height=16, width=16, num_frames=5, generator=gen(0),  # noqa: E731
+                                 output_type="latent", progress=False, **kw).frames[0]
+    by_resolution = run()
+    tiny_pipe.register_to_config(default_shift=3.0)
+    fixed = run()
+    assert torch.equal(fixed, run(shift=3.0)) and not torch.allclose(fixed, by_resolution)
+    assert not torch.allclose(run(shift=1.0), fixed)  # a shift given still decides

@@ -657,17 +657,17 @@ def test_export_ema_as_a_diffusers_model_and_a_pipeline(reference, tmp_path):
             assert torch.equal(a, b), k
     assert final.config.max_text_length == 64 and isinstance(final.vae, CausalVideoVAE)
     assert final.config.image_first is False and final.config.default_guidance_parallel == 1.0
-    assert final.config.shared_noise == 0.0
+    assert final.config.shared_noise == 0.0 and final.config.default_shift is None  # shift by resolution
     assert final.config.default_size == [5, 16, 16] and final.config.default_fps == 8.0  # data.sizes[0], data.fps
     cfg = yaml.safe_load(open(os.path.join(ckpt, "config.yaml")))  # a run that samples image-first says so
     cfg["sample"].update(image_first=True, guidance_parallel=0.0, size=[9, 16, 32])
-    cfg["flow"]["shared_noise"] = 0.5
+    cfg["flow"].update(shared_noise=0.5, shift=3.0)  # a fixed training shift: the samples' too
     cfg["data"]["fps"] = 12.0
     shutil.copytree(ckpt, tmp_path / "ckpt")
     yaml.safe_dump(cfg, open(tmp_path / "ckpt" / "config.yaml", "w"))
     first = VideoDiTPipeline.from_pretrained(export_ema(str(tmp_path / "ckpt"), str(tmp_path / "p2"), pipeline=True))
     assert first.config.image_first is True and first.config.default_guidance_parallel == 0.0
-    assert first.config.shared_noise == 0.5
+    assert first.config.shared_noise == 0.5 and first.config.default_shift == 3.0
     assert first.config.default_size == [9, 16, 32] and first.config.default_fps == 12.0
     with pytest.raises(ValueError, match="must come from a package"):  # this run's encoder is a local folder
         export_ema(ckpt, str(tmp_path / "lean"), pipeline=True, lean=True)

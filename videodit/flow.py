@@ -220,6 +220,7 @@ def make_scheduler(name: str, ts: torch.Tensor):
     sch.timesteps = sch.sigmas[:-1] * 1000
     if name == "unipc":
         sch.timesteps = sch.timesteps.to(torch.int64)
+    sch.set_begin_index(0)  # step through ts in order: never look up a timestep (SDEdit's first may repeat the next)
     return sch
 
 

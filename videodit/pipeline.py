@@ -50,9 +50,9 @@ class VideoDiTOutput(BaseOutput):
 def check_sampling(steps=None, guidance=None, guidance_parallel=None, shift=None, cache_threshold=0.0,
                    strength=None, flags: bool = False):
     """Refuse a sampling setting out of range, whatever the model: a ValueError saying what was given and what is
-    allowed. None: not given (the checkpoint's default; for shift, by resolution; for strength, no SDEdit). The
-    messages name the settings as VideoDiTPipeline.__call__ does (num_inference_steps, guidance_scale, ...), or with
-    `flags` as the command lines do (--steps, --guidance, ...)."""
+    allowed. None: not given (the checkpoint's default; for shift, the checkpoint's default_shift, else by
+    resolution; for strength, no SDEdit). The messages name the settings as VideoDiTPipeline.__call__ does
+    (num_inference_steps, guidance_scale, ...), or with `flags` as the command lines do (--steps, --guidance, ...)."""
     def name(key):
         if flags:
             return "--" + key.replace("_", "-")
@@ -151,7 +151,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                  base_tokens: int = 256, default_steps: int = 30, default_guidance: float = 5.0,
                  default_guidance_parallel: float = 1.0, text_encoder_package: str | None = None,
                  image_first: bool = False, shared_noise: float = 0.0, default_size: list[int] | tuple = (17, 64, 64),
-                 default_fps: float = 8.0):
+                 default_fps: float = 8.0, default_shift: float | None = None):
         super().__init__()
         self.register_modules(vae=vae, transformer=transformer, text_encoder=text_encoder, tokenizer=tokenizer,
                               scheduler=scheduler)
@@ -159,11 +159,13 @@ class VideoDiTPipeline(DiffusionPipeline):
         # a text encoder installed as a package (videodit.text backend "minilm"), which a folder need not hold;
         # image_first: text-to-video draws the first frame as an image, then animates it (see __call__);
         # shared_noise: the share of a clip's starting noise common to its frames, as it trained (flow.draw_noise);
-        # default_size, default_fps: the (frames, height, width) and frame rate it trained at
+        # default_size, default_fps: the (frames, height, width) and frame rate it trained at; default_shift: the
+        # time shift it trained with where that was fixed (flow.shift), None where it went by resolution
         self.register_to_config(max_text_length=max_text_length, base_tokens=base_tokens, default_steps=default_steps,
                                 default_guidance=default_guidance, default_guidance_parallel=default_guidance_parallel,
                                 text_encoder_package=text_encoder_package, image_first=image_first,
-                                shared_noise=shared_noise, default_size=list(default_size), default_fps=default_fps)
+                                shared_noise=shared_noise, default_size=list(default_size), default_fps=default_fps,
+                                default_shift=default_shift)
         self.offload_device = None  # see enable_offload
         self.cfg_group = None  # see set_cfg_parallel
 
@@ -390,6 +392,7 @@ class VideoDiTPipeline(DiffusionPipeline):
                                                                          (connect, "connect")))
         num_inference_steps, guidance_scale, guidance_parallel = self.sampling_defaults(
             num_inference_steps, guidance_scale, guidance_parallel, negative_prompt)
+        shift = self.config.get("default_shift") if shift is None else shift
         # the sampling settings, as the passes that draw first frames (image_first, loop) take them too
         run = dict(num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                    guidance_parallel=guidance_parallel, generator=generator, sampler=sampler, shift=shift,

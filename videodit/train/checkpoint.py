@@ -205,6 +205,11 @@ def forget_origin(*models):
             m.register_to_config(_name_or_path=None)
 
 
+def sample_shift(cfg) -> float | None:
+    """The time shift a run's samples take: sample.shift, else the training's (flow.shift; None: by resolution)."""
+    return cfg.flow.shift if cfg.sample.shift is None else cfg.sample.shift
+
+
 def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, source=None) -> str:
     """A VideoDiTPipeline folder (transformer/, vae/, text_encoder/, tokenizer/, scheduler/) that sample.py loads,
     with the run's text length, shift base, sampling defaults, size (sample.size, else the most common clip size of
@@ -225,7 +230,8 @@ def save_pipeline(cfg, transformer, vae, text, out: str, lean: bool = False, sou
                             base_tokens=cfg.flow.base_tokens, default_steps=cfg.sample.steps,
                             default_guidance=cfg.sample.guidance,
                             default_guidance_parallel=cfg.sample.guidance_parallel, image_first=cfg.sample.image_first,
-                            shared_noise=cfg.flow.shared_noise, default_size=size, default_fps=cfg.data.fps)
+                            shared_noise=cfg.flow.shared_noise, default_size=size, default_fps=cfg.data.fps,
+                            default_shift=sample_shift(cfg))
     pipe.register_to_config(default_size=list(pipe.resolve_size()))  # snapped to what the model takes
     forget_origin(pipe.transformer, pipe.vae)
     _remove_shard_indexes(*(os.path.join(out, part) for part in ("transformer", "vae", "text_encoder")))

@@ -20,7 +20,7 @@ from ..flops import flops_per_step
 from ..flow import distill_loss, draw_noise, flow_loss, sample, velocity_error
 from ..text import encode_with, pad_rows
 from ..vae_loss import VAELoss
-from .checkpoint import save_model, save_pipeline
+from .checkpoint import sample_shift, save_model, save_pipeline
 from .lora import add_lora, save_adapters
 from .models import build_denoiser, build_vae, check_cache_text, check_cache_vae, load_teacher, load_trained_vae
 
@@ -226,7 +226,7 @@ class DiTTask:
         gen = torch.Generator(self.device).manual_seed(s.seed)
         latents = sample(model, [shape] * len(cfg.train.sample_prompts), text, mask, null, null_mask,
                          guidance=s.guidance, guidance_parallel=s.guidance_parallel,
-                         shared_noise=cfg.flow.shared_noise, steps=s.steps, shift=s.shift,
+                         shared_noise=cfg.flow.shared_noise, steps=s.steps, shift=sample_shift(cfg),
                          base_tokens=cfg.flow.base_tokens, sampler=s.sampler, generator=gen, progress=False)
         if folder is None:
             return
