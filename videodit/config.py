@@ -293,7 +293,7 @@ class SampleConfig:
     steps: int = 30
     guidance: float = 5.0
     guidance_parallel: float = 1.0   # 1: plain classifier-free guidance; 0: projected (videodit.flow.guide)
-    sampler: Literal["euler", "flow_euler", "unipc"] = "euler"
+    sampler: Literal["euler", "unipc"] = "euler"
     shift: float | None = None       # None: the training's (flow.shift: fixed, or by resolution)
     fps: float | None = None         # the previews' frame rate; None: data.fps, the rate the clips are read at
     negative_prompt: str = ""

@@ -201,25 +201,19 @@ def schedule(steps: int, shift: float) -> torch.Tensor:
 
 
 def make_scheduler(name: str, ts: torch.Tensor):
-    """A diffusers flow-matching scheduler stepping through the times `ts` (1 -> 0), or None for plain Euler."""
+    """diffusers' UniPC flow-matching scheduler stepping through the times `ts` (1 -> 0), or None for plain Euler
+    (which diffusers' FlowMatchEulerDiscreteScheduler, given the same times, equals)."""
     if name == "euler":
         return None
-    if name == "flow_euler":
-        from diffusers import FlowMatchEulerDiscreteScheduler
+    if name != "unipc":
+        raise ValueError(f"unknown sampler {name!r}; expected 'euler' or 'unipc'")
+    from diffusers import UniPCMultistepScheduler
 
-        sch = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
-    elif name == "unipc":
-        from diffusers import UniPCMultistepScheduler
-
-        sch = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
-                                      use_flow_sigmas=True, flow_shift=1.0)
-    else:
-        raise ValueError(f"unknown sampler {name!r}; expected 'euler', 'flow_euler' or 'unipc'")
+    sch = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction", use_flow_sigmas=True,
+                                  flow_shift=1.0)
     sch.set_timesteps(len(ts) - 1)
     sch.sigmas = ts.detach().float().cpu()  # our shifted schedule in place of the scheduler's own
-    sch.timesteps = sch.sigmas[:-1] * 1000
-    if name == "unipc":
-        sch.timesteps = sch.timesteps.to(torch.int64)
+    sch.timesteps = (sch.sigmas[:-1] * 1000).to(torch.int64)
     sch.set_begin_index(0)  # step through ts in order: never look up a timestep (SDEdit's first may repeat the next)
     return sch
 

@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--guidance-parallel", type=float, default=None,
                    help="weight of the guidance term's part along the clean estimate: 1 plain guidance, 0 projected "
                         "(keeps small objects at strong guidance; default: the checkpoint's)")
-    p.add_argument("--sampler", choices=["euler", "flow_euler", "unipc"], default="euler")
+    p.add_argument("--sampler", choices=["euler", "unipc"], default="euler")
     p.add_argument("--shift", type=float, default=None,
                    help="timestep shift (default: the checkpoint's, as it trained: fixed or by resolution)")
     p.add_argument("--cache-threshold", type=float, default=0.0, metavar="T",
