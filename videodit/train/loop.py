@@ -122,6 +122,16 @@ def train(cfg, resume: str | None = None) -> str:
                 AcceleratorState._reset_state()
 
 
+def native_cpu_bf16() -> bool:
+    """Whether this x86 CPU computes in bfloat16 (AVX512-BF16 or AMX); other architectures are given the benefit of
+    the doubt."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 @contextlib.contextmanager
 def _run_lock(out: str):
     """Hold <out>/.lock while the run lives: a second run writing the same folder (a job submitted twice) is refused.
@@ -194,6 +204,9 @@ def _train(cfg, resume: str | None, received: list, closing: contextlib.ExitStac
                       project_config=ProjectConfiguration(project_dir=out, logging_dir=out),
                       step_scheduler_with_optimizer=False)
     set_seed(t.seed)  # the same initial weights on every rank
+    if acc.is_main_process and acc.device.type == "cpu" and t.mixed_precision == "bf16" and not native_cpu_bf16():
+        logger.warning("train.mixed_precision bf16: this CPU has no bfloat16 arithmetic (AVX512-BF16 or AMX), so torch "
+                       "emulates it, several times slower than float32: --set train.mixed_precision=no")
     fsdp = cfg.parallel.fsdp
     if acc.distributed_type == DistributedType.FSDP:
         raise ConfigError("accelerate's FSDP flags are not used by train.py: set parallel.fsdp: true (--set "
