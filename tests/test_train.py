@@ -778,8 +778,9 @@ def test_runs_in_one_process_may_differ_in_mixed_precision(assets, tmp_path, mon
     """accelerate keeps its settings process-wide; each train() call starts from its own config's: the two bf16 runs
     give one gradient norm at every step, the float32 run between them another (not the loss: the fresh model
     outputs zeros until the warm-up step, and AdamW's first step moves each weight by the learning rate whatever
-    the precision, so the losses may agree to the last digit). On a CPU without bfloat16 arithmetic (here made to say so, as AVX2-only
-    CPUs do) bf16 is emulated, several times slower: each bf16 run says so, the float32 run does not."""
+    the precision, so the losses may agree to the last digit). On a CPU without bfloat16 arithmetic (here made to
+    say so, as AVX2-only CPUs do) bf16 is emulated, several times slower: each bf16 run says so, the float32 run
+    does not."""
     monkeypatch.setattr("platform.machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
