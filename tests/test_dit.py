@@ -307,7 +307,8 @@ def test_per_token_and_per_frame_timesteps():
     assert torch.equal(t_values[t_index], per_token)  # only frame 0 of sample 1 is clean
     assert (cond[frame0] - noisy[frame0]).abs().max() > 1e-3  # the clean frame's output changes
     other = p.sample_idx != 1
-    assert torch.equal(cond[other], noisy[other])  # other samples do not see it
+    # other samples do not see it (equal up to rounding: their timestep rows come by another path)
+    torch.testing.assert_close(cond[other], noisy[other], rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="per-frame timesteps"):
         model(p, [torch.zeros(1), torch.zeros(2), torch.zeros(5)], text, mask)
 
