@@ -312,6 +312,12 @@ def test_an_image_may_be_a_3d_tensor_a_pil_image_or_uint8_frames_or_tensor(tiny_
         torch.testing.assert_close(run(image), want)
     with pytest.warns(UserWarning, match=r"every pixel is in \[0, 1\]"):
         run(torch.from_numpy(pixels).permute(2, 0, 1).float() / 255)
+    turned = Image.fromarray(pixels[::-1, ::-1].copy())  # a photo stored upside down, its EXIF saying so
+    turned.getexif()[0x0112] = 3
+    torch.testing.assert_close(run(turned), want)  # read as it looks, as sample.py reads the file
+    grey = pixels[..., 0]
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit grey (mode I;16): as dark as its 8-bit self
+    torch.testing.assert_close(run(deep), run(np.repeat(grey[..., None], 3, -1)))
 
 
 def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):

@@ -33,7 +33,7 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 
 from .data.loader import Geometry
-from .data.video import from_uint8, resize_crop, to_uint8
+from .data.video import from_uint8, resize_crop, to_uint8, upright_rgb
 from .dit import StepCache, VideoDiT  # noqa: F401  (model_index.json names videodit.dit: importing registers it)
 from .flow import cond_frames, guidance_distilled, sample
 from .text import encode_with, load_text_encoder
@@ -565,7 +565,7 @@ def _as_clip(x, name: str) -> torch.Tensor:
     """An image or video input as pixels (3, T, H, W) in [-1, 1]: such a tensor, a (3, H, W) tensor, a PIL image, or
     uint8 frames (H, W, 3) or (T, H, W, 3)."""
     if hasattr(x, "convert") and hasattr(x, "size"):  # a PIL image
-        x = np.array(x.convert("RGB"))
+        x = np.array(upright_rgb(x))
     if isinstance(x, np.ndarray) and x.dtype == np.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3 and x.size:
         return from_uint8(x if x.ndim == 4 else x[None])
     if isinstance(x, torch.Tensor) and x.dtype == torch.uint8 and x.ndim in (3, 4) and x.shape[-1] == 3 and x.numel():

@@ -189,6 +189,20 @@ def probe(path: str) -> dict:
     return dict(num_frames=r.n, fps=r.fps, height=r.height, width=r.width)
 
 
+def upright_rgb(im: Image.Image) -> Image.Image:
+    """A PIL image as it looks, in 8-bit RGB: turned as its EXIF orientation says; 16-bit, integer and float grey
+    scaled to 8 bits (convert("RGB") alone clips them: nearly all white)."""
+    im = ImageOps.exif_transpose(im)
+    if im.mode.startswith("I") or im.mode == "F":
+        grey = np.array(im, dtype=np.float64)
+        if im.mode == "F" and grey.max(initial=0) <= 1:  # floats in [0, 1]: not black
+            grey *= 255
+        elif im.mode.startswith("I;16") or grey.max(initial=0) > 255:
+            grey /= 257
+        im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
+    return im.convert("RGB")
+
+
 def read_image(path: str, height: int | None = None, width: int | None = None) -> torch.Tensor:
     """An image as a one-frame clip (3, 1, H, W) in [-1, 1], upright as its EXIF orientation says."""
     if not os.path.isfile(path):
@@ -199,15 +213,7 @@ def read_image(path: str, height: int | None = None, width: int | None = None) -
             k = min(h // (2 * height), w // (2 * width)) if height and width else 1  # keep twice the size needed
             if k > 1:  # a JPEG decodes at 1/2, 1/4 or 1/8 scale (no more than 1/k): a big photo for a small size
                 im.draft("RGB", (-(-im.width // k), -(-im.height // k)))
-            im = ImageOps.exif_transpose(im)
-            if im.mode.startswith("I") or im.mode == "F":  # 16-bit, integer or float grey: convert("RGB") clips
-                grey = np.array(im, dtype=np.float64)
-                if im.mode == "F" and grey.max(initial=0) <= 1:  # floats in [0, 1]: not black
-                    grey *= 255
-                elif im.mode.startswith("I;16") or grey.max(initial=0) > 255:
-                    grey /= 257
-                im = Image.fromarray(grey.clip(0, 255).astype(np.uint8))
-            im = im.convert("RGB")
+            im = upright_rgb(im)
             k = min(im.height // (2 * height), im.width // (2 * width)) if height and width else 1
             arr = np.array(im.reduce(k) if k > 1 else im)  # what draft left: reduce in uint8, before the floats
     except Exception as e:
