@@ -1001,3 +1001,12 @@ def test_a_checkpoint_trained_at_a_fixed_shift_samples_at_it(tiny_pipe):
     fixed = run()
     assert torch.equal(fixed, run(shift=3.0)) and not torch.allclose(fixed, by_resolution)
     assert not torch.allclose(run(shift=1.0), fixed)  # a shift given still decides
+
+
+def test_set_progress_bar_config_silences_the_sampling_bar(tiny_pipe, capsys):
+    run = lambda: tiny_pipe("a red circle", height=16, width=16, num_frames=5, generator=gen(0))  # noqa: E731
+    run()
+    assert "sampling" in capsys.readouterr().err
+    tiny_pipe.set_progress_bar_config(disable=True)  # diffusers' switch
+    run()
+    assert capsys.readouterr().err == ""

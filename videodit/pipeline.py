@@ -366,9 +366,13 @@ class VideoDiTPipeline(DiffusionPipeline):
         distilled with.
         cache_threshold: 0 runs every block at every step; above 0, a first-block cache (videodit.dit.StepCache)
         skips the denoiser's later blocks at steps where the first block's residual changed by less than this share
-        since the last full step: faster, at some cost in fidelity (README, Sampling)."""
+        since the last full step: faster, at some cost in fidelity (README, Sampling).
+        sampler ("euler" or "unipc") and shift (None: the checkpoint's default_shift, else by resolution) decide the
+        steps: the pipeline's `scheduler` component is kept for diffusers' folder layout and not used.
+        progress: the sampling's progress bar (also off after set_progress_bar_config(disable=True))."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt or [])
         B = len(prompts)
+        progress = progress and not getattr(self, "_progress_bar_config", {}).get("disable", False)
         if not prompts or not all(isinstance(p, str) for p in prompts):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
 
