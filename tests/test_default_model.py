@@ -1,6 +1,7 @@
 """The shipped default model (models/shapes-tiny): within its size budget, and the README's first command samples
 a video with it in a fresh process."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,8 @@ def test_default_model_is_a_pipeline_within_25_mb():
     assert (MODEL / "model_index.json").is_file()
     size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
     assert size <= 25 * 2**20, f"{MODEL} holds {size / 2**20:.1f} MB"
+    for config in MODEL.glob("*/config.json"):  # as every export: no folder of the machine that trained it
+        assert json.loads(config.read_text()).get("_name_or_path") is None, config
 
 
 def test_readme_sample_command_writes_a_video(tmp_path):

@@ -1,4 +1,4 @@
-"""The shapes world: a procedurally rendered, captioned video world (the contract is shared/shapes_world.md).
+"""The shapes world: a procedurally rendered, captioned video world (the contract is docs/shapes-world.md).
 
 Flat coloured circles, squares and triangles, one or two per clip, moving at constant speed on a flat background.
 Every clip carries its short caption (what a user types), a detailed caption (what a re-captioner writes) and its
@@ -360,7 +360,7 @@ def read_frame(frame: np.ndarray, threshold: float = 60.0, min_area_frac: float 
 
 
 def read_back(frames) -> dict:
-    """Attributes of a video read by the rules of shared/shapes_world.md: uint8 frames (T, H, W, 3), or a clip
+    """Attributes of a video read by the rules of docs/shapes-world.md: uint8 frames (T, H, W, 3), or a clip
     (3, T, H, W) in [-1, 1] as the pipeline returns it (see `to_uint8`).
 
     Returns count, color, shape, size, motion, background, and the centre displacement (dx/W, dy/H)."""
