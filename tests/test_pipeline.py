@@ -1010,3 +1010,24 @@ def test_set_progress_bar_config_silences_the_sampling_bar(tiny_pipe, capsys):
     tiny_pipe.set_progress_bar_config(disable=True)  # diffusers' switch
     run()
     assert capsys.readouterr().err == ""
+
+
+def test_sample_command_says_in_one_line_that_memory_ran_out(saved, tmp_path, monkeypatch, capsys):
+    """A size too large for the machine ends in one line naming what to lower (torch's CPU allocator raises a plain
+    RuntimeError); any other RuntimeError is a bug and keeps its traceback."""
+    from videodit.pipeline import VideoDiTPipeline
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(VideoDiTPipeline, "__call__", fail)
+    run = ["--prompt", "a red circle", "--checkpoint", saved, "--output", str(tmp_path / "o.mp4")]
+    message = "[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: you tried to allocate 270000000000 bytes."
+    with pytest.raises(SystemExit) as e:
+        main(run)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the loading bars
+    assert e.value.code == 1 and err.startswith("error: out of memory ([enforce fail")
+    assert "--batch-size, --height" in err
+    message = "shapes do not match"
+    with pytest.raises(RuntimeError, match=message):
+        main(run)

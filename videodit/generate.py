@@ -659,5 +659,12 @@ def main(argv=None):
             sys.exit(0)  # quietly: torchrun stops every worker once one fails, maybe rank 0 before it has printed
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as e:  # torch's CPU allocator raises RuntimeError
+        if not isinstance(e, (torch.OutOfMemoryError, MemoryError)) and "allocate" not in str(e):
+            raise
+        print(f"error: out of memory ({str(e).splitlines()[0][:200]}): sample fewer or smaller videos at once "
+              f"(--batch-size, --height, --width, --num-frames){', or --offload' if torch.cuda.is_available() else ''}",
+              file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
