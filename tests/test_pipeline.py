@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 import shutil
 import threading
 
@@ -275,6 +276,8 @@ CLIP = torch.zeros(3, 5, 16, 16)
     (dict(prompt=["a", "b"], negative_prompt=["x"]), "negative_prompt has 1 values"),
     (dict(height=0), "height must be positive"),
     (dict(num_frames=-3), "num_frames must be positive"),
+    (dict(num_frames="17"), "num_frames must be positive integers .*got '17'"),
+    (dict(height=64.5), "height must be positive integers"),
     (dict(num_inference_steps=0), "num_inference_steps"),
     (dict(num_inference_steps=-1), "num_inference_steps"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite"),
@@ -611,6 +614,7 @@ def test_sample_command_frame_counts_notes_and_inputs(saved, tmp_path, capsys):
     (["--prompt", "a", "--shift", "nan"], ["--shift", "positive finite"]),
     (["--prompt", "a", "--fps", "nan"], ["--fps", "positive finite"]),
     (["--prompt", "a", "--fps", "inf"], ["--fps", "positive finite"]),
+    (["--prompt", "a", "--num-frames", "0"], ["--num-frames must be positive, got 0"]),
     (["--prompt", "a", "--cache-threshold", "nan"], ["--cache-threshold"]),
     (["--prompt", "a", "--seed", str(2 ** 64)], ["--seed", "2**64"]),
     (["--prompt", "a", "--prompt", "b", "--seed", str(2 ** 64 - 1)], ["--seed", "2**64 - 2"]),  # seed + 1 overflows
@@ -1031,3 +1035,20 @@ def test_sample_command_says_in_one_line_that_memory_ran_out(saved, tmp_path, mo
     message = "shapes do not match"
     with pytest.raises(RuntimeError, match=message):
         main(run)
+
+
+def test_a_folder_that_is_not_there_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from videodit.pipeline import VideoDiTPipeline
+
+    monkeypatch.chdir(tmp_path)
+    for path in (str(tmp_path / "nope"), "./nope", "../nope"):
+        with pytest.raises(OSError, match=f"{re.escape(path)} is not a folder: a pipeline is a folder with"):
+            VideoDiTPipeline.from_pretrained(path)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(OSError, match="file is not a folder"):
+        VideoDiTPipeline.from_pretrained("file")
+
+
+def test_diffusers_model_offload_points_to_the_pipelines_own(tiny_pipe):
+    with pytest.raises(NotImplementedError, match=r"enable_offload\(device\)"):
+        tiny_pipe.enable_model_cpu_offload()

@@ -303,8 +303,9 @@ def check_args(a, prompts) -> dict:
                 if path not in probed:
                     where = f"{a.origins[i]}: {flag[2:]}" if getattr(a, "per_prompt", False) else flag
                     probed[path] = input_probe(flag, path, where)
-    if any(v is not None and v < 1 for v in (a.num_frames, a.height, a.width)):
-        raise UserError("--height, --width and --num-frames must be positive")
+    for flag, v in (("--num-frames", a.num_frames), ("--height", a.height), ("--width", a.width)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag} must be positive, got {v}")
     if a.fps is not None and not (math.isfinite(a.fps) and a.fps > 0):
         raise UserError(f"--fps must be a positive finite number, got {a.fps}")
     if not -2 ** 63 <= a.seed <= 2 ** 64 - len(prompts):  # torch.Generator's range; prompt i samples with seed + i

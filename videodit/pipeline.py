@@ -23,6 +23,7 @@ import dataclasses
 import importlib
 import json
 import math
+import numbers
 import os
 import shutil
 import warnings
@@ -176,6 +177,9 @@ class VideoDiTPipeline(DiffusionPipeline):
         names. A part missing or damaged, or weights that do not fit their config, fail first in one line naming
         the file (check_parts). Weights load as float32 unless `dtype` says otherwise."""
         folder = os.fspath(path)
+        if not os.path.isdir(folder) and (os.path.isabs(folder) or folder.startswith(".") or os.path.exists(folder)):
+            raise OSError(f"{folder} is not a folder: a pipeline is a folder with model_index.json (or a hub id, "
+                          f"namespace/name)")
         if not os.path.isdir(folder):  # a hub id: its snapshot in the cache, downloaded if need be
             hub = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
             folder = cls.download(folder, **{k: kwargs[k] for k in hub if k in kwargs})
@@ -221,6 +225,10 @@ class VideoDiTPipeline(DiffusionPipeline):
 
         self.register_modules(transformer=merge_lora(self.transformer, path, scale))
         return self
+
+    def enable_model_cpu_offload(self, *args, **kwargs):
+        raise NotImplementedError("this pipeline offloads with enable_offload(device) (diffusers' hooks would catch "
+                                  "forward() only, and the VAE runs through decode_latents())")
 
     def enable_offload(self, device="cuda"):
         """Keep the text encoder, denoiser and VAE in CPU memory and move each to `device` only while it runs: the
@@ -377,8 +385,8 @@ class VideoDiTPipeline(DiffusionPipeline):
             raise ValueError(f"prompt must be a string or a non-empty list of strings, got {prompt!r:.80}")
 
         for name, v in (("num_frames", num_frames), ("height", height), ("width", width)):
-            if any(x is not None and x < 1 for x in _per(v, name, B)):
-                raise ValueError(f"{name} must be positive, got {v}")
+            if any(x is not None and (not isinstance(x, numbers.Integral) or x < 1) for x in _per(v, name, B)):
+                raise ValueError(f"{name} must be positive integers (one, or a list of one per prompt), got {v!r}")
         if isinstance(negative_prompt, (list, tuple)):  # None in a list: no negative prompt for that one
             negative_prompt = [n or "" for n in negative_prompt]
         if not all(n is None or isinstance(n, str) for n in _per(negative_prompt, "negative_prompt", B)):
