@@ -222,6 +222,24 @@ def test_command_says_each_skip_in_one_line(clips, tmp_path):
     assert "caption_manifest(" not in run.stderr and "Warning" not in run.stderr, run.stderr
 
 
+def test_sampled_frames_span_the_clip_and_only_large_frames_shrink(tmp_path):
+    """sample_frames reads K frames from the first to the last, evenly; with short_side, a frame whose short side is
+    larger shrinks to it, aspect kept, and a smaller one is left alone."""
+    import numpy as np
+
+    from videodit.data.video import write_video
+
+    frames = np.repeat(np.arange(0, 225, 28, dtype=np.uint8)[:, None, None, None], 3, -1)  # frame i: grey 28 i
+    frames = np.broadcast_to(frames, (9, 32, 96, 3))
+    path = write_video(str(tmp_path / "ramp.mp4"), frames, fps=8)
+    x = caption.sample_frames(path, 3)
+    assert x.shape == (3, 3, 32, 96)
+    grey = ((x.mean((0, 2, 3)) + 1) * 127.5).tolist()
+    assert grey == pytest.approx([0, 112, 224], abs=4)
+    assert caption.sample_frames(path, 3, short_side=16).shape == (3, 3, 16, 48)
+    assert caption.sample_frames(path, 3, short_side=64).shape == (3, 3, 32, 96)  # short side 32: kept
+
+
 def test_shapes_captioner_works_on_large_frames_at_its_own_size(monkeypatch):
     seen = []
     read_frame = shapes.read_frame

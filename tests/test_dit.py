@@ -331,6 +331,24 @@ def test_rope_is_relative():
         assert not torch.allclose(scores(coords), scores(spread), atol=1e-2), axis
 
 
+def test_rope_gives_t_the_rest_of_the_head_and_each_axis_its_own_frequency_ladder():
+    """As the module documents (and the shipped checkpoint was trained with): h and w rotate 2*(head_dim//6) dims
+    each, t the rest, in that order; axis a's pairs turn by position * theta^(-2i/d_a), i = 0, 1, ..."""
+    head_dim, theta = 16, 100.0
+    rope = RoPE3D(head_dim, theta)
+    assert rope.dims == (8, 4, 4)
+    first = 0
+    for axis, d in enumerate((8, 4, 4)):
+        coords = torch.zeros(1, 3, dtype=torch.long)
+        coords[0, axis] = 1  # one step along this axis alone: each pair's angle is its frequency (<= 1 rad)
+        rot = rope(coords)[0]
+        angle = torch.atan2(rot[:, 1], rot[:, 0])
+        want = torch.zeros(head_dim // 2)
+        want[first:first + d // 2] = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        torch.testing.assert_close(angle, want.float())
+        first += d // 2
+
+
 def test_rope_gradient_is_the_inverse_rotation():
     rope = RoPE3D(head_dim=24)
     rot = rope(torch.randint(0, 20, (30, 3)))
@@ -365,6 +383,7 @@ def test_rope_base_grid_scales_positions_to_the_training_extent():
     ([0, 24, 48, 72], [0, 5, 10, 15]),
     ([0, 16, 32, 48, 56, 64, 73], None),  # runs of equal segments (one batched call each)
     ([0, 16, 32, 48, 56, 64, 73], [0, 5, 10, 10, 13, 16, 19]),
+    ([0, 16, 32, 48], [0, 3, 9, 12]),  # a run whose first and last prompts are equally long, the middle one not
 ])
 def test_attention_backends_agree(cu_q, cu_k):
     g = torch.Generator().manual_seed(0)

@@ -28,7 +28,8 @@ def test_a_byte_order_mark_is_read_as_none(tmp_path):
 
 def test_write_read_round_trip(tmp_path):
     for name in ("out.jsonl", "out.csv"):
-        rows = [dict(path=str(tmp_path / "a.mp4"), caption="one", num_frames=9)]
+        rows = [dict(path=str(tmp_path / "a.mp4"), caption="one", num_frames=9,
+                     attributes={"count": 2, "colors": ["red", "blue"]}, tags=["x", "it's"])]  # kept as they are
         back = read_manifest(write_manifest(str(tmp_path / name), rows))
         assert back[0].to_dict() == rows[0]
 

@@ -52,6 +52,26 @@ def test_not_divisible_names_nearest_valid():
         patchify(torch.randn(4, 8, 8))
 
 
+def test_empty_latents_and_mixed_channel_counts_are_refused_by_name():
+    """A zero size or latents of different channel counts fail at packing with a message saying what is wrong (not
+    an empty sample in the batch, or a concatenation error far from the cause)."""
+    with pytest.raises(ValueError, match=r"every size >= 1, got shape \(4, 0, 4, 4\)"):
+        patchify(torch.randn(4, 0, 4, 4))
+    with pytest.raises(ValueError, match=r"latent 1: .*every size >= 1"):
+        pack([torch.randn(4, 1, 4, 4), torch.randn(4, 1, 0, 4)])
+    with pytest.raises(ValueError, match=r"same channel count, got \[4, 8\]"):
+        pack([torch.randn(4, 1, 4, 4), torch.randn(8, 1, 4, 4)])
+
+
+def test_with_tokens_keeps_the_layout_and_refuses_another_token_count():
+    p = pack([torch.randn(4, 1, 4, 4), torch.randn(4, 3, 2, 2)])
+    v = torch.randn(p.tokens.shape[0], 7)
+    q = p.with_tokens(v)
+    assert q.tokens is v and q.coords is p.coords and q.grids == p.grids and torch.equal(q.cu_seqlens, p.cu_seqlens)
+    with pytest.raises(ValueError, match=f"expected {p.tokens.shape[0]} tokens, got {p.tokens.shape[0] - 1}"):
+        p.with_tokens(v[:-1])
+
+
 def test_frame_index_names_each_tokens_first_latent_frame_with_temporal_patches():
     """With pt = 2 a token covers latent frames 2k and 2k + 1 of its sample: its index is 2k, counted after the
     frames of the samples before it."""

@@ -340,6 +340,18 @@ def test_guidance_one_ignores_the_negative_prompt(tiny_pipe):
     assert np.array_equal(none[0], c) and np.array_equal(none[1], empty[1])
 
 
+def test_guidance_below_one_steers_and_zero_samples_the_negative_prompt(tiny_pipe):
+    """guidance_scale 0 gives the negative prompt's velocity alone (null + 0 * (cond - null)): the sample of the
+    negative prompt without guidance; a scale in (0, 1) is guidance too, not the same as 1."""
+    kw = dict(height=16, width=16, num_frames=5, output_type="pt", progress=False)
+    zero = tiny_pipe("a red circle", negative_prompt="a blue square", guidance_scale=0.0, generator=gen(0), **kw)
+    neg = tiny_pipe("a blue square", guidance_scale=1.0, generator=gen(0), **kw)
+    torch.testing.assert_close(zero.frames[0], neg.frames[0], atol=1e-4, rtol=0)
+    half = tiny_pipe("a red circle", negative_prompt="a blue square", guidance_scale=0.5, generator=gen(0), **kw)
+    one = tiny_pipe("a red circle", guidance_scale=1.0, generator=gen(0), **kw)
+    assert not torch.allclose(half.frames[0], one.frames[0], atol=1e-4)
+
+
 def test_sampling_settings_reach_every_pass(tiny_pipe, monkeypatch):
     import videodit.pipeline as P
     real, seen, noise, caches = P.sample, [], [], []

@@ -114,6 +114,20 @@ def test_cache_skips_the_model(saved):
     assert len(calls) == 5 and short.shape[1] == 2
 
 
+def test_encode_with_zeroes_the_padding_and_warns_only_of_prompts_past_the_limit(saved):
+    """encode_with itself (what training and the pipeline call, without TextEncoder's cache) returns zero padding,
+    and a prompt of exactly max_length tokens is not truncated, so nothing is said about it."""
+    import warnings
+
+    enc = load_text_encoder("t5", saved["t5"])
+    emb, mask = encode_with(enc.model, enc.tokenizer, PROMPTS, 64)
+    assert not mask.all() and (emb[~mask] == 0).all() and (emb[mask] != 0).any(-1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        emb, mask = encode_with(enc.model, enc.tokenizer, ["a red circle"], 4)  # 3 words and </s>: 4 tokens
+    assert mask.shape == (1, 4) and mask.all()
+
+
 def test_truncation_warns_and_clip_caps_length(saved):
     enc = load_text_encoder("t5", saved["t5"], max_length=4)
     long = "two small blue squares moving up on a gray background"

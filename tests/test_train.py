@@ -831,6 +831,53 @@ def test_cache_command_never_replaces_what_is_not_a_cache(tmp_path, capsys, what
     assert not os.path.exists(str(out) + ".tmp")
 
 
+def test_a_batch_sorted_by_shape_keeps_each_latent_with_its_prompt_and_conditioning(monkeypatch):
+    """DiTTask.loss orders a batch by shape (runs of equal shapes batch together); each sample's prompt and
+    conditioning frames must move with its latent."""
+    import contextlib
+
+    from videodit.data.loader import Geometry
+    from videodit.train import tasks
+
+    seen = {}
+    monkeypatch.setattr(tasks, "flow_loss", lambda model, latents, text, mask, cond, **kw: seen.update(
+        latents=latents, mask=mask, cond=cond) or torch.zeros(()))
+    task = DiTTask.__new__(DiTTask)  # the parts of a task that loss() reads, without a VAE or a text encoder
+    task.cfg, task.device, task.teacher, task.last_batch = load_config(None, []), torch.device("cpu"), None, None
+    task.autocast, task.geom = contextlib.nullcontext, Geometry(4, 8, (1, 2, 2))
+    task.model_config = dict(random_dit().config)
+    latents = [torch.randn(4, t, 4, 4) for t in (3, 1, 2)]  # not in shape order
+    text = [torch.randn(i + 1, 16) for i in range(3)]  # sample i's prompt: i + 1 tokens
+    cond = [torch.zeros(z.shape[1], dtype=torch.bool) for z in latents]
+    task.loss(None, dict(size=3, latent=latents, text=text, cond=cond), None, 0)
+    assert [z.shape[1] for z in seen["latents"]] == [1, 2, 3]
+    for z, m, c in zip(seen["latents"], seen["mask"], seen["cond"]):
+        i = next(j for j, x in enumerate(latents) if x is z)
+        assert m.sum() == i + 1 and c is cond[i]
+
+
+def test_lora_adapts_every_blocks_projections_at_full_strength_from_zero():
+    """add_lora wraps each block's attention, cross-attention and MLP projections; an adapter starts at zero (the
+    output unchanged) and adds exactly x A^T B^T (alpha = rank: scale 1, whatever the rank)."""
+    from peft.tuners.lora import LoraLayer
+
+    from videodit.train.lora import add_lora
+
+    model = add_lora(random_dit(), rank=4)
+    adapted = {n.split("base_model.model.", 1)[-1] for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    want = {f"blocks.{i}.{p}" for i in range(2) for p in ("attn.qkv", "attn.proj", "cross_attn.q", "cross_attn.kv",
+                                                          "cross_attn.proj", "mlp.fc1", "mlp.fc2")}
+    assert adapted == want
+    layer = model.get_base_model().blocks[1].mlp.fc1
+    x = torch.randn(3, layer.in_features)
+    base = layer.base_layer(x)
+    assert torch.equal(layer(x), base)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        B.normal_()
+        torch.testing.assert_close(layer(x), base + x @ A.T @ B.T)
+
+
 def test_lora_trains_only_adapters_and_merges_exactly(assets, tmp_path):
     base = random_dit()  # a random "pretrained" model, so outputs depend on the weights
     base.save_pretrained(tmp_path / "base")

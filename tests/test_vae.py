@@ -1,11 +1,12 @@
 import json
 
+import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKLWan
 
 from videodit.vae import CausalVideoVAE, PretrainedVideoVAE, compute_latent_stats, load_vae, valid_size
-from videodit.vae_loss import VAELoss, foreground_weight
+from videodit.vae_loss import VAELoss, foreground_weight, ms_ssim_loss
 
 # fs = 4 (two spatial downsamplings, both also temporal) and fs = 8 (the first one spatial only)
 TINY4 = dict(block_out_channels=(8, 16, 16), layers_per_block=1, latent_channels=4, spatial_factor=4,
@@ -114,6 +115,17 @@ def test_shortcut_alone_keeps_block_colours(stream):
         assert torch.allclose(vae.decode(z, stream=stream).sample[0], smooth.transpose(0, 1), atol=1e-6)
 
 
+@pytest.mark.parametrize("cfg", [TINY4, SHORTCUT])
+def test_a_fresh_vae_starts_near_deterministic(cfg):
+    """A fresh VAE's posterior std starts near e^-3 (log-variance near -6), with its means left alone: a unit
+    variance start would bury the means under noise that a small KL weight is slow to shrink."""
+    vae = make_vae(cfg)
+    with torch.no_grad():
+        posterior = vae.encode(video(5, 16, 16)).latent_dist
+    assert -7 < posterior.logvar.mean() < -5
+    assert posterior.mean.abs().mean() < 1
+
+
 def test_image_is_first_frame_of_video():
     vae = make_vae(TINY8)
     x = video(9, 16, 16)
@@ -168,6 +180,8 @@ def test_latent_stats_leave_out_the_channels_the_decoder_ignores():
             vae.decode_latents(torch.zeros(1, 6, *z.shape[2:]))
     flat = torch.full_like(x[:1], 0.5)  # a clip of one colour last: its colour channels hardly vary within it
     assert min(compute_latent_stats(vae, [x, flat])[1][:3]) > 0  # judged at the data's mean, not the clip's own
+    grey, bright = torch.zeros_like(x[:1]), torch.full_like(x[:1], 0.8)  # a last clip at colour 0: a channel
+    assert min(compute_latent_stats(vae, [bright, grey])[1][:3]) > 0  # put to 0 there decodes the same
     plain = make_vae(TINY8)
     assert min(compute_latent_stats(plain, [x])[1]) > 0  # a decoder that reads every channel keeps all
     assert plain.denoiser_channels == plain.latent_channels == 4
@@ -191,6 +205,16 @@ def test_tiling_close_to_untiled():
         tiled = vae.encode(small).latent_dist.mean
         vae.disable_tiling()
         assert torch.equal(tiled, vae.encode(small).latent_dist.mean)
+
+
+def test_tiling_refuses_a_tile_or_overlap_off_the_latent_grid():
+    vae = make_vae(TINY4)  # fs = 4
+    for size, overlap in ((64, 30), (62, 32), (64, 64), (64, -4)):
+        with pytest.raises(ValueError, match="multiples of fs=4"):
+            vae.enable_tiling(size, overlap)
+    assert not vae.use_tiling
+    vae.enable_tiling(64, 0)
+    assert vae.use_tiling and (vae.config.tile_sample_size, vae.config.tile_overlap) == (64, 0)
 
 
 def test_tiles_overlap_by_at_least_the_overlap_and_cover_the_frame():
@@ -310,6 +334,24 @@ def test_pretrained_normalization_uses_model_config():
         assert torch.allclose(cog.encode_latents(x), raw * cog.model.config.scaling_factor, atol=1e-6)
 
 
+def test_cogvideox_shift_and_scale_invert_and_its_leading_extra_frames_are_dropped():
+    """A CogVideoX VAE with a shift_factor normalizes as (z - shift) * scale, and decode_latents inverts it; decoding
+    k latent frames it gives ft frames each, of which the leading ones are extra: the adapter keeps the last
+    1 + ft*(k-1)."""
+    torch.manual_seed(0)
+    cog = load_vae("cogvideox", dict(block_out_channels=(8, 8, 8, 8), latent_channels=4, layers_per_block=1,
+                                     norm_num_groups=4, shift_factor=0.5, scaling_factor=2.0)).eval()
+    x = video(13, 16, 16)  # 4 latent frames: an even number
+    with torch.no_grad():
+        raw = cog.model.encode(x).latent_dist.mode()
+        z = cog.encode_latents(x)
+        torch.testing.assert_close(z, (raw - 0.5) * 2.0)
+        whole = cog.model.decode(raw).sample
+        out = cog.decode_latents(z)
+    assert whole.shape[2] > out.shape[2] == 1 + 4 * (raw.shape[2] - 1)
+    torch.testing.assert_close(out, whole[:, :, -out.shape[2]:], atol=1e-5, rtol=1e-4)
+
+
 def test_load_vae_rejects_unknown_kind():
     with pytest.raises(ValueError, match="'causal'"):
         load_vae("sdxl")
@@ -336,6 +378,94 @@ def test_foreground_weight_marks_objects():
     x[..., 4:8, 4:8] = 1.0
     w = foreground_weight(x, weight=9.0)
     assert w[0, 0, 0, 5, 5] == 10.0 and w[0, 0, 0, 0, 0] == 1.0 and w[0, 0, 0, 12, 12] == 1.0
+    # per frame and pixel, the farthest channel: an object in one channel of the second frame only
+    x = -torch.ones(1, 3, 2, 16, 16)
+    x[:, 1, 1, 4:8, 4:8] = 1.0
+    w = foreground_weight(x, weight=9.0)
+    assert w.shape == (1, 1, 2, 16, 16) and w[0, 0, 1, 5, 5] == 10.0 and w[0, 0, 0, 5, 5] == 1.0
+    # an object touching the border is a minority of the border: the background stays the border's usual colour
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., :6, :6] = 1.0
+    w = foreground_weight(x, weight=9.0)
+    assert w[0, 0, 0, 2, 2] == 10.0 and w[0, 0, 0, 12, 12] == 1.0 and w[0, 0, 0, 0, 15] == 1.0
+
+
+def test_kl_term_is_the_gaussian_kl_to_the_standard_normal_per_element():
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    from videodit.vae_loss import kl_loss
+
+    g = torch.Generator().manual_seed(0)
+    mean, logvar = torch.randn(2, 4, 3, 5, 5, generator=g), torch.randn(2, 4, 3, 5, 5, generator=g)
+    posterior = DiagonalGaussianDistribution(torch.cat([mean, logvar], 1))
+    want = torch.distributions.kl_divergence(torch.distributions.Normal(mean, (0.5 * logvar).exp()),
+                                             torch.distributions.Normal(0.0, 1.0)).mean()
+    torch.testing.assert_close(kl_loss(posterior), want)
+    zero = DiagonalGaussianDistribution(torch.zeros(1, 8, 1, 2, 2))  # the prior itself: no divergence
+    assert kl_loss(zero).abs() < 1e-7
+
+
+def test_reconstruction_is_a_weighted_mean_of_the_error():
+    """Foreground weighting moves the weight among pixels, not the loss's scale: the same error everywhere costs that
+    error, with or without it (so the perceptual and KL weights mean the same either way)."""
+    x = -torch.ones(1, 3, 1, 16, 16)
+    x[..., 4:8, 4:8] = 1.0  # an object: weight 1 + 4 on its pixels
+    for weight in (0.0, 4.0):
+        loss = VAELoss(foreground_weight=weight, perceptual_weight=0.0)
+        torch.testing.assert_close(loss.reconstruction(x, x + 0.25), torch.tensor(0.25))
+    err = torch.zeros_like(x)
+    err[..., 4:8, 4:8] = 0.5  # the error on the object alone counts 5 times a background pixel's
+    got = VAELoss(foreground_weight=4.0).reconstruction(x, x + err)
+    torch.testing.assert_close(got, torch.tensor(0.5 * 5 * 16 / (5 * 16 + 240)))
+
+
+def test_hinge_loss_is_zero_for_a_discriminator_that_separates_by_the_margin():
+    class Sign(torch.nn.Module):  # logits 2 on real (+1) pixels, -2 on fake (-1) ones
+        def forward(self, v):
+            return 2 * v[:, :1]
+
+    loss_fn = VAELoss(gan_weight=0.5, gan_start=0)
+    loss_fn.discriminator = Sign()
+    real, fake = torch.ones(1, 3, 1, 4, 4), -torch.ones(1, 3, 1, 4, 4)
+    assert loss_fn.disc_loss(real, fake, step=0)[0] == 0
+    assert loss_fn.disc_loss(fake, real, step=0)[0] == 6  # fooled both ways: 1 + 2 on each side
+
+
+def test_adaptive_gan_weight_balances_the_gradients_at_the_last_layer():
+    """With last_layer, the GAN term's gradient there is gan_weight times the reconstruction terms' (as VQGAN)."""
+    torch.manual_seed(0)
+    vae = CausalVideoVAE(**TINY4)
+    loss_fn = VAELoss(gan_weight=0.5, gan_start=0)
+    x = shapes_clips(1, 5, 16, 16, torch.Generator().manual_seed(0))
+    recon, posterior = vae(x)
+    last = vae.decoder.conv_out.conv.weight
+    _, logs = loss_fn(x, recon, posterior, step=0, last_layer=last)
+    g_gan = torch.autograd.grad(logs["gan_weight"] * -loss_fn.discriminator(recon).mean(), last, retain_graph=True)[0]
+    rec = loss_fn.reconstruction(x, recon) + loss_fn.perceptual_weight * ms_ssim_loss(x, recon)
+    g_rec = torch.autograd.grad(rec, last)[0]
+    torch.testing.assert_close(g_gan.norm(), 0.5 * g_rec.norm(), rtol=1e-3, atol=1e-6)
+
+
+def test_ssim_is_the_gaussian_ssim_written_out_window_by_window():
+    """ssim equals SSIM (Wang et al. 2004) computed window by window: Gaussian weights (sigma 1.5), weighted
+    population statistics, constants for a data range of 2, averaged over the pixels where the window fits."""
+    from videodit.vae_loss import ssim
+
+    k, c1, c2 = 7, (0.01 * 2) ** 2, (0.03 * 2) ** 2
+    w = np.exp(-(np.arange(k) - k // 2) ** 2 / (2 * 1.5 ** 2))
+    w = np.outer(w, w) / np.outer(w, w).sum()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 16, 18, generator=g, dtype=torch.float64) * 2 - 1
+    for noise in (0.05, 0.3, 1.0):
+        y = (x + noise * torch.randn(x.shape, generator=g, dtype=torch.float64)).clamp(-1, 1)
+        X, Y, values = x[0, 0].numpy(), y[0, 0].numpy(), []
+        for i in range(16 - k + 1):
+            for j in range(18 - k + 1):
+                a, b = X[i:i + k, j:j + k], Y[i:i + k, j:j + k]
+                ma, mb = (w * a).sum(), (w * b).sum()
+                va, vb, cab = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum(), (w * (a - ma) * (b - mb)).sum()
+                values.append((2 * ma * mb + c1) * (2 * cab + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2)))
+        assert ssim(x, y, window=k).item() == pytest.approx(np.mean(values), abs=1e-9)
 
 
 def test_loss_with_discriminator_after_warmup():
