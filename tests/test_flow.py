@@ -31,6 +31,18 @@ def test_sampler_reproduces_a_known_gaussian(sampler, steps, shift):
     assert abs(out.mean().item() - MU) < 0.02 and abs(out.std().item() - SD) / SD < 0.02
 
 
+def test_a_schedule_never_starts_above_one_whatever_the_shift():
+    """In float32 some resolution shifts round t = 1 up (1.0000001); UniPC then takes the log of a negative alpha and
+    every sample comes out NaN (an all-black video)."""
+    shifts = [resolution_shift(n, 36) for n in range(1, 2000)]
+    assert all(1 - 1e-6 < schedule(20, s)[0] <= 1 and schedule(20, s).max() <= 1 for s in shifts)
+    shift = next(s for s in shifts if time_shift(torch.linspace(1.0, 0.0, 4), s)[0] > 1)  # one that rounds up
+    text, mask = torch.zeros(1, 1, 4), torch.ones(1, 1, dtype=torch.bool)
+    out = sample(GaussianVelocity(), [(1, 1, 10, 10)], text, mask, steps=3, shift=shift, sampler="unipc",
+                 generator=torch.Generator().manual_seed(0), progress=False)[0]
+    assert torch.isfinite(out).all()
+
+
 def test_schedule_and_timesteps():
     ts = schedule(10, 3.0)
     assert ts[0] == 1 and ts[-1] == 0 and torch.all(ts[1:] < ts[:-1])

@@ -808,6 +808,8 @@ def damage(folder, how: str):
     elif how.startswith("rm "):
         path = folder / how[3:]
         shutil.rmtree(path) if path.is_dir() else path.unlink()
+    elif how.startswith("cut "):
+        os.truncate(folder / how[4:], 100)
     elif how == "truncate":
         os.truncate(folder / "vae" / "diffusion_pytorch_model.safetensors", 5000)
     else:  # a config key set to another value: "depth=1"
@@ -823,6 +825,8 @@ def damage(folder, how: str):
     ("rm vae", "vae/ is missing"),
     ("rm scheduler/scheduler_config.json", "scheduler/scheduler_config.json is missing"),
     ("truncate", "vae/diffusion_pytorch_model.safetensors is damaged"),
+    ("rm tokenizer/tokenizer.json", "tokenizer/ has no vocabulary"),  # transformers builds an empty one, no error
+    ("cut tokenizer/tokenizer.json", "tokenizer/tokenizer.json is damaged"),
     ("shard", "transformer/diffusion_pytorch_model-00002-of-"),
     ("depth=1", "the transformer weights do not fit transformer/config.json: 21 weights the config's model lacks "
                 "(blocks.1."),

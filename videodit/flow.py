@@ -196,8 +196,9 @@ def _sample_mse(v, target, token_t, packed) -> torch.Tensor:
 
 
 def schedule(steps: int, shift: float) -> torch.Tensor:
-    """steps + 1 times from 1 to 0, shifted towards noise."""
-    return time_shift(torch.linspace(1.0, 0.0, steps + 1), shift)
+    """steps + 1 times from 1 to 0, shifted towards noise. Clamped: in float32 a shift may round t = 1 up to
+    1.0000001, where UniPC's alpha = 1 - sigma is negative and its log makes every sample NaN (a black video)."""
+    return time_shift(torch.linspace(1.0, 0.0, steps + 1), shift).clamp(0.0, 1.0)
 
 
 def make_scheduler(name: str, ts: torch.Tensor):

@@ -102,6 +102,17 @@ def check_parts(folder: str, index: dict, given=()):
         config = getattr(cls, "config_name", None) or ("config.json" if issubclass(cls, torch.nn.Module) else None)
         if config and not os.path.isfile(os.path.join(part, config)):
             raise FileNotFoundError(f"{folder}: {name}/{config} is missing; copy the whole pipeline folder again")
+        for file in sorted(f for f in os.listdir(part) if f.endswith(".json")):  # configs, tokenizer.json, ...
+            try:
+                with open(os.path.join(part, file), encoding="utf-8") as f:
+                    json.load(f)
+            except (ValueError, UnicodeDecodeError) as e:
+                raise OSError(f"{folder}: {name}/{file} is damaged (not JSON: {e}); copy it again") from None
+        if hasattr(cls, "all_special_tokens") and hasattr(cls, "from_pretrained"):  # a transformers tokenizer
+            tok = cls.from_pretrained(part)  # without its vocabulary file, transformers makes an empty one, silently
+            if len(tok) <= len(set(tok.all_special_tokens)):
+                raise OSError(f"{folder}: {name}/ has no vocabulary ({len(tok)} tokens, all special): its vocabulary "
+                              f"file (tokenizer.json, vocab.txt, ...) is missing; copy the whole pipeline folder again")
         if not issubclass(cls, torch.nn.Module) or any(f.endswith(".bin") for f in os.listdir(part)):
             continue  # a scheduler or tokenizer; or pickled weights, which diffusers reads itself
         shapes = _weight_shapes(folder, name, "diffusion_pytorch_model" if issubclass(cls, ModelMixin) else "model")
