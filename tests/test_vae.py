@@ -503,11 +503,14 @@ def test_training_lowers_the_loss():
     assert last < 0.7 * first, (first, last)
 
 
-def test_stats_command_normalizes_the_latents(tmp_path):
+def test_stats_command_normalizes_the_latents(tmp_path, capsys):
+    """python -m videodit.vae stats (run once as a command, then in this process: the same code, without the
+    imports of a new interpreter)."""
     import subprocess
     import sys
 
     from videodit.data.shapes import ShapesDataset
+    from videodit.vae import stats_command
 
     torch.manual_seed(0)
     vae = CausalVideoVAE(block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, spatial_factor=4,
@@ -529,12 +532,14 @@ def test_stats_command_normalizes_the_latents(tmp_path):
     write_video(str(tmp_path / "a.mp4"), x[0])
     rows = [dict(path="a.mp4", caption="a"), dict(path="gone.mp4", caption="b")]
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    r = subprocess.run([sys.executable, "-m", "videodit.vae", "stats", str(tmp_path / "vae"), "--manifest",
-                        str(tmp_path / "m.jsonl"), "--num-frames", "5", "--height", "32", "--width", "32"],
-                       capture_output=True, text=True)
-    assert r.returncode == 0 and "statistics of 1 clip(s) only" in r.stdout and "gone.mp4" in r.stdout, r.stderr
+    capsys.readouterr()
+    stats_command([str(tmp_path / "vae"), "--manifest", str(tmp_path / "m.jsonl"), "--num-frames", "5", "--height",
+                   "32", "--width", "32"])
+    out = capsys.readouterr().out
+    assert "statistics of 1 clip(s) only" in out and "gone.mp4" in out
     (tmp_path / "not_vae").mkdir()
     for args, words in (([str(tmp_path / "vae"), "--shapes", "0"], "--shapes must be a positive integer"),
                         ([str(tmp_path / "not_vae"), "--shapes", "2"], "is not a CausalVideoVAE folder")):
-        r = subprocess.run([sys.executable, "-m", "videodit.vae", "stats", *args], capture_output=True, text=True)
-        assert r.returncode == 2 and words in r.stderr.strip().splitlines()[-1], r.stderr[-1500:]
+        with pytest.raises(SystemExit) as e:
+            stats_command(args)
+        assert e.value.code == 2 and words in capsys.readouterr().err.strip().splitlines()[-1]
